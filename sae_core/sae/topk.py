@@ -1,0 +1,200 @@
+"""The k-sparse (TopK) autoencoder of Gao et al. 2024, with a hand-written sparse backward pass.
+
+    encode:  z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc))
+    decode:  x_hat = W_dec^T z + b_pre              (W_dec rows are unit-norm latent directions)
+    loss:    FVU(x, x_hat) + aux_coef * min(n_dead / k_aux, 1) * FVU(e, e_hat)     [AuxK]
+             where e = x - x_hat (detached) and e_hat decodes, without b_pre, the top k_aux
+             pre-activations among dead latents. Multi-TopK adds FVU(x, x_hat_4k) / 8.
+
+Why hand-written gradients: with TopK, the gradient of the pre-activations has only k non-zeros per
+row, so the encoder and decoder gradients need only the k selected rows. Autograd would run a
+dense [batch, n_latents] backward through the encoder matmul; we instead gather and index-add
+k rows per token, and AuxK works on the dead columns only. The dense encoder matmul is then the
+only dense work a step does. tests/test_sae.py checks these gradients against autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import SaescopeError
+
+
+@dataclass
+class TopKConfig:
+    """Architecture and loss settings of a TopK SAE."""
+
+    d_in: int                      # width of the activations (the model's d_model)
+    n_latents: int = 16384         # dictionary size
+    k: int = 32                    # active latents per token
+    k_aux: int | None = None       # AuxK: dead latents used to model the residual (default d_in // 2)
+    aux_coef: float = 1 / 32       # AuxK loss weight
+    multi_topk: bool = False       # add L(4k) / 8 so the code also works at larger k
+
+    def __post_init__(self):
+        if self.k_aux is None:
+            self.k_aux = self.d_in // 2
+        if not 0 < self.k < self.n_latents:
+            raise SaescopeError(f"k must be between 1 and n_latents - 1 (got k={self.k}, n_latents={self.n_latents})")
+        if self.multi_topk and 4 * self.k > self.n_latents:
+            raise SaescopeError(f"--multi-topk needs 4k <= n_latents (k={self.k}, n_latents={self.n_latents})")
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class TopKSAE(nn.Module):
+    architecture = "topk"
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))   # row i: encoder direction of latent i
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))   # row i: unit-norm decoder direction of latent i
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tied init: random unit-norm decoder rows, encoder = decoder transposed."""
+        self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+
+    # ------------------------------------------------------------------ inference (autograd-friendly)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_pre) @ self.W_enc.T + self.b_enc
+
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Dense latent activations [..., n_latents]; `k` overrides the trained k (Multi-TopK codes)."""
+        vals, idx = self.pre_activations(x).topk(k or self.cfg.k, dim=-1)
+        return torch.zeros(*x.shape[:-1], self.cfg.n_latents, dtype=vals.dtype, device=x.device).scatter_(-1, idx, vals.relu())
+
+    def encode_sparse(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values [..., k] after ReLU, latent indices [..., k]) in descending order."""
+        vals, idx = self.pre_activations(x).topk(k or self.cfg.k, dim=-1)
+        return vals.relu(), idx
+
+    def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        flat = nn.functional.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.W_dec, mode="sum",
+                                           per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_dec.dtype))
+        return flat.reshape(*idx.shape[:-1], -1) + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of x."""
+        return self.decode_sparse(*self.encode_sparse(x))
+
+    # ------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False) -> dict:
+        """Compute the loss of batch x, set every parameter's .grad, and report statistics.
+
+        `dead` is a bool mask [n_latents] of latents that have not fired for the dead threshold.
+        Returns floats: loss, fvu, aux_fvu, l0, plus `fired` (indices of latents active in x).
+        """
+        cfg = self.cfg
+        B = x.shape[0]
+        xc = x - self.b_pre
+        if autocast_bf16:
+            pre = (xc.bfloat16() @ self.W_enc.bfloat16().T).float()
+        else:
+            pre = xc @ self.W_enc.T
+        pre += self.b_enc
+        denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+        gW_enc = torch.zeros_like(self.W_enc)
+        gW_dec = torch.zeros_like(self.W_dec)
+        gb_enc = torch.zeros_like(self.b_enc)
+        gb_pre = torch.zeros_like(self.b_pre)
+
+        k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
+        vals_all, idx_all = pre.topk(k_main, dim=1, sorted=True)
+        terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
+        stats: dict = {}
+        loss = 0.0
+        residual = x
+        for k, weight in terms:
+            vals, idx = vals_all[:, :k], idx_all[:, :k]
+            z = vals.relu()
+            x_hat = nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=z, mode="sum") + self.b_pre
+            err = x - x_hat
+            term = err.pow(2).sum() / denom
+            loss += weight * term.item()
+            if k == cfg.k:
+                residual = err.clone()  # e = x - x_hat, the AuxK target (no gradient flows into it)
+                stats["fvu"] = term.item()
+                stats["l0"] = (z > 0).sum().item() / B
+                stats["fired"] = idx[z > 0].unique()
+            g = err.mul_(-2.0 * weight / denom)           # dLoss/dx_hat, [B, d]
+            gb_pre += g.sum(0)
+            self._sparse_backward(xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc)
+
+        stats["aux_fvu"] = 0.0
+        n_dead = int(dead.sum())
+        if n_dead and cfg.aux_coef:
+            dead_idx = dead.nonzero().squeeze(1)
+            k_aux = min(cfg.k_aux, n_dead)
+            aux_vals, aux_local = pre[:, dead_idx].topk(k_aux, dim=1, sorted=False)
+            z_aux = aux_vals.relu()
+            e_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+            # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
+            Z = torch.zeros(B, n_dead, dtype=x.dtype).scatter_(1, aux_local, z_aux)
+            W_dead = self.W_dec[dead_idx]
+            aux_err = residual - Z @ W_dead
+            aux_fvu = aux_err.pow(2).sum().item() / e_var.item()
+            scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
+            loss += scale * aux_fvu
+            stats["aux_fvu"] = aux_fvu
+            g_aux = aux_err.mul_(-2.0 * scale / e_var)   # dLoss/de_hat
+            gW_dec.index_add_(0, dead_idx, Z.T @ g_aux)
+            gz = torch.gather(g_aux @ W_dead.T, 1, aux_local) * (aux_vals > 0)
+            G = torch.zeros(B, n_dead, dtype=x.dtype).scatter_(1, aux_local, gz)
+            gW_enc.index_add_(0, dead_idx, G.T @ xc)
+            gb_enc.index_add_(0, dead_idx, G.sum(0))
+        del residual
+
+        # b_pre enters the encoder as (x - b_pre): its gradient there is -(dL/db_enc) @ W_enc.
+        gb_pre -= gb_enc @ self.W_enc
+        self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
+        stats["loss"] = loss
+        stats["n_dead"] = n_dead
+        return stats
+
+    def _sparse_backward(self, xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc) -> None:
+        """Accumulate the gradients of one TopK reconstruction term from its k selected rows per token."""
+        B, k = idx.shape
+        flat = idx.reshape(-1)
+        # decoder: dL/dW_dec[i] = sum over (token, slot) choosing i of z * g
+        gW_dec.index_add_(0, flat, (z.unsqueeze(2) * g.unsqueeze(1)).reshape(B * k, -1))
+        # latent values: dL/dz = <g, W_dec[i]>; through ReLU and TopK only to the selected rows
+        gz = torch.bmm(self.W_dec[idx], g.unsqueeze(2)).squeeze(2) * (vals > 0)
+        gb_enc.index_add_(0, flat, gz.reshape(-1))
+        gW_enc.index_add_(0, flat, (gz.unsqueeze(2) * xc.unsqueeze(1)).reshape(B * k, -1))
+
+    # ------------------------------------------------------------------ decoder constraint
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop from each decoder row's gradient its component along the row (it would only change the norm)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def lr_default(self) -> float:
+        """The paper's width-scaled learning rate: 2e-4 / sqrt(n_latents / 2^14)."""
+        return 2e-4 / math.sqrt(self.cfg.n_latents / 2**14)
