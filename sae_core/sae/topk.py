@@ -16,12 +16,17 @@ only dense work a step does. tests/test_sae.py checks these gradients against au
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import SaescopeError
+
+# Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks")
 
 
 @dataclass
@@ -172,15 +177,31 @@ class TopKSAE(nn.Module):
         return stats
 
     def _sparse_backward(self, xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc) -> None:
-        """Accumulate the gradients of one TopK reconstruction term from its k selected rows per token."""
+        """Accumulate the gradients of one TopK reconstruction term from its k selected rows per token.
+
+        Both directions are sparse products with the same [batch, n_latents] pattern of k entries
+        per row: dL/dz is a sampled dense-dense product (only the selected <g, W_dec[i]>), and the
+        weight gradients are (n_latents x batch) CSR @ (batch x d) products.
+        """
         B, k = idx.shape
+        n = self.cfg.n_latents
+        idx, perm = idx.sort(dim=1)  # CSR wants sorted column indices within a row
+        z, vals = z.gather(1, perm), vals.gather(1, perm)
+        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=idx.device), idx.reshape(-1),
+                                          torch.zeros(B * k, dtype=g.dtype, device=g.device), (B, n))
+        gz = torch.sparse.sampled_addmm(pattern, g, self.W_dec.T, beta=0).values().reshape(B, k) * (vals > 0)
         flat = idx.reshape(-1)
-        # decoder: dL/dW_dec[i] = sum over (token, slot) choosing i of z * g
-        gW_dec.index_add_(0, flat, (z.unsqueeze(2) * g.unsqueeze(1)).reshape(B * k, -1))
-        # latent values: dL/dz = <g, W_dec[i]>; through ReLU and TopK only to the selected rows
-        gz = torch.bmm(self.W_dec[idx], g.unsqueeze(2)).squeeze(2) * (vals > 0)
+        order = flat.argsort(stable=True)
+        crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+        crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+        token = torch.arange(B, device=idx.device).repeat_interleave(k)[order]
+
+        def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+            return torch.sparse_csr_tensor(crow, token, values.reshape(-1)[order], (n, B)) @ dense
+
+        gW_dec += per_latent(z, g)       # dL/dW_dec[i] = sum over tokens choosing i of z * g
+        gW_enc += per_latent(gz, xc)     # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
         gb_enc.index_add_(0, flat, gz.reshape(-1))
-        gW_enc.index_add_(0, flat, (gz.unsqueeze(2) * xc.unsqueeze(1)).reshape(B * k, -1))
 
     # ------------------------------------------------------------------ decoder constraint
 
