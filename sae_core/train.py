@@ -127,7 +127,7 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
     step, start_step = 0, 0
     tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long)
     ema_state = None
-    meta = {"activations": str(activations), "cache": cache.config, "d_in": cache.d_model}
+    meta = {"activations": str(activations), "cache": cache.config, "cache_windows": cache.manifest["n_windows"], "d_in": cache.d_model}
 
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -143,10 +143,14 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
         ema_state = state["ema"]
         scale = state["scale"]
         step = start_step = state["step"]
+        if (out / LOG).exists():  # drop log lines written after the checkpoint by the interrupted run
+            kept = [ln for ln in (out / LOG).read_text().splitlines() if json.loads(ln)["step"] <= step]
+            (out / LOG).write_text("".join(ln + "\n" for ln in kept))
     else:
         if out.exists() and any(out.iterdir()) and not resume:
             raise SaescopeError(f"{out} is not empty; pass --resume to continue its run, or choose another --out")
         sample = cache.sample(min(16384, cache.n_rows), seed=cfg.seed)
+        sample = sample[torch.isfinite(sample).all(1)]  # bad rows are reported by the batch that holds them
         scale = estimate_scale(sample)
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():

@@ -1,0 +1,136 @@
+"""Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: DESIGN §4, docs/concepts).
+
+Held-out tokens are the corpus windows that come after the ones the training cache holds, in the
+same document order, so no evaluation token was trained on. Per batch of windows we run the model
+cut at the hook for the reconstruction metrics, then the full model three times for the downstream
+ones: clean, with the SAE's reconstruction spliced in at the hook, and with the hook's output
+zeroed. Splicing and zeroing leave the skipped positions (the attention sink) untouched, the same
+positions the SAE never trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import corpus as corpus_mod
+from .errors import SaescopeError
+from .interchange import load_sae
+from .model import LanguageModel, load_model, parse_hook
+
+RESULT = "eval.json"
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 65536          # held-out tokens to evaluate on
+    batch_size: int = 8          # windows per forward pass (full logits are [batch, context, vocab])
+    device: str = "auto"
+    model_dtype: str = "auto"
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    l0: float                    # mean active latents per token
+    fvu: float                   # fraction of variance unexplained
+    dead_fraction: float         # latents that never fired on these tokens
+    rare_fraction: float         # latents firing on fewer than 1e-5 of tokens (dead ones included)
+    ce_clean: float              # next-token cross-entropy of the unmodified model (nats)
+    ce_sae: float                # ... with the SAE reconstruction spliced in
+    ce_zero: float               # ... with the hook's output zero-ablated
+    delta_ce: float              # ce_sae - ce_clean
+    ce_score: float              # (ce_zero - ce_sae) / (ce_zero - ce_clean): share of the loss recovered
+    kl: float                    # mean KL(clean || sae) of the next-token distributions
+
+
+def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, progress: bool = True) -> EvalResult:
+    sae, sae_cfg = load_sae(sae_dir)
+    meta = sae_cfg.get("metadata", {}) or {}
+    cache_cfg = (meta.get("saescope") or {}).get("cache") or {}
+    if not cache_cfg.get("model") or not meta.get("hook_name"):
+        raise SaescopeError(f"{sae_dir}/cfg.json does not say which model and hook it belongs to (metadata.model_name, hook_name)")
+    layer = parse_hook(meta["hook_name"])
+    lm = lm or load_model(cache_cfg["model"], cfg.device, cfg.model_dtype)
+    lm.check_layer(layer)
+    if lm.d_model != sae.cfg.d_in:
+        raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {lm.name} layer {layer} has width {lm.d_model}")
+    sae = sae.to(lm.device)
+    context = int(cache_cfg.get("context_size") or 128)
+    skip = int(cache_cfg.get("skip_positions", 1))
+    trained_windows = int((meta.get("saescope") or {}).get("cache_windows") or 0)
+    corpus = corpus_mod.open_corpus(cache_cfg.get("corpus", "demo"))
+    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, context, int(cache_cfg.get("seed", 0)), skip_windows=trained_windows)
+
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=lm.device)
+    sums = dict(n=0, active=0, sq_err=0.0, sum_x=torch.zeros(lm.d_model, dtype=torch.float64), sum_sq=0.0,
+                ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, n_pred=0)
+    n_windows = -(-cfg.tokens // context)
+    bar = tqdm(total=n_windows * context, unit="tok", unit_scale=True, desc="evaluating", disable=not progress, dynamic_ncols=True)
+    done = 0
+    with torch.inference_mode():
+        while done < n_windows:
+            batch = [w.tokens for _, w in zip(range(min(cfg.batch_size, n_windows - done)), windows)]
+            if not batch:
+                break
+            ids = torch.from_numpy(np.concatenate(batch)).long().to(lm.device)
+            x = lm.residuals(ids, layer)[:, skip:].float().reshape(-1, lm.d_model)
+            z = sae.encode(x)
+            x_hat = sae(x)
+            fired += (z > 0).sum(0)
+            sums["n"] += len(x)
+            sums["active"] += int((z > 0).sum())
+            sums["sq_err"] += float((x - x_hat).pow(2).sum())
+            sums["sum_x"] += x.double().sum(0).cpu()
+            sums["sum_sq"] += float(x.double().pow(2).sum())
+            _downstream(lm, sae, ids, layer, skip, sums)
+            done += len(batch)
+            bar.update(len(batch) * context)
+    bar.close()
+    if sums["n"] == 0:
+        raise SaescopeError("the corpus has no held-out windows left after the training cache; evaluate on a longer corpus")
+    n = sums["n"]
+    total_var = sums["sum_sq"] - float(sums["sum_x"].pow(2).sum()) / n
+    density = fired.float() / n
+    ce = {k: sums[k] / sums["n_pred"] for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
+    result = EvalResult(tokens=n, l0=sums["active"] / n, fvu=sums["sq_err"] / total_var,
+                        dead_fraction=float((fired == 0).float().mean()), rare_fraction=float((density < 1e-5).float().mean()),
+                        ce_clean=ce["ce_clean"], ce_sae=ce["ce_sae"], ce_zero=ce["ce_zero"],
+                        delta_ce=ce["ce_sae"] - ce["ce_clean"],
+                        ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12), kl=ce["kl"])
+    (Path(sae_dir) / RESULT).write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def _downstream(lm: LanguageModel, sae, ids: torch.Tensor, layer: int, skip: int, sums: dict) -> None:
+    """Add this batch's clean / spliced / zero-ablated cross-entropies and KL to `sums`."""
+    def splice(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        out[:, skip:] = sae(h[:, skip:].float()).to(h.dtype)
+        return out
+
+    def zero(h: torch.Tensor) -> torch.Tensor:
+        out = h.clone()
+        out[:, skip:] = 0
+        return out
+
+    targets = ids[:, skip + 1:]
+
+    def logprobs() -> torch.Tensor:
+        logits = lm.model(input_ids=ids, use_cache=False).logits[:, skip:-1].float()
+        return logits.log_softmax(-1)
+
+    clean = logprobs()
+    with lm.replace_residual(layer, splice):
+        spliced = logprobs()
+    with lm.replace_residual(layer, zero):
+        zeroed = logprobs()
+    for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
+        sums[key] += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
+    sums["kl"] += float((clean.exp() * (clean - spliced)).sum())
+    sums["n_pred"] += targets.numel()
