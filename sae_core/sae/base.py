@@ -1,0 +1,47 @@
+"""What every SAE architecture here shares: the parameters, tied init, and the unit-norm decoder."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class DictionarySAE(nn.Module):
+    """Parameters W_enc [n, d], b_enc [n], W_dec [n, d] (unit-norm rows), b_pre [d]; cfg has d_in, n_latents."""
+
+    architecture = ""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_enc = nn.Parameter(torch.empty(n, d))   # row i: encoder direction of latent i
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.W_dec = nn.Parameter(torch.empty(n, d))   # row i: unit-norm decoder direction of latent i
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Tied init: random unit-norm decoder rows, encoder = decoder transposed."""
+        self.W_dec.copy_(torch.randn(self.W_dec.shape, generator=generator))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+        self.b_enc.zero_()
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Drop from each decoder row's gradient its component along the row (it would only change the norm)."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    def lr_default(self) -> float:
+        """The paper's width-scaled learning rate: 2e-4 / sqrt(n_latents / 2^14)."""
+        return 2e-4 / math.sqrt(self.cfg.n_latents / 2**14)
