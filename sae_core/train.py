@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .cache import ActivationCache
 from .errors import SaescopeError
+from .model import resolve_device
 from .sae import ARCHITECTURES
 
 CHECKPOINT = "checkpoint.pt"
@@ -120,8 +121,9 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
     out = Path(out)
     ckpt_path = out / CHECKPOINT
 
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    sae = build_sae(cfg, cache.d_model)
+    sae = build_sae(cfg, cache.d_model).to(device)
     lr = cfg.lr or sae.lr_default()
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
     step, start_step = 0, 0
@@ -137,7 +139,7 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
                 diff.append(f"d_in {state['d_in']} vs the cache's {cache.d_model}")
             raise SaescopeError(f"{ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
                                 f"resume with the same options or choose another --out")
-        sae.load_state_dict(state["sae"])
+        sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
         opt.load_state_dict(state["opt"])
         tokens_since_fired = state["tokens_since_fired"]
         ema_state = state["ema"]
@@ -187,9 +189,9 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
                 if not torch.isfinite(x).all():
                     raise SaescopeError(f"batch {batch_no} of epoch {epoch} (step {step}) holds NaN or Inf activations; "
                                         f"training stopped, the last good checkpoint in {out} is kept")
-                x = x.to(cfg.device) * scale
+                x = x.to(device) * scale
                 dead = tokens_since_fired >= dead_tokens
-                stats = sae.loss_and_grads(x, dead.to(cfg.device), autocast_bf16=cfg.bf16)
+                stats = sae.loss_and_grads(x, dead.to(device), autocast_bf16=cfg.bf16)
                 if not torch.isfinite(torch.tensor(stats["loss"])):
                     raise SaescopeError(f"the loss became {stats['loss']} at step {step} (epoch {epoch}, batch {batch_no}); "
                                         f"training stopped, the last good checkpoint in {out} is kept; try a lower --lr")

@@ -136,7 +136,7 @@ class TopKSAE(DictionarySAE):
             z_aux = aux_vals.relu()
             e_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
-            Z = torch.zeros(B, n_dead, dtype=x.dtype).scatter_(1, aux_local, z_aux)
+            Z = torch.zeros(B, n_dead, dtype=x.dtype, device=x.device).scatter_(1, aux_local, z_aux)
             W_dead = self.W_dec[dead_idx]
             aux_err = residual - Z @ W_dead
             aux_fvu = aux_err.pow(2).sum().item() / e_var.item()
@@ -146,7 +146,7 @@ class TopKSAE(DictionarySAE):
             g_aux = aux_err.mul_(-2.0 * scale / e_var)   # dLoss/de_hat
             gW_dec.index_add_(0, dead_idx, Z.T @ g_aux)
             gz = torch.gather(g_aux @ W_dead.T, 1, aux_local) * (aux_vals > 0)
-            G = torch.zeros(B, n_dead, dtype=x.dtype).scatter_(1, aux_local, gz)
+            G = torch.zeros(B, n_dead, dtype=x.dtype, device=x.device).scatter_(1, aux_local, gz)
             gW_enc.index_add_(0, dead_idx, G.T @ xc)
             gb_enc.index_add_(0, dead_idx, G.sum(0))
         del residual
