@@ -67,7 +67,7 @@ def train(
     tokens: int = typer.Option(None, help="Training tokens (default: one pass over the cache; more repeats it)."),
     dead_tokens: int = typer.Option(None, help="Tokens without firing before a latent counts as dead (default min(10M, tokens/10))."),
     ema: float = typer.Option(None, help="Weight EMA decay, e.g. 0.999; the saved weights are the EMA."),
-    bf16: bool = typer.Option(False, help="bf16 autocast for the encoder matmul (3x faster on AVX512-BF16 CPUs)."),
+    bf16: bool = typer.Option(False, help="bf16 autocast for the encoder matmul (config A step: 8.4k vs 6.4k tok/s here, bench/RESULTS.md)."),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),

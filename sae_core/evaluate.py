@@ -1,4 +1,4 @@
-"""Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: DESIGN §4, docs/concepts).
+"""Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: DESIGN §4 and the README).
 
 Held-out tokens are the corpus windows that come after the ones the training cache holds, in the
 same document order, so no evaluation token was trained on. Per batch of windows we run the model

@@ -83,7 +83,7 @@ def test_bad_input_stops_cleanly(cache_dir, tmp_path):
     save_file(tensors, str(shard), metadata=meta)
     with pytest.raises(SaescopeError, match=r"batch \d+ of epoch 0 .* NaN or Inf.*last good checkpoint"):
         train(TrainConfig(n_latents=128, k=4, batch_size=64, checkpoint_every=2), bad, tmp_path / "c", progress=False)
-    assert (tmp_path / "c" / "checkpoint.pt").exists() or not any((tmp_path / "c").glob("*.safetensors"))
+    assert not (tmp_path / "c" / "sae_weights.safetensors").exists(), "a failed run must not save final weights"
 
 
 def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path):
