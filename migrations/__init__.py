@@ -1,0 +1,1 @@
+"""Alembic migration chain of the saescope store (applied by `saescope db upgrade`)."""

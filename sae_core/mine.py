@@ -1,0 +1,177 @@
+"""Mine every feature of an SAE into the store: `saescope mine`.
+
+Phase 1 is the one pass over the corpus: token windows -> model cut at the hook -> SAE encode. It
+reuses the activation cache's resumable sharded writer (`cache.build_cache`) but stores each
+position's sparse code instead of its activation, in `<sae>/mining/`. A killed run keeps its whole
+chunks and a re-run continues after them.
+Phase 2 (`feature_stats.compute`) sweeps those chunks for statistics and examples, then the decoder
+gives logit effects and neighbours, and `store.write` publishes the run in one switch. The chunks
+are deleted once the run is in the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import feature_stats
+from .cache import CacheConfig, ShardEncoder, build_cache
+from .errors import SaescopeError
+from .interchange import load_sae
+from .model import LanguageModel, load_model, parse_hook
+from .store import db, write
+
+
+@dataclass
+class MineConfig:
+    tokens: int = 262_144            # corpus tokens to mine (whole windows), from the corpus start
+    corpus: str | None = None        # default: the corpus the SAE was trained on
+    stats: feature_stats.StatsConfig = field(default_factory=feature_stats.StatsConfig)
+    n_logits: int = 10               # top and bottom tokens of W_dec[i] @ W_U
+    n_neighbours: int = 10           # nearest features by decoder cosine
+    max_active: int = 256            # ReLU SAEs: positions keep their largest this-many activations
+    batch_size: int = 16             # windows per forward pass
+    windows_per_chunk: int = 256
+    name: str | None = None          # the SAE's name in the store and its URLs (default: its folder name)
+    db: str | None = None            # database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data dir)
+    force: bool = False              # re-mine even when the store holds a run of these settings
+    device: str = "auto"
+    model_dtype: str = "auto"
+
+
+@dataclass
+class MineResult:
+    sae_name: str
+    run_id: int
+    positions: int                   # activation positions mined (sink positions excluded)
+    alive: int                       # features that fired at least once
+    n_latents: int
+    seconds: float
+    skipped: bool = False            # the store already held this run
+    notes: list[str] = field(default_factory=list)
+
+
+class CodeEncoder(ShardEncoder):
+    """Stores each position's SAE code: (values, latent indices), w per position (k for TopK)."""
+
+    def __init__(self, sae, width: int, compute_dtype: torch.dtype, identity: dict):
+        self.sae, self.width, self.compute_dtype, self.identity = sae, width, compute_dtype, identity
+        self.idx_dtype = torch.int16 if sae.cfg.n_latents <= 32767 else torch.int32
+
+    def bytes_per_row(self, d_model: int) -> int:
+        return self.width * (4 + self.idx_dtype.itemsize)
+
+    @torch.inference_mode()
+    def __call__(self, acts: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = acts.reshape(-1, acts.shape[-1]).to(self.compute_dtype)
+        pre = (x - self.sae.b_pre) @ self.sae.W_enc.T + self.sae.b_enc
+        vals, idx = pre.topk(self.width, dim=-1)
+        return {"vals": vals.relu().to("cpu", torch.float32), "idx": idx.to("cpu", self.idx_dtype)}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "sae"
+
+
+def _weights_digest(sae_dir: Path) -> str:
+    h = hashlib.sha256()
+    with open(sae_dir / "sae_weights.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _logit_effects(lm: LanguageModel, W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.ndarray, ...]:
+    """Top / bottom tokens of each decoder row through the unembedding (final norm's gain folded in)."""
+    W_U = lm.model.get_output_embeddings().weight.detach().float().cpu()        # [vocab, d]
+    norm = getattr(getattr(lm.model, "model", None), "norm", None)
+    gain = norm.weight.detach().float().cpu() if norm is not None and getattr(norm, "weight", None) is not None else torch.ones(W_U.shape[1])
+    W = W_dec.float() * gain
+    out = [[], [], [], []]
+    for s in range(0, len(W), chunk):
+        eff = W[s:s + chunk] @ W_U.T
+        tv, ti = eff.topk(n_top, dim=1)
+        bv, bi = eff.topk(n_top, dim=1, largest=False)
+        for lst, t in zip(out, (ti, tv, bi, bv)):
+            lst.append(t.numpy())
+    return tuple(np.concatenate(x) for x in out)  # top ids, top values, bottom ids, bottom values
+
+
+def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    Wn = torch.nn.functional.normalize(W_dec.float(), dim=1)
+    k = min(n_top, len(Wn) - 1)
+    ids, sims = [], []
+    for s in range(0, len(Wn), chunk):
+        cos = Wn[s:s + chunk] @ Wn.T
+        cos[torch.arange(len(cos)), torch.arange(s, s + len(cos))] = -2.0   # not its own neighbour
+        v, i = cos.topk(k, dim=1)
+        ids.append(i.numpy())
+        sims.append(v.numpy())
+    return np.concatenate(ids), np.concatenate(sims)
+
+
+def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True) -> MineResult:
+    t0 = time.perf_counter()
+    sae_dir = Path(sae_dir)
+    sae, sae_cfg = load_sae(sae_dir)
+    meta = sae_cfg.get("metadata", {}) or {}
+    ours = meta.get("saescope") or {}
+    cache_cfg = ours.get("cache") or {}
+    model_name, hook = cache_cfg.get("model") or meta.get("model_name"), meta.get("hook_name") or cache_cfg.get("hook")
+    if not model_name or not hook:
+        raise SaescopeError(f"{sae_dir}/cfg.json does not say which model and hook it belongs to (metadata.model_name, hook_name)")
+    corpus = cfg.corpus or cache_cfg.get("corpus") or meta.get("dataset_path") or "demo"
+    if cfg.tokens <= 0:
+        raise SaescopeError("--tokens must be positive")
+    name = slug(cfg.name or sae_dir.resolve().name)
+    context = int(cache_cfg.get("context_size") or meta.get("context_size") or 128)
+    skip = int(cache_cfg.get("skip_positions", 1))
+    cache = CacheConfig(model=model_name, hook=hook, corpus=corpus, context_size=context, skip_positions=skip,
+                        seed=int(cache_cfg.get("seed", 0)), dtype="float32", tokens=cfg.tokens, batch_size=cfg.batch_size,
+                        windows_per_shard=cfg.windows_per_chunk, device=cfg.device, model_dtype=cfg.model_dtype)
+    identity = {"weights": _weights_digest(sae_dir), "stats": asdict(cfg.stats), "n_logits": cfg.n_logits,
+                "n_neighbours": cfg.n_neighbours, "max_active": cfg.max_active if sae.architecture != "topk" else None}
+    run_config = {"cache": asdict(cache), **identity}
+
+    engine = db.open_store(cfg.db, upgrade_schema=db.current_revision(db.make_engine(cfg.db)) is None)
+    if not cfg.force:
+        existing = write.find_complete_run(engine, name, run_config)
+        if existing is not None:
+            return MineResult(name, existing, 0, 0, sae.cfg.n_latents, time.perf_counter() - t0, skipped=True,
+                              notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines"])
+
+    layer = parse_hook(hook)
+    lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
+    lm.check_layer(layer)
+    if lm.d_model != sae.cfg.d_in:
+        raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {model_name} at {hook} has width {lm.d_model}")
+    compute_dtype = lm.dtype if lm.device.type == "cpu" else torch.float32
+    width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
+    encoder = CodeEncoder(sae.to(lm.device, compute_dtype), width, compute_dtype, identity)
+    work = sae_dir / "mining"
+    cached = build_cache(cache, work, lm, progress=progress, encoder=encoder, desc="mining")
+
+    chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
+    tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
+    W_dec = sae.W_dec.detach().float().cpu()
+    logits = _logit_effects(lm, W_dec, cfg.n_logits)
+    neighbours = _neighbours(W_dec, cfg.n_neighbours)
+    doc_ids = json.loads((work / "documents.json").read_text())
+    eval_path = sae_dir / "eval.json"
+    sae_record = {"name": name, "hook": hook, "architecture": sae.architecture, "d_in": sae.cfg.d_in,
+                  "n_latents": sae.cfg.n_latents, "k": getattr(sae.cfg, "k", None), "path": str(sae_dir.resolve()),
+                  "train_config": ours.get("training") or {},
+                  "metrics": json.loads(eval_path.read_text()) if eval_path.exists() else {}}
+    run_id = write.write_run(engine, lm, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, progress=progress)
+    shutil.rmtree(work, ignore_errors=True)
+    notes = list(cached.notes)
+    return MineResult(name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents,
+                      time.perf_counter() - t0, notes=notes)

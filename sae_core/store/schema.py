@@ -1,0 +1,140 @@
+"""The store's tables (SQLAlchemy 2.0). The Alembic chain in `migrations/` creates exactly these.
+
+    models ─< vocab            one row per token of a model's vocabulary: token strings live here once,
+                               examples keep only token ids
+    models ─< saes ─< mining_runs ─< features ─< examples
+                                    └─< token_features   search index: peak tokens of top contexts
+                 └── active_run_id: the run readers see. A run becomes visible only when complete, by
+                     switching this pointer in one transaction, so pages are never empty or mixed.
+
+Examples keep their tokens and per-token activations as packed little-endian arrays (int32 ids,
+float16 activations): 6 bytes per token instead of a row per token.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, Index
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), unique=True)
+    d_model: Mapped[int]
+    n_layers: Mapped[int]
+    vocab_size: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Vocab(Base):
+    __tablename__ = "vocab"
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class SAE(Base):
+    __tablename__ = "saes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)   # the URL slug: /saes/{name}
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    hook: Mapped[str] = mapped_column(String(200))
+    architecture: Mapped[str] = mapped_column(String(32))
+    d_in: Mapped[int]
+    n_latents: Mapped[int]
+    k: Mapped[int | None]
+    path: Mapped[str] = mapped_column(Text)                       # the SAE folder it was mined from
+    train_config: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)     # eval.json, when the SAE was evaluated
+    active_run_id: Mapped[int | None] = mapped_column(ForeignKey("mining_runs.id", use_alter=True, ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MiningRun(Base):
+    __tablename__ = "mining_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="writing")  # writing -> complete
+    corpus: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int]                                           # activation positions mined
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Feature(Base):
+    __tablename__ = "features"
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column("feature_index", Integer, primary_key=True)
+    n_fired: Mapped[int]                  # positions where the feature is non-zero
+    density: Mapped[float] = mapped_column(Float)  # n_fired / positions mined
+    max_act: Mapped[float] = mapped_column(Float)
+    mean_act: Mapped[float] = mapped_column(Float)  # mean over the positions where it fires
+    histogram: Mapped[dict] = mapped_column(JSON)   # {"edges": [51 floats], "counts": [50 ints]}
+    intervals: Mapped[dict] = mapped_column(JSON)   # {"edges": [11 floats], "shares": [10 floats]}
+    logits: Mapped[dict] = mapped_column(JSON)      # {"top": [[token_id, value]...], "bottom": [...]}
+    neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, decoder cosine], ...]
+    explanation: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_features_run_density", "run_id", "density"), Index("ix_features_run_max", "run_id", "max_act"))
+
+
+class Example(Base):
+    __tablename__ = "examples"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
+    feature_index: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(8))        # "top" or "interval"
+    interval: Mapped[int | None]                        # 0..9 for interval samples, lowest first
+    rank: Mapped[int]                                   # order within (kind, interval)
+    doc_id: Mapped[str] = mapped_column(Text)
+    doc_offset: Mapped[int]                             # token offset of the max token in its document
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)   # int32 little-endian
+    acts: Mapped[bytes] = mapped_column(LargeBinary)        # float16 little-endian, this feature's activation per token
+    max_act: Mapped[float] = mapped_column(Float)
+    max_pos: Mapped[int]                                # index of the max token within token_ids
+
+    __table_args__ = (Index("ix_examples_lookup", "run_id", "feature_index", "kind", "interval", "rank"),)
+
+
+class TokenFeature(Base):
+    """Search index: which features' top contexts peak on which token (one row per distinct peak token)."""
+
+    __tablename__ = "token_features"
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    n_examples: Mapped[int]      # top contexts of the feature whose max sits on this token
+    max_act: Mapped[float] = mapped_column(Float)
+
+
+def pack_ids(ids) -> bytes:
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(blob: bytes) -> list[int]:
+    return np.frombuffer(blob, dtype="<i4").tolist()
+
+
+def pack_acts(acts) -> bytes:
+    return np.asarray(acts, dtype="<f2").tobytes()
+
+
+def unpack_acts(blob: bytes) -> list[float]:
+    return np.frombuffer(blob, dtype="<f2").astype(np.float32).tolist()
+
+
+__all__ = ["Base", "Model", "Vocab", "SAE", "MiningRun", "Feature", "Example", "TokenFeature",
+           "pack_ids", "unpack_ids", "pack_acts", "unpack_acts"]

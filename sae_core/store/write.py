@@ -1,0 +1,133 @@
+"""Publish a mining run: rows are written under a run that readers cannot see, then one transaction
+marks it complete, points the SAE at it and deletes the SAE's previous runs. A crash before that
+switch leaves an invisible 'writing' run, removed by the next `mine` of the same SAE."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
+
+BATCH = 5000   # rows per executemany
+
+
+def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:
+    """The id of the SAE's visible run when it was mined with exactly `run_config`."""
+    with Session(engine) as s:
+        row = s.execute(select(MiningRun.id, MiningRun.config).join(SAE, SAE.active_run_id == MiningRun.id)
+                        .where(SAE.name == sae_name)).first()
+    return row.id if row is not None and row.config == run_config else None
+
+
+def token_strings(tokenizer, vocab_size: int) -> list[str]:
+    """Each token id decoded on its own: what a reader sees for that token in a context. NUL becomes
+    U+2400 (PostgreSQL text cannot hold it, and it must be shown visibly anyway)."""
+    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], clean_up_tokenization_spaces=False)
+    return [t.replace("\x00", "\u2400") for t in texts]
+
+
+def _ensure_model(s: Session, lm) -> int:
+    model = s.scalar(select(Model).where(Model.name == lm.name))
+    vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+    if model is None:
+        model = Model(name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers, vocab_size=vocab_size)
+        s.add(model)
+        s.flush()
+    if s.scalar(select(Vocab.token_id).where(Vocab.model_id == model.id).limit(1)) is None:
+        texts = token_strings(lm.tokenizer, vocab_size)
+        for start in range(0, vocab_size, BATCH):
+            s.execute(insert(Vocab), [{"model_id": model.id, "token_id": i, "text": texts[i]}
+                                      for i in range(start, min(start + BATCH, vocab_size))])
+    return model.id
+
+
+def _features(run_id: int, t, logits, neighbours):
+    top_ids, top_vals, bot_ids, bot_vals = logits
+    nb_ids, nb_sims = neighbours
+    n, bins = t.hist_counts.shape
+    for i in range(n):
+        fired = int(t.n_fired[i])
+        lo, hi = float(t.act_min[i]), float(t.act_max[i])
+        yield {"run_id": run_id, "index": i, "n_fired": fired, "density": fired / max(t.positions, 1),
+               "max_act": hi, "mean_act": float(t.act_sum[i] / fired) if fired else 0.0,
+               "histogram": {"edges": np.linspace(lo, hi, bins + 1).round(5).tolist(), "counts": t.hist_counts[i].tolist()},
+               "intervals": {"edges": np.linspace(0, hi, t.interval_counts.shape[1] + 1).round(5).tolist(),
+                             "shares": (t.interval_counts[i] / max(fired, 1)).round(6).tolist()},
+               "logits": {"top": [[int(a), round(float(b), 4)] for a, b in zip(top_ids[i], top_vals[i])],
+                          "bottom": [[int(a), round(float(b), 4)] for a, b in zip(bot_ids[i], bot_vals[i])]},
+               "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(nb_ids[i], nb_sims[i])],
+               "explanation": None}
+
+
+def _examples(run_id: int, t, doc_ids: list[str]):
+    for e in range(len(t.ex_feature)):
+        top = t.ex_kind[e] == 0
+        yield {"run_id": run_id, "feature_index": int(t.ex_feature[e]), "kind": "top" if top else "interval",
+               "interval": None if top else int(t.ex_interval[e]), "rank": int(t.ex_rank[e]),
+               "doc_id": doc_ids[int(t.ex_doc_index[e])], "doc_offset": int(t.ex_doc_offset[e]),
+               "token_ids": t.ex_tokens[e].astype("<i4").tobytes(), "acts": t.ex_acts[e].astype("<f2").tobytes(),
+               "max_act": float(t.ex_max_act[e]), "max_pos": int(t.ex_max_pos[e])}
+
+
+def _token_features(run_id: int, t):
+    """Search index rows: for each feature, the tokens its top contexts peak on."""
+    agg: dict[tuple[int, int], list] = defaultdict(lambda: [0, 0.0])
+    tops = np.nonzero(t.ex_kind == 0)[0]
+    peak_tokens = t.ex_tokens[tops, t.ex_max_pos[tops]]
+    for e, tok in zip(tops, peak_tokens):
+        a = agg[(int(tok), int(t.ex_feature[e]))]
+        a[0] += 1
+        a[1] = max(a[1], float(t.ex_max_act[e]))
+    for (tok, feat), (count, mx) in agg.items():
+        yield {"run_id": run_id, "token_id": tok, "feature_index": feat, "n_examples": count, "max_act": mx}
+
+
+def _insert_all(s: Session, table, rows, total: int, desc: str, progress: bool) -> None:
+    bar = tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == BATCH:
+            s.execute(insert(table), batch)
+            bar.update(len(batch))
+            batch = []
+    if batch:
+        s.execute(insert(table), batch)
+        bar.update(len(batch))
+    bar.close()
+
+
+def write_run(engine: Engine, lm, sae_record: dict, corpus: str, run_config: dict, tables, logits, neighbours,
+              doc_ids: list[str], progress: bool = True) -> int:
+    """Insert a complete mining run and make it the SAE's visible one; returns the run id."""
+    with Session(engine) as s, s.begin():
+        model_id = _ensure_model(s, lm)
+        sae = s.scalar(select(SAE).where(SAE.name == sae_record["name"]))
+        if sae is None:
+            sae = SAE(model_id=model_id, **sae_record)
+            s.add(sae)
+        else:
+            for key, value in sae_record.items():
+                setattr(sae, key, value)
+            sae.model_id = model_id
+        s.flush()
+        s.execute(delete(MiningRun).where(MiningRun.sae_id == sae.id, MiningRun.status != "complete"))  # a crashed write
+        run = MiningRun(sae_id=sae.id, status="writing", corpus=corpus, tokens=int(tables.positions), config=run_config)
+        s.add(run)
+        s.flush()
+        sae_id, run_id = sae.id, run.id
+    with Session(engine) as s, s.begin():
+        _insert_all(s, Feature, _features(run_id, tables, logits, neighbours), len(tables.n_fired), "storing features", progress)
+        _insert_all(s, Example, _examples(run_id, tables, doc_ids), len(tables.ex_feature), "storing examples", progress)
+        _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
+    with Session(engine) as s, s.begin():   # the switch: readers see the old run or the new one, never a mix
+        s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
+        s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))
+        s.execute(delete(MiningRun).where(MiningRun.sae_id == sae_id, MiningRun.id != run_id))
+    return run_id
