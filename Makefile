@@ -8,7 +8,15 @@ TORCH ?= torch==2.13.0
 
 .PHONY: venv demo test bench clean-venv
 
-venv: $(VENV)/.installed
+# Swagger UI for /docs, served locally (the site works offline); fetched from npm, not committed.
+SWAGGER := static/vendor/swagger-ui/swagger-ui-bundle.js
+
+venv: $(VENV)/.installed $(SWAGGER)
+
+$(SWAGGER):
+	mkdir -p static/vendor/swagger-ui
+	cd static/vendor && npm pack --silent swagger-ui-dist@5.35.0 >/dev/null && tar xzf swagger-ui-dist-5.35.0.tgz \
+	  && cp package/swagger-ui-bundle.js package/swagger-ui.css package/LICENSE swagger-ui/ && rm -rf package swagger-ui-dist-5.35.0.tgz
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

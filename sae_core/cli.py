@@ -161,6 +161,25 @@ def mine(
                       f"({result.seconds:.0f} s); run {result.run_id} is live")
 
 
+@app.command()
+def serve(
+    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to share on the network)."),
+    port: int = typer.Option(8000),
+    workers: int = typer.Option(1, help="Server processes."),
+) -> None:
+    """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
+    import uvicorn
+
+    from app.main import create_app
+    from .store import db as store_db
+
+    create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
+    os.environ[store_db.ENV_URL] = store_db.database_url(db)
+    console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
+
+
 db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")
 app.add_typer(db_app, name="db")
 

@@ -7,6 +7,7 @@ folder so the tests exercise the same `from_pretrained` path users take.
 from __future__ import annotations
 
 import random
+import uuid
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,76 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("SAESCOPE_HOME", str(tmp_path / "home"))
     shared = Path(__file__).resolve().parent.parent / ".saescope" / "corpus"
     monkeypatch.setattr("sae_core.settings.corpus_dir", lambda: shared)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model):
+    from sae_core.model import load_model
+
+    return load_model(str(tiny_model), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory) -> Path:
+    """A TopK SAE (128 latents, k 6) trained on the tiny model's layer 1, with an eval.json."""
+    import json
+
+    from sae_core.cache import CacheConfig, build_cache
+    from sae_core.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny-sae")
+    cfg = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.1.hook_resid_post", context_size=32,
+                      tokens=32 * 64, batch_size=8, windows_per_shard=16, dtype="float32", device="cpu", model_dtype="float32")
+    build_cache(cfg, root / "cache", lm=tiny_lm, progress=False)
+    train(TrainConfig(n_latents=128, k=6, batch_size=128, tokens=128 * 80, lr=2e-3), root / "cache", root / "tiny-sae", progress=False)
+    (root / "tiny-sae" / "eval.json").write_text(json.dumps({"tokens": 1000, "l0": 6.0, "fvu": 0.31, "ce_score": 0.8, "delta_ce": 0.2,
+                                                             "kl": 0.1, "dead_fraction": 0.02, "rare_fraction": 0.05}))
+    return root / "tiny-sae"
+
+
+def mine_tiny(sae_dir, lm, url: str, windows: int = 96):
+    from sae_core.feature_stats import StatsConfig
+    from sae_core.mine import MineConfig, mine
+
+    stats = StatsConfig(top_n=8, n_intervals=4, per_interval=3, histogram_bins=10, context_before=5, context_after=3)
+    return mine(sae_dir, MineConfig(tokens=32 * windows, stats=stats, batch_size=8, windows_per_chunk=16, db=url,
+                                    device="cpu", model_dtype="float32"), lm=lm, progress=False)
+
+
+@pytest.fixture(scope="session")
+def mined_store(tiny_sae_dir, tiny_lm, tmp_path_factory) -> str:
+    """URL of a SQLite store holding the tiny SAE's mining run (shared by the app and browser tests)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+    mine_tiny(tiny_sae_dir, tiny_lm, url)
+    return url
+
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"   # the local server of our machines and CI (trust auth)
+
+
+def pg_url_or_skip() -> str:
+    from sqlalchemy import create_engine, text
+
+    try:
+        engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", connect_args={"connect_timeout": 3})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server here"
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 (database test): {exc.__class__.__name__}")
+    return PG_URL
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh schema in the local PostgreSQL's `test` database, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    pg_url_or_skip()
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()

@@ -9,16 +9,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
 import torch
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from sae_core import corpus as corpus_mod
-from sae_core.cache import CacheConfig, build_cache
 from sae_core.errors import SaescopeError
 from sae_core.feature_stats import StatsConfig
 from sae_core.interchange import load_sae
@@ -26,26 +24,19 @@ from sae_core.mine import MineConfig, mine
 from sae_core.model import load_model
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, MiningRun, TokenFeature, unpack_acts, unpack_ids
-from sae_core.train import TrainConfig, train
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 WINDOWS = 96
 CONTEXT = 32
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model):
-    return load_model(str(tiny_model), device="cpu", dtype="float32")
+def lm(tiny_lm):
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
-def sae_dir(lm, tiny_model, tiny_corpus, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mine")
-    cfg = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.1.hook_resid_post", context_size=CONTEXT,
-                      tokens=CONTEXT * 64, batch_size=8, windows_per_shard=16, dtype="float32", device="cpu", model_dtype="float32")
-    build_cache(cfg, root / "cache", lm=lm, progress=False)
-    train(TrainConfig(n_latents=128, k=6, batch_size=128, tokens=128 * 80, lr=2e-3), root / "cache", root / "sae", progress=False)
-    return root / "sae"
+def sae_dir(tiny_sae_dir):
+    return tiny_sae_dir
 
 
 def small(db_url: str, **kw) -> MineConfig:
@@ -66,30 +57,6 @@ def brute_force(lm, sae_dir):
         x = lm.residuals(torch.from_numpy(tokens).long(), 1)[:, 1:]
         z = sae.encode(x.float())                       # [windows, 31, n]
     return tokens, np.concatenate([w.doc_offset for w in wins]), corpus, z.numpy()
-
-
-def pg_url_or_skip() -> str:
-    try:
-        engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server here"
-        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 (database test): {exc.__class__.__name__}")
-    return PG_URL
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh schema in the local PostgreSQL's `test` database, dropped afterwards."""
-    pg_url_or_skip()
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def stored(url: str) -> dict:

@@ -1,0 +1,190 @@
+"""Read-side queries shared by the HTML pages and the REST API. Every function takes the request's
+Session: one transaction, hence one snapshot, so a page never mixes two mining runs."""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, unpack_acts, unpack_ids
+
+from . import schemas
+
+RARE_DENSITY = 1e-4    # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
+SortKey = Literal["index", "density", "max_act"]
+Filter = Literal["all", "alive", "dead", "rare"]
+
+
+class NotFound(LookupError):
+    """An unknown SAE or feature; the message says what was asked for."""
+
+
+class VocabCache:
+    """Token strings per model, loaded once per process (49k strings for SmolLM2)."""
+
+    def __init__(self):
+        self._by_model: dict[tuple[str, int], list[str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, s: Session, model_id: int) -> list[str]:
+        key = (str(s.get_bind().url), model_id)    # one process may serve several stores (tests do)
+        if key not in self._by_model:
+            with self._lock:
+                if key not in self._by_model:
+                    rows = s.execute(select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model_id).order_by(Vocab.token_id)).all()
+                    texts = [""] * (rows[-1][0] + 1 if rows else 0)
+                    for tid, txt in rows:
+                        texts[tid] = txt
+                    self._by_model[key] = texts
+        return self._by_model[key]
+
+
+VOCAB = VocabCache()
+
+
+def token_text(vocab: list[str], token_id: int) -> str:
+    return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
+def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None) -> dict:
+    return dict(name=sae.name, model=model_name, hook=sae.hook, architecture=sae.architecture, d_in=sae.d_in,
+                n_latents=sae.n_latents, k=sae.k, metrics=sae.metrics or {}, mined_tokens=run.tokens if run else None, alive=alive)
+
+
+def _alive_counts(s: Session) -> dict[int, int]:
+    rows = s.execute(select(Feature.run_id, func.count()).where(Feature.n_fired > 0).group_by(Feature.run_id)).all()
+    return dict(rows)
+
+
+def list_models(s: Session) -> list[schemas.ModelSummary]:
+    alive = _alive_counts(s)
+    out = []
+    for model in s.scalars(select(Model).order_by(Model.name)):
+        saes = []
+        for sae, run in s.execute(select(SAE, MiningRun).outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+                                  .where(SAE.model_id == model.id).order_by(SAE.name)):
+            saes.append(schemas.SAESummary(**_summary(sae, model.name, run, alive.get(sae.active_run_id))))
+        out.append(schemas.ModelSummary(name=model.name, d_model=model.d_model, n_layers=model.n_layers,
+                                        vocab_size=model.vocab_size, saes=saes))
+    return out
+
+
+def get_sae(s: Session, name: str) -> tuple[SAE, MiningRun | None, Model]:
+    row = s.execute(select(SAE, MiningRun, Model).join(Model, SAE.model_id == Model.id)
+                    .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).where(SAE.name == name)).first()
+    if row is None:
+        raise NotFound(f"no SAE named {name!r}")
+    return row[0], row[1], row[2]
+
+
+def sae_detail(s: Session, name: str) -> schemas.SAEDetail:
+    sae, run, model = get_sae(s, name)
+    alive = s.scalar(select(func.count()).where(Feature.run_id == sae.active_run_id, Feature.n_fired > 0)) if run else None
+    mining = ({"run_id": run.id, "corpus": run.corpus, "tokens": run.tokens, "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+               "config": run.config} if run else None)
+    return schemas.SAEDetail(**_summary(sae, model.name, run, alive), train_config=sae.train_config or {}, mining=mining)
+
+
+def _filtered(run_id: int, flt: Filter):
+    cond = [Feature.run_id == run_id]
+    if flt == "alive":
+        cond.append(Feature.n_fired > 0)
+    elif flt == "dead":
+        cond.append(Feature.n_fired == 0)
+    elif flt == "rare":
+        cond += [Feature.n_fired > 0, Feature.density < RARE_DENSITY]
+    return cond
+
+
+def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, order: Literal["asc", "desc"], flt: Filter) -> schemas.FeaturePage:
+    sae, run, _ = get_sae(s, name)
+    if run is None:
+        return schemas.FeaturePage(sae=name, total=0, offset=offset, limit=limit, features=[])
+    cond = _filtered(run.id, flt)
+    total = s.scalar(select(func.count()).select_from(Feature).where(*cond))
+    column = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}[sort]
+    ordering = [column.desc() if order == "desc" else column.asc(), Feature.index.asc()]
+    rows = s.execute(select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
+                     .where(*cond).order_by(*ordering).offset(offset).limit(limit)).all()
+    vocab = VOCAB.get(s, sae.model_id)
+    peaks = _peak_tokens(s, run.id, [r.index for r in rows], vocab)
+    feats = [schemas.FeatureSummary(index=r.index, density=r.density, max_act=r.max_act, mean_act=r.mean_act, n_fired=r.n_fired,
+                                    top_token=peaks.get(r.index)) for r in rows]
+    return schemas.FeaturePage(sae=name, total=total, offset=offset, limit=limit, features=feats)
+
+
+def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) -> dict[int, str]:
+    """The token each feature's strongest context peaks on."""
+    if not indices:
+        return {}
+    rows = s.execute(select(Example.feature_index, Example.token_ids, Example.max_pos)
+                     .where(Example.run_id == run_id, Example.kind == "top", Example.rank == 0, Example.feature_index.in_(indices))).all()
+    return {i: token_text(vocab, unpack_ids(ids)[pos]) for i, ids, pos in rows}
+
+
+def get_feature(s: Session, name: str, index: int) -> tuple[SAE, MiningRun, Feature]:
+    sae, run, _ = get_sae(s, name)
+    if not 0 <= index < sae.n_latents:
+        raise NotFound(f"{name} has features 0..{sae.n_latents - 1}; there is no feature {index}")
+    if run is None:
+        raise NotFound(f"{name} has not been mined yet: run `saescope mine --sae {sae.path}`")
+    feat = s.get(Feature, (run.id, index))
+    if feat is None:
+        raise NotFound(f"feature {index} of {name} is missing from its mining run")
+    return sae, run, feat
+
+
+def feature_detail(s: Session, name: str, index: int) -> schemas.FeatureDetail:
+    sae, run, f = get_feature(s, name, index)
+    vocab = VOCAB.get(s, sae.model_id)
+
+    def tv(pairs):
+        return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
+
+    peaks = _peak_tokens(s, run.id, [index] + [i for i, _ in f.neighbours], vocab)
+    return schemas.FeatureDetail(
+        sae=name, n_latents=sae.n_latents, index=f.index, density=f.density, max_act=f.max_act, mean_act=f.mean_act,
+        n_fired=f.n_fired, top_token=peaks.get(index), histogram=f.histogram,
+        intervals=f.intervals, logits_top=tv(f.logits["top"]), logits_bottom=tv(f.logits["bottom"]),
+        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f.neighbours], explanation=f.explanation)
+
+
+def examples(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> schemas.ExamplePage:
+    sae, run, _ = get_feature(s, name, index)
+    vocab = VOCAB.get(s, sae.model_id)
+    cond = [Example.run_id == run.id, Example.feature_index == index, Example.kind == kind.value]
+    total = s.scalar(select(func.count()).select_from(Example).where(*cond))
+    order = [Example.rank] if kind == schemas.ExampleKind.top else [Example.interval.desc(), Example.rank]
+    rows = s.scalars(select(Example).where(*cond).order_by(*order).offset(offset).limit(limit)).all()
+    out = []
+    for e in rows:
+        ids = unpack_ids(e.token_ids)
+        out.append(schemas.Example(kind=kind, interval=e.interval, rank=e.rank, doc_id=e.doc_id, doc_offset=e.doc_offset,
+                                   tokens=[token_text(vocab, t) for t in ids], token_ids=ids,
+                                   acts=[round(a, 4) for a in unpack_acts(e.acts)], max_act=e.max_act, max_pos=e.max_pos))
+    return schemas.ExamplePage(sae=name, index=index, kind=kind, total=total, offset=offset, limit=limit, examples=out)
+
+
+def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:
+    """Features whose top contexts peak on a token containing `query` (case-insensitive)."""
+    needle = query.lower()
+    stmt = select(SAE.name, SAE.active_run_id, SAE.model_id).where(SAE.active_run_id.is_not(None)).order_by(SAE.name)
+    if sae_name is not None:
+        stmt = stmt.where(SAE.name == sae_name)
+    saes = s.execute(stmt).all()
+    hits: list[schemas.SearchHit] = []
+    for name, run_id, model_id in saes:
+        vocab = VOCAB.get(s, model_id)
+        token_ids = [i for i, t in enumerate(vocab) if needle in t.lower()][:5000]
+        if not token_ids:
+            continue
+        rows = s.execute(select(TokenFeature.feature_index, TokenFeature.token_id, TokenFeature.n_examples, TokenFeature.max_act, Feature.density)
+                         .join(Feature, (Feature.run_id == TokenFeature.run_id) & (Feature.index == TokenFeature.feature_index))
+                         .where(TokenFeature.run_id == run_id, TokenFeature.token_id.in_(token_ids))
+                         .order_by(TokenFeature.n_examples.desc(), TokenFeature.max_act.desc()).limit(limit)).all()
+        hits += [schemas.SearchHit(sae=name, index=f, token=vocab[t], n_examples=n, max_act=m, density=d) for f, t, n, m, d in rows]
+    hits.sort(key=lambda h: (-h.n_examples, -h.max_act))
+    return schemas.SearchResult(query=query, hits=hits[:limit])

@@ -1,0 +1,120 @@
+"""Pydantic shapes of everything the app serves: the REST API's JSON and what the templates render."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+
+class SAESummary(BaseModel):
+    name: str = Field(description="URL slug: /saes/{name}")
+    model: str
+    hook: str
+    architecture: str
+    d_in: int
+    n_latents: int
+    k: int | None
+    metrics: dict = Field(description="eval.json of the SAE: l0, fvu, ce_score, delta_ce, kl, dead_fraction, ...")
+    mined_tokens: int | None = Field(description="activation positions of the live mining run")
+    alive: int | None = Field(description="features that fired at least once in the mining run")
+
+
+class SAEDetail(SAESummary):
+    train_config: dict
+    mining: dict | None = Field(description="the live mining run: id, corpus, finished_at, config")
+
+
+class ModelSummary(BaseModel):
+    name: str
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    saes: list[SAESummary]
+
+
+class FeatureSummary(BaseModel):
+    index: int
+    density: float = Field(description="share of mined positions where the feature is non-zero")
+    max_act: float
+    mean_act: float = Field(description="mean over the positions where it fires")
+    n_fired: int
+    top_token: str | None = Field(None, description="token its strongest context peaks on")
+
+
+class FeaturePage(BaseModel):
+    sae: str
+    total: int
+    offset: int
+    limit: int
+    features: list[FeatureSummary]
+
+
+class TokenValue(BaseModel):
+    token_id: int
+    token: str
+    value: float
+
+
+class Neighbour(BaseModel):
+    index: int
+    cosine: float
+    top_token: str | None = Field(None, description="token its strongest context peaks on")
+
+
+class FeatureDetail(FeatureSummary):
+    sae: str
+    n_latents: int
+    histogram: dict = Field(description='{"edges": [bins+1], "counts": [bins]}: non-zero activations, equal-width bins over [min, max]')
+    intervals: dict = Field(description='{"edges": [11], "shares": [10]}: equal-width intervals over [0, max] and the share of activations in each')
+    logits_top: list[TokenValue] = Field(description="tokens W_dec[i] @ W_U promotes most")
+    logits_bottom: list[TokenValue] = Field(description="tokens it suppresses most")
+    neighbours: list[Neighbour] = Field(description="nearest features by decoder cosine")
+    explanation: str | None
+
+
+class ExampleKind(str, Enum):
+    top = "top"
+    interval = "interval"
+
+
+class Example(BaseModel):
+    kind: ExampleKind
+    interval: int | None = Field(description="0-based activation interval for interval samples (lowest first)")
+    rank: int
+    doc_id: str
+    doc_offset: int = Field(description="token offset of the chosen token in its document (-1: the separator after it)")
+    tokens: list[str]
+    token_ids: list[int]
+    acts: list[float] = Field(description="this feature's activation at each token")
+    max_act: float
+    max_pos: int = Field(description="index in tokens of the chosen (for top examples: the strongest) token")
+
+
+class ExamplePage(BaseModel):
+    sae: str
+    index: int
+    kind: ExampleKind
+    total: int
+    offset: int
+    limit: int
+    examples: list[Example]
+
+
+class SearchHit(BaseModel):
+    sae: str
+    index: int
+    token: str = Field(description="the matching token its top contexts peak on")
+    n_examples: int = Field(description="top contexts peaking on that token")
+    max_act: float
+    density: float
+
+
+class SearchResult(BaseModel):
+    query: str
+    hits: list[SearchHit]
+
+
+class Health(BaseModel):
+    status: str
+    schema_revision: str
