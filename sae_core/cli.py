@@ -180,6 +180,33 @@ def serve(
     uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
 
 
+@app.command()
+def demo(
+    cache_tokens: int = typer.Option(500_000, help="Tokens of activations to cache."),
+    n_latents: int = typer.Option(8192, help="SAE width."),
+    k: int = typer.Option(32, help="Active latents per token."),
+    train_tokens: int = typer.Option(1_000_000, help="Training tokens (more than the cache repeats it)."),
+    eval_tokens: int = typer.Option(16_384, help="Held-out tokens for the evaluation."),
+    mine_tokens: int = typer.Option(200_000, help="Tokens to mine feature contexts from."),
+    hook: str = typer.Option("blocks.8.hook_resid_post"),
+    name: str = typer.Option("smollm2-135m-L8-topk-8k", help="The SAE's name in URLs."),
+    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Bundled model + demo corpus -> cache -> train -> eval -> mine -> serve; each stage skips finished work."""
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(hook=hook, cache_tokens=cache_tokens, n_latents=n_latents, k=k, train_tokens=train_tokens,
+                     eval_tokens=eval_tokens, mine_tokens=mine_tokens, name=name, db=db, device=device)
+    result = run_demo(cfg, console)
+    console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
+    if serve_after:
+        serve(db=db, host=host, port=port, workers=1)
+
+
 db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")
 app.add_typer(db_app, name="db")
 

@@ -1,0 +1,92 @@
+"""`saescope demo`: from nothing to a browsable atlas of the bundled model, every stage skipping work
+whose output already exists (so a re-run, or a run after a crash, picks up where it stopped).
+
+    fetch corpus -> cache activations -> train TopK SAE -> evaluate -> mine into the store -> serve
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from . import settings
+from .cache import CacheConfig, build_cache
+from .corpus import fetch_demo
+from .evaluate import RESULT as EVAL_RESULT, EvalConfig, evaluate
+from .feature_stats import StatsConfig
+from .interchange import CFG, WEIGHTS
+from .mine import MineConfig, mine
+from .model import DEFAULT_MODEL, load_model
+from .train import TrainConfig, train
+
+
+@dataclass
+class DemoConfig:
+    """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
+
+    hook: str = "blocks.8.hook_resid_post"   # a third of the way up SmolLM2's 30 layers: word- and phrase-level features
+    cache_tokens: int = 500_000
+    n_latents: int = 8192
+    k: int = 32
+    train_tokens: int = 1_000_000            # two passes over the cache
+    eval_tokens: int = 16_384
+    mine_tokens: int = 200_000
+    name: str = "smollm2-135m-L8-topk-8k"    # the SAE's name in URLs
+    db: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    sae_dir: Path
+    sae_name: str
+    db_url: str
+
+
+def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
+    from .store import db as store_db
+
+    console = console or Console(stderr=True)
+    run_dir = settings.runs_dir() / "demo"
+    cache_dir, sae_dir = run_dir / "cache", run_dir / cfg.name
+
+    def stage(n: int, text: str) -> None:
+        console.print(f"[bold cyan][{n}/5][/] {text}")
+
+    store_db.make_engine(cfg.db)   # an unreachable database fails now, not after twenty minutes
+    stage(1, "demo corpus")
+    fetch_demo()
+    lm = None
+
+    stage(2, f"activations of {DEFAULT_MODEL} at {cfg.hook} over {cfg.cache_tokens:,} tokens -> {cache_dir}")
+    manifest = cache_dir / "cache.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
+        console.print("      cache complete: skipped")
+    else:
+        lm = load_model(DEFAULT_MODEL, cfg.device)
+        build_cache(CacheConfig(hook=cfg.hook, corpus="demo", tokens=cfg.cache_tokens, device=cfg.device), cache_dir, lm=lm)
+
+    stage(3, f"TopK SAE, {cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_tokens:,} training tokens -> {sae_dir}")
+    if (sae_dir / CFG).exists() and (sae_dir / WEIGHTS).exists():
+        console.print("      SAE trained: skipped")
+    else:
+        result = train(TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens), cache_dir, sae_dir,
+                       resume=(sae_dir / "checkpoint.pt").exists())
+        console.print(f"      FVU {result.final.get('fvu', float('nan')):.3f}, dead {result.final.get('dead_fraction', 0):.1%}")
+
+    stage(4, f"evaluation on {cfg.eval_tokens:,} held-out tokens")
+    if (sae_dir / EVAL_RESULT).exists():
+        console.print("      eval.json present: skipped")
+    else:
+        lm = lm or load_model(DEFAULT_MODEL, cfg.device)
+        ev = evaluate(sae_dir, EvalConfig(tokens=cfg.eval_tokens, device=cfg.device), lm=lm)
+        console.print(f"      L0 {ev.l0:.1f}, FVU {ev.fvu:.3f}, CE loss recovered {ev.ce_score:.1%}, delta CE {ev.delta_ce:.3f}")
+
+    stage(5, f"mining {cfg.mine_tokens:,} tokens into {store_db.redact(store_db.database_url(cfg.db))}")
+    mined = mine(sae_dir, MineConfig(tokens=cfg.mine_tokens, name=cfg.name, db=cfg.db, stats=StatsConfig(), device=cfg.device), lm=lm)
+    console.print("      " + (mined.notes[0] if mined.skipped else f"{mined.alive:,} of {mined.n_latents:,} features fired"))
+    return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))

@@ -1,0 +1,55 @@
+"""End to end on the real bundled model: every `saescope demo` stage with a small budget, then the
+pages and the API answer with real contexts of the real corpus (~2 min on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from sae_core import corpus as corpus_mod
+
+pytestmark = pytest.mark.real_model
+
+BUDGET = ["--cache-tokens", "50000", "--n-latents", "1024", "--k", "32", "--train-tokens", "100000",
+          "--eval-tokens", "2048", "--mine-tokens", "20000", "--name", "e2e", "--no-serve"]
+
+
+def test_demo_stages_then_pages_and_api(tmp_path):
+    env = {**os.environ, "SAESCOPE_HOME": os.environ["SAESCOPE_HOME"]}
+    cmd = [sys.executable, "-c", "from sae_core.cli import main; main()", "demo", *BUDGET]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "atlas ready"):
+        assert stage in first.stderr
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)   # every stage skips its finished work
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("skipped") == 3 and "already holds run" in again.stderr
+
+    corpus = corpus_mod.open_corpus("demo")
+    with TestClient(create_app()) as client:
+        sae = client.get("/api/v1/saes/e2e").json()
+        assert sae["n_latents"] == 1024 and sae["metrics"]["ce_score"] > 0.3 and sae["alive"] > 900
+        assert client.get("/").status_code == 200 and "e2e" in client.get("/").text
+        strongest = client.get("/api/v1/saes/e2e/features?sort=max_act&order=desc&limit=5").json()["features"]
+        checked = 0
+        for feat in strongest:
+            page = client.get(f"/saes/e2e/features/{feat['index']}")
+            assert page.status_code == 200 and '<svg class="hist"' in page.text
+            for ex in client.get(f"/api/v1/saes/e2e/features/{feat['index']}/examples?limit=5").json()["examples"]:
+                assert ex["doc_id"].split("/")[0] in {"sotu", "moby-dick", "spam-ham", "brown"}
+                if ex["doc_offset"] < 0:
+                    continue
+                peak = ex["tokens"][ex["max_pos"]]
+                if "\ufffd" in peak:      # part of a multi-byte character: not text on its own
+                    continue
+                text = corpus.read(corpus.doc_ids.index(ex["doc_id"]))
+                assert peak.strip() in text    # the peak token is real text of the named document
+                checked += 1
+        assert checked > 0
+        hits = client.get("/api/v1/search", params={"q": "the"}).json()["hits"]
+        assert hits and all("the" in h["token"].lower() for h in hits)
