@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # venv or run `make TORCH=torch demo`; an importable torch is never replaced.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test bench clean-venv
+.PHONY: venv demo test bench docs clean-venv
 
 # Swagger UI for /docs, served locally (the site works offline); fetched from npm, not committed.
 SWAGGER := static/vendor/swagger-ui/swagger-ui-bundle.js
@@ -38,6 +38,13 @@ test: venv
 bench: venv
 	$(BIN)/python bench/cache_throughput.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/mine_throughput.py
+	$(BIN)/python bench/serve_latency.py
+
+# docs/cli.md is generated from the CLI itself; tests/test_docs.py fails when it is stale.
+docs: venv
+	$(BIN)/typer sae_core.cli utils docs --name saescope --output docs/cli.md
+	sed -i '1i <!-- Generated from the CLI by `make docs` (typer utils docs); do not edit by hand. -->\n' docs/cli.md
 
 clean-venv:
 	rm -rf $(VENV)

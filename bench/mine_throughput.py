@@ -77,16 +77,18 @@ def full_mine(lm, sae_dir: Path, tokens: int, root: Path) -> tuple[float, int]:
     return rate, db_path.stat().st_size
 
 
-def dashboard(python: str, sae_dir: Path, tokens: int, layer: int) -> dict:
-    """Run bench/peers/dashboard_driver.py in SAEDashboard's own venv; its JSON line or its failure."""
+def dashboard(python: str, lm, sae_dir: Path, tokens: int, layer: int, root: Path) -> dict:
+    """Run bench/peers/dashboard_driver.py in SAEDashboard's own venv on the windows saescope mines."""
+    windows = corpus_mod.iter_windows(corpus_mod.open_corpus("demo"), lm.tokenizer, CONTEXT, 0)
+    np.save(root / "tokens.npy", np.concatenate([w.tokens for _, w in zip(range(-(-tokens // CONTEXT)), windows)]))
     driver = Path(__file__).resolve().parent / "peers" / "dashboard_driver.py"
-    proc = subprocess.run([python, str(driver), "--sae", str(sae_dir), "--tokens", str(tokens), "--layer", str(layer)],
+    proc = subprocess.run([python, str(driver), "--sae", str(sae_dir), "--tokens-file", str(root / "tokens.npy"), "--layer", str(layer)],
                           capture_output=True, text=True, timeout=3600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()][-3:]
-    return {"error": " | ".join(tail)}
+    tail = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()][-1:]
+    return {"error": " | ".join(tail)[:400]}
 
 
 def main() -> None:
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dashboard-python", default=None, help="python of a venv with sae-dashboard installed")
+    ap.add_argument("--dashboard-tokens", type=int, default=4096, help="tokens for the SAEDashboard comparison (it is slow)")
     args = ap.parse_args()
 
     lm = load_model("smollm2-135m")
@@ -125,13 +128,14 @@ def main() -> None:
     print(f"\nstore: {size / 2**20:.1f} MiB for {args.n_latents} features = {size / args.n_latents / 1024:.1f} KB per feature "
           f"(defaults: 32 top + 50 interval examples of 32 tokens; includes the {lm.tokenizer.vocab_size:,}-token vocabulary)")
     if args.dashboard_python:
-        t0 = time.perf_counter()
-        res = dashboard(args.dashboard_python, sae_dir, args.tokens, args.layer)
+        res = dashboard(args.dashboard_python, lm, sae_dir, args.dashboard_tokens, args.layer, root)
+        ours, _ = full_mine(lm, sae_dir, args.dashboard_tokens, root)
         if "error" in res:
             print(f"\nSAEDashboard: could not run here: {res['error']}")
         else:
-            print(f"\nSAEDashboard: {res['tokens_per_s']:,.0f} tok/s end to end ({time.perf_counter() - t0:.0f} s); "
-                  f"saescope mine is {med['mine'] / res['tokens_per_s']:.1f}x faster")
+            print(f"\nSame {args.dashboard_tokens:,} tokens, all {args.n_latents} features, end to end: SAEDashboard "
+                  f"{res['tokens_per_s']:,.0f} tok/s (SaeVisRunner.run), saescope mine {ours:,.0f} tok/s "
+                  f"(incl. database write): {ours / res['tokens_per_s']:.1f}x")
     shutil.rmtree(root, ignore_errors=True)
 
 

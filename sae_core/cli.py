@@ -167,13 +167,29 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to share on the network)."),
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="Server processes."),
+    upgrade: bool = typer.Option(False, help="Apply the schema migrations first (what the container does at start)."),
+    wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
 ) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
+    import time
+
     import uvicorn
 
     from app.main import create_app
     from .store import db as store_db
 
+    deadline = time.monotonic() + wait_for_db
+    while True:
+        try:
+            engine = store_db.make_engine(db)
+            break
+        except SaescopeError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            console.print(f"waiting for the database: {exc}")
+            time.sleep(2)
+    if upgrade:
+        store_db.upgrade(engine)
     create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     os.environ[store_db.ENV_URL] = store_db.database_url(db)
     console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")

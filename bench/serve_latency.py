@@ -1,0 +1,136 @@
+"""Latency and throughput of the feature browser under concurrent clients, on SQLite and PostgreSQL.
+
+    python bench/serve_latency.py [--clients 32] [--requests 2000] [--tokens 32768]
+
+The store holds a 16,384-latent TopK SAE with full mining results (32 top contexts and 50 interval
+samples per feature, histograms, logit effects, neighbours), mined from the bundled model. The SAE
+is freshly initialised: serving cost depends on the rows, not on training. The server is
+`saescope serve` (one uvicorn process) in a subprocess; the clients are httpx coroutines in this
+process, on the same 2-core machine, so they compete with the server for CPU: the figures are a
+floor. Endpoints, each for --requests requests at --clients concurrency, random feature indices:
+  trivial    GET /api/v1/health                         (no database work: the server's ceiling)
+  page       GET /saes/{sae}/features/{i}               (the full feature page)
+  examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
+Goals (issue 5): feature page p99 < 100 ms; examples at least half the trivial endpoint's req/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out"
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PG_SCHEMA = "saescope_bench"
+SAE_NAME = "bench-16k"
+
+
+def build_stores(tokens: int, n_latents: int) -> dict[str, str]:
+    """Mine one random 16k SAE into a SQLite file and a PostgreSQL schema (kept in bench/out between runs)."""
+    import torch
+    from sqlalchemy import create_engine, text
+
+    from sae_core.interchange import save_sae
+    from sae_core.mine import MineConfig, mine
+    from sae_core.sae import TopKConfig, TopKSAE
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    urls = {"sqlite": f"sqlite:///{OUT / 'serve-bench.db'}", "postgresql": f"postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D{PG_SCHEMA}"}
+    admin = create_engine(PG_ADMIN)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+    sae_dir = OUT / SAE_NAME
+    if not (sae_dir / "cfg.json").exists():
+        torch.manual_seed(0)
+        sae = TopKSAE(TopKConfig(d_in=576, n_latents=n_latents, k=32))
+        save_sae(sae, sae_dir, metadata={"cache": {"model": "smollm2-135m", "hook": "blocks.8.hook_resid_post", "corpus": "demo",
+                                                   "context_size": 128, "skip_positions": 1, "seed": 0}})
+    for backend, url in urls.items():   # mine() skips a store that already holds this run
+        result = mine(sae_dir, MineConfig(tokens=tokens, name=SAE_NAME, db=url), progress=True)
+        print(f"{backend}: {'already mined' if result.skipped else f'mined {result.positions:,} positions'}")
+    return urls
+
+
+async def hammer(base: str, paths: list[str], clients: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    queue = list(paths)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+        async def worker():
+            while queue:
+                path = queue.pop()
+                t0 = time.perf_counter()
+                r = await client.get(path)
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{path}: HTTP {r.status_code}")
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return latencies, wall
+
+
+def serve(url: str) -> tuple[subprocess.Popen, str]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([sys.executable, "-c", "from sae_core.cli import main; main()", "serve", "--db", url, "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(base + "/api/v1/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens mined into the bench store")
+    ap.add_argument("--n-latents", type=int, default=16384)
+    args = ap.parse_args()
+    urls = build_stores(args.tokens, args.n_latents)
+    rng = random.Random(0)
+    print(f"\n{args.clients} concurrent clients, {args.requests} requests per endpoint, random features of {args.n_latents}\n")
+    print("| store | endpoint | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|")
+    for backend, url in urls.items():
+        proc, base = serve(url)
+        try:
+            endpoints = {
+                "trivial /api/v1/health": ["/api/v1/health"] * args.requests,
+                "feature page": [f"/saes/{SAE_NAME}/features/{rng.randrange(args.n_latents)}" for _ in range(args.requests)],
+                "examples API": [f"/api/v1/saes/{SAE_NAME}/features/{rng.randrange(args.n_latents)}/examples?limit=20" for _ in range(args.requests)],
+            }
+            asyncio.run(hammer(base, endpoints["feature page"][:64], 8))   # warm-up: vocabulary cache, connections
+            rates = {}
+            for name, paths in endpoints.items():
+                lat, wall = asyncio.run(hammer(base, paths, args.clients))
+                q = statistics.quantiles(lat, n=100)
+                rates[name] = len(lat) / wall
+                print(f"| {backend} | {name} | {q[49] * 1000:.1f} | {q[98] * 1000:.1f} | {rates[name]:,.0f} |")
+            print(f"| {backend} | examples / trivial req/s | | | {rates['examples API'] / rates['trivial /api/v1/health']:.2f} |")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
