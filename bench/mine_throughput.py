@@ -57,7 +57,7 @@ def one_pass(lm, sae, layer: int, tokens: int, work: Path) -> float:
     shutil.rmtree(work, ignore_errors=True)
     cfg = CacheConfig(model="smollm2-135m", hook=hook_name(layer), corpus="demo", context_size=CONTEXT, tokens=tokens,
                       batch_size=BATCH, windows_per_shard=256, dtype="float32")
-    encoder = CodeEncoder(sae.to(lm.dtype), sae.cfg.k, lm.dtype, {"bench": True})
+    encoder = CodeEncoder(sae, sae.cfg.k, lm.dtype, {"bench": True})
     t0 = time.perf_counter()
     build_cache(cfg, work, lm, progress=False, encoder=encoder)
     return -(-tokens // CONTEXT) * CONTEXT / (time.perf_counter() - t0)

@@ -60,10 +60,20 @@ class MineResult:
 
 
 class CodeEncoder(ShardEncoder):
-    """Stores each position's SAE code: (values, latent indices), w per position (k for TopK)."""
+    """Stores each position's SAE code: (values, latent indices), w per position (k for TopK).
+
+    The encoder is one fused addmm per block of rows, with b_pre folded into the bias
+    (W (x - b_pre) + b = W x + (b - W b_pre)); blocks keep the [rows, n_latents] pre-activations
+    small enough for top-k to read them from cache."""
+
+    BLOCK = 512
 
     def __init__(self, sae, width: int, compute_dtype: torch.dtype, identity: dict):
-        self.sae, self.width, self.compute_dtype, self.identity = sae, width, compute_dtype, identity
+        self.width, self.compute_dtype, self.identity = width, compute_dtype, identity
+        with torch.no_grad():
+            W = sae.W_enc.detach().float()
+            self.W_T = W.T.to(compute_dtype)                                       # [d, n]
+            self.bias = (sae.b_enc.detach().float() - W @ sae.b_pre.detach().float()).to(compute_dtype)
         self.idx_dtype = torch.int16 if sae.cfg.n_latents <= 32767 else torch.int32
 
     def bytes_per_row(self, d_model: int) -> int:
@@ -72,9 +82,12 @@ class CodeEncoder(ShardEncoder):
     @torch.inference_mode()
     def __call__(self, acts: torch.Tensor) -> dict[str, torch.Tensor]:
         x = acts.reshape(-1, acts.shape[-1]).to(self.compute_dtype)
-        pre = (x - self.sae.b_pre) @ self.sae.W_enc.T + self.sae.b_enc
-        vals, idx = pre.topk(self.width, dim=-1)
-        return {"vals": vals.relu().to("cpu", torch.float32), "idx": idx.to("cpu", self.idx_dtype)}
+        vals, idx = [], []
+        for s in range(0, len(x), self.BLOCK):
+            v, i = torch.addmm(self.bias, x[s:s + self.BLOCK], self.W_T).topk(self.width, dim=-1)
+            vals.append(v)
+            idx.append(i)
+        return {"vals": torch.cat(vals).relu().to("cpu", torch.float32), "idx": torch.cat(idx).to("cpu", self.idx_dtype)}
 
 
 def slug(name: str) -> str:
@@ -155,7 +168,7 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
         raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {model_name} at {hook} has width {lm.d_model}")
     compute_dtype = lm.dtype if lm.device.type == "cpu" else torch.float32
     width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
-    encoder = CodeEncoder(sae.to(lm.device, compute_dtype), width, compute_dtype, identity)
+    encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
     work = sae_dir / "mining"
     cached = build_cache(cache, work, lm, progress=progress, encoder=encoder, desc="mining")
 

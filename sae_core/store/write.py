@@ -54,7 +54,7 @@ def _features(run_id: int, t, logits, neighbours):
     for i in range(n):
         fired = int(t.n_fired[i])
         lo, hi = float(t.act_min[i]), float(t.act_max[i])
-        yield {"run_id": run_id, "index": i, "n_fired": fired, "density": fired / max(t.positions, 1),
+        yield {"run_id": run_id, "feature_index": i, "n_fired": fired, "density": fired / max(t.positions, 1),
                "max_act": hi, "mean_act": float(t.act_sum[i] / fired) if fired else 0.0,
                "histogram": {"edges": np.linspace(lo, hi, bins + 1).round(5).tolist(), "counts": t.hist_counts[i].tolist()},
                "intervals": {"edges": np.linspace(0, hi, t.interval_counts.shape[1] + 1).round(5).tolist(),
@@ -88,7 +88,9 @@ def _token_features(run_id: int, t):
         yield {"run_id": run_id, "token_id": tok, "feature_index": feat, "n_examples": count, "max_act": mx}
 
 
-def _insert_all(s: Session, table, rows, total: int, desc: str, progress: bool) -> None:
+def _insert_all(s: Session, model, rows, total: int, desc: str, progress: bool) -> None:
+    """Core executemany on the table (the ORM's bulk path costs ~2x more per row)."""
+    table = model.__table__
     bar = tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, dynamic_ncols=True)
     batch = []
     for row in rows:
