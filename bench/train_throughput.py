@@ -1,45 +1,67 @@
-"""Tokens/s of one saescope TopK training step on DESIGN §7's configurations, with roofline fraction.
+"""Tokens/s of one TopK training step: saescope against eai-sparsify, sae-lens and dictionary-learning,
+same CPU, same run, each peer in its own virtual environment driven through its own public classes.
 
-    python bench/train_throughput.py [--steps 10] [--configs A B]
+    python bench/train_throughput.py [--steps 10] [--configs A B] [--install]
 
-Data: 32-sparse mixes of a random unit-norm dictionary plus noise (as DESIGN §7). Each step is the
-full step the trainer runs: loss and sparse gradients, parallel-gradient removal, fused Adam,
-decoder renormalisation. "AuxK on" forces 10% of latents dead so the AuxK path runs. Reported:
-median tokens/s over `--steps` steps after two warm-up steps, peak RSS, and the share of the
-one-dense-matmul roofline (the encoder's [batch, d] @ [d, n] product timed alone, same dtype).
-
-Peers (eai-sparsify, sae-lens, dictionary-learning) are not yet driven from here: see
-bench/RESULTS.md for the figures DESIGN §7 measured on this kind of machine.
+Cells (DESIGN §7): config A (d 576, 16384 latents, k 32, batch 4096) and B (d 768, 32768 latents),
+fp32 and bf16 autocast, "AuxK on" = 10% of latents forced dead so every AuxK path runs. Data:
+32-sparse mixes of a random dictionary plus noise (bench/peers/common.py). Each (trainer, cell)
+runs in a fresh process: median tokens/s of --steps steps after 2 warm-up steps, and peak RSS.
+Roofline: the encoder's dense [batch, d] @ [d, n] matmul alone, same dtype, in this process.
+Drivers: bench/peers/{saescope,sparsify,saelens,dictlearn}_step.py. Peer venvs live in
+bench/out/venv-<peer>; --install creates the missing ones (DESIGN §7's install notes).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_DIR = ROOT / "bench" / "peers"
+sys.path.insert(0, str(PEERS_DIR))
+from common import CONFIGS  # noqa: E402
 
-from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
+CELLS = [("A", "fp32", "on"), ("A", "fp32", "off"), ("A", "bf16", "on"), ("B", "fp32", "on"), ("B", "bf16", "on")]
+TORCH = "torch==2.13.0"
+PEERS = {   # name: (driver, pip install steps after torch)
+    "eai-sparsify": ("sparsify_step.py", [["eai-sparsify"]]),
+    "sae-lens": ("saelens_step.py", [["sae-lens"]]),
+    "dictionary-learning": ("dictlearn_step.py", [["--no-deps", "dictionary-learning"],
+                                                  ["--no-deps", "nnsight==0.3.7"],
+                                                  ["python-socketio[client]", "zstandard", "pillow", "einops", "datasets", "tqdm",
+                                                   "pydantic", "accelerate", "transformers"]]),
+}
 
-CONFIGS = {"A": dict(d=576, n=16384, k=32, batch=4096), "B": dict(d=768, n=32768, k=32, batch=4096)}
+
+def venv_python(peer: str) -> Path:
+    return ROOT / "bench" / "out" / f"venv-{peer}" / "bin" / "python"
 
 
-def structured_batch(dictionary: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
-    n, d = dictionary.shape
-    idx = torch.randint(0, n, (batch, 32), generator=gen)
-    coef = torch.rand(batch, 32, generator=gen)
-    x = torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=coef, mode="sum")
-    return x + 0.05 * torch.randn(batch, d, generator=gen)
+def install(peer: str) -> None:
+    py = venv_python(peer)
+    if py.exists():
+        return
+    subprocess.run([sys.executable, "-m", "venv", str(py.parent.parent)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", TORCH], check=True)
+    for pkgs in PEERS[peer][1]:
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], check=True)
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+def run(python: str, driver: str, cell: tuple[str, str, str], steps: int) -> dict:
+    config, dtype, aux = cell
+    proc = subprocess.run([python, str(PEERS_DIR / driver), "--config", config, "--dtype", dtype, "--auxk", aux, "--steps", str(steps)],
+                          capture_output=True, text=True, timeout=3600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(lines[-1])
 
 
 def roofline(d: int, n: int, batch: int, bf16: bool, reps: int = 5) -> float:
@@ -49,58 +71,44 @@ def roofline(d: int, n: int, batch: int, bf16: bool, reps: int = 5) -> float:
     a @ b
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - start)
-    return batch / median(times)
-
-
-def measure(d: int, n: int, k: int, batch: int, bf16: bool, auxk: bool, steps: int) -> float:
-    gen = torch.Generator().manual_seed(0)
-    dictionary = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
-    data = [structured_batch(dictionary, batch, gen) for _ in range(3)]
-    sae = TopKSAE(TopKConfig(d_in=d, n_latents=n, k=k))
-    opt = torch.optim.Adam(sae.parameters(), lr=2e-4, eps=6.25e-10, fused=True)
-    dead = torch.zeros(n, dtype=torch.bool)
-    if auxk:
-        dead[torch.randperm(n, generator=gen)[: n // 10]] = True
-    times = []
-    for step in range(steps + 2):
-        start = time.perf_counter()
-        sae.loss_and_grads(data[step % 3], dead, autocast_bf16=bf16)
-        sae.remove_parallel_grads()
-        opt.step()
-        sae.normalize_decoder()
-        if step >= 2:
-            times.append(time.perf_counter() - start)
-    return batch / median(times)
-
-
-def run_cell(name: str, bf16: bool, auxk: bool, steps: int) -> str:
-    c = CONFIGS[name]
-    tps = measure(c["d"], c["n"], c["k"], c["batch"], bf16, auxk, steps)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process ran only this cell
-    roof = roofline(c["d"], c["n"], c["batch"], bf16)
-    return f"{name:<7}{'bf16' if bf16 else 'fp32':<7}{'on' if auxk else 'off':<6}{tps:>9,.0f}{roof:>16,.0f}{tps / roof:>13.0%}{rss:>13,.0f}"
+        times.append(time.perf_counter() - t0)
+    return batch / sorted(times)[reps // 2]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--configs", nargs="+", default=["A", "B"])
-    ap.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell in a fresh process
+    ap.add_argument("--peers", nargs="*", default=list(PEERS))
+    ap.add_argument("--install", action="store_true", help="create missing peer venvs first")
     args = ap.parse_args()
-    if args.cell:
-        name, dtype, aux = args.cell.split(",")
-        print(run_cell(name, dtype == "bf16", aux == "on", args.steps))
-        return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} steps, one process per cell")
-    print(f"{'config':<7}{'dtype':<7}{'AuxK':<6}{'tok/s':>9}{'roofline tok/s':>16}{'of roofline':>13}{'peak RSS MB':>13}")
-    for cell in ("A,fp32,on", "A,fp32,off", "A,bf16,on", "B,fp32,on", "B,bf16,on"):
-        if cell.split(",")[0] in args.configs:
-            out = subprocess.run([sys.executable, __file__, "--cell", cell, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)
-            print(out.stdout.strip(), flush=True)
+    if args.install:
+        for peer in args.peers:
+            install(peer)
+    peers = [p for p in args.peers if venv_python(p).exists()]
+    missing = sorted(set(args.peers) - set(peers))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+          f"median of {args.steps} steps, one process per trainer and cell"
+          + (f"; not installed (use --install): {', '.join(missing)}" if missing else ""))
+    head = "| cell | saescope tok/s | of roofline | RSS MB | " + " | ".join(f"{p} tok/s (RSS MB)" for p in peers) + " | vs fastest peer |"
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    for cell in CELLS:
+        if cell[0] not in args.configs:
+            continue
+        c = CONFIGS[cell[0]]
+        ours = run(sys.executable, "saescope_step.py", cell, args.steps)
+        others = {p: run(str(venv_python(p)), PEERS[p][0], cell, args.steps) for p in peers}
+        roof = roofline(c["d"], c["n"], c["batch"], cell[1] == "bf16")
+        rates = [o["tok_s"] for o in others.values() if "tok_s" in o]
+        ratio = f"{ours['tok_s'] / max(rates):.2f}x" if rates and "tok_s" in ours else "–"
+        cols = [f"{o['tok_s']:,.0f} ({o['rss_mb']:,.0f})" if "tok_s" in o else f"failed: {o['error']}" for o in others.values()]
+        name = f"{cell[0]} {cell[1]} AuxK {cell[2]}"
+        if "tok_s" not in ours:
+            print(f"| {name} | failed: {ours['error']} | | | " + " | ".join(cols) + " | – |", flush=True)
+            continue
+        print(f"| {name} | {ours['tok_s']:,.0f} | {ours['tok_s'] / roof:.0%} | {ours['rss_mb']:,.0f} | " + " | ".join(cols) + f" | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
