@@ -81,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--configs", nargs="+", default=["A", "B"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--install", action="store_true", help="create missing peer venvs first")
     args = ap.parse_args()
@@ -95,7 +96,7 @@ def main() -> None:
     head = "| cell | saescope tok/s | of roofline | RSS MB | " + " | ".join(f"{p} tok/s (RSS MB)" for p in peers) + " | vs fastest peer |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for cell in CELLS:
-        if cell[0] not in args.configs:
+        if cell[0] not in args.configs or cell[1] not in args.dtypes:
             continue
         c = CONFIGS[cell[0]]
         ours = run(sys.executable, "saescope_step.py", cell, args.steps)

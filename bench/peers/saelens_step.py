@@ -22,7 +22,7 @@ args = parse_args()
 c = CONFIGS[args.config]
 torch.manual_seed(0)
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=c["d"], d_sae=c["n"], k=c["k"], aux_loss_coefficient=1 / 32, device="cpu"))
-cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=c["batch"], lr=2e-4, device="cpu",
+cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=c["batch"], lr=2e-4, lr_end=2e-4, device="cpu",
                        autocast=args.dtype == "bf16", dead_feature_window=1000)
 trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 dead = dead_mask(c["n"], args.auxk == "on")

@@ -94,10 +94,9 @@ class TopKSAE(DictionarySAE):
         B = x.shape[0]
         xc = x - self.b_pre
         if autocast_bf16:
-            pre = (xc.bfloat16() @ self.W_enc.bfloat16().T).float()
+            pre = torch.addmm(self.b_enc.bfloat16(), xc.bfloat16(), self.W_enc.bfloat16().T).float()
         else:
-            pre = xc @ self.W_enc.T
-        pre += self.b_enc
+            pre = torch.addmm(self.b_enc, xc, self.W_enc.T)   # bias fused: one pass over [B, n] fewer
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
         gW_enc = torch.zeros_like(self.W_enc)
