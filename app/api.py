@@ -16,7 +16,7 @@ FeatureIndex = Path(description="feature (latent) index", ge=0, le=2**31 - 1)
 
 
 @router.get("/health", response_model=schemas.Health, summary="Liveness and schema revision (no database work)")
-def health(request: Request) -> schemas.Health:
+async def health(request: Request) -> schemas.Health:
     return schemas.Health(status="ok", schema_revision=request.app.state.schema_revision)
 
 

@@ -47,8 +47,8 @@ def feature_page(request: Request, sae: str = Path(max_length=200), index: int =
                  s: Session = Depends(session)):
     feature = queries.feature_detail(s, sae, index)
     top = queries.examples(s, sae, index, schemas.ExampleKind.top, 0, FIRST_EXAMPLES)
-    return templates.TemplateResponse(request, "feature.html", {"f": feature, "top": top, "sae": sae,
-                                      "sae_detail": queries.sae_detail(s, sae)})
+    _, run, _ = queries.get_sae(s, sae)
+    return templates.TemplateResponse(request, "feature.html", {"f": feature, "top": top, "sae": sae, "mined_tokens": run.tokens})
 
 
 @router.get("/saes/{sae}/features/{index}/examples")

@@ -54,19 +54,26 @@ def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None
                 n_latents=sae.n_latents, k=sae.k, metrics=sae.metrics or {}, mined_tokens=run.tokens if run else None, alive=alive)
 
 
-def _alive_counts(s: Session) -> dict[int, int]:
-    rows = s.execute(select(Feature.run_id, func.count()).where(Feature.n_fired > 0).group_by(Feature.run_id)).all()
-    return dict(rows)
+_ALIVE: dict[tuple[str, int], int] = {}   # runs never change once complete, so their counts can be cached
+
+
+def _alive(s: Session, run_id: int | None) -> int | None:
+    """Features of a mining run that fired at least once (a scan of the run's features, done once per process)."""
+    if run_id is None:
+        return None
+    key = (str(s.get_bind().url), run_id)
+    if key not in _ALIVE:
+        _ALIVE[key] = s.scalar(select(func.count()).select_from(Feature).where(Feature.run_id == run_id, Feature.n_fired > 0))
+    return _ALIVE[key]
 
 
 def list_models(s: Session) -> list[schemas.ModelSummary]:
-    alive = _alive_counts(s)
     out = []
     for model in s.scalars(select(Model).order_by(Model.name)):
         saes = []
         for sae, run in s.execute(select(SAE, MiningRun).outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
                                   .where(SAE.model_id == model.id).order_by(SAE.name)):
-            saes.append(schemas.SAESummary(**_summary(sae, model.name, run, alive.get(sae.active_run_id))))
+            saes.append(schemas.SAESummary(**_summary(sae, model.name, run, _alive(s, sae.active_run_id))))
         out.append(schemas.ModelSummary(name=model.name, d_model=model.d_model, n_layers=model.n_layers,
                                         vocab_size=model.vocab_size, saes=saes))
     return out
@@ -82,7 +89,7 @@ def get_sae(s: Session, name: str) -> tuple[SAE, MiningRun | None, Model]:
 
 def sae_detail(s: Session, name: str) -> schemas.SAEDetail:
     sae, run, model = get_sae(s, name)
-    alive = s.scalar(select(func.count()).where(Feature.run_id == sae.active_run_id, Feature.n_fired > 0)) if run else None
+    alive = _alive(s, run.id if run else None)
     mining = ({"run_id": run.id, "corpus": run.corpus, "tokens": run.tokens, "finished_at": run.finished_at.isoformat() if run.finished_at else None,
                "config": run.config} if run else None)
     return schemas.SAEDetail(**_summary(sae, model.name, run, alive), train_config=sae.train_config or {}, mining=mining)

@@ -56,6 +56,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 class TopKSAE(DictionarySAE):
     architecture = "topk"
+    ENCODE_BLOCK = 1024      # rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB)
 
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
@@ -93,10 +94,23 @@ class TopKSAE(DictionarySAE):
         cfg = self.cfg
         B = x.shape[0]
         xc = x - self.b_pre
-        if autocast_bf16:
-            pre = torch.addmm(self.b_enc.bfloat16(), xc.bfloat16(), self.W_enc.bfloat16().T).float()
-        else:
-            pre = torch.addmm(self.b_enc, xc, self.W_enc.T)   # bias fused: one pass over [B, n] fewer
+        k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
+        dead_idx = dead.nonzero().squeeze(1) if cfg.aux_coef else dead.new_zeros(0, dtype=torch.long)
+        n_dead = len(dead_idx)
+        # Encode in row blocks: each [rows, n] block of pre-activations is selected from while it is
+        # still in cache, and the whole [B, n] matrix is never materialised. AuxK keeps only the dead columns.
+        W_T = self.W_enc.T if not autocast_bf16 else self.W_enc.bfloat16().T
+        bias = self.b_enc if not autocast_bf16 else self.b_enc.bfloat16()
+        vals_all, idx_all, pre_dead = [], [], []
+        for s in range(0, B, self.ENCODE_BLOCK):
+            rows = xc[s:s + self.ENCODE_BLOCK]
+            block = torch.addmm(bias, rows if not autocast_bf16 else rows.bfloat16(), W_T).float()
+            v, i = block.topk(k_main, dim=1, sorted=True)
+            vals_all.append(v)
+            idx_all.append(i)
+            if n_dead:
+                pre_dead.append(block[:, dead_idx])
+        vals_all, idx_all = torch.cat(vals_all), torch.cat(idx_all)
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
         gW_enc = torch.zeros_like(self.W_enc)
@@ -104,8 +118,6 @@ class TopKSAE(DictionarySAE):
         gb_enc = torch.zeros_like(self.b_enc)
         gb_pre = torch.zeros_like(self.b_pre)
 
-        k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
-        vals_all, idx_all = pre.topk(k_main, dim=1, sorted=True)
         terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
         stats: dict = {}
         loss = 0.0
@@ -127,11 +139,9 @@ class TopKSAE(DictionarySAE):
             self._sparse_backward(xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc)
 
         stats["aux_fvu"] = 0.0
-        n_dead = int(dead.sum())
-        if n_dead and cfg.aux_coef:
-            dead_idx = dead.nonzero().squeeze(1)
+        if n_dead:
             k_aux = min(cfg.k_aux, n_dead)
-            aux_vals, aux_local = pre[:, dead_idx].topk(k_aux, dim=1, sorted=False)
+            aux_vals, aux_local = torch.cat(pre_dead).topk(k_aux, dim=1, sorted=False)
             z_aux = aux_vals.relu()
             e_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
@@ -154,7 +164,7 @@ class TopKSAE(DictionarySAE):
         gb_pre -= gb_enc @ self.W_enc
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         stats["loss"] = loss
-        stats["n_dead"] = n_dead
+        stats["n_dead"] = int(dead.sum())
         return stats
 
     def _sparse_backward(self, xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc) -> None:
