@@ -35,7 +35,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# Peers run from their own venvs under bench/out (train_throughput.py --install creates them).
 bench: venv
+	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/cache_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/mine_throughput.py
