@@ -15,6 +15,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Train TopK sparse autoencoders on a language model and browse their features.")
 console = Console(stderr=True, soft_wrap=True)
 
+def db_option():
+    return typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")
+
+
 # Long CPU runs with glibc's default allocator lose throughput to mmap/trim churn (DESIGN §2).
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
 os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
@@ -136,7 +140,7 @@ def mine(
     context_before: int = typer.Option(23, help="Tokens kept before an example's chosen token."),
     context_after: int = typer.Option(8, help="Tokens kept after it."),
     name: str = typer.Option(None, help="The SAE's name in the store and its URLs (default: the folder name)."),
-    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    db: str = db_option(),
     batch_size: int = typer.Option(16, help="Windows per forward pass."),
     windows_per_chunk: int = typer.Option(256, help="Windows per work chunk: the unit a killed run resumes from."),
     force: bool = typer.Option(False, help="Re-mine even when the store already holds a run with these settings."),
@@ -163,7 +167,7 @@ def mine(
 
 @app.command()
 def serve(
-    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    db: str = db_option(),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to share on the network)."),
     port: int = typer.Option(8000),
     workers: int = typer.Option(1, help="Server processes."),
@@ -206,7 +210,7 @@ def demo(
     mine_tokens: int = typer.Option(200_000, help="Tokens to mine feature contexts from."),
     hook: str = typer.Option("blocks.8.hook_resid_post"),
     name: str = typer.Option("smollm2-135m-L8-topk-8k", help="The SAE's name in URLs."),
-    db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory)."),
+    db: str = db_option(),
     serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done."),
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
@@ -228,7 +232,7 @@ app.add_typer(db_app, name="db")
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: str = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")) -> None:
+def db_upgrade(db: str = db_option()) -> None:
     """Create the store or migrate it to this version's schema (Alembic)."""
     from .store import db as store_db
 
@@ -239,7 +243,7 @@ def db_upgrade(db: str = typer.Option(None, "--db", help="Database URL (default:
 
 
 @db_app.command("status")
-def db_status(db: str = typer.Option(None, "--db", help="Database URL.")) -> None:
+def db_status(db: str = db_option()) -> None:
     """Show the store's URL and schema revision against the one this code needs."""
     from .store import db as store_db
 
