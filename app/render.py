@@ -5,6 +5,7 @@ highlighting; the histogram as inline SVG. Token text is untrusted: it only reac
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
@@ -17,6 +18,7 @@ templates = Jinja2Templates(directory=TEMPLATES)
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍", "\u00a0": "⍽"}
 
 
+@lru_cache(maxsize=65536)   # a pure function of the token text, called ~300 times per feature page
 def visible(text: str) -> Markup:
     """Escape a token and show its whitespace: spaces as faint dots, newlines as ↵ plus a line break."""
     if text == "":
