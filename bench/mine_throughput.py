@@ -122,7 +122,7 @@ def main() -> None:
         print(f"  repeat {r + 1}: forward {rows['forward'][-1]:,.0f} tok/s, pass {rows['pass'][-1]:,.0f}, mine end to end {rate:,.0f}")
     med = {k: statistics.median(v) for k, v in rows.items()}
     best = {k: max(v) for k, v in rows.items()}
-    print(f"\n| stage | tok/s (median / best) | cost vs forward (median / best) |\n|---|---|---|")
+    print("\n| stage | tok/s (median / best) | cost vs forward (median / best) |\n|---|---|---|")
     for k in rows:
         print(f"| {k} | {med[k]:,.0f} / {best[k]:,.0f} | {med['forward'] / med[k]:.2f}x / {best['forward'] / best[k]:.2f}x |")
     print(f"\nstore: {size / 2**20:.1f} MiB for {args.n_latents} features = {size / args.n_latents / 1024:.1f} KB per feature "

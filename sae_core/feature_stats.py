@@ -26,6 +26,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from .errors import SaescopeError
+
 
 @dataclass
 class StatsConfig:
@@ -36,6 +38,13 @@ class StatsConfig:
     context_before: int = 23      # tokens kept before the chosen token (32-token contexts by default)
     context_after: int = 8        # tokens kept after it
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("top_n", "n_intervals", "per_interval", "histogram_bins"):
+            if getattr(self, name) < 1:
+                raise SaescopeError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.context_before < 0 or self.context_after < 0:
+            raise SaescopeError("context-before and context-after must not be negative")
 
 
 @dataclass

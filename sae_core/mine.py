@@ -154,7 +154,10 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
                 "n_neighbours": cfg.n_neighbours, "max_active": cfg.max_active if sae.architecture != "topk" else None}
     run_config = {"cache": asdict(cache), **identity}
 
-    engine = db.open_store(cfg.db, upgrade_schema=db.current_revision(db.make_engine(cfg.db)) is None)
+    engine = db.make_engine(cfg.db)
+    if db.current_revision(engine) is None:   # an empty database: create the schema; any other revision must match
+        db.upgrade(engine)
+    db.check_schema(engine)
     if not cfg.force:
         existing = write.find_complete_run(engine, name, run_config)
         if existing is not None:

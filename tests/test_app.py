@@ -10,7 +10,6 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from app.main import create_app
-from app.queries import VOCAB
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, Vocab, unpack_ids
 from conftest import mine_tiny

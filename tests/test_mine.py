@@ -201,6 +201,8 @@ def test_remining_switches_runs_atomically(lm, sae_dir, tmp_path):
 
 def test_bad_input(lm, sae_dir, tmp_path, tiny_model):
     url = f"sqlite:///{tmp_path / 'store.db'}"
+    with pytest.raises(SaescopeError, match="n-intervals must be at least 1"):
+        StatsConfig(n_intervals=0)
     with pytest.raises(SaescopeError, match="cannot reach the database"):
         mine(sae_dir, small("postgresql://nobody@127.0.0.1:1/none"), lm=lm, progress=False)
     # an SAE reading another width than the model's hook
