@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Path, Query, Request
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Path, Query, Request
 
 from . import queries, schemas
-from .deps import session
+from .deps import read
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 SaeName = Path(description="the SAE's name (its URL slug)", max_length=200)
@@ -21,46 +20,44 @@ async def health(request: Request) -> schemas.Health:
 
 
 @router.get("/models", response_model=list[schemas.ModelSummary], summary="Models and their SAEs")
-def models(s: Session = Depends(session)):
-    return queries.list_models(s)
+async def models(request: Request):
+    return await read(request, queries.list_models)
 
 
 @router.get("/saes", response_model=list[schemas.SAESummary], summary="Every SAE with its headline metrics")
-def saes(s: Session = Depends(session)):
-    return [sae for model in queries.list_models(s) for sae in model.saes]
+async def saes(request: Request):
+    return [sae for model in await read(request, queries.list_models) for sae in model.saes]
 
 
 @router.get("/saes/{sae}", response_model=schemas.SAEDetail, summary="One SAE: metrics, training and mining configuration")
-def sae(sae: str = SaeName, s: Session = Depends(session)):
-    return queries.sae_detail(s, sae)
+async def sae(request: Request, sae: str = SaeName):
+    return await read(request, queries.sae_detail, sae)
 
 
 @router.get("/saes/{sae}/features", response_model=schemas.FeaturePage, summary="A page of features, sorted and filtered")
-def features(sae: str = SaeName,
-             offset: int = Query(0, ge=0, le=10**9),
-             limit: int = Query(50, ge=1, le=1000),
-             sort: queries.SortKey = Query("index"),
-             order: Literal["asc", "desc"] = Query("asc"),
-             filter: queries.Filter = Query("all", description="all, alive (fired at least once), dead (never fired), rare (density < 1e-4)"),
-             s: Session = Depends(session)):
-    return queries.feature_page(s, sae, offset, limit, sort, order, filter)
+async def features(request: Request, sae: str = SaeName,
+                   offset: int = Query(0, ge=0, le=10**9),
+                   limit: int = Query(50, ge=1, le=1000),
+                   sort: queries.SortKey = Query("index"),
+                   order: Literal["asc", "desc"] = Query("asc"),
+                   filter: queries.Filter = Query("all", description="all, alive (fired at least once), dead (never fired), rare (density < 1e-4)")):
+    return await read(request, queries.feature_page, sae, offset, limit, sort, order, filter)
 
 
 @router.get("/saes/{sae}/features/{index}", response_model=schemas.FeatureDetail, summary="One feature's statistics, histogram, logit effects and neighbours")
-def feature(sae: str = SaeName, index: int = FeatureIndex, s: Session = Depends(session)):
-    return queries.feature_detail(s, sae, index)
+async def feature(request: Request, sae: str = SaeName, index: int = FeatureIndex):
+    return await read(request, queries.feature_detail, sae, index)
 
 
 @router.get("/saes/{sae}/features/{index}/examples", response_model=schemas.ExamplePage, summary="A feature's top-activating contexts or interval samples")
-def examples(sae: str = SaeName, index: int = FeatureIndex,
-             kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
-             offset: int = Query(0, ge=0, le=10**6),
-             limit: int = Query(20, ge=1, le=500),
-             s: Session = Depends(session)):
-    return queries.examples(s, sae, index, kind, offset, limit)
+async def examples(request: Request, sae: str = SaeName, index: int = FeatureIndex,
+                   kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
+                   offset: int = Query(0, ge=0, le=10**6),
+                   limit: int = Query(20, ge=1, le=500)):
+    return await read(request, queries.examples, sae, index, kind, offset, limit)
 
 
 @router.get("/search", response_model=schemas.SearchResult, summary="Features whose top contexts peak on a token containing q")
-def search(q: str = Query(..., min_length=1, max_length=100), sae: str | None = Query(None, max_length=200),
-           limit: int = Query(50, ge=1, le=500), s: Session = Depends(session)):
-    return queries.search(s, q, sae, limit)
+async def search(request: Request, q: str = Query(..., min_length=1, max_length=100), sae: str | None = Query(None, max_length=200),
+                 limit: int = Query(50, ge=1, le=500)):
+    return await read(request, queries.search, q, sae, limit)

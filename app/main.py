@@ -7,6 +7,8 @@ The app only reads the store. It refuses to start on a database whose schema is 
 from __future__ import annotations
 
 from pathlib import Path
+
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -17,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sae_core.store import db
 
-from . import api, pages, queries
+from . import api, deps, pages, queries
 from .render import templates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,8 @@ def create_app(url: str | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.session_factory = factory
+    app.state.in_process_db = engine.dialect.name == "sqlite"       # see deps.read
+    app.state.db_threads = anyio.CapacityLimiter(deps.DB_THREADS)
     app.state.schema_revision = db.head_revision()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)

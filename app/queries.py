@@ -4,12 +4,13 @@ Session: one transaction, hence one snapshot, so a page never mixes two mining r
 from __future__ import annotations
 
 import threading
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from sqlalchemy import func, select
+import numpy as np
+from sqlalchemy import Integer, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, unpack_acts, unpack_ids
+from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, unpack_ids
 
 from . import schemas
 
@@ -47,6 +48,12 @@ VOCAB = VocabCache()
 
 def token_text(vocab: list[str], token_id: int) -> str:
     return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
+
+
+def token_texts(vocab: list[str], ids: list[int]) -> list[str]:
+    if ids and 0 <= min(ids) and max(ids) < len(vocab):
+        return [vocab[t] for t in ids]          # the common case, without a call per token
+    return [token_text(vocab, t) for t in ids]
 
 
 def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None) -> dict:
@@ -123,56 +130,125 @@ def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, 
     return schemas.FeaturePage(sae=name, total=total, offset=offset, limit=limit, features=feats)
 
 
+_PEAKS = (select(Example.feature_index, Example.token_ids, Example.max_pos)
+          .where(Example.run_id == bindparam("run_id"), Example.kind == "top", Example.rank == 0,
+                 Example.feature_index.in_(bindparam("indices", expanding=True))))
+
+
 def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) -> dict[int, str]:
     """The token each feature's strongest context peaks on."""
     if not indices:
         return {}
-    rows = s.execute(select(Example.feature_index, Example.token_ids, Example.max_pos)
-                     .where(Example.run_id == run_id, Example.kind == "top", Example.rank == 0, Example.feature_index.in_(indices))).all()
+    rows = s.connection().execute(_PEAKS, {"run_id": run_id, "indices": indices}).all()
     return {i: token_text(vocab, unpack_ids(ids)[pos]) for i, ids, pos in rows}
 
 
-def get_feature(s: Session, name: str, index: int) -> tuple[SAE, MiningRun, Feature]:
-    sae, run, _ = get_sae(s, name)
-    if not 0 <= index < sae.n_latents:
-        raise NotFound(f"{name} has features 0..{sae.n_latents - 1}; there is no feature {index}")
-    if run is None:
-        raise NotFound(f"{name} has not been mined yet: run `saescope mine --sae {sae.path}`")
-    feat = s.get(Feature, (run.id, index))
-    if feat is None:
+class FeatureRef(NamedTuple):
+    """What the hot paths need to know about an SAE and its live mining run (one small query)."""
+    sae: str
+    model_id: int
+    n_latents: int
+    sae_path: str
+    run_id: int | None
+    mined_tokens: int | None
+
+
+# The hot paths (feature page, examples) run statements built once with bound parameters, each
+# joining from the SAE's name so that a request costs two or three round trips; building a select()
+# per request cost more than running it on SQLite.
+_REF = (select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens)
+        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).where(SAE.name == bindparam("name")))
+_FEATURE = (select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens, *Feature.__table__.c)
+            .join(MiningRun, SAE.active_run_id == MiningRun.id)
+            .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
+            .where(SAE.name == bindparam("name")))
+_EXAMPLE_WHERE = (SAE.name == bindparam("name"), Example.feature_index == bindparam("index"), Example.kind == bindparam("kind"))
+_EXAMPLES = {kind: select(SAE.model_id, Example.interval, Example.rank, Example.doc_id, Example.doc_offset, Example.token_ids, Example.acts,
+                          Example.max_act, Example.max_pos, func.count().over().label("total"))
+             .join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE).order_by(*order)
+             .offset(bindparam("offset", type_=Integer)).limit(bindparam("limit", type_=Integer))
+             for kind, order in ((schemas.ExampleKind.top, [Example.rank]),
+                                 (schemas.ExampleKind.interval, [Example.interval.desc(), Example.rank]))}
+_EXAMPLE_COUNT = select(func.count()).select_from(Example).join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE)
+
+
+def _rounded_acts(blob: bytes) -> list[float]:
+    """float16 activations as 4-decimal floats (float16 holds ~3 significant digits; JSON stays short)."""
+    return np.frombuffer(blob, dtype="<f2").astype(np.float64).round(4).tolist()
+
+
+def feature_ref(s: Session, name: str, index: int) -> FeatureRef:
+    """The SAE and run behind feature `index` of `name`; NotFound names what is missing."""
+    row = s.connection().execute(_REF, {"name": name}).first()
+    if row is None:
+        raise NotFound(f"no SAE named {name!r}")
+    ref = FeatureRef(*row)
+    if not 0 <= index < ref.n_latents:
+        raise NotFound(f"{name} has features 0..{ref.n_latents - 1}; there is no feature {index}")
+    if ref.run_id is None:
+        raise NotFound(f"{name} has not been mined yet: run `saescope mine --sae {ref.sae_path}`")
+    return ref
+
+
+def get_feature(s: Session, name: str, index: int) -> tuple[FeatureRef, dict]:
+    row = s.connection().execute(_FEATURE, {"name": name, "index": index}).first()
+    if row is None:     # find out what is missing, for the message
+        feature_ref(s, name, index)
         raise NotFound(f"feature {index} of {name} is missing from its mining run")
-    return sae, run, feat
+    ref_len = len(FeatureRef._fields)
+    return FeatureRef(*row[:ref_len]), dict(zip(Feature.__table__.c.keys(), row[ref_len:]))
 
 
-def feature_detail(s: Session, name: str, index: int) -> schemas.FeatureDetail:
-    sae, run, f = get_feature(s, name, index)
-    vocab = VOCAB.get(s, sae.model_id)
+def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
+    vocab = VOCAB.get(s, ref.model_id)
 
     def tv(pairs):
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
-    peaks = _peak_tokens(s, run.id, [index] + [i for i, _ in f.neighbours], vocab)
+    index = f["feature_index"]
+    peaks = _peak_tokens(s, ref.run_id, [index] + [i for i, _ in f["neighbours"]], vocab)
     return schemas.FeatureDetail(
-        sae=name, n_latents=sae.n_latents, index=f.index, density=f.density, max_act=f.max_act, mean_act=f.mean_act,
-        n_fired=f.n_fired, top_token=peaks.get(index), histogram=f.histogram,
-        intervals=f.intervals, logits_top=tv(f.logits["top"]), logits_bottom=tv(f.logits["bottom"]),
-        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f.neighbours], explanation=f.explanation)
+        sae=ref.sae, n_latents=ref.n_latents, index=index, density=f["density"], max_act=f["max_act"], mean_act=f["mean_act"],
+        n_fired=f["n_fired"], top_token=peaks.get(index), histogram=f["histogram"], intervals=f["intervals"],
+        logits_top=tv(f["logits"]["top"]), logits_bottom=tv(f["logits"]["bottom"]),
+        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f["neighbours"]],
+        explanation=f["explanation"])
 
 
 def examples(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> schemas.ExamplePage:
-    sae, run, _ = get_feature(s, name, index)
-    vocab = VOCAB.get(s, sae.model_id)
-    cond = [Example.run_id == run.id, Example.feature_index == index, Example.kind == kind.value]
-    total = s.scalar(select(func.count()).select_from(Example).where(*cond))
-    order = [Example.rank] if kind == schemas.ExampleKind.top else [Example.interval.desc(), Example.rank]
-    rows = s.scalars(select(Example).where(*cond).order_by(*order).offset(offset).limit(limit)).all()
+    """A page of a feature's examples: one statement when the page is not empty; an empty page also
+    checks that the SAE and feature exist (NotFound) and counts the examples before `offset`."""
+    params = {"name": name, "index": index, "kind": kind.value}
+    rows = s.connection().execute(_EXAMPLES[kind], {**params, "offset": offset, "limit": limit}).all()
+    total = rows[0].total if rows else 0          # the window count rides along with the rows
+    if not rows:
+        feature_ref(s, name, index)
+        if offset:
+            total = s.connection().execute(_EXAMPLE_COUNT, params).scalar()
+    vocab = VOCAB.get(s, rows[0].model_id) if rows else []
     out = []
     for e in rows:
         ids = unpack_ids(e.token_ids)
         out.append(schemas.Example(kind=kind, interval=e.interval, rank=e.rank, doc_id=e.doc_id, doc_offset=e.doc_offset,
-                                   tokens=[token_text(vocab, t) for t in ids], token_ids=ids,
-                                   acts=[round(a, 4) for a in unpack_acts(e.acts)], max_act=e.max_act, max_pos=e.max_pos))
+                                   tokens=token_texts(vocab, ids), token_ids=ids,
+                                   acts=_rounded_acts(e.acts), max_act=e.max_act, max_pos=e.max_pos))
     return schemas.ExamplePage(sae=name, index=index, kind=kind, total=total, offset=offset, limit=limit, examples=out)
+
+
+def feature_detail(s: Session, name: str, index: int) -> schemas.FeatureDetail:
+    return _detail(s, *get_feature(s, name, index))
+
+
+class FeatureView(NamedTuple):
+    """Everything the feature page shows on first paint."""
+    feature: schemas.FeatureDetail
+    examples: schemas.ExamplePage
+    mined_tokens: int
+
+
+def feature_view(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> FeatureView:
+    ref, f = get_feature(s, name, index)
+    return FeatureView(_detail(s, ref, f), examples(s, name, index, kind, offset, limit), ref.mined_tokens)
 
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:

@@ -5,9 +5,9 @@
 The store holds a 16,384-latent TopK SAE with full mining results (32 top contexts and 50 interval
 samples per feature, histograms, logit effects, neighbours), mined from the bundled model. The SAE
 is freshly initialised: serving cost depends on the rows, not on training. The server is
-`saescope serve` (one uvicorn process) in a subprocess; the clients are httpx coroutines in this
-process, on the same 2-core machine, so they compete with the server for CPU: the figures are a
-floor. Endpoints, each for --requests requests at --clients concurrency, random feature indices:
+`saescope serve` in a subprocess (its default: one worker process per core; --workers to pick);
+the clients are aiohttp coroutines in this process, on the same machine, so they compete with the
+server for CPU: the figures are a floor. Endpoints, each for --requests requests at --clients concurrency, random feature indices:
   trivial    GET /api/v1/health                         (no database work: the server's ceiling)
   page       GET /saes/{sae}/features/{i}               (the full feature page)
   examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
@@ -89,13 +89,13 @@ async def hammer(base: str, paths: list[str], clients: int) -> tuple[list[float]
     return latencies, wall
 
 
-def serve(url: str, workers: int) -> tuple[subprocess.Popen, str]:
+def serve(url: str, workers: int | None) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-c", "from sae_core.cli import main; main()", "serve", "--db", url, "--port", str(port),
-                             "--workers", str(workers)],
+                             *(["--workers", str(workers)] if workers else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):
@@ -108,19 +108,28 @@ def serve(url: str, workers: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
 
 
+def server_cpu(proc: subprocess.Popen) -> float:
+    """CPU seconds used so far by the server and its worker processes."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--tokens", type=int, default=32768, help="tokens mined into the bench store")
     ap.add_argument("--n-latents", type=int, default=16384)
-    ap.add_argument("--workers", type=int, default=1, help="server processes (saescope serve --workers)")
+    ap.add_argument("--workers", type=int, default=None, help="server processes (default: saescope serve's, one per core)")
     args = ap.parse_args()
     urls = build_stores(args.tokens, args.n_latents)
     rng = random.Random(0)
     print(f"\n{args.clients} concurrent clients, {args.requests} requests per endpoint, random features of {args.n_latents}, "
-          f"{args.workers} server process(es)\n")
-    print("| store | endpoint | p50 ms | p99 ms | req/s |\n|---|---|---|---|---|")
+          f"{args.workers or 'default (one per core)'} server process(es), {os.cpu_count()} cores\n")
+    print("| store | endpoint | p50 ms | p99 ms | req/s | server CPU ms/req |\n|---|---|---|---|---|---|")
     for backend, url in urls.items():
         proc, base = serve(url, args.workers)
         try:
@@ -132,11 +141,13 @@ def main() -> None:
             asyncio.run(hammer(base, endpoints["feature page"][:64], 8))   # warm-up: vocabulary cache, connections
             rates = {}
             for name, paths in endpoints.items():
+                cpu0 = server_cpu(proc)
                 lat, wall = asyncio.run(hammer(base, paths, args.clients))
+                cpu = (server_cpu(proc) - cpu0) / len(lat)
                 q = statistics.quantiles(lat, n=100)
                 rates[name] = len(lat) / wall
-                print(f"| {backend} | {name} | {q[49] * 1000:.1f} | {q[98] * 1000:.1f} | {rates[name]:,.0f} |")
-            print(f"| {backend} | examples / trivial req/s | | | {rates['examples API'] / rates['trivial /api/v1/health']:.2f} |")
+                print(f"| {backend} | {name} | {q[49] * 1000:.1f} | {q[98] * 1000:.1f} | {rates[name]:,.0f} | {cpu * 1000:.2f} |")
+            print(f"| {backend} | examples / trivial req/s | | | {rates['examples API'] / rates['trivial /api/v1/health']:.2f} | |")
         finally:
             proc.terminate()
             proc.wait(timeout=10)

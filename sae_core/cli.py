@@ -170,7 +170,8 @@ def serve(
     db: str = db_option(),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to share on the network)."),
     port: int = typer.Option(8000),
-    workers: int = typer.Option(1, help="Server processes."),
+    workers: int = typer.Option(min(os.cpu_count() or 1, 8), show_default="one per CPU core, at most 8",
+                                help="Server processes (each ~80 MB; they share the store)."),
     upgrade: bool = typer.Option(False, help="Apply the schema migrations first (what the container does at start)."),
     wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
 ) -> None:
@@ -197,7 +198,8 @@ def serve(
     create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     os.environ[store_db.ENV_URL] = store_db.database_url(db)
     console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning")
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning",
+                access_log=False)
 
 
 @app.command()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tqdm import tqdm
@@ -132,4 +132,15 @@ def write_run(engine: Engine, lm, sae_record: dict, corpus: str, run_config: dic
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
         s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))
         s.execute(delete(MiningRun).where(MiningRun.sae_id == sae_id, MiningRun.id != run_id))
+    _analyze(engine)
     return run_id
+
+
+def _analyze(engine: Engine) -> None:
+    """Refresh the planner's statistics after a bulk load. Without them PostgreSQL chose to scan every
+    top example of the run for a feature's peak token (27 ms instead of 0.1 ms per page) until autovacuum
+    came round; SQLite's planner uses them too."""
+    with engine.connect() as conn:
+        for table in (Feature, Example, TokenFeature):
+            conn.execute(text(f"ANALYZE {table.__tablename__}"))
+        conn.commit()
