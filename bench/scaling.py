@@ -1,0 +1,213 @@
+"""Scaling of TopK SAEs on the bundled model: the shapes of Gao et al. 2024, Figures 1-2 (issue 3).
+
+    python bench/scaling.py [--cache-tokens 2000000] [--train-tokens 2000000] [--layer 8]
+
+1. Cache --cache-tokens activations of blocks.{layer} with saescope's own resumable cache
+   (bench/out/scaling/cache; `saescope cache` with the same options fills the same folder).
+2. Held-out set: the --heldout-tokens positions right after the cached windows (never trained on).
+3. Runs, each saved under bench/out/scaling/runs/<name> with result.json; a re-run skips finished ones:
+   - TopK grid: n in {1024, 2048, 4096, 8192, 16384} x k in {8, 16, 32, 64};
+   - ReLU + L1 at n = --relu-n for a sweep of L1 coefficients (the paper's baseline);
+   - n = 16384, k = 32 without AuxK and tied init, beside the grid's run with both (dead latents).
+4. Held-out FVU and L0 per run; FVU = c * n^-alpha fitted per k (least squares in log-log); writes
+   bench/out/scaling/{fvu_vs_n,fvu_vs_l0,dead_latents}.png and results.md (also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = ROOT / "bench" / "out" / "scaling"
+NS = (1024, 2048, 4096, 8192, 16384)
+KS = (8, 16, 32, 64)
+
+
+def held_out(cache_dir: Path, tokens: int, out: Path) -> torch.Tensor:
+    """Activations of the windows that follow the cached ones, in the cache's corpus order."""
+    from safetensors.torch import load_file, save_file
+
+    from sae_core import corpus as corpus_mod
+    from sae_core.cache import ActivationCache
+    from sae_core.model import load_model, parse_hook
+
+    if out.exists():
+        return load_file(out)["x"]
+    cache = ActivationCache(cache_dir)
+    cfg = cache.config
+    lm = load_model(cfg["model"], "auto", "auto")
+    layer, skip, context = parse_hook(cfg["hook"]), cfg["skip_positions"], cfg["context_size"]
+    windows = corpus_mod.iter_windows(corpus_mod.open_corpus(cfg["corpus"]), lm.tokenizer, context, cfg["seed"],
+                                      skip_windows=cache.manifest["n_windows"])
+    rows, need = [], -(-tokens // (context - skip))
+    with torch.inference_mode():
+        while need > 0:
+            batch = [w.tokens for _, w in zip(range(min(32, need)), windows)]
+            if not batch:
+                break
+            ids = torch.from_numpy(np.concatenate(batch)).long().to(lm.device)
+            rows.append(lm.residuals(ids, layer)[:, skip:].float().reshape(-1, lm.d_model).cpu())
+            need -= len(batch)
+    x = torch.cat(rows)[:tokens].contiguous()
+    save_file({"x": x}, out)
+    return x
+
+
+@torch.no_grad()
+def measure(sae_dir: Path, x: torch.Tensor) -> dict:
+    """Held-out FVU (sae_core.sae.topk.fvu's definition, summed over chunks), L0, and the share of
+    latents that never fire on the held-out set."""
+    from sae_core.interchange import load_sae
+
+    sae, _ = load_sae(sae_dir)
+    err = tot = 0.0
+    active, fired = 0, torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
+    mean = x.mean(0)
+    for chunk in x.split(4096):
+        z = sae.encode(chunk)
+        x_hat = sae(chunk)
+        err += float((chunk - x_hat).pow(2).sum())
+        tot += float((chunk - mean).pow(2).sum())
+        active += int((z > 0).sum())
+        fired |= (z > 0).any(0)
+    return {"fvu": err / tot, "l0": active / len(x), "heldout_never_fired": float((~fired).float().mean())}
+
+
+def run(name: str, cfg, cache_dir: Path, x: torch.Tensor) -> dict:
+    from sae_core.train import train
+
+    out = OUT / "runs" / name
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    result = train(cfg, cache_dir, out, resume=(out / "checkpoint.pt").exists(), progress=False)
+    row = {"name": name, "architecture": cfg.architecture, "n": cfg.n_latents, "k": cfg.k if cfg.architecture == "topk" else None,
+           "l1": cfg.l1_coef if cfg.architecture == "relu" else None, "auxk": cfg.aux_coef > 0, "tied_init": cfg.tied_init,
+           "train_tokens": result.tokens, "dead_fraction": result.final.get("dead_fraction"), "train_fvu": result.final.get("fvu"),
+           "seconds": round(time.perf_counter() - t0, 1), **measure(out, x)}
+    done.write_text(json.dumps(row, indent=2))
+    return row
+
+
+def power_law(ns, fvus) -> tuple[float, float]:
+    """FVU = c * n^-alpha by least squares on log FVU; returns (alpha, c)."""
+    slope, intercept = np.polyfit(np.log(ns), np.log(fvus), 1)
+    return -slope, float(np.exp(intercept))
+
+
+def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths, fits = {}, {}
+    grid = [r for r in rows if r["architecture"] == "topk" and r["auxk"] and r["tied_init"]]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for k in KS:
+        pts = sorted((r["n"], r["fvu"]) for r in grid if r["k"] == k)
+        if len(pts) < 2:
+            continue
+        ns, fv = zip(*pts)
+        alpha, c = power_law(ns, fv)
+        fits[k] = (alpha, c)
+        line, = ax.plot(ns, fv, "o", label=f"k={k}: FVU ~ n^-{alpha:.3f}")
+        grid_n = np.geomspace(min(ns), max(ns), 50)
+        ax.plot(grid_n, c * grid_n ** -alpha, "-", color=line.get_color(), alpha=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="held-out FVU", title="TopK: FVU vs n (power-law fits)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["fvu_vs_n"] = str(OUT / "fvu_vs_n.png")
+    fig.savefig(paths["fvu_vs_n"], dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    topk = sorted((r["l0"], r["fvu"]) for r in grid if r["n"] == relu_n)
+    relu = sorted((r["l0"], r["fvu"], r["l1"]) for r in rows if r["architecture"] == "relu")
+    if topk:
+        ax.plot(*zip(*topk), "o-", label=f"TopK, n={relu_n}")
+    if relu:
+        ax.plot([r[0] for r in relu], [r[1] for r in relu], "s--", label=f"ReLU + L1, n={relu_n}")
+        for l0, fv, l1 in relu:
+            ax.annotate(f"l1={l1:g}", (l0, fv), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU", title="FVU vs L0: TopK against ReLU + L1")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["fvu_vs_l0"] = str(OUT / "fvu_vs_l0.png")
+    fig.savefig(paths["fvu_vs_l0"], dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ablation = sorted((r for r in rows if r["architecture"] == "topk" and r["n"] == max(NS) and r["k"] == 32),
+                      key=lambda r: (r["auxk"], r["tied_init"]))
+    labels = [("AuxK + tied init" if r["auxk"] and r["tied_init"] else "neither" if not r["auxk"] and not r["tied_init"]
+               else f"AuxK {'on' if r['auxk'] else 'off'}, tied {'on' if r['tied_init'] else 'off'}") for r in ablation]
+    ax.bar(labels, [100 * r["dead_fraction"] for r in ablation])
+    ax.set(ylabel="dead latents at the end of training (%)", title=f"Dead latents, n={max(NS)}, k=32")
+    fig.tight_layout()
+    paths["dead_latents"] = str(OUT / "dead_latents.png")
+    fig.savefig(paths["dead_latents"], dpi=120)
+    plt.close("all")
+    return paths, fits
+
+
+def main() -> None:
+    global OUT, NS, KS      # --out, --ns and --ks replace the defaults for every helper here
+    from sae_core.cache import CacheConfig, build_cache
+    from sae_core.train import TrainConfig
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache-tokens", type=int, default=2_000_000)
+    ap.add_argument("--train-tokens", type=int, default=None, help="tokens per run (default: one pass over the cache)")
+    ap.add_argument("--heldout-tokens", type=int, default=65_536)
+    ap.add_argument("--layer", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=1024, help="tokens per step (more steps for a small budget)")
+    ap.add_argument("--relu-n", type=int, default=4096)
+    ap.add_argument("--ns", type=int, nargs="+", default=list(NS), help="latent counts of the TopK grid")
+    ap.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k values of the TopK grid")
+    ap.add_argument("--out", type=Path, default=OUT, help="cache, runs, plots and results.md go here")
+    ap.add_argument("--l1", type=float, nargs="+", default=[3e-2, 1e-1, 3e-1, 1.0], help="ReLU sweep's L1 coefficients")
+    args = ap.parse_args()
+    OUT, NS, KS = args.out, tuple(args.ns), tuple(args.ks)
+
+    cache_dir = OUT / "cache"
+    build_cache(CacheConfig(hook=f"blocks.{args.layer}.hook_resid_post", tokens=args.cache_tokens), cache_dir)
+    x = held_out(cache_dir, args.heldout_tokens, OUT / f"heldout-{args.heldout_tokens}.safetensors")
+    common = dict(tokens=args.train_tokens, batch_size=args.batch_size, checkpoint_every=100)
+
+    plan = [(f"topk-n{n}-k{k}", TrainConfig(n_latents=n, k=k, **common)) for n in NS for k in KS]
+    plan += [(f"relu-n{args.relu_n}-l1-{l1:g}", TrainConfig(architecture="relu", n_latents=args.relu_n, l1_coef=l1, **common))
+             for l1 in args.l1]
+    plan += [(f"topk-n{max(NS)}-k32-no-auxk-no-tied", TrainConfig(n_latents=max(NS), k=32, aux_coef=0.0, tied_init=False, **common))]
+    rows = []
+    for i, (name, cfg) in enumerate(plan, 1):
+        row = run(name, cfg, cache_dir, x)
+        rows.append(row)
+        print(f"[{i}/{len(plan)}] {name}: FVU {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead {100 * (row['dead_fraction'] or 0):.1f}%  "
+              f"({row['seconds']:.0f} s)", flush=True)
+
+    paths, fits = plots(rows, args.relu_n)
+    lines = [f"Cache: {args.cache_tokens:,} tokens of blocks.{args.layer}; held-out: {len(x):,} positions after them; "
+             f"{rows[0]['train_tokens']:,} training tokens per run, batch {args.batch_size}.", "",
+             "| run | n | k / L1 | held-out FVU | held-out L0 | dead at end | never fired (held-out) | train s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kl = f"k={r['k']}" if r["k"] else f"l1={r['l1']:g}"
+        tag = "" if r["auxk"] and r["tied_init"] else " (no AuxK, no tied init)"
+        lines.append(f"| {r['architecture']}{tag} | {r['n']} | {kl} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+                     f"{100 * (r['dead_fraction'] or 0):.1f}% | {100 * r['heldout_never_fired']:.1f}% | {r['seconds']:.0f} |")
+    lines += ["", "Power-law fits FVU = c * n^-alpha over n in " + ", ".join(map(str, NS)) + ":", "",
+              "| k | alpha | c |", "|---|---|---|"] + [f"| {k} | {a:.3f} | {c:.3g} |" for k, (a, c) in fits.items()]
+    lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in paths.values())]
+    (OUT / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
