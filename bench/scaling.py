@@ -110,6 +110,15 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     paths, fits = {}, {}
+
+    def save(fig, ax, name: str, **labels) -> None:
+        ax.set(**labels)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths[name] = str(OUT / f"{name}.png")
+        fig.savefig(paths[name], dpi=120)
+
     grid = [r for r in rows if r["architecture"] == "topk" and r["auxk"] and r["tied_init"]]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for k in KS:
@@ -122,11 +131,7 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
         line, = ax.plot(ns, fv, "o", label=f"k={k}: FVU ~ n^-{alpha:.3f}")
         grid_n = np.geomspace(min(ns), max(ns), 50)
         ax.plot(grid_n, c * grid_n ** -alpha, "-", color=line.get_color(), alpha=0.6)
-    ax.set(xscale="log", yscale="log", xlabel="latents n", ylabel="held-out FVU", title="TopK: FVU vs n (power-law fits)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["fvu_vs_n"] = str(OUT / "fvu_vs_n.png")
-    fig.savefig(paths["fvu_vs_n"], dpi=120)
+    save(fig, ax, "fvu_vs_n", xscale="log", yscale="log", xlabel="latents n", ylabel="held-out FVU", title="TopK: FVU vs n (power-law fits)")
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     topk = sorted((r["l0"], r["fvu"]) for r in grid if r["n"] == relu_n)
@@ -137,11 +142,8 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
         ax.plot([r[0] for r in relu], [r[1] for r in relu], "s--", label=f"ReLU + L1, n={relu_n}")
         for l0, fv, l1 in relu:
             ax.annotate(f"l1={l1:g}", (l0, fv), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set(xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU", title="FVU vs L0: TopK against ReLU + L1")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["fvu_vs_l0"] = str(OUT / "fvu_vs_l0.png")
-    fig.savefig(paths["fvu_vs_l0"], dpi=120)
+    save(fig, ax, "fvu_vs_l0", xscale="log", yscale="log", xlabel="held-out L0", ylabel="held-out FVU",
+         title="FVU vs L0: TopK against ReLU + L1")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ablation = sorted((r for r in rows if r["architecture"] == "topk" and r["n"] == max(NS) and r["k"] == 32),
@@ -149,10 +151,7 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
     labels = [("AuxK + tied init" if r["auxk"] and r["tied_init"] else "neither" if not r["auxk"] and not r["tied_init"]
                else f"AuxK {'on' if r['auxk'] else 'off'}, tied {'on' if r['tied_init'] else 'off'}") for r in ablation]
     ax.bar(labels, [100 * r["dead_fraction"] for r in ablation])
-    ax.set(ylabel="dead latents at the end of training (%)", title=f"Dead latents, n={max(NS)}, k=32")
-    fig.tight_layout()
-    paths["dead_latents"] = str(OUT / "dead_latents.png")
-    fig.savefig(paths["dead_latents"], dpi=120)
+    save(fig, ax, "dead_latents", ylabel="dead latents at the end of training (%)", title=f"Dead latents, n={max(NS)}, k=32")
     plt.close("all")
     return paths, fits
 
