@@ -274,9 +274,18 @@ class ActivationCache:
         with safe_open(str(self.shards[i]), "pt") as f:
             return f.get_tensor(name)
 
-    def batches(self, batch_size: int, seed: int = 0, buffer_shards: int = 8, dtype=torch.float32,
+    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, buffer_shards: int = 8, dtype=torch.float32,
                 drop_last: bool = True) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled batches: shards in random order, rows mixed across `buffer_shards` shards."""
+        """One epoch of shuffled batches: shards in random order, rows mixed across `buffer_shards` shards;
+        the first `skip` are drawn but not yielded (resuming inside an epoch)."""
+        for i, batch in enumerate(self._batches(batch_size, seed, buffer_shards, dtype, drop_last)):
+            if i >= skip:
+                yield batch
+
+    def batches_per_pass(self, batch_size: int) -> int:
+        return self.n_rows // batch_size
+
+    def _batches(self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool) -> Iterator[torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist()
         carry = torch.empty(0, self.d_model, dtype=dtype)

@@ -56,7 +56,8 @@ def cache(
 
 @app.command()
 def train(
-    activations: Path = typer.Option(..., "--activations", help="Activation cache folder written by `saescope cache`."),
+    activations: Path = typer.Option(None, "--activations", help="Activation cache folder written by `saescope cache`; "
+                                     "without it, activations stream from the model (--model, --hook, --corpus, --tokens)."),
     out: Path = typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE."),
     n_latents: int = typer.Option(16384, help="Dictionary size."),
     k: int = typer.Option(32, help="Active latents per token (TopK)."),
@@ -68,7 +69,11 @@ def train(
     tied_init: bool = typer.Option(True, help="Initialise W_enc as W_dec transposed."),
     lr: float = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14))."),
     batch_size: int = typer.Option(4096, help="Tokens per step."),
-    tokens: int = typer.Option(None, help="Training tokens (default: one pass over the cache; more repeats it)."),
+    tokens: int = typer.Option(None, help="Training tokens (default: one pass over the cache; more repeats it). "
+                               "Required when streaming: the model runs over this many corpus tokens once."),
+    model: str = typer.Option("smollm2-135m", help="Streaming only: the model (as for `saescope cache`)."),
+    hook: str = typer.Option("blocks.8.hook_resid_post", help="Streaming only: hook point."),
+    corpus: str = typer.Option("demo", help="Streaming only: corpus spec (as for `saescope cache`)."),
     dead_tokens: int = typer.Option(None, help="Tokens without firing before a latent counts as dead (default min(10M, tokens/10))."),
     ema: float = typer.Option(None, help="Weight EMA decay, e.g. 0.999; the saved weights are the EMA."),
     bf16: bool = typer.Option(False, help="bf16 autocast for the encoder matmul (config A step: 8.4k vs 6.4k tok/s here, bench/RESULTS.md)."),
@@ -77,14 +82,23 @@ def train(
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
-    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations."""
+    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model."""
+    from .cache import CacheConfig
+    from .stream import ModelStream
     from .train import TrainConfig, train as run_train
+
+    source = activations
+    if activations is None:
+        if tokens is None:
+            raise SaescopeError("give --activations DIR (a cache), or --tokens N to stream N tokens from the model")
+        source = ModelStream(CacheConfig(model=model, hook=hook, corpus=corpus, tokens=tokens))
+        tokens = None        # one pass over the stream
 
     cfg = TrainConfig(architecture=architecture, n_latents=n_latents, k=k, k_aux=k_aux, aux_coef=aux_coef,
                       multi_topk=multi_topk, l1_coef=l1_coef, tied_init=tied_init, lr=lr, batch_size=batch_size,
                       tokens=tokens, dead_tokens=dead_tokens, ema=ema, bf16=bf16, seed=seed,
                       checkpoint_every=checkpoint_every, device=device)
-    result = run_train(cfg, activations, out, resume=resume)
+    result = run_train(cfg, source, out, resume=resume)
     f = result.final
     console.print(f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
                   f"FVU {f.get('fvu', float('nan')):.4f}, L0 {f.get('l0', float('nan')):.1f}, "

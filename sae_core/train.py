@@ -1,4 +1,4 @@
-"""Train an SAE on an activation cache: `saescope train`.
+"""Train an SAE on an activation cache, or on activations streamed from the model: `saescope train`.
 
 One step: scale the batch to unit mean squared norm, compute loss and gradients (the SAE's own
 `loss_and_grads`), drop the decoder gradients' parallel components, Adam, renormalise the decoder,
@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .cache import ActivationCache
+from .stream import ModelStream
 from .errors import SaescopeError
 from .model import resolve_device
 from .sae import ARCHITECTURES
@@ -108,14 +109,15 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train on the cache in `activations`, writing checkpoints and the final SAE folder to `out`."""
+def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train on the cache folder `activations` (or a ModelStream), writing checkpoints and the final
+    SAE folder to `out`."""
     from .interchange import save_sae
 
-    cache = ActivationCache(activations)
+    cache = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
     if cfg.batch_size <= 0 or cfg.batch_size > cache.n_rows:
         raise SaescopeError(f"--batch-size must be between 1 and the cache's {cache.n_rows} rows")
-    total_tokens = cfg.tokens or cache.n_rows
+    total_tokens = cfg.tokens or cache.batches_per_pass(cfg.batch_size) * cfg.batch_size   # default: one pass
     total_steps = max(1, total_tokens // cfg.batch_size)
     dead_tokens = cfg.dead_tokens or min(10_000_000, max(total_tokens // 10, cfg.batch_size))
     out = Path(out)
@@ -129,7 +131,7 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
     step, start_step = 0, 0
     tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long)
     ema_state = None
-    meta = {"activations": str(activations), "cache": cache.config, "cache_windows": cache.manifest["n_windows"], "d_in": cache.d_model}
+    meta = {"activations": "streamed from the model" if cache is activations else str(activations), "cache": cache.config, "cache_windows": cache.manifest["n_windows"], "d_in": cache.d_model}
 
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, weights_only=False)
@@ -177,13 +179,14 @@ def train(cfg: TrainConfig, activations: Path, out: Path, resume: bool = False, 
     stats: dict = {}
     log: list[dict] = []
     t0, trained = time.perf_counter(), 0
-    steps_per_epoch = cache.n_rows // cfg.batch_size
+    steps_per_epoch = cache.batches_per_pass(cfg.batch_size)
+    if steps_per_epoch == 0:
+        raise SaescopeError(f"--batch-size {cfg.batch_size} leaves no whole batch in one pass over the activations")
     with open(out / LOG, "a") as log_fh:
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
-            for batch_no, x in enumerate(cache.batches(cfg.batch_size, seed=cfg.seed + epoch)):
-                if batch_no < skip:
-                    continue  # resuming inside an epoch: the order is seeded, so skip what was done
+            # resuming inside an epoch: the order is seeded, so the source skips what was done
+            for batch_no, x in enumerate(cache.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip), start=skip):
                 if step >= total_steps:
                     break
                 if not torch.isfinite(x).all():

@@ -1,0 +1,88 @@
+"""Activations streamed from the model instead of read from a cache: what `saescope train` trains on
+when no --activations folder is given.
+
+`ModelStream` offers the trainer the same small interface as `cache.ActivationCache` (d_model,
+n_rows, config, manifest, sample, batches), so the training loop does not know the difference.
+Windows come in the cache's order (same corpus, seed and context), so `saescope eval` finds its
+held-out windows after the streamed ones exactly as after a cache's. Rows are shuffled within groups
+of windows holding at least `GROUP_BATCHES` batches (a group's leftover rows are dropped, at most one
+batch in `GROUP_BATCHES`), so resuming at batch b re-runs the model on one group only, and the
+batches after a resume are the same, bit for bit, as those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import corpus as corpus_mod
+from .cache import CacheConfig
+from .errors import SaescopeError
+from .model import LanguageModel, load_model, parse_hook
+
+
+class ModelStream:
+    GROUP_BATCHES = 16
+
+    def __init__(self, cfg: CacheConfig, lm: LanguageModel | None = None):
+        if cfg.tokens <= 0:
+            raise SaescopeError("--tokens must be positive when training streams from the model")
+        if not 0 <= cfg.skip_positions < cfg.context_size:
+            raise SaescopeError("--skip-positions must be smaller than --context-size")
+        self.cfg = cfg
+        self.layer = parse_hook(cfg.hook)
+        self.lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
+        self.lm.check_layer(self.layer)
+        self.corpus = corpus_mod.open_corpus(cfg.corpus)
+        self.d_model = self.lm.d_model
+        self.rows_per_window = cfg.context_size - cfg.skip_positions
+        self.n_windows = cfg.n_windows
+        self.n_rows = self.n_windows * self.rows_per_window
+        self.config = {**cfg.identity(), "streamed": True}          # what eval and mine read: model, hook, corpus...
+        self.manifest = {"n_windows": self.n_windows}
+
+    def _activations(self, start: int, count: int) -> torch.Tensor:
+        """Rows of windows start .. start + count - 1, [rows, d_model] float32 on the CPU."""
+        windows = corpus_mod.iter_windows(self.corpus, self.lm.tokenizer, self.cfg.context_size, self.cfg.seed, skip_windows=start)
+        out, left = [], count
+        with torch.inference_mode():
+            while left > 0:
+                batch = [w.tokens for _, w in zip(range(min(self.cfg.batch_size, left)), windows)]
+                if not batch:
+                    raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {start + count - left} windows; "
+                                        f"ask for fewer --tokens than {self.cfg.tokens:,}")
+                ids = torch.from_numpy(np.concatenate(batch)).long().to(self.lm.device)
+                acts = self.lm.residuals(ids, self.layer)[:, self.cfg.skip_positions:]
+                out.append(acts.float().reshape(-1, self.d_model).cpu())
+                left -= len(batch)
+        return torch.cat(out)
+
+    def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+        """About `n` rows from the first windows (for the input scale and the b_pre init)."""
+        return self._activations(0, min(self.n_windows, math.ceil(n / self.rows_per_window)))[:n].to(dtype)
+
+    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32) -> Iterator[torch.Tensor]:
+        """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
+        group = math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
+        gen = torch.Generator().manual_seed(seed)
+        emitted = 0
+        for start in range(0, self.n_windows, group):
+            count = min(group, self.n_windows - start)
+            n_batches = count * self.rows_per_window // batch_size
+            perm = torch.randperm(count * self.rows_per_window, generator=gen)   # drawn even when skipped: same stream
+            if emitted + n_batches <= skip:
+                emitted += n_batches
+                continue
+            rows = self._activations(start, count)
+            for b in range(n_batches):
+                if emitted >= skip:
+                    yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(dtype)
+                emitted += 1
+
+    def batches_per_pass(self, batch_size: int) -> int:
+        group = math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
+        full, last = divmod(self.n_windows, group)
+        return full * (group * self.rows_per_window // batch_size) + last * self.rows_per_window // batch_size
