@@ -9,10 +9,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader
 from markupsafe import Markup, escape
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-templates = Jinja2Templates(directory=TEMPLATES)
+# auto_reload off: templates ship with the code, and checking their mtimes cost a stat per template per page
+templates = Jinja2Templates(env=Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, auto_reload=False))
 
 # whitespace drawn as a visible glyph (the real character stays in the tooltip's repr)
 VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍", "\u00a0": "⍽"}
