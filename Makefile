@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/mine_throughput.py
 	$(BIN)/python bench/serve_latency.py
+	$(BIN)/python bench/scaling.py          # ~1.5 h on 2 cores: caches 2M tokens, trains 25 SAEs
 
 # docs/cli.md is generated from the CLI itself; tests/test_docs.py fails when it is stale.
 docs: venv
