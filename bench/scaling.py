@@ -128,7 +128,7 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
         ns, fv = zip(*pts)
         alpha, c = power_law(ns, fv)
         fits[k] = (alpha, c)
-        line, = ax.plot(ns, fv, "o", label=f"k={k}: FVU ~ n^-{alpha:.3f}")
+        line, = ax.plot(ns, fv, "o", label=f"k={k}: FVU ~ n^{-alpha:.3f}")
         grid_n = np.geomspace(min(ns), max(ns), 50)
         ax.plot(grid_n, c * grid_n ** -alpha, "-", color=line.get_color(), alpha=0.6)
     save(fig, ax, "fvu_vs_n", xscale="log", yscale="log", xlabel="latents n", ylabel="held-out FVU", title="TopK: FVU vs n (power-law fits)")
