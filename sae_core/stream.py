@@ -44,15 +44,18 @@ class ModelStream:
         self.config = {**cfg.identity(), "streamed": True}          # what eval and mine read: model, hook, corpus...
         self.manifest = {"n_windows": self.n_windows}
 
-    def _activations(self, start: int, count: int) -> torch.Tensor:
-        """Rows of windows start .. start + count - 1, [rows, d_model] float32 on the CPU."""
-        windows = corpus_mod.iter_windows(self.corpus, self.lm.tokenizer, self.cfg.context_size, self.cfg.seed, skip_windows=start)
+    def _windows(self, start: int):
+        return corpus_mod.iter_windows(self.corpus, self.lm.tokenizer, self.cfg.context_size, self.cfg.seed, skip_windows=start)
+
+    def _activations(self, windows, first: int, count: int) -> torch.Tensor:
+        """Rows of windows first .. first + count - 1, the next ones of the iterator `windows`, [rows, d_model]
+        float32 on the CPU."""
         out, left = [], count
         with torch.inference_mode():
             while left > 0:
                 batch = [w.tokens for _, w in zip(range(min(self.cfg.batch_size, left)), windows)]
                 if not batch:
-                    raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {start + count - left} windows; "
+                    raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {first + count - left} windows; "
                                         f"ask for fewer --tokens than {self.cfg.tokens:,}")
                 ids = torch.from_numpy(np.concatenate(batch)).long().to(self.lm.device)
                 acts = self.lm.residuals(ids, self.layer)[:, self.cfg.skip_positions:]
@@ -62,13 +65,17 @@ class ModelStream:
 
     def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
         """About `n` rows from the first windows (for the input scale and the b_pre init)."""
-        return self._activations(0, min(self.n_windows, math.ceil(n / self.rows_per_window)))[:n].to(dtype)
+        return self._activations(self._windows(0), 0, min(self.n_windows, math.ceil(n / self.rows_per_window)))[:n].to(dtype)
+
+    def _group(self, batch_size: int) -> int:
+        """Windows per shuffle group: enough rows for GROUP_BATCHES batches."""
+        return math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
 
     def batches(self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32) -> Iterator[torch.Tensor]:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
-        group = math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
+        group = self._group(batch_size)
         gen = torch.Generator().manual_seed(seed)
-        emitted = 0
+        emitted, windows = 0, None
         for start in range(0, self.n_windows, group):
             count = min(group, self.n_windows - start)
             n_batches = count * self.rows_per_window // batch_size
@@ -76,13 +83,13 @@ class ModelStream:
             if emitted + n_batches <= skip:
                 emitted += n_batches
                 continue
-            rows = self._activations(start, count)
+            windows = windows or self._windows(start)   # one tokenising pass from here on, not one per group
+            rows = self._activations(windows, start, count)
             for b in range(n_batches):
                 if emitted >= skip:
                     yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(dtype)
                 emitted += 1
 
     def batches_per_pass(self, batch_size: int) -> int:
-        group = math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
-        full, last = divmod(self.n_windows, group)
-        return full * (group * self.rows_per_window // batch_size) + last * self.rows_per_window // batch_size
+        full, last = divmod(self.n_windows, self._group(batch_size))
+        return full * (self._group(batch_size) * self.rows_per_window // batch_size) + last * self.rows_per_window // batch_size

@@ -26,7 +26,7 @@ def test_stream_yields_the_cache_rows(tiny_lm, tiny_model, tiny_corpus, tmp_path
     cache, stream = ActivationCache(tmp_path / "cache"), ModelStream(cfg, lm=tiny_lm)
     assert stream.n_rows == cache.n_rows and stream.config["hook"] == cache.hook
     cached = torch.cat([cache.load_shard(i) for i in range(len(cache.shards))])
-    torch.testing.assert_close(stream._activations(0, 48), cached)          # same windows, same order
+    torch.testing.assert_close(stream._activations(stream._windows(0), 0, 48), cached)          # same windows, same order
     batches = list(stream.batches(64, seed=3))
     assert len(batches) == stream.batches_per_pass(64) > 0
     seen = torch.cat(batches)
