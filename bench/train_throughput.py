@@ -7,7 +7,8 @@ Cells (DESIGN §7): config A (d 576, 16384 latents, k 32, batch 4096) and B (d 7
 fp32 and bf16 autocast, "AuxK on" = 10% of latents forced dead so every AuxK path runs. Data:
 32-sparse mixes of a random dictionary plus noise (bench/peers/common.py). Each (trainer, cell)
 runs in a fresh process: median tokens/s of --steps steps after 2 warm-up steps, and peak RSS.
-Roofline: the encoder's dense [batch, d] @ [d, n] matmul alone, same dtype, in this process.
+Roofline: the encoder's dense [batch, d] @ [d, n] matmul alone, same dtype, in this process (for
+bf16 on a CPU without bf16 units: the fp32 matmul, which is how saescope computes bf16 there).
 Drivers: bench/peers/{saescope,sparsify,saelens,dictlearn}_step.py. Peer venvs live in
 bench/out/venv-<peer>; --install creates the missing ones (DESIGN §7's install notes).
 """
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "bench" / "peers"
 sys.path.insert(0, str(PEERS_DIR))
 from common import CONFIGS  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from sae_core.hardware import native_bf16  # noqa: E402
 
 CELLS = [("A", "fp32", "on"), ("A", "fp32", "off"), ("A", "bf16", "on"), ("B", "fp32", "on"), ("B", "bf16", "on")]
 TORCH = "torch==2.13.0"
@@ -70,7 +74,7 @@ def best(a: dict, b: dict) -> dict:
 
 def roofline(d: int, n: int, batch: int, bf16: bool, reps: int = 5) -> float:
     a, b = torch.randn(batch, d), torch.randn(d, n)
-    if bf16:
+    if bf16 and native_bf16("cpu"):    # without bf16 units the fastest bf16-exact GEMM is the fp32 one (sae/topk.py)
         a, b = a.bfloat16(), b.bfloat16()
     a @ b
     times = []
@@ -85,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--configs", nargs="+", default=["A", "B"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="bf16 autocast is emulated (slow) on CPUs without AVX512-BF16/AMX")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], help="PyTorch emulates bf16 GEMMs (slowly) on CPUs without AVX512-BF16/AMX")
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--install", action="store_true", help="create missing peer venvs first")
     ap.add_argument("--repeats", type=int, default=1, help="run every trainer this many times per cell, interleaved; keep the best")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
+from ..hardware import native_bf16
 from .base import DictionarySAE
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
@@ -47,6 +48,13 @@ class TopKConfig:
             raise SaescopeError(f"k must be between 1 and n_latents - 1 (got k={self.k}, n_latents={self.n_latents})")
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise SaescopeError(f"--multi-topk needs 4k <= n_latents (k={self.k}, n_latents={self.n_latents})")
+
+
+def _operand(t: torch.Tensor, kind) -> torch.Tensor:
+    """An encoder GEMM operand: as is (None), in bf16 (torch.bfloat16), or rounded to bf16 but held in fp32 ("rounded")."""
+    if kind is None:
+        return t
+    return t.bfloat16() if kind is torch.bfloat16 else t.bfloat16().float()
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -99,12 +107,16 @@ class TopKSAE(DictionarySAE):
         n_dead = len(dead_idx)
         # Encode in row blocks: each [rows, n] block of pre-activations is selected from while it is
         # still in cache, and the whole [B, n] matrix is never materialised. AuxK keeps only the dead columns.
-        W_T = self.W_enc.T if not autocast_bf16 else self.W_enc.bfloat16().T
-        bias = self.b_enc if not autocast_bf16 else self.b_enc.bfloat16()
+        # bf16: operands rounded to bf16, products accumulated in fp32, the result rounded to bf16 (what a
+        # bf16 GEMM computes). Without bf16 hardware the same numbers come from an fp32 GEMM over the
+        # rounded operands, ~3x faster than PyTorch's emulated bf16 GEMM.
+        operand = None if not autocast_bf16 else torch.bfloat16 if native_bf16(x.device.type) else "rounded"
+        W_T, bias = _operand(self.W_enc, operand).T, _operand(self.b_enc, operand)
         vals_all, idx_all, pre_dead = [], [], []
         for s in range(0, B, self.ENCODE_BLOCK):
-            rows = xc[s:s + self.ENCODE_BLOCK]
-            block = torch.addmm(bias, rows if not autocast_bf16 else rows.bfloat16(), W_T).float()
+            block = torch.addmm(bias, _operand(xc[s:s + self.ENCODE_BLOCK], operand), W_T)
+            if operand is not None:
+                block = block.bfloat16().float()
             v, i = block.topk(k_main, dim=1, sorted=True)
             vals_all.append(v)
             idx_all.append(i)
