@@ -28,5 +28,16 @@ async def read(request: Request, work: Callable[..., T], *args) -> T:
             return work(s, *args)
 
     if state.in_process_db:
-        return run()
+        return _run_sqlite(state, work, args)
     return await anyio.to_thread.run_sync(run, limiter=state.db_threads)
+
+
+def _run_sqlite(state, work: Callable[..., T], args) -> T:
+    """One transaction on this thread's long-lived connection. Requests on the event loop run one at a
+    time, so one connection per thread serves them all; checking a connection out of the pool and back
+    per request cost more than the SQLite reads themselves."""
+    conn = getattr(state.sqlite_reader, "conn", None)
+    if conn is None or conn.closed or conn.invalidated:
+        conn = state.sqlite_reader.conn = state.engine.connect()
+    with conn.begin(), state.session_factory(bind=conn) as s:
+        return work(s, *args)

@@ -6,6 +6,7 @@ The app only reads the store. It refuses to start on a database whose schema is 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import anyio
@@ -34,6 +35,7 @@ def create_app(url: str | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = factory
     app.state.in_process_db = engine.dialect.name == "sqlite"       # see deps.read
+    app.state.sqlite_reader = threading.local()                      # see deps._run_sqlite
     app.state.db_threads = anyio.CapacityLimiter(deps.DB_THREADS)
     app.state.schema_revision = db.head_revision()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

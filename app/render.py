@@ -66,16 +66,18 @@ def _token_repr(text: str) -> str:
     return str(escape(repr(text)))
 
 
-def context_html(ex, max_value: float) -> Markup:
-    """One context (a schemas.Example): each token escaped with visible whitespace, highlighted by its
-    activation, the peak outlined; the tooltip gives the value, token id and the token's repr.
-    Python rather than a Jinja macro: a page draws 320-1,600 tokens, and the macro was half its cost."""
-    doc = escape(ex.doc_id)
-    short = escape(ex.doc_id if len(ex.doc_id) <= 23 else ex.doc_id[:17] + "…")
-    parts = [f'<div class="context" data-doc="{doc}"><span class="meta" title="document {doc}, token {ex.doc_offset}">'
-             f'{fmt(ex.max_act)} · {short}</span>']
-    for i, (tok, token_id, a) in enumerate(zip(ex.tokens, ex.token_ids, ex.acts)):
-        cls = "tok peak" if i == ex.max_pos else "tok"
+def context_html(ex: dict, max_value: float) -> Markup:
+    """One context (an example dict of queries.examples): each token escaped with visible whitespace,
+    highlighted by its activation, the peak outlined; the tooltip gives the value, token id and the
+    token's repr. Python rather than a Jinja macro: a page draws 320-1,600 tokens, and the macro was
+    half its cost."""
+    doc_id, peak = ex["doc_id"], ex["max_pos"]
+    doc = escape(doc_id)
+    short = escape(doc_id if len(doc_id) <= 23 else doc_id[:17] + "…")
+    parts = [f'<div class="context" data-doc="{doc}"><span class="meta" title="document {doc}, token {ex["doc_offset"]}">'
+             f'{fmt(ex["max_act"])} · {short}</span>']
+    for i, (tok, token_id, a) in enumerate(zip(ex["tokens"], ex["token_ids"], ex["acts"])):
+        cls = "tok peak" if i == peak else "tok"
         style = f' style="{heat(a, max_value)}"' if a > 0 else ""
         parts.append(f'<span class="{cls}"{style} title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}" data-act="{a}">'
                      f'{visible(tok)}</span>')

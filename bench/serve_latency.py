@@ -7,7 +7,8 @@ samples per feature, histograms, logit effects, neighbours), mined from the bund
 is freshly initialised: serving cost depends on the rows, not on training. The server is
 `saescope serve` in a subprocess (its default: one worker process per core; --workers to pick);
 the clients are aiohttp coroutines in this process, on the same machine, so they compete with the
-server for CPU: the figures are a floor. Endpoints, each for --requests requests at --clients concurrency, random feature indices:
+server for CPU: the figures are a floor. Endpoints, each for --requests requests at --clients concurrency,
+on random features among those that fired (a dead feature's page has no contexts and is cheaper):
   trivial    GET /api/v1/health                         (no database work: the server's ceiling)
   page       GET /saes/{sae}/features/{i}               (the full feature page)
   examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
@@ -61,6 +62,14 @@ def build_stores(tokens: int, n_latents: int) -> dict[str, str]:
         result = mine(sae_dir, MineConfig(tokens=tokens, name=SAE_NAME, db=url), progress=True)
         print(f"{backend}: {'already mined' if result.skipped else f'mined {result.positions:,} positions'}")
     return urls
+
+
+def alive_features(url: str) -> list[int]:
+    from sqlalchemy import create_engine, text
+
+    with create_engine(url).connect() as conn:
+        return list(conn.execute(text("SELECT f.feature_index FROM features f JOIN saes s ON f.run_id = s.active_run_id "
+                                      "WHERE s.name = :n AND f.n_fired > 0 ORDER BY 1"), {"n": SAE_NAME}).scalars())
 
 
 async def hammer(base: str, paths: list[str], clients: int) -> tuple[list[float], float]:
@@ -127,7 +136,9 @@ def main() -> None:
     args = ap.parse_args()
     urls = build_stores(args.tokens, args.n_latents)
     rng = random.Random(0)
-    print(f"\n{args.clients} concurrent clients, {args.requests} requests per endpoint, random features of {args.n_latents}, "
+    alive = alive_features(urls["sqlite"])
+    print(f"\n{args.clients} concurrent clients, {args.requests} requests per endpoint, random features among the {len(alive):,} "
+          f"of {args.n_latents:,} that fired, "
           f"{args.workers or 'default (one per core)'} server process(es), {os.cpu_count()} cores\n")
     print("| store | endpoint | p50 ms | p99 ms | req/s | server CPU ms/req |\n|---|---|---|---|---|---|")
     for backend, url in urls.items():
@@ -135,8 +146,8 @@ def main() -> None:
         try:
             endpoints = {
                 "trivial /api/v1/health": ["/api/v1/health"] * args.requests,
-                "feature page": [f"/saes/{SAE_NAME}/features/{rng.randrange(args.n_latents)}" for _ in range(args.requests)],
-                "examples API": [f"/api/v1/saes/{SAE_NAME}/features/{rng.randrange(args.n_latents)}/examples?limit=20" for _ in range(args.requests)],
+                "feature page": [f"/saes/{SAE_NAME}/features/{rng.choice(alive)}" for _ in range(args.requests)],
+                "examples API": [f"/api/v1/saes/{SAE_NAME}/features/{rng.choice(alive)}/examples?limit=20" for _ in range(args.requests)],
             }
             asyncio.run(hammer(base, endpoints["feature page"][:64], 8))   # warm-up: vocabulary cache, connections
             rates = {}

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
+from app import schemas
 from app.main import create_app
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, Vocab, unpack_ids
@@ -95,6 +96,8 @@ def test_api_shapes_paging_sorting_filters(client):
     rest = client.get(f"/api/v1/saes/tiny-sae/features/{idx}/examples?kind=top&offset=1&limit=2").json()
     assert [e["rank"] for e in rest["examples"]] == [1, 2][:len(rest["examples"])]
     inter = client.get(f"/api/v1/saes/tiny-sae/features/{idx}/examples?kind=interval&limit=100").json()
+    for page in (top, rest, inter):     # the examples endpoint returns plain dicts: they must be its documented shape
+        assert schemas.ExamplePage.model_validate(page).model_dump(mode="json") == page
     assert all(e["kind"] == "interval" and 0 <= e["interval"] < 4 for e in inter["examples"])
 
 
