@@ -3,6 +3,7 @@ Session: one transaction, hence one snapshot, so a page never mixes two mining r
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Literal, NamedTuple
 
@@ -40,6 +41,7 @@ class VocabCache:
                     for tid, txt in rows:
                         texts[tid] = txt
                     self._by_model[key] = texts
+                    gc.freeze()     # see app.main.create_app: long-lived objects out of the collector's way
         return self._by_model[key]
 
 
