@@ -41,6 +41,7 @@ bench: venv
 	$(BIN)/python bench/cache_throughput.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/mine_throughput.py
+	command -v wrk >/dev/null || apt-get install -y wrk    # serve_latency's load generator (Debian package)
 	$(BIN)/python bench/serve_latency.py
 	$(BIN)/python bench/scaling.py          # ~1.5 h on 2 cores: caches 2M tokens, trains 25 SAEs
 

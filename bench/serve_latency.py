@@ -1,14 +1,17 @@
 """Latency and throughput of the feature browser under concurrent clients, on SQLite and PostgreSQL.
 
-    python bench/serve_latency.py [--clients 32] [--requests 2000] [--tokens 32768]
+    python bench/serve_latency.py [--clients 32] [--seconds 10] [--client wrk|aiohttp] [--tokens 32768]
 
 The store holds a 16,384-latent TopK SAE with full mining results (32 top contexts and 50 interval
 samples per feature, histograms, logit effects, neighbours), mined from the bundled model. The SAE
 is freshly initialised: serving cost depends on the rows, not on training. The server is
-`saescope serve` in a subprocess (its default: one worker process per core; --workers to pick);
-the clients are aiohttp coroutines in this process, on the same machine, so they compete with the
-server for CPU: the figures are a floor. Endpoints, each for --requests requests at --clients concurrency,
-on random features among those that fired (a dead feature's page has no contexts and is cheaper):
+`saescope serve` in a subprocess (its default: one worker process per core; --workers to pick).
+The clients run on the same machine and compete with the server for its CPU. By default they are
+wrk's (Debian's `wrk` package: a C load generator, one thread, --seconds per endpoint), which
+costs a small fraction of what Python clients do; `--client aiohttp` runs --requests requests
+from aiohttp coroutines in this process instead (earlier sessions' figures). Each endpoint at
+--clients concurrency, on random features among those that fired (a dead feature's page has no
+contexts and is cheaper):
   trivial    GET /api/v1/health                         (no database work: the server's ceiling)
   page       GET /saes/{sae}/features/{i}               (the full feature page)
   examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
@@ -22,12 +25,15 @@ import asyncio
 import gc
 import os
 import random
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 
@@ -73,10 +79,31 @@ def alive_features(url: str) -> list[int]:
                                       "WHERE s.name = :n AND f.n_fired > 0 ORDER BY 1"), {"n": SAE_NAME}).scalars())
 
 
-async def hammer(base: str, paths: list[str], clients: int) -> tuple[list[float], float]:
-    """`clients` keep-alive connections, each sending its next request as soon as the last answers.
-    aiohttp rather than httpx: its client costs a fraction of the CPU per request, and the clients
-    share the 2 cores with the server."""
+class Load(NamedTuple):
+    p50_ms: float
+    p99_ms: float
+    rate: float         # requests per second
+    requests: int
+
+
+def wrk(base: str, paths: list[str], clients: int, seconds: float) -> Load:
+    """`clients` keep-alive connections from wrk, each sending its next request (the next of `paths`,
+    cycling) as soon as the last answers, for `seconds`; any non-2xx answer is an error."""
+    script = OUT / "wrk-paths.lua"
+    script.write_text("paths = {" + ",".join(f'"{p}"' for p in paths) + "}\ni = 0\n"
+                      "request = function()\n  i = i % #paths + 1\n  return wrk.format(\"GET\", paths[i])\nend\n")
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency", "-s", str(script), base],
+                         capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    pct = {int(p): float(v) * unit[u] for p, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
+    return Load(pct[50], pct[99], float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]), int(re.search(r"(\d+) requests in", out)[1]))
+
+
+async def hammer(base: str, paths: list[str], clients: int) -> Load:
+    """`clients` aiohttp keep-alive connections, each sending its next request as soon as the last
+    answers, until `paths` are all requested."""
     import aiohttp
 
     latencies: list[float] = []
@@ -99,7 +126,8 @@ async def hammer(base: str, paths: list[str], clients: int) -> tuple[list[float]
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
         gc.unfreeze()
-    return latencies, wall
+    q = statistics.quantiles(latencies, n=100)
+    return Load(q[49] * 1000, q[98] * 1000, len(latencies) / wall, len(latencies))
 
 
 def serve(url: str, workers: int | None) -> tuple[subprocess.Popen, str]:
@@ -133,7 +161,9 @@ def server_cpu(proc: subprocess.Popen) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--client", choices=["wrk", "aiohttp"], default="wrk", help="load generator (wrk: `apt-get install wrk`)")
+    ap.add_argument("--seconds", type=float, default=10, help="wrk: seconds per endpoint")
+    ap.add_argument("--requests", type=int, default=2000, help="aiohttp: requests per endpoint; wrk: distinct random paths it cycles through")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens mined into the bench store")
     ap.add_argument("--n-latents", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=None, help="server processes (default: saescope serve's, one per core)")
@@ -141,7 +171,10 @@ def main() -> None:
     urls = build_stores(args.tokens, args.n_latents)
     rng = random.Random(0)
     alive = alive_features(urls["sqlite"])
-    print(f"\n{args.clients} concurrent clients, {args.requests} requests per endpoint, random features among the {len(alive):,} "
+    if args.client == "wrk" and not shutil.which("wrk"):
+        sys.exit("wrk is not installed: `apt-get install wrk`, or pass --client aiohttp")
+    how = f"{args.seconds:g} s per endpoint from wrk" if args.client == "wrk" else f"{args.requests} requests per endpoint from aiohttp"
+    print(f"\n{args.clients} concurrent clients, {how}, random features among the {len(alive):,} "
           f"of {args.n_latents:,} that fired, "
           f"{args.workers or 'default (one per core)'} server process(es), {os.cpu_count()} cores\n")
     print("| store | endpoint | p50 ms | p99 ms | req/s | server CPU ms/req |\n|---|---|---|---|---|---|")
@@ -157,11 +190,10 @@ def main() -> None:
             rates = {}
             for name, paths in endpoints.items():
                 cpu0 = server_cpu(proc)
-                lat, wall = asyncio.run(hammer(base, paths, args.clients))
-                cpu = (server_cpu(proc) - cpu0) / len(lat)
-                q = statistics.quantiles(lat, n=100)
-                rates[name] = len(lat) / wall
-                print(f"| {backend} | {name} | {q[49] * 1000:.1f} | {q[98] * 1000:.1f} | {rates[name]:,.0f} | {cpu * 1000:.2f} |")
+                load = wrk(base, paths, args.clients, args.seconds) if args.client == "wrk" else asyncio.run(hammer(base, paths, args.clients))
+                cpu = (server_cpu(proc) - cpu0) / load.requests
+                rates[name] = load.rate
+                print(f"| {backend} | {name} | {load.p50_ms:.1f} | {load.p99_ms:.1f} | {load.rate:,.0f} | {cpu * 1000:.2f} |", flush=True)
             print(f"| {backend} | examples / trivial req/s | | | {rates['examples API'] / rates['trivial /api/v1/health']:.2f} | |")
         finally:
             proc.terminate()
