@@ -79,7 +79,6 @@ def create_app(url: str | None = None) -> FastAPI:
 
     # Objects that live as long as the process (modules, templates, the app; later each vocabulary, see
     # queries.VocabCache) go to the collector's permanent generation: otherwise every full collection
-    # walks them, a 70 ms pause on a serving process every few hundred page requests, which was
-    # the whole p99 of bench/serve_latency.py.
+    # walks them: a 70 ms pause every few hundred page requests, stalling every queued request.
     gc.freeze()
     return app
