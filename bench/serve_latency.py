@@ -130,23 +130,33 @@ async def hammer(base: str, paths: list[str], clients: int) -> Load:
     return Load(q[49] * 1000, q[98] * 1000, len(latencies) / wall, len(latencies))
 
 
-def serve(url: str, workers: int | None) -> tuple[subprocess.Popen, str]:
+def serve(url: str, workers: int | None, loop: str | None = None) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-c", "from sae_core.cli import main; main()", "serve", "--db", url, "--port", str(port),
-                             *(["--workers", str(workers)] if workers else [])],
+                             *(["--workers", str(workers)] if workers else []), *(["--loop", loop] if loop else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(300):
         try:
-            if httpx.get(base + "/api/v1/health", timeout=1).status_code == 200:
+            if httpx.get(base + "/api/v1/health", timeout=1).status_code == 200 and listening(proc, port) >= (workers or min(os.cpu_count(), 8)):
                 return proc, base
         except httpx.HTTPError:
-            time.sleep(0.1)
+            pass
+        time.sleep(0.1)
     proc.kill()
     raise RuntimeError(f"server did not start: {proc.stderr.read().decode()[-2000:]}")
+
+
+def listening(proc: subprocess.Popen, port: int) -> int:
+    """Server processes listening on `port`. One worker answering is not enough: connections made
+    before the others listen all land on it (each worker has its own SO_REUSEPORT socket on Linux)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    return sum(any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp")) for p in procs)
 
 
 def server_cpu(proc: subprocess.Popen) -> float:
@@ -167,6 +177,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32768, help="tokens mined into the bench store")
     ap.add_argument("--n-latents", type=int, default=16384)
     ap.add_argument("--workers", type=int, default=None, help="server processes (default: saescope serve's, one per core)")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default=None, help="server event loop (default: saescope serve's)")
     args = ap.parse_args()
     urls = build_stores(args.tokens, args.n_latents)
     rng = random.Random(0)
@@ -176,10 +187,10 @@ def main() -> None:
     how = f"{args.seconds:g} s per endpoint from wrk" if args.client == "wrk" else f"{args.requests} requests per endpoint from aiohttp"
     print(f"\n{args.clients} concurrent clients, {how}, random features among the {len(alive):,} "
           f"of {args.n_latents:,} that fired, "
-          f"{args.workers or 'default (one per core)'} server process(es), {os.cpu_count()} cores\n")
+          f"{args.workers or 'default (one per core)'} server process(es), {args.loop or 'default'} event loop, {os.cpu_count()} cores\n")
     print("| store | endpoint | p50 ms | p99 ms | req/s | server CPU ms/req |\n|---|---|---|---|---|---|")
     for backend, url in urls.items():
-        proc, base = serve(url, args.workers)
+        proc, base = serve(url, args.workers, args.loop)
         try:
             endpoints = {
                 "trivial /api/v1/health": ["/api/v1/health"] * args.requests,

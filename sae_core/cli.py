@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -186,15 +187,17 @@ def serve(
     port: int = typer.Option(8000),
     workers: int = typer.Option(min(os.cpu_count() or 1, 8), show_default="one per CPU core, at most 8",
                                 help="Server processes (each ~80 MB; they share the store)."),
+    loop: Literal["asyncio", "uvloop"] = typer.Option("asyncio",
+                             help="Event loop. uvloop answers trivial requests faster but lets a busy worker starve some "
+                                  "connections (bench/RESULTS.md, Serving)."),
     upgrade: bool = typer.Option(False, help="Apply the schema migrations first (what the container does at start)."),
     wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
 ) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
     import time
 
-    import uvicorn
-
     from app.main import create_app
+    from app.server import run
     from .store import db as store_db
 
     deadline = time.monotonic() + wait_for_db
@@ -212,8 +215,7 @@ def serve(
     create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     os.environ[store_db.ENV_URL] = store_db.database_url(db)
     console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="warning",
-                access_log=False)
+    run(host, port, workers, loop)
 
 
 @app.command()
