@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from . import queries, schemas
-from .deps import read
+from .deps import read, read_connection
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 SaeName = Path(description="the SAE's name (its URL slug)", max_length=200)
@@ -65,7 +65,7 @@ async def examples(request: Request, sae: str = SaeName, index: int = FeatureInd
                    kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
                    offset: int = Query(0, ge=0, le=10**6),
                    limit: int = Query(20, ge=1, le=500)):
-    return DictJSON(await read(request, queries.examples, sae, index, kind, offset, limit))
+    return DictJSON(await read_connection(request, queries.examples, sae, index, kind, offset, limit))
 
 
 @router.get("/search", response_model=schemas.SearchResult, summary="Features whose top contexts peak on a token containing q")

@@ -10,7 +10,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 
 from . import queries, schemas
-from .deps import read
+from .deps import read, read_connection
 from .render import templates
 
 router = APIRouter(include_in_schema=False)
@@ -45,7 +45,7 @@ async def sae_page(request: Request, sae: str = SaeName,
 
 @router.get("/saes/{sae}/jump")
 async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=0, le=2**31 - 1)):
-    await read(request, queries.feature_ref, sae, index)      # 404 page for an index out of range
+    await read_connection(request, queries.feature_ref, sae, index)      # 404 page for an index out of range
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=303)
 
 

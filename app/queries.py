@@ -8,12 +8,13 @@ import threading
 from typing import Literal, NamedTuple
 
 import numpy as np
-from sqlalchemy import Engine, Integer, bindparam, func, select
+from sqlalchemy import Connection, Engine, Integer, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab
 
 from . import schemas
+from .prepared import Prepared
 
 RARE_DENSITY = 1e-4    # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
 SortKey = Literal["index", "density", "max_act"]
@@ -31,12 +32,12 @@ class VocabCache:
         self._by_model: dict[tuple[Engine, int], list[str]] = {}
         self._lock = threading.Lock()
 
-    def get(self, s: Session, model_id: int) -> list[str]:
-        key = (s.get_bind().engine, model_id)    # one process may serve several stores (tests do)
+    def get(self, conn: Connection, model_id: int) -> list[str]:
+        key = (conn.engine, model_id)    # one process may serve several stores (tests do)
         if key not in self._by_model:
             with self._lock:
                 if key not in self._by_model:
-                    rows = s.execute(select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model_id).order_by(Vocab.token_id)).all()
+                    rows = conn.execute(select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model_id).order_by(Vocab.token_id)).all()
                     texts = [""] * (rows[-1][0] + 1 if rows else 0)
                     for tid, txt in rows:
                         texts[tid] = txt
@@ -125,7 +126,7 @@ def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, 
     ordering = [column.desc() if order == "desc" else column.asc(), Feature.index.asc()]
     rows = s.execute(select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
                      .where(*cond).order_by(*ordering).offset(offset).limit(limit)).all()
-    vocab = VOCAB.get(s, sae.model_id)
+    vocab = VOCAB.get(s.connection(), sae.model_id)
     peaks = _peak_tokens(s, run.id, [r.index for r in rows], vocab)
     feats = [schemas.FeatureSummary(index=r.index, density=r.density, max_act=r.max_act, mean_act=r.mean_act, n_fired=r.n_fired,
                                     top_token=peaks.get(r.index)) for r in rows]
@@ -165,16 +166,29 @@ _FEATURE = (select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_r
             .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
             .where(SAE.name == bindparam("name")))
 _EXAMPLE_WHERE = (SAE.name == bindparam("name"), Example.feature_index == bindparam("index"), Example.kind == bindparam("kind"))
-_EXAMPLES = {kind: select(SAE.model_id, Example.interval, Example.rank, Example.doc_id, Example.doc_offset, Example.token_ids, Example.acts,
-                          Example.max_act, Example.max_pos, func.count().over().label("total"))
-             .join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE).order_by(*order)
-             .offset(bindparam("offset", type_=Integer)).limit(bindparam("limit", type_=Integer))
+_EXAMPLES = {kind: Prepared(select(SAE.model_id, Example.interval, Example.rank, Example.doc_id, Example.doc_offset, Example.token_ids,
+                                   Example.acts, Example.max_act, Example.max_pos, func.count().over().label("total"))
+                            .join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE).order_by(*order)
+                            .offset(bindparam("offset", type_=Integer)).limit(bindparam("limit", type_=Integer)))
              for kind, order in ((schemas.ExampleKind.top, [Example.rank]),
                                  (schemas.ExampleKind.interval, [Example.interval.desc(), Example.rank]))}
 _EXAMPLE_COUNT = select(func.count()).select_from(Example).join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE)
 
 
-def _decode(rows, vocab: list[str]) -> list[tuple[list[str], list[int], list[float]]]:
+class _ExampleRow(NamedTuple):      # a row of _EXAMPLES, in its column order
+    model_id: int
+    interval: int | None
+    rank: int
+    doc_id: str
+    doc_offset: int
+    token_ids: bytes
+    acts: bytes
+    max_act: float
+    max_pos: int
+    total: int
+
+
+def _decode(rows: list[_ExampleRow], vocab: list[str]) -> list[tuple[list[str], list[int], list[float]]]:
     """(tokens, token ids, activations) of each example row, decoded in one pass over all rows: ids
     are little-endian int32, activations float16, returned as 4-decimal floats (float16 holds ~3
     significant digits; JSON stays short)."""
@@ -185,9 +199,9 @@ def _decode(rows, vocab: list[str]) -> list[tuple[list[str], list[int], list[flo
     return [(texts[a:b], ids[a:b], acts[a:b]) for a, b in zip([0] + ends[:-1], ends)]
 
 
-def feature_ref(s: Session, name: str, index: int) -> FeatureRef:
+def feature_ref(conn: Connection, name: str, index: int) -> FeatureRef:
     """The SAE and run behind feature `index` of `name`; NotFound names what is missing."""
-    row = s.connection().execute(_REF, {"name": name}).first()
+    row = conn.execute(_REF, {"name": name}).first()
     if row is None:
         raise NotFound(f"no SAE named {name!r}")
     ref = FeatureRef(*row)
@@ -201,14 +215,14 @@ def feature_ref(s: Session, name: str, index: int) -> FeatureRef:
 def get_feature(s: Session, name: str, index: int) -> tuple[FeatureRef, dict]:
     row = s.connection().execute(_FEATURE, {"name": name, "index": index}).first()
     if row is None:     # find out what is missing, for the message
-        feature_ref(s, name, index)
+        feature_ref(s.connection(), name, index)
         raise NotFound(f"feature {index} of {name} is missing from its mining run")
     ref_len = len(FeatureRef._fields)
     return FeatureRef(*row[:ref_len]), dict(zip(Feature.__table__.c.keys(), row[ref_len:]))
 
 
 def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
-    vocab = VOCAB.get(s, ref.model_id)
+    vocab = VOCAB.get(s.connection(), ref.model_id)
 
     def tv(pairs):
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
@@ -223,21 +237,22 @@ def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
         explanation=f["explanation"])
 
 
-def examples(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> dict:
+def examples(conn: Connection, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> dict:
     """A page of a feature's examples, as the JSON shape of schemas.ExamplePage: one statement when
     the page is not empty; an empty page also checks that the SAE and feature exist (NotFound) and
     counts the examples before `offset`.
 
-    Plain dicts rather than pydantic models: this is the API's hottest endpoint, and building and
-    serialising ~20 models cost more than the query (the API test validates the shape)."""
+    Plain dicts rather than pydantic models, and a statement run on the driver (app/prepared.py):
+    this is the API's hottest endpoint, and building and serialising ~20 models cost more than the
+    query (the API test validates the shape)."""
     params = {"name": name, "index": index, "kind": kind.value}
-    rows = s.connection().execute(_EXAMPLES[kind], {**params, "offset": offset, "limit": limit}).all()
+    rows = [_ExampleRow._make(r) for r in _EXAMPLES[kind].rows(conn, {**params, "offset": offset, "limit": limit})]
     total = rows[0].total if rows else 0          # the window count rides along with the rows
     if not rows:
-        feature_ref(s, name, index)
+        feature_ref(conn, name, index)
         if offset:
-            total = s.connection().execute(_EXAMPLE_COUNT, params).scalar()
-    vocab = VOCAB.get(s, rows[0].model_id) if rows else []
+            total = conn.execute(_EXAMPLE_COUNT, params).scalar()
+    vocab = VOCAB.get(conn, rows[0].model_id) if rows else []
     out = [{"kind": kind.value, "interval": e.interval, "rank": e.rank, "doc_id": e.doc_id, "doc_offset": e.doc_offset,
             "tokens": texts, "token_ids": ids, "acts": acts, "max_act": e.max_act, "max_pos": e.max_pos}
            for e, (texts, ids, acts) in zip(rows, _decode(rows, vocab))]
@@ -257,7 +272,7 @@ class FeatureView(NamedTuple):
 
 def feature_view(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> FeatureView:
     ref, f = get_feature(s, name, index)
-    return FeatureView(_detail(s, ref, f), examples(s, name, index, kind, offset, limit), ref.mined_tokens)
+    return FeatureView(_detail(s, ref, f), examples(s.connection(), name, index, kind, offset, limit), ref.mined_tokens)
 
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:
@@ -269,7 +284,7 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.
     saes = s.execute(stmt).all()
     hits: list[schemas.SearchHit] = []
     for name, run_id, model_id in saes:
-        vocab = VOCAB.get(s, model_id)
+        vocab = VOCAB.get(s.connection(), model_id)
         token_ids = [i for i, t in enumerate(vocab) if needle in t.lower()][:5000]
         if not token_ids:
             continue
