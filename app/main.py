@@ -7,10 +7,8 @@ The app only reads the store. It refuses to start on a database whose schema is 
 from __future__ import annotations
 
 import gc
-import threading
 from pathlib import Path
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -35,9 +33,7 @@ def create_app(url: str | None = None) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.session_factory = factory
-    app.state.in_process_db = engine.dialect.name == "sqlite"       # see deps.read
-    app.state.sqlite_reader = threading.local()                      # see deps._run_sqlite
-    app.state.db_threads = anyio.CapacityLimiter(deps.DB_THREADS)
+    app.state.reader = deps.Reader(engine, deps.db_threads(engine))     # where reads run: see deps.db_threads
     app.state.schema_revision = db.head_revision()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)

@@ -187,15 +187,18 @@ def serve(
     port: int = typer.Option(8000),
     workers: int = typer.Option(min(os.cpu_count() or 1, 8), show_default="one per CPU core, at most 8",
                                 help="Server processes (each ~80 MB; they share the store)."),
-    loop: Literal["asyncio", "uvloop"] = typer.Option("asyncio",
-                             help="Event loop. uvloop answers trivial requests faster but lets a busy worker starve some "
-                                  "connections (bench/RESULTS.md, Serving)."),
+    loop: Literal["asyncio", "uvloop"] = typer.Option(
+        "asyncio", help="Event loop. uvloop answers trivial requests faster but lets a busy worker starve some connections "
+                        "(bench/RESULTS.md, Serving)."),
+    db_threads: int | None = typer.Option(None, min=0, show_default="0 for SQLite or PostgreSQL on this machine, else 4",
+                                   help="Threads per process that run database reads; 0 runs them on the event loop."),
     upgrade: bool = typer.Option(False, help="Apply the schema migrations first (what the container does at start)."),
     wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
 ) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
     import time
 
+    from app.deps import ENV_DB_THREADS
     from app.main import create_app
     from app.server import run
     from .store import db as store_db
@@ -214,6 +217,8 @@ def serve(
         store_db.upgrade(engine)
     create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     os.environ[store_db.ENV_URL] = store_db.database_url(db)
+    if db_threads is not None:
+        os.environ[ENV_DB_THREADS] = str(db_threads)
     console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
     run(host, port, workers, loop)
 

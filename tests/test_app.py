@@ -6,10 +6,10 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.orm import Session
 
-from app import schemas
+from app import deps, schemas
 from app.main import create_app
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, Vocab, unpack_ids
@@ -140,13 +140,34 @@ def test_refuses_to_start_on_an_old_schema(tmp_path):
         create_app(url)
 
 
-def test_api_on_postgres(tiny_sae_dir, tiny_lm, request):
+@pytest.mark.parametrize("threads", ["0", "4"], ids=["reads-on-loop", "reads-in-threads"])
+def test_api_on_postgres(tiny_sae_dir, tiny_lm, request, monkeypatch, threads):
     url = request.getfixturevalue("pg_url")
     mine_tiny(tiny_sae_dir, tiny_lm, url)
-    with TestClient(create_app(url)) as c:
+    monkeypatch.setenv(deps.ENV_DB_THREADS, threads)
+    app = create_app(url)
+    assert (app.state.reader.limiter is None) == (threads == "0")
+    with TestClient(app) as c:
         assert c.get("/api/v1/saes/tiny-sae").json()["n_latents"] == 128
         feats = c.get("/api/v1/saes/tiny-sae/features?sort=max_act&order=desc&limit=3").json()["features"]
         assert feats[0]["max_act"] >= feats[1]["max_act"] >= feats[2]["max_act"]
         page = c.get(f"/saes/tiny-sae/features/{feats[0]['index']}")
         assert page.status_code == 200 and '<svg class="hist"' in page.text
         assert c.get("/api/v1/search", params={"q": "e"}).json()["hits"]
+        # A server restart drops every connection; the next request still answers (on the loop: the
+        # long-lived connection is replaced; in threads: the pool's pre-ping).
+        with create_engine(url).begin() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = :name"), {"name": db.APPLICATION_NAME})
+        assert c.get("/api/v1/saes/tiny-sae").status_code == 200
+
+
+def test_reads_run_on_the_loop_only_for_a_local_database(monkeypatch):
+    monkeypatch.delenv(deps.ENV_DB_THREADS, raising=False)
+    local = ["sqlite:///x.db", "postgresql://u@127.0.0.1/db", "postgresql://u@localhost:5432/db", "postgresql:///db",
+             "postgresql://u@/db?host=/var/run/postgresql"]
+    for url in local:
+        assert deps.db_threads(create_engine(url)) == 0, url
+    assert deps.db_threads(create_engine("postgresql://u@db.example.org/db")) == deps.REMOTE_DB_THREADS
+    monkeypatch.setenv(deps.ENV_DB_THREADS, "2")
+    assert deps.db_threads(create_engine("sqlite:///x.db")) == 2

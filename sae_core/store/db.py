@@ -23,6 +23,7 @@ from .. import settings
 from ..errors import SaescopeError
 
 ENV_URL = "SAESCOPE_DATABASE_URL"
+APPLICATION_NAME = "saescope"     # PostgreSQL: how our connections show in pg_stat_activity
 
 
 class SchemaOutOfDate(SaescopeError):
@@ -72,7 +73,7 @@ def make_engine(url: str | None = None) -> Engine:
     elif parsed.get_backend_name() == "postgresql":
         # REPEATABLE READ: each transaction reads one snapshot, so a page never mixes two mining runs.
         engine = create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, isolation_level="REPEATABLE READ",
-                               connect_args={"connect_timeout": 10})
+                               connect_args={"connect_timeout": 10, "application_name": APPLICATION_NAME})
     else:
         raise SaescopeError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///path or postgresql://...")
     try:
