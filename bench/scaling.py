@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--ks", type=int, nargs="+", default=list(KS), help="k values of the TopK grid")
     ap.add_argument("--out", type=Path, default=OUT, help="cache, runs, plots and results.md go here")
     ap.add_argument("--l1", type=float, nargs="+", default=[3e-2, 1e-1, 3e-1, 1.0], help="ReLU sweep's L1 coefficients")
+    ap.add_argument("--grid-only", action="store_true", help="only the TopK grid: no ReLU sweep, no run without the mitigations")
     args = ap.parse_args()
     OUT, NS, KS = args.out, tuple(args.ns), tuple(args.ks)
 
@@ -181,9 +182,10 @@ def main() -> None:
     common = dict(tokens=args.train_tokens, batch_size=args.batch_size, checkpoint_every=100)
 
     plan = [(f"topk-n{n}-k{k}", TrainConfig(n_latents=n, k=k, **common)) for n in NS for k in KS]
-    plan += [(f"relu-n{args.relu_n}-l1-{l1:g}", TrainConfig(architecture="relu", n_latents=args.relu_n, l1_coef=l1, **common))
-             for l1 in args.l1]
-    plan += [(f"topk-n{max(NS)}-k32-no-auxk-no-tied", TrainConfig(n_latents=max(NS), k=32, aux_coef=0.0, tied_init=False, **common))]
+    if not args.grid_only:
+        plan += [(f"relu-n{args.relu_n}-l1-{l1:g}", TrainConfig(architecture="relu", n_latents=args.relu_n, l1_coef=l1, **common))
+                 for l1 in args.l1]
+        plan += [(f"topk-n{max(NS)}-k32-no-auxk-no-tied", TrainConfig(n_latents=max(NS), k=32, aux_coef=0.0, tied_init=False, **common))]
     rows = []
     for i, (name, cfg) in enumerate(plan, 1):
         row = run(name, cfg, cache_dir, x)

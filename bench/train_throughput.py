@@ -99,7 +99,8 @@ def main() -> None:
             install(peer)
     peers = [p for p in args.peers if venv_python(p).exists()]
     missing = sorted(set(args.peers) - set(peers))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()} "
+          f"({'with' if native_bf16('cpu') else 'without'} bf16 units), "
           f"median of {args.steps} steps, one process per trainer and cell, best of {args.repeats} interleaved"
           + (f"; not installed (use --install): {', '.join(missing)}" if missing else ""))
     head = "| cell | saescope tok/s | of roofline | RSS MB | " + " | ".join(f"{p} tok/s (RSS MB)" for p in peers) + " | vs fastest peer |"
