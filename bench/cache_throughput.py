@@ -11,15 +11,15 @@ excluded from both. Goal (issue 2): the cache costs under 10% over the bare forw
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sae_core.hardware import keep_large_buffers  # noqa: E402
+
+keep_large_buffers()     # what the saescope CLI does at start-up
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

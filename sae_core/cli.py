@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from .errors import SaescopeError
+from .hardware import keep_large_buffers
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train TopK sparse autoencoders on a language model and browse their features.")
@@ -20,9 +21,9 @@ def db_option():
     return typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")
 
 
-# Long CPU runs with glibc's default allocator lose throughput to mmap/trim churn (DESIGN §2).
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "33554432")
-os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", "4294967296")
+# Long CPU runs with glibc's default allocator lose throughput to page faults on freshly mapped
+# buffers (DESIGN §2; hardware.keep_large_buffers).
+keep_large_buffers()
 
 
 @app.command()

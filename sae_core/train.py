@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .cache import ActivationCache
 from .stream import ModelStream
 from .errors import SaescopeError
+from .hardware import keep_large_buffers
 from .model import resolve_device
 from .sae import ARCHITECTURES
 
@@ -114,6 +115,7 @@ def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: 
     SAE folder to `out`."""
     from .interchange import save_sae
 
+    keep_large_buffers()        # the step's encoder blocks would otherwise be mapped afresh each time
     cache = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
     if cfg.batch_size <= 0 or cfg.batch_size > cache.n_rows:
         raise SaescopeError(f"--batch-size must be between 1 and the cache's {cache.n_rows} rows")

@@ -10,7 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from common import CONFIGS, dead_mask, parse_args, report, structured_batches, time_steps  # noqa: E402
 
+from sae_core.hardware import keep_large_buffers  # noqa: E402
 from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
+
+keep_large_buffers()     # as sae_core.train.train does before its first step
 
 args = parse_args()
 c = CONFIGS[args.config]
