@@ -30,7 +30,9 @@ sys.path.insert(0, str(PEERS_DIR))
 from common import CONFIGS  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from sae_core.hardware import native_bf16  # noqa: E402
+from sae_core.hardware import keep_large_buffers, native_bf16  # noqa: E402
+
+keep_large_buffers()    # the roofline's GEMM outputs, like saescope's step, reuse memory instead of faulting it in
 
 CELLS = [("A", "fp32", "on"), ("A", "fp32", "off"), ("A", "bf16", "on"), ("B", "fp32", "on"), ("B", "bf16", "on")]
 TORCH = "torch==2.13.0"

@@ -56,6 +56,16 @@ def time_steps(step, batches: list[torch.Tensor], steps: int) -> float:
     return len(batches[0]) / times[len(times) // 2]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec; ru_maxrss
+    carries over the peak of the process that spawned us (the orchestrator, grown by its roofline)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def report(name: str, version: str, tok_s: float) -> None:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     print(json.dumps({"trainer": name, "version": version, "tok_s": tok_s, "rss_mb": rss}))
