@@ -12,6 +12,8 @@ from fastapi import Request
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from sae_core.errors import SaescopeError
+
 T = TypeVar("T")
 
 ENV_DB_THREADS = "SAESCOPE_DB_THREADS"
@@ -31,6 +33,8 @@ def db_threads(engine: Engine) -> int:
     Across a network, though, an inline read would stall every request of the process for a round
     trip, so remote databases get threads."""
     if env := os.environ.get(ENV_DB_THREADS):
+        if not env.strip().isdigit():
+            raise SaescopeError(f"{ENV_DB_THREADS} must be a whole number of threads (0: reads on the event loop), not {env!r}")
         return int(env)
     url = engine.url
     local = url.get_backend_name() == "sqlite" or url.host in _LOCAL_HOSTS or url.host.startswith("/")

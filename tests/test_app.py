@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import deps, schemas
 from app.main import create_app
+from sae_core.errors import SaescopeError
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, Vocab, unpack_ids
 from conftest import mine_tiny
@@ -171,3 +172,6 @@ def test_reads_run_on_the_loop_only_for_a_local_database(monkeypatch):
     assert deps.db_threads(create_engine("postgresql://u@db.example.org/db")) == deps.REMOTE_DB_THREADS
     monkeypatch.setenv(deps.ENV_DB_THREADS, "2")
     assert deps.db_threads(create_engine("sqlite:///x.db")) == 2
+    monkeypatch.setenv(deps.ENV_DB_THREADS, "-1")
+    with pytest.raises(SaescopeError, match="whole number"):
+        deps.db_threads(create_engine("sqlite:///x.db"))
