@@ -1,7 +1,7 @@
 """The feature browser: `create_app(url)` builds the FastAPI app over a store; `saescope serve` runs it.
 
 The app only reads the store. It refuses to start on a database whose schema is not this code's
-(the message names `saescope db upgrade`). Each request gets one Session, i.e. one read snapshot.
+(the message names `saescope db upgrade`). Each request reads in one transaction, i.e. one snapshot.
 """
 
 from __future__ import annotations

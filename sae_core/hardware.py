@@ -33,7 +33,7 @@ def keep_large_buffers() -> bool:
 
     A training step allocates and frees the same [1024, n_latents] encoder blocks (64 MB at 16,384
     latents) every time. Above its mmap threshold (at most 32 MB by default) glibc maps each one
-    afresh and the first write to every page faults: a quarter of config A's step time in
+    afresh and the first write to every page faults: about a fifth of config A's step time in
     bench/train_throughput.py. mallopt() is used rather than the MALLOC_*_ environment variables,
     which glibc reads once at start-up, before Python runs a line of ours. Returns whether it applied
     (glibc on Linux only; elsewhere nothing changes)."""
