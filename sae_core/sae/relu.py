@@ -5,7 +5,8 @@
     loss:    FVU(x, x_hat) + l1_coef * mean over tokens of sum_i z_i
 
 Its gradients are dense anyway, so it uses autograd; the trainer drives it through the same
-`loss_and_grads` interface as TopKSAE.
+`loss_and_grads` interface as TopKSAE, and the bf16 option runs its encoder GEMM the way TopK's does
+(base.bf16_gemm: a real bf16 GEMM on bf16 hardware, CUDA included; elsewhere the same numbers at fp32 speed).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DictionarySAE
+from .base import DictionarySAE, bf16_gemm, gemm_operand
 from .topk import fvu
 
 
@@ -37,11 +38,13 @@ class ReluSAE(DictionarySAE):
     def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False) -> dict:
         for p in self.parameters():
             p.grad = None
-        with torch.enable_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast_bf16):
-            z = self.encode(x)
-            x_hat = z.float() @ self.W_dec + self.b_pre
+        kind = bf16_gemm(autocast_bf16, x.device.type)
+        with torch.enable_grad():
+            pre = torch.addmm(gemm_operand(self.b_enc, kind), gemm_operand(x - self.b_pre, kind), gemm_operand(self.W_enc, kind).T)
+            z = (pre if kind is None else pre.bfloat16().float()).relu()
+            x_hat = z @ self.W_dec + self.b_pre
             recon = fvu(x, x_hat)
-            loss = recon + self.cfg.l1_coef * z.float().sum(1).mean()
+            loss = recon + self.cfg.l1_coef * z.sum(1).mean()
             loss.backward()
         active = z.detach() > 0
         return {"loss": loss.item(), "fvu": recon.item(), "aux_fvu": 0.0, "l0": active.sum().item() / len(x),

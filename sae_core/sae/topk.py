@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from ..hardware import native_bf16
-from .base import DictionarySAE
+from .base import DictionarySAE, bf16_gemm, gemm_operand
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -48,13 +47,6 @@ class TopKConfig:
             raise SaescopeError(f"k must be between 1 and n_latents - 1 (got k={self.k}, n_latents={self.n_latents})")
         if self.multi_topk and 4 * self.k > self.n_latents:
             raise SaescopeError(f"--multi-topk needs 4k <= n_latents (k={self.k}, n_latents={self.n_latents})")
-
-
-def _operand(t: torch.Tensor, kind) -> torch.Tensor:
-    """An encoder GEMM operand: as is (None), in bf16 (torch.bfloat16), or rounded to bf16 but held in fp32 ("rounded")."""
-    if kind is None:
-        return t
-    return t.bfloat16() if kind is torch.bfloat16 else t.bfloat16().float()
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -107,14 +99,12 @@ class TopKSAE(DictionarySAE):
         n_dead = len(dead_idx)
         # Encode in row blocks: each [rows, n] block of pre-activations is selected from while it is
         # still in cache, and the whole [B, n] matrix is never materialised. AuxK keeps only the dead columns.
-        # bf16: operands rounded to bf16, products accumulated in fp32, the result rounded to bf16 (what a
-        # bf16 GEMM computes). Without bf16 hardware the same numbers come from an fp32 GEMM over the
-        # rounded operands, ~3x faster than PyTorch's emulated bf16 GEMM.
-        operand = None if not autocast_bf16 else torch.bfloat16 if native_bf16(x.device.type) else "rounded"
-        W_T, bias = _operand(self.W_enc, operand).T, _operand(self.b_enc, operand)
+        # bf16: operands rounded to bf16, products accumulated in fp32, the result rounded to bf16 (base.bf16_gemm).
+        operand = bf16_gemm(autocast_bf16, x.device.type)
+        W_T, bias = gemm_operand(self.W_enc, operand).T, gemm_operand(self.b_enc, operand)
         vals_all, idx_all, pre_dead = [], [], []
         for s in range(0, B, self.ENCODE_BLOCK):
-            block = torch.addmm(bias, _operand(xc[s:s + self.ENCODE_BLOCK], operand), W_T)
+            block = torch.addmm(bias, gemm_operand(xc[s:s + self.ENCODE_BLOCK], operand), W_T)
             if operand is not None:
                 block = block.bfloat16().float()
             v, i = block.topk(k_main, dim=1, sorted=True)
