@@ -9,7 +9,8 @@
    - TopK grid: n in {1024, 2048, 4096, 8192, 16384} x k in {8, 16, 32, 64};
    - ReLU + L1 at n = --relu-n for a sweep of L1 coefficients (the paper's baseline);
    - n = 16384, k = 32 without AuxK and tied init, beside the grid's run with both (dead latents).
-4. Held-out FVU and L0 per run; FVU = c * n^-alpha fitted per k (least squares in log-log); writes
+4. Held-out FVU and L0 per run; FVU = c * n^-alpha fitted per k (least squares in log-log), with the
+   local exponent between neighbouring n (equal under one power law); writes
    bench/out/scaling/{fvu_vs_n,fvu_vs_l0,dead_latents}.png and results.md (also printed).
 """
 
@@ -104,6 +105,12 @@ def power_law(ns, fvus) -> tuple[float, float]:
     return -slope, float(np.exp(intercept))
 
 
+def local_exponents(ns, fvus) -> list[float]:
+    """The exponent between each pair of neighbouring n: one power law has them all equal; a shrinking
+    one at the wide end says those SAEs are not yet trained to convergence."""
+    return [-float(np.log(f2 / f1) / np.log(n2 / n1)) for (n1, f1), (n2, f2) in zip(zip(ns, fvus), zip(ns[1:], fvus[1:]))]
+
+
 def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -127,7 +134,7 @@ def plots(rows: list[dict], relu_n: int) -> dict[str, str]:
             continue
         ns, fv = zip(*pts)
         alpha, c = power_law(ns, fv)
-        fits[k] = (alpha, c)
+        fits[k] = (alpha, c, local_exponents(ns, fv))
         line, = ax.plot(ns, fv, "o", label=f"k={k}: FVU ~ n^{-alpha:.3f}")
         grid_n = np.geomspace(min(ns), max(ns), 50)
         ax.plot(grid_n, c * grid_n ** -alpha, "-", color=line.get_color(), alpha=0.6)
@@ -203,8 +210,9 @@ def main() -> None:
         tag = "" if r["auxk"] and r["tied_init"] else " (no AuxK, no tied init)"
         lines.append(f"| {r['architecture']}{tag} | {r['n']} | {kl} | {r['fvu']:.4f} | {r['l0']:.1f} | "
                      f"{100 * (r['dead_fraction'] or 0):.1f}% | {100 * r['heldout_never_fired']:.1f}% | {r['seconds']:.0f} |")
-    lines += ["", "Power-law fits FVU = c * n^-alpha over n in " + ", ".join(map(str, NS)) + ":", "",
-              "| k | alpha | c |", "|---|---|---|"] + [f"| {k} | {a:.3f} | {c:.3g} |" for k, (a, c) in fits.items()]
+    lines += ["", "Power-law fits FVU = c * n^-alpha over n in " + ", ".join(map(str, sorted(NS))) + ":", "",
+              "| k | alpha | c | local exponents, n to next n |", "|---|---|---|---|"]
+    lines += [f"| {k} | {a:.3f} | {c:.3g} | {' / '.join(f'{e:.2f}' for e in local)} |" for k, (a, c, local) in fits.items()]
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in paths.values())]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
