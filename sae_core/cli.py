@@ -78,7 +78,7 @@ def train(
     corpus: str = typer.Option("demo", help="Streaming only: corpus spec (as for `saescope cache`)."),
     dead_tokens: int = typer.Option(None, help="Tokens without firing before a latent counts as dead (default min(10M, tokens/10))."),
     ema: float = typer.Option(None, help="Weight EMA decay, e.g. 0.999; the saved weights are the EMA."),
-    bf16: bool = typer.Option(False, help="encoder matmul in bf16 numerics (faster on bf16 hardware: config A 8.4k vs 6.4k tok/s; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast as fp32; bench/RESULTS.md)."),
+    bf16: bool = typer.Option(False, help="TopK: encoder and AuxK matmuls in bf16 numerics (faster on bf16 hardware: config A 8.1k vs 4.7k tok/s with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast as fp32; bench/RESULTS.md)."),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),

@@ -48,7 +48,7 @@ class TrainConfig:
     tokens: int | None = None       # identity: training tokens (default: one pass over the cache)
     dead_tokens: int | None = None  # identity: tokens without firing before a latent counts as dead (default min(10M, tokens/10))
     ema: float | None = None        # identity: weight EMA decay (e.g. 0.999); saved weights are the EMA
-    bf16: bool = False              # identity: encoder matmul in bf16 numerics (sae/base.py bf16_gemm)
+    bf16: bool = False              # identity: encoder (and TopK's AuxK) matmuls in bf16 numerics (sae/base.py bf16_gemm)
     seed: int = 0                   # identity
     checkpoint_every: int = 200     # steps between checkpoints
     device: str = "cpu"

@@ -86,12 +86,14 @@ def test_bf16_without_bf16_hardware_matches_a_bf16_gemm(monkeypatch, arch):
     for mode, native in (("bf16 gemm", True), ("rounded fp32 gemm", False), ("fp32", None)):
         monkeypatch.setattr(base, "native_bf16", lambda _device, native=native: native)
         stats = sae.loss_and_grads(x, dead, autocast_bf16=native is not None)
-        grads[mode] = (stats["loss"], torch.cat([p.grad.flatten() for p in sae.parameters()]))
-    (loss_native, g_native), (loss_rounded, g_rounded), (loss_fp32, g_fp32) = grads.values()
+        grads[mode] = (stats["loss"], torch.cat([p.grad.flatten() for p in sae.parameters()]), sae.W_dec.grad[:40].clone())
+    (loss_native, g_native, aux_native), (loss_rounded, g_rounded, aux_rounded), (loss_fp32, g_fp32, aux_fp32) = grads.values()
     assert loss_rounded == pytest.approx(loss_native, rel=1e-6)
     torch.testing.assert_close(g_rounded, g_native, rtol=grad_rtol, atol=1e-7)
     assert (g_fp32 - g_native).abs().max() > 10 * (g_rounded - g_native).abs().max(), "bf16 rounding must show"
     assert loss_fp32 != loss_native
+    if arch == "topk":   # the dead latents' decoder gradient comes from AuxK's products, which run in bf16 too
+        assert (aux_fp32 - aux_native).abs().max() > 10 * (aux_rounded - aux_native).abs().max()
 
 
 def test_decoder_stays_unit_norm_and_gradient_parallel_part_is_removed():

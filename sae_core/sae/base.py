@@ -27,6 +27,15 @@ def gemm_operand(t: torch.Tensor, kind) -> torch.Tensor:
     return t.bfloat16() if kind is torch.bfloat16 else t.bfloat16().float()
 
 
+def gemm(a: torch.Tensor, b: torch.Tensor, kind) -> torch.Tensor:
+    """a @ b as `bf16_gemm`'s choice computes it, like a matmul under bf16 autocast: bf16 operands, fp32
+    accumulation, a bf16 result (held in fp32 for "rounded"). Operands already in that form pass as they are."""
+    if kind is None:
+        return a @ b
+    out = gemm_operand(a, kind) @ gemm_operand(b, kind)
+    return out if kind is torch.bfloat16 else out.bfloat16().float()
+
+
 class DictionarySAE(nn.Module):
     """Parameters W_enc [n, d], b_enc [n], W_dec [n, d] (unit-norm rows), b_pre [d]; cfg has d_in, n_latents."""
 

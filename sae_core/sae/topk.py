@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, bf16_gemm, gemm_operand
+from .base import DictionarySAE, bf16_gemm, gemm, gemm_operand
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -99,19 +99,22 @@ class TopKSAE(DictionarySAE):
         n_dead = len(dead_idx)
         # Encode in row blocks: each [rows, n] block of pre-activations is selected from while it is
         # still in cache, and the whole [B, n] matrix is never materialised. AuxK keeps only the dead columns.
-        # bf16: operands rounded to bf16, products accumulated in fp32, the result rounded to bf16 (base.bf16_gemm).
+        # bf16: operands rounded to bf16, products accumulated in fp32, the result rounded to bf16 (base.bf16_gemm);
+        # with a real bf16 GEMM the block stays bf16 and TopK selects from it directly.
         operand = bf16_gemm(autocast_bf16, x.device.type)
-        W_T, bias = gemm_operand(self.W_enc, operand).T, gemm_operand(self.b_enc, operand)
-        vals_all, idx_all, pre_dead = [], [], []
+        W_T, bias, xg = gemm_operand(self.W_enc, operand).T, gemm_operand(self.b_enc, operand), gemm_operand(xc, operand)
+        pre_dead = torch.empty(B, n_dead, dtype=W_T.dtype, device=x.device) if n_dead else None
+        vals_all, idx_all = [], []
         for s in range(0, B, self.ENCODE_BLOCK):
-            block = torch.addmm(bias, gemm_operand(xc[s:s + self.ENCODE_BLOCK], operand), W_T)
-            if operand is not None:
-                block = block.bfloat16().float()
+            rows = xg[s:s + self.ENCODE_BLOCK]
+            block = torch.addmm(bias, rows, W_T)
+            if operand == "rounded":
+                block.copy_(block.bfloat16())
             v, i = block.topk(k_main, dim=1, sorted=True)
-            vals_all.append(v)
+            vals_all.append(v.float())
             idx_all.append(i)
             if n_dead:
-                pre_dead.append(block[:, dead_idx])
+                torch.index_select(block, 1, dead_idx, out=pre_dead[s:s + len(rows)])
         vals_all, idx_all = torch.cat(vals_all), torch.cat(idx_all)
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
@@ -142,24 +145,25 @@ class TopKSAE(DictionarySAE):
 
         stats["aux_fvu"] = 0.0
         if n_dead:
+            # AuxK's four products run over the dead columns only, in the encoder GEMM's dtype (as autocast would)
             k_aux = min(cfg.k_aux, n_dead)
-            aux_vals, aux_local = torch.cat(pre_dead).topk(k_aux, dim=1, sorted=False)
-            z_aux = aux_vals.relu()
+            aux_vals, aux_local = pre_dead.topk(k_aux, dim=1, sorted=False)
+            del pre_dead
             e_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
             # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
-            Z = torch.zeros(B, n_dead, dtype=x.dtype, device=x.device).scatter_(1, aux_local, z_aux)
-            W_dead = self.W_dec[dead_idx]
-            aux_err = residual - Z @ W_dead
+            Z = torch.zeros(B, n_dead, dtype=aux_vals.dtype, device=x.device).scatter_(1, aux_local, aux_vals.relu())
+            W_dead = gemm_operand(self.W_dec[dead_idx], operand)
+            aux_err = residual - gemm(Z, W_dead, operand)
             aux_fvu = aux_err.pow(2).sum().item() / e_var.item()
             scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
             loss += scale * aux_fvu
             stats["aux_fvu"] = aux_fvu
-            g_aux = aux_err.mul_(-2.0 * scale / e_var)   # dLoss/de_hat
-            gW_dec.index_add_(0, dead_idx, Z.T @ g_aux)
-            gz = torch.gather(g_aux @ W_dead.T, 1, aux_local) * (aux_vals > 0)
-            G = torch.zeros(B, n_dead, dtype=x.dtype, device=x.device).scatter_(1, aux_local, gz)
-            gW_enc.index_add_(0, dead_idx, G.T @ xc)
-            gb_enc.index_add_(0, dead_idx, G.sum(0))
+            g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)   # dLoss/de_hat
+            gW_dec.index_add_(0, dead_idx, gemm(Z.T, g_aux, operand).float())
+            gz = torch.gather(gemm(g_aux, W_dead.T, operand), 1, aux_local) * (aux_vals > 0)
+            G = Z.zero_().scatter_(1, aux_local, gz)
+            gW_enc.index_add_(0, dead_idx, gemm(G.T, xg, operand).float())
+            gb_enc.index_add_(0, dead_idx, G.sum(0, dtype=torch.float32))
         del residual
 
         # b_pre enters the encoder as (x - b_pre): its gradient there is -(dL/db_enc) @ W_enc.
