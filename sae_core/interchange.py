@@ -33,9 +33,10 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(metadata or {})
     cache_cfg = meta.get("cache", {})
-    with torch.no_grad():
-        tensors = {"W_enc": sae.W_enc.detach().float().T.contiguous(), "W_dec": sae.W_dec.detach().float().contiguous(),
-                   "b_enc": (sae.b_enc.detach().float() / scale).contiguous(), "b_dec": (sae.b_pre.detach().float() / scale).contiguous()}
+    # the scale is folded in on the CPU: a GPU divides by multiplying with the reciprocal, one ulp off in places,
+    # and the saved file should not depend on where the SAE was trained
+    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
+    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc / scale, "b_dec": b_pre / scale}
     cfg = {"architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none",

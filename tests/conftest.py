@@ -51,6 +51,17 @@ def make_tiny_model(folder: Path, corpus: Path, hidden: int = 64, layers: int = 
     return folder
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Tests of the compute path run on every device here: the CPU always, and a CUDA GPU where one answers
+# (CI has none; the CUDA cases are run on a GPU machine: see bench/RESULTS.md, "CUDA").
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU on this machine"))]
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import DEVICES
 from sae_core.errors import SaescopeError
 from sae_core.interchange import import_checkpoint, load_sae, save_sae
 from sae_core.sae import ReluConfig, ReluSAE, TopKConfig, TopKSAE, fvu
@@ -32,23 +33,26 @@ def reference_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.T
         e = (x - x_hat).detach()
         dead_idx = dead.nonzero().squeeze(1)
         vals, idx = pre[:, dead_idx].topk(min(cfg.k_aux, n_dead), dim=1)
-        z_aux = torch.zeros(len(x), n_dead).scatter(1, idx, vals.relu())
+        z_aux = torch.zeros(len(x), n_dead, device=x.device).scatter(1, idx, vals.relu())
         loss = loss + cfg.aux_coef * min(n_dead / cfg.k_aux, 1) * fvu(e, z_aux @ sae.W_dec[dead_idx])
     return loss
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("multi_topk", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 7, 60])
-def test_sparse_backward_matches_autograd(multi_topk, n_dead):
+def test_sparse_backward_matches_autograd(multi_topk, n_dead, device):
     torch.manual_seed(0)
     sae = TopKSAE(TopKConfig(d_in=24, n_latents=96, k=4, k_aux=12, multi_topk=multi_topk))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_pre.normal_(0, 0.1)
         sae.W_enc.add_(0.1 * torch.randn_like(sae.W_enc))
-    x = torch.randn(50, 24).double().float()
+    sae.to(device)
+    x = torch.randn(50, 24).to(device)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
+    dead = dead.to(device)
     stats = sae.loss_and_grads(x, dead)
     ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
     for p in sae.parameters():
@@ -63,24 +67,28 @@ def test_sparse_backward_matches_autograd(multi_topk, n_dead):
     assert stats["l0"] <= 4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["topk", "relu"])
-def test_bf16_without_bf16_hardware_matches_a_bf16_gemm(monkeypatch, arch):
+def test_bf16_without_bf16_hardware_matches_a_bf16_gemm(monkeypatch, arch, device):
     """On CPUs without bf16 units the bf16 option runs an fp32 GEMM over bf16-rounded operands; it must
     give what PyTorch's bf16 GEMM gives (same rounding, fp32 accumulation), not the fp32 result: for
-    TopK's hand-written backward and for the ReLU baseline's autograd one alike (whose backward rounds
-    the operands' gradients to bf16, so they may differ by one bf16 ulp: 2^-8)."""
+    TopK's hand-written backward and for the ReLU baseline's autograd one alike. The ReLU backward's bf16
+    GEMMs also round their incoming gradient to bf16, the rounded path does not, so there the two agree
+    in norm (measured 2e-5 relative, on AVX2 and AVX512-BF16 CPUs) rather than in every element: where
+    sums cancel, one element can differ by 14% of its tiny value."""
     import sae_core.sae.base as base
 
     torch.manual_seed(0)
     if arch == "topk":
-        sae, grad_rtol = TopKSAE(TopKConfig(d_in=64, n_latents=256, k=8, k_aux=16)), 1e-4
+        sae = TopKSAE(TopKConfig(d_in=64, n_latents=256, k=8, k_aux=16))
     else:
-        sae, grad_rtol = ReluSAE(ReluConfig(d_in=64, n_latents=256, l1_coef=1e-3)), 2**-8
+        sae = ReluSAE(ReluConfig(d_in=64, n_latents=256, l1_coef=1e-3))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-    x = torch.randn(200, 64)
-    dead = torch.zeros(256, dtype=torch.bool)
+    sae.to(device)
+    x = torch.randn(200, 64).to(device)
+    dead = torch.zeros(256, dtype=torch.bool, device=device)
     dead[:40] = True
     grads = {}
     for mode, native in (("bf16 gemm", True), ("rounded fp32 gemm", False), ("fp32", None)):
@@ -89,7 +97,10 @@ def test_bf16_without_bf16_hardware_matches_a_bf16_gemm(monkeypatch, arch):
         grads[mode] = (stats["loss"], torch.cat([p.grad.flatten() for p in sae.parameters()]), sae.W_dec.grad[:40].clone())
     (loss_native, g_native, aux_native), (loss_rounded, g_rounded, aux_rounded), (loss_fp32, g_fp32, aux_fp32) = grads.values()
     assert loss_rounded == pytest.approx(loss_native, rel=1e-6)
-    torch.testing.assert_close(g_rounded, g_native, rtol=grad_rtol, atol=1e-7)
+    if arch == "topk":
+        torch.testing.assert_close(g_rounded, g_native, rtol=1e-4, atol=1e-7)
+    else:
+        assert (g_rounded - g_native).norm() < 1e-3 * g_native.norm()
     assert (g_fp32 - g_native).abs().max() > 10 * (g_rounded - g_native).abs().max(), "bf16 rounding must show"
     assert loss_fp32 != loss_native
     if arch == "topk":   # the dead latents' decoder gradient comes from AuxK's products, which run in bf16 too

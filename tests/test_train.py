@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import DEVICES
 from sae_core.cache import CacheConfig, build_cache
 from sae_core.errors import SaescopeError
 from sae_core.evaluate import EvalConfig, evaluate
@@ -38,8 +39,9 @@ def cache_dir(lm, tiny_model, tiny_corpus, tmp_path_factory):
     return out
 
 
-def test_training_learns_and_saves_a_usable_sae(cache_dir, tmp_path):
-    cfg = TrainConfig(n_latents=256, k=8, batch_size=128, tokens=128 * 150, lr=2e-3, checkpoint_every=50)
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_learns_and_saves_a_usable_sae(cache_dir, tmp_path, device):
+    cfg = TrainConfig(n_latents=256, k=8, batch_size=128, tokens=128 * 150, lr=2e-3, checkpoint_every=50, device=device)
     result = train(cfg, cache_dir, tmp_path / "sae", progress=False)
     assert result.steps == 150
     first, last = result.log[0], result.log[-1]
@@ -117,9 +119,31 @@ def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path)
     assert steps == sorted(set(steps)), "the resumed log must not repeat steps"
 
 
-def test_eval_splices_the_sae_into_the_model(cache_dir, lm, tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_a_gpu_checkpoint_resumes_on_a_machine_without_one(cache_dir, tmp_path):
+    """A run checkpointed on CUDA continues with --device cpu in a process that sees no GPU."""
+    args = ["--activations", str(cache_dir), "--n-latents", "256", "--k", "8", "--batch-size", "128",
+            "--tokens", str(128 * 40), "--checkpoint-every", "20"]
+    cli = [sys.executable, "-c", "from sae_core.cli import main; main()", "train", "--out", str(tmp_path / "sae")]
+    subprocess.run(cli + args + ["--device", "cuda"], check=True, capture_output=True)
+    saved = tmp_path / "sae" / "sae_weights.safetensors"
+    on_gpu = load_file(str(saved))
+    saved.unlink()                                  # as if the run had stopped right after its last checkpoint
+    ckpt = torch.load(tmp_path / "sae" / "checkpoint.pt", weights_only=False)
+    assert ckpt["sae"]["W_enc"].is_cuda and ckpt["step"] == 40
+    no_gpu = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cli + args + ["--device", "cpu", "--resume"], env=no_gpu, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = load_file(str(saved))
+    for name in on_gpu:
+        assert torch.equal(resumed[name], on_gpu[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_splices_the_sae_into_the_model(cache_dir, lm, tmp_path, device):
     train(TrainConfig(n_latents=256, k=16, batch_size=128, tokens=128 * 150, lr=2e-3), cache_dir, tmp_path / "sae", progress=False)
-    result = evaluate(tmp_path / "sae", EvalConfig(tokens=32 * 16, batch_size=4, device="cpu", model_dtype="float32"), lm=lm, progress=False)
+    cfg = EvalConfig(tokens=32 * 16, batch_size=4, device=device, model_dtype="float32")
+    result = evaluate(tmp_path / "sae", cfg, lm=lm if device == "cpu" else None, progress=False)   # on CUDA: loads the model there
     assert result.tokens == 16 * 31 and 0 < result.l0 <= 16
     assert 0 < result.fvu < 1
     assert result.ce_zero > result.ce_clean  # zeroing the residual stream hurts
