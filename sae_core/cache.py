@@ -275,29 +275,43 @@ class ActivationCache:
             return f.get_tensor(name)
 
     def batches(self, batch_size: int, seed: int = 0, skip: int = 0, buffer_shards: int = 8, dtype=torch.float32,
-                drop_last: bool = True) -> Iterator[torch.Tensor]:
-        """One epoch of shuffled batches: shards in random order, rows mixed across `buffer_shards` shards;
-        the first `skip` are drawn but not yielded (resuming inside an epoch)."""
-        for i, batch in enumerate(self._batches(batch_size, seed, buffer_shards, dtype, drop_last)):
+                drop_last: bool = True, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+        """One epoch of shuffled batches on `device`: shards in random order, rows mixed across
+        `buffer_shards` shards; the first `skip` are drawn but not yielded (resuming inside an epoch)."""
+        for i, batch in enumerate(self._batches(batch_size, seed, buffer_shards, dtype, drop_last, torch.device(device))):
             if i >= skip:
                 yield batch
 
     def batches_per_pass(self, batch_size: int) -> int:
         return self.n_rows // batch_size
 
-    def _batches(self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool) -> Iterator[torch.Tensor]:
+    def _batches(self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool, device: torch.device) -> Iterator[torch.Tensor]:
+        # The shuffle buffer lives on the training device in the storage dtype (half the bytes of fp32 to
+        # move, and a GPU shuffles it in place of the CPU); each batch is converted as it is cut, exactly
+        # (bf16/fp16 -> fp32). The next shard group is read from disk while this one is trained on.
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist()
-        carry = torch.empty(0, self.d_model, dtype=dtype)
-        for start in range(0, len(order), buffer_shards):
-            buf = torch.cat([carry] + [self.load_shard(i).to(dtype) for i in order[start:start + buffer_shards]])
-            buf = buf[torch.randperm(len(buf), generator=gen)]
-            n_full = len(buf) // batch_size
-            for b in range(n_full):
-                yield buf[b * batch_size:(b + 1) * batch_size]
-            carry = buf[n_full * batch_size:]
-        if len(carry) and not drop_last:
-            yield carry
+        groups = [order[start:start + buffer_shards] for start in range(0, len(order), buffer_shards)]
+        carry = None
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(self._load_group, groups[0], device.type == "cuda")
+            for g in range(len(groups)):
+                loaded = pending.result().to(device, non_blocking=True)
+                if g + 1 < len(groups):
+                    pending = reader.submit(self._load_group, groups[g + 1], device.type == "cuda")
+                buf = loaded if carry is None else torch.cat([carry, loaded])
+                buf = buf[torch.randperm(len(buf), generator=gen).to(device)]
+                n_full = len(buf) // batch_size
+                for b in range(n_full):
+                    yield buf[b * batch_size:(b + 1) * batch_size].to(dtype)
+                carry = buf[n_full * batch_size:]
+        if carry is not None and len(carry) and not drop_last:
+            yield carry.to(dtype)
+
+    def _load_group(self, shards: list[int], pin: bool = False) -> torch.Tensor:
+        """Rows of these shards; `pin`: in page-locked memory, so the copy to the GPU runs asynchronously."""
+        rows = torch.cat([self.load_shard(i) for i in shards])
+        return rows.pin_memory() if pin else rows
 
     def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
         """About `n` rows drawn uniformly from the whole cache, one shard in memory at a time."""

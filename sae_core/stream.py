@@ -71,7 +71,8 @@ class ModelStream:
         """Windows per shuffle group: enough rows for GROUP_BATCHES batches."""
         return math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
 
-    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32,
+                device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
         group = self._group(batch_size)
         gen = torch.Generator().manual_seed(seed)
@@ -87,7 +88,7 @@ class ModelStream:
             rows = self._activations(windows, start, count)
             for b in range(n_batches):
                 if emitted >= skip:
-                    yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(dtype)
+                    yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(device, dtype)
                 emitted += 1
 
     def batches_per_pass(self, batch_size: int) -> int:

@@ -10,6 +10,7 @@ weights, bit for bit on the CPU, as a run that was never interrupted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -131,12 +132,12 @@ def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: 
     lr = cfg.lr or sae.lr_default()
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
     step, start_step = 0, 0
-    tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long)
+    tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
     ema_state = None
     meta = {"activations": "streamed from the model" if cache is activations else str(activations), "cache": cache.config, "cache_windows": cache.manifest["n_windows"], "d_in": cache.d_model}
 
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # a GPU run's checkpoint resumes anywhere
         if state["config"] != cfg.identity() or state["d_in"] != cache.d_model:
             diff = [k for k, v in cfg.identity().items() if state["config"].get(k) != v]
             if state["d_in"] != cache.d_model:
@@ -145,8 +146,8 @@ def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: 
                                 f"resume with the same options or choose another --out")
         sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
         opt.load_state_dict(state["opt"])
-        tokens_since_fired = state["tokens_since_fired"]
-        ema_state = state["ema"]
+        tokens_since_fired = state["tokens_since_fired"].to(device)
+        ema_state = None if state["ema"] is None else {k: v.to(device) for k, v in state["ema"].items()}
         scale = state["scale"]
         step = start_step = state["step"]
         if (out / LOG).exists():  # drop log lines written after the checkpoint by the interrupted run
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: 
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_path, {"config": cfg.identity(), "d_in": cache.d_model, "sae": sae.state_dict(),
-                                     "opt": opt.state_dict(), "tokens_since_fired": tokens_since_fired,
+                                     "opt": opt.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
                                      "ema": ema_state, "scale": scale, "step": step})
 
     bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
@@ -188,32 +189,31 @@ def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: 
         while step < total_steps:
             epoch, skip = divmod(step, steps_per_epoch)
             # resuming inside an epoch: the order is seeded, so the source skips what was done
-            for batch_no, x in enumerate(cache.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip), start=skip):
+            for batch_no, x in enumerate(cache.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip, device=device), start=skip):
                 if step >= total_steps:
                     break
-                if not torch.isfinite(x).all():
-                    raise SaescopeError(f"batch {batch_no} of epoch {epoch} (step {step}) holds NaN or Inf activations; "
-                                        f"training stopped, the last good checkpoint in {out} is kept")
-                x = x.to(device) * scale
-                dead = tokens_since_fired >= dead_tokens
-                stats = sae.loss_and_grads(x, dead.to(device), autocast_bf16=cfg.bf16)
-                if not torch.isfinite(torch.tensor(stats["loss"])):
+                x = x * scale
+                stats = sae.loss_and_grads(x, tokens_since_fired >= dead_tokens, autocast_bf16=cfg.bf16)
+                if not math.isfinite(stats["loss"]):   # a NaN or Inf in the batch always shows here (FVU's denominator)
+                    if not torch.isfinite(x).all():
+                        raise SaescopeError(f"batch {batch_no} of epoch {epoch} (step {step}) holds NaN or Inf activations; "
+                                            f"training stopped, the last good checkpoint in {out} is kept")
                     raise SaescopeError(f"the loss became {stats['loss']} at step {step} (epoch {epoch}, batch {batch_no}); "
                                         f"training stopped, the last good checkpoint in {out} is kept; try a lower --lr")
                 sae.remove_parallel_grads()
                 opt.step()
                 sae.normalize_decoder()
                 tokens_since_fired += len(x)
-                tokens_since_fired[stats.pop("fired").cpu()] = 0
+                tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
                 if ema_state is not None:
                     with torch.no_grad():
                         for name, value in sae.state_dict().items():
                             ema_state[name].lerp_(value, 1 - cfg.ema)
                 step += 1
                 trained += len(x)
-                stats["dead_fraction"] = float((tokens_since_fired >= dead_tokens).float().mean())
                 bar.update(len(x))
-                if step % 10 == 0 or step == total_steps:
+                if step % 10 == 0 or step == total_steps:    # (reading the dead fraction waits for the GPU)
+                    stats["dead_fraction"] = float((tokens_since_fired >= dead_tokens).float().mean())
                     bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", dead=f"{stats['dead_fraction']:.1%}")
                     entry = {"step": step, "tokens": step * cfg.batch_size, **{k: round(v, 6) for k, v in stats.items()}}
                     log.append(entry)

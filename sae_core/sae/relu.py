@@ -47,5 +47,5 @@ class ReluSAE(DictionarySAE):
             loss = recon + self.cfg.l1_coef * z.sum(1).mean()
             loss.backward()
         active = z.detach() > 0
-        return {"loss": loss.item(), "fvu": recon.item(), "aux_fvu": 0.0, "l0": active.sum().item() / len(x),
-                "fired": active.any(0).nonzero().squeeze(1), "n_dead": int(dead.sum())}
+        loss, recon, l0, n_dead = torch.stack([loss.detach(), recon.detach(), active.sum() / len(x), dead.sum()]).tolist()   # one wait for the device
+        return {"loss": loss, "fvu": recon, "aux_fvu": 0.0, "l0": l0, "fired": active.any(0), "n_dead": int(n_dead)}

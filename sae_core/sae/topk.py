@@ -56,7 +56,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 class TopKSAE(DictionarySAE):
     architecture = "topk"
-    ENCODE_BLOCK = 1024      # rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB)
+    ENCODE_BLOCK = 1024      # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
+    GPU_BLOCK_ELEMENTS = 2**28   # GPU: blocks of up to 1 GB of fp32 (a whole batch of 4096 x 32768): fewer, larger launches
 
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
@@ -89,10 +90,14 @@ class TopKSAE(DictionarySAE):
         """Compute the loss of batch x, set every parameter's .grad, and report statistics.
 
         `dead` is a bool mask [n_latents] of latents that have not fired for the dead threshold.
-        Returns floats: loss, fvu, aux_fvu, l0, plus `fired` (indices of latents active in x).
+        Returns floats: loss, fvu, aux_fvu, l0, n_dead, plus `fired` (bool mask [n_latents] of latents
+        active in x, on x's device). On a GPU the step waits for the device twice: for the number of dead
+        latents (it sets AuxK's shapes) and for the statistics at the end.
         """
         cfg = self.cfg
         B = x.shape[0]
+        for p in self.parameters():     # free last step's gradients first: their memory is reused for this step's
+            p.grad = None
         xc = x - self.b_pre
         k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
         dead_idx = dead.nonzero().squeeze(1) if cfg.aux_coef else dead.new_zeros(0, dtype=torch.long)
@@ -105,27 +110,23 @@ class TopKSAE(DictionarySAE):
         W_T, bias, xg = gemm_operand(self.W_enc, operand).T, gemm_operand(self.b_enc, operand), gemm_operand(xc, operand)
         pre_dead = torch.empty(B, n_dead, dtype=W_T.dtype, device=x.device) if n_dead else None
         vals_all, idx_all = [], []
-        for s in range(0, B, self.ENCODE_BLOCK):
-            rows = xg[s:s + self.ENCODE_BLOCK]
+        block_rows = self.ENCODE_BLOCK if x.device.type == "cpu" else max(self.ENCODE_BLOCK, self.GPU_BLOCK_ELEMENTS // cfg.n_latents)
+        for s in range(0, B, block_rows):
+            rows = xg[s:s + block_rows]
             block = torch.addmm(bias, rows, W_T)
             if operand == "rounded":
                 block.copy_(block.bfloat16())
-            v, i = block.topk(k_main, dim=1, sorted=True)
+            v, i = block.topk(k_main, dim=1, sorted=cfg.multi_topk)   # Multi-TopK takes the first k of its 4k
             vals_all.append(v.float())
             idx_all.append(i)
             if n_dead:
                 torch.index_select(block, 1, dead_idx, out=pre_dead[s:s + len(rows)])
-        vals_all, idx_all = torch.cat(vals_all), torch.cat(idx_all)
+        vals_all, idx_all = (torch.cat(vals_all), torch.cat(idx_all)) if len(vals_all) > 1 else (vals_all[0], idx_all[0])
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
-        gW_enc = torch.zeros_like(self.W_enc)
-        gW_dec = torch.zeros_like(self.W_dec)
-        gb_enc = torch.zeros_like(self.b_enc)
-        gb_pre = torch.zeros_like(self.b_pre)
-
+        grads = None     # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
         terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
-        stats: dict = {}
-        loss = 0.0
+        loss = aux_fvu = x.new_zeros(())      # device scalars, read back once at the end
         residual = x
         for k, weight in terms:
             vals, idx = vals_all[:, :k], idx_all[:, :k]
@@ -133,17 +134,16 @@ class TopKSAE(DictionarySAE):
             x_hat = nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=z, mode="sum") + self.b_pre
             err = x - x_hat
             term = err.pow(2).sum() / denom
-            loss += weight * term.item()
+            loss = loss + weight * term
             if k == cfg.k:
                 residual = err.clone()  # e = x - x_hat, the AuxK target (no gradient flows into it)
-                stats["fvu"] = term.item()
-                stats["l0"] = (z > 0).sum().item() / B
-                stats["fired"] = idx[z > 0].unique()
+                fvu_k, l0 = term, (z > 0).sum() / B
+                fired = torch.zeros(cfg.n_latents, dtype=z.dtype, device=x.device).scatter_reduce_(0, idx.flatten(), z.flatten(), "amax") > 0
             g = err.mul_(-2.0 * weight / denom)           # dLoss/dx_hat, [B, d]
-            gb_pre += g.sum(0)
-            self._sparse_backward(xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc)
+            term_grads = (*self._sparse_backward(xc, g, z, vals, idx), g.sum(0))
+            grads = term_grads if grads is None else tuple(a.add_(b) for a, b in zip(grads, term_grads))
+        gW_enc, gW_dec, gb_enc, gb_pre = grads
 
-        stats["aux_fvu"] = 0.0
         if n_dead:
             # AuxK's four products run over the dead columns only, in the encoder GEMM's dtype (as autocast would)
             k_aux = min(cfg.k_aux, n_dead)
@@ -154,10 +154,9 @@ class TopKSAE(DictionarySAE):
             Z = torch.zeros(B, n_dead, dtype=aux_vals.dtype, device=x.device).scatter_(1, aux_local, aux_vals.relu())
             W_dead = gemm_operand(self.W_dec[dead_idx], operand)
             aux_err = residual - gemm(Z, W_dead, operand)
-            aux_fvu = aux_err.pow(2).sum().item() / e_var.item()
+            aux_fvu = aux_err.pow(2).sum() / e_var
             scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
-            loss += scale * aux_fvu
-            stats["aux_fvu"] = aux_fvu
+            loss = loss + scale * aux_fvu
             g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)   # dLoss/de_hat
             gW_dec.index_add_(0, dead_idx, gemm(Z.T, g_aux, operand).float())
             gz = torch.gather(gemm(g_aux, W_dead.T, operand), 1, aux_local) * (aux_vals > 0)
@@ -169,12 +168,11 @@ class TopKSAE(DictionarySAE):
         # b_pre enters the encoder as (x - b_pre): its gradient there is -(dL/db_enc) @ W_enc.
         gb_pre -= gb_enc @ self.W_enc
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
-        stats["loss"] = loss
-        stats["n_dead"] = int(dead.sum())
-        return stats
+        loss, fvu_k, l0, aux_fvu = torch.stack([loss, fvu_k, l0.float(), aux_fvu]).tolist()
+        return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
 
-    def _sparse_backward(self, xc, g, z, vals, idx, gW_enc, gW_dec, gb_enc) -> None:
-        """Accumulate the gradients of one TopK reconstruction term from its k selected rows per token.
+    def _sparse_backward(self, xc, g, z, vals, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients (W_enc, W_dec, b_enc) of one TopK reconstruction term, from its k selected rows per token.
 
         Both directions are sparse products with the same [batch, n_latents] pattern of k entries
         per row: dL/dz is a sampled dense-dense product (only the selected <g, W_dec[i]>), and the
@@ -190,12 +188,14 @@ class TopKSAE(DictionarySAE):
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
-        crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
-        token = torch.arange(B, device=idx.device).repeat_interleave(k)[order]
+        # per-latent counts by scatter_add: bincount would wait for the GPU (it sizes its output from the max)
+        crow[1:] = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
+        token = order // k              # flat position p holds a latent chosen by token p // k
 
         def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
             return torch.sparse_csr_tensor(crow, token, values.reshape(-1)[order], (n, B)) @ dense
 
-        gW_dec += per_latent(z, g)       # dL/dW_dec[i] = sum over tokens choosing i of z * g
-        gW_enc += per_latent(gz, xc)     # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
-        gb_enc.index_add_(0, flat, gz.reshape(-1))
+        gW_dec = per_latent(z, g)        # dL/dW_dec[i] = sum over tokens choosing i of z * g
+        gW_enc = per_latent(gz, xc)      # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
+        gb_enc = torch.zeros_like(self.b_enc).index_add_(0, flat, gz.reshape(-1))
+        return gW_enc, gW_dec, gb_enc
