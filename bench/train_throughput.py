@@ -1,7 +1,7 @@
 """Tokens/s of one TopK training step: saescope against eai-sparsify, sae-lens and dictionary-learning,
 same CPU, same run, each peer in its own virtual environment driven through its own public classes.
 
-    python bench/train_throughput.py [--steps 10] [--configs A B] [--install]
+    python bench/train_throughput.py [--steps 10] [--configs A B] [--install] [--device cuda]
 
 Cells (DESIGN §7): config A (d 576, 16384 latents, k 32, batch 4096) and B (d 768, 32768 latents),
 fp32 and bf16 autocast, "AuxK on" = 10% of latents forced dead so every AuxK path runs. Data:
@@ -11,6 +11,9 @@ Roofline: the encoder's dense [batch, d] @ [d, n] matmul alone, same dtype, in t
 bf16 on a CPU without bf16 units: the fp32 matmul, which is how saescope computes bf16 there).
 Drivers: bench/peers/{saescope,sparsify,saelens,dictlearn}_step.py. Peer venvs live in
 bench/out/venv-<peer>; --install creates the missing ones (DESIGN §7's install notes).
+--device cuda runs every trainer and the roofline on the GPU (timings synchronised, memory = peak
+GPU memory PyTorch allocated); --peers-here takes the peers from this interpreter instead of their
+venvs, for a machine whose image already holds a CUDA torch (install them there with pip).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "bench" / "peers"
 sys.path.insert(0, str(PEERS_DIR))
-from common import CONFIGS  # noqa: E402
+from common import CONFIGS, synchronize  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from sae_core.hardware import keep_large_buffers, native_bf16  # noqa: E402
@@ -60,9 +63,10 @@ def install(peer: str) -> None:
         subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], check=True)
 
 
-def run(python: str, driver: str, cell: tuple[str, str, str], steps: int) -> dict:
+def run(python: str, driver: str, cell: tuple[str, str, str], steps: int, device: str) -> dict:
     config, dtype, aux = cell
-    proc = subprocess.run([python, str(PEERS_DIR / driver), "--config", config, "--dtype", dtype, "--auxk", aux, "--steps", str(steps)],
+    proc = subprocess.run([python, str(PEERS_DIR / driver), "--config", config, "--dtype", dtype, "--auxk", aux, "--steps", str(steps),
+                           "--device", device],
                           capture_output=True, text=True, timeout=3600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -74,15 +78,18 @@ def best(a: dict, b: dict) -> dict:
     return b if "tok_s" in b and b["tok_s"] > a.get("tok_s", -1) else (a or b)
 
 
-def roofline(d: int, n: int, batch: int, bf16: bool, reps: int = 5) -> float:
-    a, b = torch.randn(batch, d), torch.randn(d, n)
-    if bf16 and native_bf16("cpu"):    # without bf16 units the fastest bf16-exact GEMM is the fp32 one (sae/topk.py)
+def roofline(d: int, n: int, batch: int, bf16: bool, device: str, reps: int = 5) -> float:
+    a, b = torch.randn(batch, d, device=device), torch.randn(d, n, device=device)
+    if bf16 and native_bf16(a.device.type):    # without bf16 units the fastest bf16-exact GEMM is the fp32 one (sae/topk.py)
         a, b = a.bfloat16(), b.bfloat16()
+    reps = reps if a.device.type == "cpu" else 50 * reps    # a GPU GEMM takes well under a millisecond
     a @ b
     times = []
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return batch / sorted(times)[reps // 2]
 
@@ -95,17 +102,22 @@ def main() -> None:
     ap.add_argument("--peers", nargs="*", default=list(PEERS))
     ap.add_argument("--install", action="store_true", help="create missing peer venvs first")
     ap.add_argument("--repeats", type=int, default=1, help="run every trainer this many times per cell, interleaved; keep the best")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--peers-here", action="store_true", help="the peers are installed in this interpreter (no venvs)")
     args = ap.parse_args()
     if args.install:
         for peer in args.peers:
             install(peer)
-    peers = [p for p in args.peers if venv_python(p).exists()]
+    python = {p: sys.executable if args.peers_here else str(venv_python(p)) for p in args.peers}
+    peers = [p for p in args.peers if Path(python[p]).exists()]
     missing = sorted(set(args.peers) - set(peers))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU {torch.backends.cpu.get_cpu_capability()} "
-          f"({'with' if native_bf16('cpu') else 'without'} bf16 units), "
+    where = (f"GPU {torch.cuda.get_device_name()}" if torch.device(args.device).type == "cuda" else
+             f"CPU {torch.backends.cpu.get_cpu_capability()} ({'with' if native_bf16('cpu') else 'without'} bf16 units)")
+    memory = "GPU MB" if torch.device(args.device).type == "cuda" else "RSS MB"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, "
           f"median of {args.steps} steps, one process per trainer and cell, best of {args.repeats} interleaved"
           + (f"; not installed (use --install): {', '.join(missing)}" if missing else ""))
-    head = "| cell | saescope tok/s | of roofline | RSS MB | " + " | ".join(f"{p} tok/s (RSS MB)" for p in peers) + " | vs fastest peer |"
+    head = f"| cell | saescope tok/s | of roofline | {memory} | " + " | ".join(f"{p} tok/s ({memory})" for p in peers) + " | vs fastest peer |"
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for cell in CELLS:
         if cell[0] not in args.configs or cell[1] not in args.dtypes:
@@ -113,18 +125,19 @@ def main() -> None:
         c = CONFIGS[cell[0]]
         ours, others = {}, {p: {} for p in peers}
         for _ in range(args.repeats):   # interleaved, best of: the machine's load drifts between processes
-            ours = best(ours, run(sys.executable, "saescope_step.py", cell, args.steps))
+            ours = best(ours, run(sys.executable, "saescope_step.py", cell, args.steps, args.device))
             for p in peers:
-                others[p] = best(others[p], run(str(venv_python(p)), PEERS[p][0], cell, args.steps))
-        roof = roofline(c["d"], c["n"], c["batch"], cell[1] == "bf16")
+                others[p] = best(others[p], run(python[p], PEERS[p][0], cell, args.steps, args.device))
+        roof = roofline(c["d"], c["n"], c["batch"], cell[1] == "bf16", args.device)
+        mem = "gpu_mb" if memory == "GPU MB" else "rss_mb"
         rates = [o["tok_s"] for o in others.values() if "tok_s" in o]
         ratio = f"{ours['tok_s'] / max(rates):.2f}x" if rates and "tok_s" in ours else "–"
-        cols = [f"{o['tok_s']:,.0f} ({o['rss_mb']:,.0f})" if "tok_s" in o else f"failed: {o['error']}" for o in others.values()]
+        cols = [f"{o['tok_s']:,.0f} ({o[mem]:,.0f})" if "tok_s" in o else f"failed: {o['error']}" for o in others.values()]
         name = f"{cell[0]} {cell[1]} AuxK {cell[2]}"
         if "tok_s" not in ours:
             print(f"| {name} | failed: {ours['error']} | | | " + " | ".join(cols) + " | – |", flush=True)
             continue
-        print(f"| {name} | {ours['tok_s']:,.0f} | {ours['tok_s'] / roof:.0%} | {ours['rss_mb']:,.0f} | " + " | ".join(cols) + f" | {ratio} |", flush=True)
+        print(f"| {name} | {ours['tok_s']:,.0f} | {ours['tok_s'] / roof:.0%} | {ours[mem]:,.0f} | " + " | ".join(cols) + f" | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """What every training-step driver shares (ours and the peers', each run in its own venv): the
 configurations, DESIGN §7's structured random data, the dead mask, timing, and the JSON it prints.
-Depends on torch only, so every peer's venv can import it."""
+Depends on torch only, so every peer's venv can import it. With --device cuda the data and the dead
+mask live on the GPU, every timed step ends with a device synchronisation, and the report adds the
+peak GPU memory PyTorch allocated."""
 
 from __future__ import annotations
 
@@ -14,17 +16,21 @@ import torch
 CONFIGS = {"A": dict(d=576, n=16384, k=32, batch=4096), "B": dict(d=768, n=32768, k=32, batch=4096)}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(add_arguments=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
+    if add_arguments:       # a driver's own options
+        add_arguments(ap)
     ap.add_argument("--config", choices=CONFIGS, default="A")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--auxk", choices=["on", "off"], default="on")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     return ap.parse_args()
 
 
-def structured_batches(d: int, n: int, batch: int, count: int = 3, seed: int = 0) -> list[torch.Tensor]:
-    """32-sparse non-negative mixes of a random unit-norm dictionary plus noise."""
+def structured_batches(d: int, n: int, batch: int, count: int = 3, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
+    """32-sparse non-negative mixes of a random unit-norm dictionary plus noise (drawn on the CPU, so
+    every device trains on the same numbers)."""
     gen = torch.Generator().manual_seed(seed)
     dictionary = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
     out = []
@@ -32,24 +38,33 @@ def structured_batches(d: int, n: int, batch: int, count: int = 3, seed: int = 0
         idx = torch.randint(0, n, (batch, 32), generator=gen)
         coef = torch.rand(batch, 32, generator=gen)
         x = torch.nn.functional.embedding_bag(idx, dictionary, per_sample_weights=coef, mode="sum")
-        out.append(x + 0.05 * torch.randn(batch, d, generator=gen))
+        out.append((x + 0.05 * torch.randn(batch, d, generator=gen)).to(device))
     return out
 
 
-def dead_mask(n: int, on: bool, seed: int = 1) -> torch.Tensor:
+def dead_mask(n: int, on: bool, seed: int = 1, device: str = "cpu") -> torch.Tensor:
     """10% of latents marked dead (so every trainer runs its AuxK path), or none."""
     mask = torch.zeros(n, dtype=torch.bool)
     if on:
         mask[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: n // 10]] = True
-    return mask
+    return mask.to(device)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work: GPU kernels run asynchronously to the Python that launched them."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_steps(step, batches: list[torch.Tensor], steps: int) -> float:
-    """Median tokens/s of `step(x)` over `steps` steps after 2 warm-up steps."""
+    """Median tokens/s of `step(x)` over `steps` steps after 2 warm-up steps (each step waits for the device)."""
     times = []
+    device = str(batches[0].device)
+    synchronize(device)
     for i in range(steps + 2):
         t0 = time.perf_counter()
         step(batches[i % len(batches)])
+        synchronize(device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     times.sort()
@@ -67,5 +82,7 @@ def peak_rss_mb() -> float:
 
 
 def report(name: str, version: str, tok_s: float) -> None:
-    rss = peak_rss_mb()
-    print(json.dumps({"trainer": name, "version": version, "tok_s": tok_s, "rss_mb": rss}))
+    out = {"trainer": name, "version": version, "tok_s": tok_s, "rss_mb": peak_rss_mb()}
+    if torch.cuda.is_initialized():
+        out["gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))

@@ -20,9 +20,9 @@ from dictionary_learning.trainers.top_k import TopKTrainer  # noqa: E402
 args = parse_args()
 c = CONFIGS[args.config]
 trainer = TopKTrainer(steps=10**6, activation_dim=c["d"], dict_size=c["n"], k=c["k"], layer=0, lm_name="bench", seed=0,
-                      device="cpu", warmup_steps=0)
-dead = dead_mask(c["n"], args.auxk == "on")
-autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+                      device=args.device, warmup_steps=0)
+dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
+autocast = (lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
 state = {"step": 0}
 
 
@@ -33,4 +33,4 @@ def step(x):
     state["step"] += 1
 
 
-report("dictionary-learning", version("dictionary-learning"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"]), args.steps))
+report("dictionary-learning", version("dictionary-learning"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"], device=args.device), args.steps))

@@ -21,11 +21,11 @@ from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 args = parse_args()
 c = CONFIGS[args.config]
 torch.manual_seed(0)
-sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=c["d"], d_sae=c["n"], k=c["k"], aux_loss_coefficient=1 / 32, device="cpu"))
-cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=c["batch"], lr=2e-4, lr_end=2e-4, device="cpu",
+sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=c["d"], d_sae=c["n"], k=c["k"], aux_loss_coefficient=1 / 32, device=args.device))
+cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=c["batch"], lr=2e-4, lr_end=2e-4, device=args.device,
                        autocast=args.dtype == "bf16", dead_feature_window=1000)
 trainer = SAETrainer(cfg, sae, data_provider=iter(()))
-dead = dead_mask(c["n"], args.auxk == "on")
+dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
 
 
 def step(x):
@@ -33,4 +33,4 @@ def step(x):
     trainer.step(x)
 
 
-report("sae-lens", version("sae-lens"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"]), args.steps))
+report("sae-lens", version("sae-lens"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"], device=args.device), args.steps))

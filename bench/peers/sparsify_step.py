@@ -21,10 +21,10 @@ from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 args = parse_args()
 c = CONFIGS[args.config]
 torch.manual_seed(0)
-sae = SparseCoder(c["d"], SparseCoderConfig(num_latents=c["n"], k=c["k"]), device="cpu")
+sae = SparseCoder(c["d"], SparseCoderConfig(num_latents=c["n"], k=c["k"]), device=args.device)
 opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (c["n"] / 2**14) ** 0.5)
-dead = dead_mask(c["n"], args.auxk == "on")
-autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
+autocast = (lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
 
 
 def step(x):
@@ -38,4 +38,4 @@ def step(x):
     opt.zero_grad()
 
 
-report("eai-sparsify", version("eai-sparsify"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"]), args.steps))
+report("eai-sparsify", version("eai-sparsify"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"], device=args.device), args.steps))
