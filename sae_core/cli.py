@@ -82,7 +82,7 @@ def train(
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
     resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one on the CPU; on a GPU, atomic adds may sum in another order."),
 ) -> None:
     """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model."""
     from .cache import CacheConfig

@@ -74,7 +74,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     if (sae_dir / CFG).exists() and (sae_dir / WEIGHTS).exists():
         console.print("      SAE trained: skipped")
     else:
-        result = train(TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens), cache_dir, sae_dir,
+        result = train(TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device), cache_dir, sae_dir,
                        resume=(sae_dir / "checkpoint.pt").exists())
         console.print(f"      FVU {result.final.get('fvu', float('nan')):.3f}, dead {result.final.get('dead_fraction', 0):.1%}")
 

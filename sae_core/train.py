@@ -52,7 +52,7 @@ class TrainConfig:
     bf16: bool = False              # identity: encoder (and TopK's AuxK) matmuls in bf16 numerics (sae/base.py bf16_gemm)
     seed: int = 0                   # identity
     checkpoint_every: int = 200     # steps between checkpoints
-    device: str = "cpu"
+    device: str = "auto"            # auto: CUDA when present, else the CPU (bitwise resumable on the CPU)
 
     NOT_IDENTITY = ("checkpoint_every", "device")
 

@@ -93,7 +93,7 @@ def test_bad_input_stops_cleanly(cache_dir, tmp_path):
 
 def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path):
     args = ["--activations", str(cache_dir), "--n-latents", "2048", "--k", "8", "--batch-size", "128",
-            "--tokens", str(128 * 600), "--checkpoint-every", "25", "--lr", "1e-3"]
+            "--tokens", str(128 * 600), "--checkpoint-every", "25", "--lr", "1e-3", "--device", "cpu"]   # bitwise: a CPU claim
     cli = [sys.executable, "-c", "from sae_core.cli import main; main()", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed = tmp_path / "killed"
