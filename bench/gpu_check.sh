@@ -13,6 +13,7 @@ set -o pipefail
 export PYTHONUNBUFFERED=1
 cache=${1:?usage: bash bench/gpu_check.sh CACHE [SHARD_COPIES]}
 copies=${2:-32}
+[ -f "$cache/cache.json" ] && [ -f "$cache/shard_00000.safetensors" ] || { echo "$cache is not an activation cache with a first shard (make one with saescope cache)" >&2; exit 2; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site

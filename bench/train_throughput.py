@@ -105,15 +105,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--peers-here", action="store_true", help="the peers are installed in this interpreter (no venvs)")
     args = ap.parse_args()
+    try:
+        on_gpu = torch.device(args.device).type == "cuda"
+    except RuntimeError:
+        ap.error(f"--device {args.device!r}: use cpu or cuda")
+    if on_gpu and not torch.cuda.is_available():
+        ap.error("--device cuda: this torch build sees no CUDA GPU")
     if args.install:
         for peer in args.peers:
             install(peer)
     python = {p: sys.executable if args.peers_here else str(venv_python(p)) for p in args.peers}
     peers = [p for p in args.peers if Path(python[p]).exists()]
     missing = sorted(set(args.peers) - set(peers))
-    where = (f"GPU {torch.cuda.get_device_name()}" if torch.device(args.device).type == "cuda" else
+    where = (f"GPU {torch.cuda.get_device_name()}" if on_gpu else
              f"CPU {torch.backends.cpu.get_cpu_capability()} ({'with' if native_bf16('cpu') else 'without'} bf16 units)")
-    memory = "GPU MB" if torch.device(args.device).type == "cuda" else "RSS MB"
+    memory, mem = ("GPU MB", "gpu_mb") if on_gpu else ("RSS MB", "rss_mb")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, "
           f"median of {args.steps} steps, one process per trainer and cell, best of {args.repeats} interleaved"
           + (f"; not installed (use --install): {', '.join(missing)}" if missing else ""))
@@ -129,7 +135,6 @@ def main() -> None:
             for p in peers:
                 others[p] = best(others[p], run(python[p], PEERS[p][0], cell, args.steps, args.device))
         roof = roofline(c["d"], c["n"], c["batch"], cell[1] == "bf16", args.device)
-        mem = "gpu_mb" if memory == "GPU MB" else "rss_mb"
         rates = [o["tok_s"] for o in others.values() if "tok_s" in o]
         ratio = f"{ours['tok_s'] / max(rates):.2f}x" if rates and "tok_s" in ours else "–"
         cols = [f"{o['tok_s']:,.0f} ({o[mem]:,.0f})" if "tok_s" in o else f"failed: {o['error']}" for o in others.values()]
