@@ -197,31 +197,10 @@ def serve(
     wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
 ) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
-    import time
+    from .serve import ServeConfig, serve as run_serve
 
-    from app.deps import ENV_DB_THREADS
-    from app.main import create_app
-    from app.server import run
-    from .store import db as store_db
-
-    deadline = time.monotonic() + wait_for_db
-    while True:
-        try:
-            engine = store_db.make_engine(db)
-            break
-        except SaescopeError as exc:
-            if time.monotonic() >= deadline:
-                raise
-            console.print(f"waiting for the database: {exc}")
-            time.sleep(2)
-    if upgrade:
-        store_db.upgrade(engine)
-    create_app(db)  # check the store and its schema before binding the port: a clear error, not a crash loop
-    os.environ[store_db.ENV_URL] = store_db.database_url(db)
-    if db_threads is not None:
-        os.environ[ENV_DB_THREADS] = str(db_threads)
-    console.print(f"serving {store_db.redact(store_db.database_url(db))} at http://{host}:{port}  (API docs: http://{host}:{port}/docs)")
-    run(host, port, workers, loop)
+    run_serve(ServeConfig(db=db, host=host, port=port, workers=workers, loop=loop, db_threads=db_threads,
+                          upgrade=upgrade, wait_for_db=wait_for_db), console)
 
 
 @app.command()
@@ -248,7 +227,9 @@ def demo(
     result = run_demo(cfg, console)
     console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
     if serve_after:
-        serve(db=db, host=host, port=port, workers=1)
+        from .serve import ServeConfig, serve as run_serve
+
+        run_serve(ServeConfig(db=db, host=host, port=port, workers=1), console)
 
 
 db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")

@@ -1,0 +1,65 @@
+"""Serve the atlas: what `saescope serve` and the last stage of `saescope demo` both call.
+
+A plain function over a typed config, so every caller passes real values (the demo once called the
+typer-decorated command directly and crashed on its unfilled option objects). The web app lives in
+`app/`; it is imported here only when serving starts, so `sae_core` does not depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from rich.console import Console
+
+from .errors import SaescopeError
+
+
+@dataclass
+class ServeConfig:
+    db: str | None = None                       # database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data dir)
+    host: str = "127.0.0.1"                     # interface to listen on (0.0.0.0 to share on the network)
+    port: int = 8000
+    workers: int = 1                            # server processes; they share the store
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
+    db_threads: int | None = None               # threads per process for database reads (None: app.deps.db_threads decides)
+    upgrade: bool = False                       # apply the schema migrations first
+    wait_for_db: float = 0.0                    # seconds to keep retrying an unreachable database
+
+
+def serve(cfg: ServeConfig, console: Console | None = None) -> None:
+    """Check the store, then serve pages and API until interrupted (Ctrl-C ends it cleanly)."""
+    from app.deps import ENV_DB_THREADS
+    from app.main import create_app
+    from app.server import run
+
+    from .store import db as store_db
+
+    console = console or Console(stderr=True)
+    if not 0 < cfg.port < 65536:
+        raise SaescopeError(f"--port must be between 1 and 65535, not {cfg.port}")
+    if cfg.workers < 1:
+        raise SaescopeError(f"--workers must be at least 1, not {cfg.workers}")
+    deadline = time.monotonic() + cfg.wait_for_db
+    while True:
+        try:
+            engine = store_db.make_engine(cfg.db)
+            break
+        except SaescopeError as exc:
+            if time.monotonic() >= deadline:
+                raise
+            console.print(f"waiting for the database: {exc}")
+            time.sleep(2)
+    if cfg.upgrade:
+        store_db.upgrade(engine)
+    create_app(cfg.db)  # check the store and its schema before binding the port: a clear error, not a crash loop
+    # Each worker process builds its own app: the store's URL and the read threads reach it through the environment.
+    os.environ[store_db.ENV_URL] = store_db.database_url(cfg.db)
+    if cfg.db_threads is not None:
+        os.environ[ENV_DB_THREADS] = str(cfg.db_threads)
+    url = f"http://{cfg.host}:{cfg.port}"
+    console.print(f"serving {store_db.redact(store_db.database_url(cfg.db))} at {url}  (API docs: {url}/docs; Ctrl-C stops)")
+    run(cfg.host, cfg.port, cfg.workers, cfg.loop)
+    console.print("stopped")
