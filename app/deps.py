@@ -64,7 +64,11 @@ async def read_connection(request: Request, work: Callable[..., T], *args) -> T:
 
     Endpoints are async and hand all their blocking work (queries and template rendering) to one
     call of this (or `read`); see `db_threads` for where it runs."""
-    reader: Reader = request.app.state.reader
+    return await run_read(request.app.state.reader, work, *args)
+
+
+async def run_read(reader: Reader, work: Callable[..., T], *args) -> T:
+    """`work(connection, *args)` in one transaction, on the event loop or in a worker thread."""
     if reader.limiter is None:
         for attempt in range(2):
             conn = reader.connection()

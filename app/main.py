@@ -11,7 +11,6 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import sessionmaker
@@ -20,10 +19,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sae_core.store import db
 
 from . import api, deps, pages, queries
+from .http import HTTPPolicy
 from .render import templates
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "static"
+# Swagger UI without FastAPI's inline start-up script, which the Content-Security-Policy refuses.
+SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>saescope API</title>
+<link rel="icon" href="/static/favicon.svg"><link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div><script src="/static/vendor/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/static/swagger-init.js"></script></body></html>"""
 
 
 def create_app(url: str | None = None) -> FastAPI:
@@ -41,9 +46,7 @@ def create_app(url: str | None = None) -> FastAPI:
     @app.get("/docs", include_in_schema=False)
     def docs():
         if (STATIC / "vendor" / "swagger-ui" / "swagger-ui-bundle.js").exists():
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="saescope API",
-                                       swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
-                                       swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css", swagger_favicon_url="")
+            return HTMLResponse(SWAGGER_PAGE)
         return HTMLResponse('<p>Swagger UI is not installed here (<code>make venv</code> fetches it). '
                             'The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>; docs/api.md describes every endpoint.</p>')
 
@@ -60,18 +63,24 @@ def create_app(url: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        reasons = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors()]
-        if wants_json(request):
-            return JSONResponse({"detail": reasons}, status_code=422)
-        return templates.TemplateResponse(request, "error.html", {"status": 422, "title": "Invalid request", "reason": "; ".join(reasons)},
+        errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        if wants_json(request):        # FastAPI's documented HTTPValidationError shape: loc names the parameter
+            return JSONResponse({"detail": errors}, status_code=422)
+        reasons = "; ".join(f"{'.'.join(e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors)
+        return templates.TemplateResponse(request, "error.html", {"status": 422, "title": "Invalid request", "reason": reasons},
                                           status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)        # 405 carries Allow (RFC 9110)
         if wants_json(request) or exc.status_code not in (404, 405):
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-        return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "title": "Not found",
-                                          "reason": f"there is no page at {request.url.path}"}, status_code=exc.status_code)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        title, reason = (("Not found", f"there is no page at {request.url.path}") if exc.status_code == 404
+                         else ("Method not allowed", f"{request.method} is not allowed at {request.url.path}"))
+        return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "title": title, "reason": reason},
+                                          status_code=exc.status_code, headers=headers)
+
+    app.add_middleware(HTTPPolicy, reader=app.state.reader, schema_revision=app.state.schema_revision)
 
     # Objects that live as long as the process (modules, templates, the app; later each vocabulary, see
     # queries.VocabCache) go to the collector's permanent generation: otherwise every full collection

@@ -38,12 +38,15 @@ def visible(text: str) -> Markup:
     return Markup("").join(out)
 
 
+HEAT_LEVELS = 20    # highlight steps; static/style.css defines .tok.h1 .. .tok.h20
+
+
 def heat(value: float, max_value: float) -> str:
-    """Background of a token whose activation is `value` on a feature whose max is `max_value`."""
+    """The highlight class of a token whose activation is `value` on a feature whose max is `max_value`:
+    a class rather than an inline style, so the Content-Security-Policy can refuse inline styles."""
     if value <= 0 or max_value <= 0:
         return ""
-    alpha = min(1.0, 0.12 + 0.88 * value / max_value)
-    return f"background-color: rgba(255, 111, 0, {alpha:.2f})"
+    return f"h{max(1, min(HEAT_LEVELS, math.ceil(HEAT_LEVELS * value / max_value)))}"
 
 
 @lru_cache(maxsize=65536)   # per-token tooltips format float16 values: few distinct ones
@@ -78,8 +81,9 @@ def context_html(ex: dict, max_value: float) -> Markup:
              f'{fmt(ex["max_act"])} · {short}</span>']
     for i, (tok, token_id, a) in enumerate(zip(ex["tokens"], ex["token_ids"], ex["acts"])):
         cls = "tok peak" if i == peak else "tok"
-        style = f' style="{heat(a, max_value)}"' if a > 0 else ""
-        parts.append(f'<span class="{cls}"{style} title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}" data-act="{a}">'
+        if a > 0:
+            cls += " " + heat(a, max_value)
+        parts.append(f'<span class="{cls}" title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}" data-act="{a}">'
                      f'{visible(tok)}</span>')
     parts.append("</div>")
     return Markup("".join(parts))

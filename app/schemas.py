@@ -118,3 +118,8 @@ class SearchResult(BaseModel):
 class Health(BaseModel):
     status: str
     schema_revision: str
+
+
+class Problem(BaseModel):
+    """The body of a 404 (and of any other error but 422): what was asked for and why it failed."""
+    detail: str = Field(description="e.g. \"no SAE named 'x'\" or \"x has features 0..8191; there is no feature 9000\"")

@@ -6,15 +6,12 @@ Screenshots of every page visited land in test-artifacts/browser/ so a failure c
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from app.main import create_app
+from conftest import LiveServer
 from test_app import XSS, plant_tokens
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
@@ -24,19 +21,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def server(mined_store):
     planted = plant_tokens(mined_store)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = uvicorn.Server(uvicorn.Config(create_app(mined_store), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", planted
-    srv.should_exit = True
-    thread.join(timeout=10)
+    live = LiveServer(create_app(mined_store))
+    yield live.url, planted
+    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +57,9 @@ def page(browser, request):
 def test_feature_page_renders_highlights_histogram_and_lazy_intervals(server, page):
     base, planted = server
     page.goto(f"{base}/saes/tiny-sae/features/{planted['feature']}")
-    highlighted = page.locator(".context .tok[style*='background-color']")
+    highlighted = page.locator(".context .tok[class*=' h']")       # highlight classes h1..h20, styled by style.css
     assert highlighted.count() > 0
+    assert highlighted.first.evaluate("el => getComputedStyle(el).backgroundColor").startswith("rgba(255, 111, 0")
     assert page.locator(".context .tok.peak").count() >= 1
     assert page.locator("svg.hist rect.bar").count() > 0
     assert page.get_by_text("count (log)").is_visible()
@@ -79,7 +67,7 @@ def test_feature_page_renders_highlights_histogram_and_lazy_intervals(server, pa
     assert page.locator("#interval-examples .interval").count() == 4
     # the XSS token is shown as text, and no script ran (checked by the fixture)
     assert page.locator(".context").get_by_text(XSS, exact=False).count() >= 1
-    title = page.locator(".context .tok[style*='background-color']").first.get_attribute("title")
+    title = highlighted.first.get_attribute("title")
     assert title and "token" in title
 
 

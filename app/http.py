@@ -1,0 +1,118 @@
+"""HTTP behaviour shared by every response: security headers, and conditional requests for shared links.
+
+Security: a Content-Security-Policy that lets a page load only our own scripts, styles and images
+(no inline script, event handler or style anywhere: token highlighting is a class, htmx is told not
+to eval or run swapped-in scripts), plus nosniff, a Referrer-Policy and a frame ban.
+
+Caching: a mined run never changes, so a page or API answer is a function of the request, the SAE's
+live run and this code. Its ETag is derived from exactly those, read from the store *before* the
+handler runs: if a re-mine lands in between, the client gets new content under the old tag and
+simply fetches it again next time; it is never served stale content under a new tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import unquote
+
+from sqlalchemy import Connection, select
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import sae_core
+from sae_core.store.schema import SAE, MiningRun
+
+from .deps import Reader, run_read
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "font-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
+# Fresh for a minute, then revalidated (a 304 costs one small query); a shared cache may answer with
+# the stale copy for 5 more minutes while it revalidates, so a link opened by a whole room stays fast.
+CACHE_CONTROL = b"public, max-age=60, stale-while-revalidate=300"
+NO_STORE = b"no-store"
+# GET paths whose answers are pure functions of the store's live runs; the others (static files have
+# their own validators, /docs, /openapi.json, health, redirects) are left alone.
+_SAE_PATH = re.compile(r"^/(?:api/v1/)?saes/([^/]+)")
+_STORE_PATHS = {"/", "/search", "/api/v1/models", "/api/v1/saes", "/api/v1/search"}
+VARY = b"HX-Request"          # the SAE page answers htmx with the table fragment alone
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """The app's version plus a digest of its templates and code, so a deploy that changes what a page
+    looks like changes every ETag even without a version bump."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256(sae_core.__version__.encode())
+    for path in sorted([*root.glob("*.py"), *(root.parent / "templates").glob("*.html")]):
+        h.update(path.name.encode() + path.read_bytes())
+    return f"{sae_core.__version__}+{h.hexdigest()[:12]}"
+
+
+def _runs(conn: Connection, sae_name: str | None) -> list[tuple]:
+    stmt = (select(SAE.name, SAE.active_run_id, MiningRun.finished_at)
+            .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).order_by(SAE.name))
+    if sae_name is not None:
+        stmt = stmt.where(SAE.name == sae_name)
+    return [tuple(row) for row in conn.execute(stmt)]
+
+
+def etag(runs: list[tuple], path: str, query: bytes, htmx: bool, schema_revision: str) -> str:
+    h = hashlib.sha256(repr((code_version(), schema_revision, runs, path, query, htmx)).encode())
+    return f'"{h.hexdigest()[:32]}"'
+
+
+def _matches(if_none_match: str | None, tag: str) -> bool:
+    if not if_none_match:
+        return False
+    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return tag in candidates or "*" in candidates
+
+
+def _scope_of(path: str) -> tuple[bool, str | None]:
+    """(cacheable, SAE name it depends on; None: on every SAE)."""
+    if m := _SAE_PATH.match(path):
+        if path.endswith("/jump"):
+            return False, None
+        return True, unquote(m.group(1))
+    return path in _STORE_PATHS, None
+
+
+class HTTPPolicy:
+    """ASGI middleware: security headers on every response, ETag / 304 / Cache-Control on store reads."""
+
+    def __init__(self, app: ASGIApp, reader: Reader, schema_revision: str):
+        self.app, self.reader, self.schema_revision = app, reader, schema_revision
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        cacheable, sae_name = _scope_of(path) if scope["method"] in ("GET", "HEAD") else (False, None)
+        tag = None
+        if cacheable:
+            headers = Headers(scope=scope)
+            runs = await run_read(self.reader, _runs, sae_name)
+            tag = etag(runs, path, scope.get("query_string", b""), headers.get("hx-request") == "true", self.schema_revision)
+            if _matches(headers.get("if-none-match"), tag):
+                await send({"type": "http.response.start", "status": 304,
+                            "headers": [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY),
+                                        *SECURITY_HEADERS]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = list(SECURITY_HEADERS)
+                if tag is not None and message["status"] == 200:
+                    extra += [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY)]
+                elif path == "/api/v1/health" or message["status"] >= 400:
+                    extra.append((b"cache-control", NO_STORE))   # an error or a liveness answer may change any moment
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
