@@ -46,12 +46,14 @@ def page(browser, request):
     dialogs, errors = [], []
     pg.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    # A CSP violation (an inline script or style the policy refused) is reported on the console.
+    pg.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     pg.dialogs, pg.errors = dialogs, errors
     yield pg
     pg.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
     context.close()
     assert not dialogs, f"a script ran: {dialogs}"
-    assert not errors, f"JavaScript errors: {errors}"
+    assert not errors, f"JavaScript errors or CSP violations: {errors}"
 
 
 def test_feature_page_renders_highlights_histogram_and_lazy_intervals(server, page):
@@ -106,3 +108,22 @@ def test_search_from_the_header(server, page):
     assert hit.count() == 1
     hit.click()
     page.wait_for_url(f"{base}/saes/tiny-sae/features/{planted['feature']}")
+
+
+def test_csp_is_on_and_swagger_ui_runs_under_it(server, page):
+    base, _ = server
+    response = page.goto(f"{base}/docs")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    if (Path(__file__).resolve().parent.parent / "static" / "vendor" / "swagger-ui" / "swagger-ui-bundle.js").exists():
+        page.wait_for_selector(".opblock-summary-path")        # Swagger UI rendered the operations from /openapi.json
+        assert page.locator(".opblock").count() >= 8
+
+
+def test_an_inline_script_would_be_refused(server, page):
+    """The fixture's console check is live: the policy really blocks an injected inline script."""
+    base, _ = server
+    page.goto(f"{base}/")
+    page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.ran = 1'; document.body.append(s); }""")
+    assert page.evaluate("() => window.ran") is None
+    assert any("Content Security Policy" in e for e in page.errors)
+    page.errors.clear()
