@@ -72,8 +72,8 @@ def get(url: str) -> tuple[int, str]:
         return r.status, r.read().decode()
 
 
-def serve_then_interrupt(args: list[str], port: int, feature_path: str, timeout: float = 120) -> None:
-    """Start `saescope <args>`, wait until it answers, check pages and API, then Ctrl-C it."""
+def serve_then_interrupt(args: list[str], port: int, feature_path: str, timeout: float = 120) -> str:
+    """Start `saescope <args>`, wait until it answers, check pages and API, then Ctrl-C it; its stderr."""
     proc = subprocess.Popen([SAESCOPE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -96,6 +96,7 @@ def serve_then_interrupt(args: list[str], port: int, feature_path: str, timeout:
         proc.send_signal(signal.SIGINT)          # what Ctrl-C sends
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    return err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
