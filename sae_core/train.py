@@ -111,121 +111,173 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train on the cache folder `activations` (or a ModelStream), writing checkpoints and the final
-    SAE folder to `out`."""
-    from .interchange import save_sae
+@dataclass
+class StepResult:
+    """What one optimiser step reports (the dead fraction only every `LOG_EVERY` steps: reading it waits for a GPU)."""
+    step: int                        # steps done, this one included
+    loss: float
+    fvu: float
+    aux_fvu: float                   # AuxK's normalised error (0 without AuxK or for the ReLU baseline)
+    l0: float
+    n_dead: int
+    dead_fraction: float | None = None
 
-    keep_large_buffers()        # the step's encoder blocks would otherwise be mapped afresh each time
-    cache = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
-    if cfg.batch_size <= 0 or cfg.batch_size > cache.n_rows:
-        raise SaescopeError(f"--batch-size must be between 1 and the cache's {cache.n_rows} rows")
-    total_tokens = cfg.tokens or cache.batches_per_pass(cfg.batch_size) * cfg.batch_size   # default: one pass
-    total_steps = max(1, total_tokens // cfg.batch_size)
-    dead_tokens = cfg.dead_tokens or min(10_000_000, max(total_tokens // 10, cfg.batch_size))
-    out = Path(out)
-    ckpt_path = out / CHECKPOINT
+    def stats(self) -> dict:
+        """The statistics as train_log.jsonl and TrainResult.final record them."""
+        out = {"loss": self.loss, "fvu": self.fvu, "aux_fvu": self.aux_fvu, "l0": self.l0, "n_dead": self.n_dead}
+        return out if self.dead_fraction is None else {**out, "dead_fraction": self.dead_fraction}
 
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    sae = build_sae(cfg, cache.d_model).to(device)
-    lr = cfg.lr or sae.lr_default()
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
-    step, start_step = 0, 0
-    tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
-    ema_state = None
-    meta = {"activations": "streamed from the model" if cache is activations else str(activations), "cache": cache.config, "cache_windows": cache.manifest["n_windows"], "d_in": cache.d_model}
 
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # a GPU run's checkpoint resumes anywhere
-        if state["config"] != cfg.identity() or state["d_in"] != cache.d_model:
-            diff = [k for k, v in cfg.identity().items() if state["config"].get(k) != v]
-            if state["d_in"] != cache.d_model:
-                diff.append(f"d_in {state['d_in']} vs the cache's {cache.d_model}")
-            raise SaescopeError(f"{ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
-                                f"resume with the same options or choose another --out")
-        sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
-        opt.load_state_dict(state["opt"])
-        tokens_since_fired = state["tokens_since_fired"].to(device)
-        ema_state = None if state["ema"] is None else {k: v.to(device) for k, v in state["ema"].items()}
-        scale = state["scale"]
-        step = start_step = state["step"]
-        if (out / LOG).exists():  # drop log lines written after the checkpoint by the interrupted run
-            kept = [ln for ln in (out / LOG).read_text().splitlines() if json.loads(ln)["step"] <= step]
-            (out / LOG).write_text("".join(ln + "\n" for ln in kept))
-    else:
-        if out.exists() and any(out.iterdir()) and not resume:
-            raise SaescopeError(f"{out} is not empty; pass --resume to continue its run, or choose another --out")
-        sample = cache.sample(min(16384, cache.n_rows), seed=cfg.seed)
+LOG_EVERY = 10
+
+
+class Trainer:
+    """One training run: the SAE, its optimiser and dead-latent counters, built fresh or resumed from
+    `out`'s checkpoint. `step(x)` trains on one raw batch; `checkpoint()` writes the state atomically;
+    `run()` drives the whole schedule and saves the SAE folder."""
+
+    def __init__(self, cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False):
+        keep_large_buffers()        # the step's encoder blocks would otherwise be mapped afresh each time
+        self.cfg, self.out = cfg, Path(out)
+        self.source = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
+        source = self.source
+        if cfg.batch_size <= 0 or cfg.batch_size > source.n_rows:
+            raise SaescopeError(f"--batch-size must be between 1 and the cache's {source.n_rows} rows")
+        total_tokens = cfg.tokens or source.batches_per_pass(cfg.batch_size) * cfg.batch_size   # default: one pass
+        self.total_steps = max(1, total_tokens // cfg.batch_size)
+        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(total_tokens // 10, cfg.batch_size))
+        self.ckpt_path = self.out / CHECKPOINT
+        self.device = device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.sae = sae = build_sae(cfg, source.d_model).to(device)
+        self.lr = cfg.lr or sae.lr_default()
+        self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
+        self.step_no = self.start_step = 0
+        self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
+        self.ema_state: dict | None = None
+        self.meta = {"activations": "streamed from the model" if source is activations else str(activations),
+                     "cache": source.config, "cache_windows": source.manifest["n_windows"], "d_in": source.d_model}
+        if resume and self.ckpt_path.exists():
+            self._resume()
+        else:
+            if self.out.exists() and any(self.out.iterdir()) and not resume:
+                raise SaescopeError(f"{self.out} is not empty; pass --resume to continue its run, or choose another --out")
+            self._initialise()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _initialise(self) -> None:
+        cfg, sae = self.cfg, self.sae
+        sample = self.source.sample(min(16384, self.source.n_rows), seed=cfg.seed)
         sample = sample[torch.isfinite(sample).all(1)]  # bad rows are reported by the batch that holds them
-        scale = estimate_scale(sample)
+        self.scale = estimate_scale(sample)
         gen = torch.Generator().manual_seed(cfg.seed)
         with torch.no_grad():
             if cfg.tied_init:
                 sae.reset_parameters(gen)
             else:
                 sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(sae.W_dec.shape, generator=gen), dim=1))
-                sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / cache.d_model ** 0.5)
+                sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / self.source.d_model ** 0.5)
             if cfg.geometric_median_init:
-                sae.b_pre.copy_(geometric_median(sample[:4096] * scale))
+                sae.b_pre.copy_(geometric_median(sample[:4096] * self.scale))
         if cfg.ema:
-            ema_state = {k: v.clone() for k, v in sae.state_dict().items()}
-    out.mkdir(parents=True, exist_ok=True)
+            self.ema_state = {k: v.clone() for k, v in sae.state_dict().items()}
 
-    def checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {"config": cfg.identity(), "d_in": cache.d_model, "sae": sae.state_dict(),
-                                     "opt": opt.state_dict(), "tokens_since_fired": tokens_since_fired.cpu(),
-                                     "ema": ema_state, "scale": scale, "step": step})
+    def _resume(self) -> None:
+        cfg, d_model = self.cfg, self.source.d_model
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)   # a GPU run's checkpoint resumes anywhere
+        if state["config"] != cfg.identity() or state["d_in"] != d_model:
+            diff = [k for k, v in cfg.identity().items() if state["config"].get(k) != v]
+            if state["d_in"] != d_model:
+                diff.append(f"d_in {state['d_in']} vs the cache's {d_model}")
+            raise SaescopeError(f"{self.ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
+                                f"resume with the same options or choose another --out")
+        self.sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
+        self.opt.load_state_dict(state["opt"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.ema_state = None if state["ema"] is None else {k: v.to(self.device) for k, v in state["ema"].items()}
+        self.scale = state["scale"]
+        self.step_no = self.start_step = state["step"]
+        log = self.out / LOG
+        if log.exists():  # drop log lines written after the checkpoint by the interrupted run
+            kept = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.step_no]
+            log.write_text("".join(ln + "\n" for ln in kept))
 
-    bar = tqdm(total=total_steps * cfg.batch_size, initial=step * cfg.batch_size, unit="tok", unit_scale=True,
-               desc=f"training {cfg.architecture} n={cfg.n_latents}", disable=not progress, dynamic_ncols=True)
-    stats: dict = {}
-    log: list[dict] = []
-    t0, trained = time.perf_counter(), 0
-    steps_per_epoch = cache.batches_per_pass(cfg.batch_size)
-    if steps_per_epoch == 0:
-        raise SaescopeError(f"--batch-size {cfg.batch_size} leaves no whole batch in one pass over the activations")
-    with open(out / LOG, "a") as log_fh:
-        while step < total_steps:
-            epoch, skip = divmod(step, steps_per_epoch)
-            # resuming inside an epoch: the order is seeded, so the source skips what was done
-            for batch_no, x in enumerate(cache.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip, device=device), start=skip):
-                if step >= total_steps:
-                    break
-                x = x * scale
-                stats = sae.loss_and_grads(x, tokens_since_fired >= dead_tokens, autocast_bf16=cfg.bf16)
-                if not math.isfinite(stats["loss"]):   # a NaN or Inf in the batch always shows here (FVU's denominator)
-                    if not torch.isfinite(x).all():
-                        raise SaescopeError(f"batch {batch_no} of epoch {epoch} (step {step}) holds NaN or Inf activations; "
-                                            f"training stopped, the last good checkpoint in {out} is kept")
-                    raise SaescopeError(f"the loss became {stats['loss']} at step {step} (epoch {epoch}, batch {batch_no}); "
-                                        f"training stopped, the last good checkpoint in {out} is kept; try a lower --lr")
-                sae.remove_parallel_grads()
-                opt.step()
-                sae.normalize_decoder()
-                tokens_since_fired += len(x)
-                tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
-                if ema_state is not None:
-                    with torch.no_grad():
-                        for name, value in sae.state_dict().items():
-                            ema_state[name].lerp_(value, 1 - cfg.ema)
-                step += 1
-                trained += len(x)
-                bar.update(len(x))
-                if step % 10 == 0 or step == total_steps:    # (reading the dead fraction waits for the GPU)
-                    stats["dead_fraction"] = float((tokens_since_fired >= dead_tokens).float().mean())
-                    bar.set_postfix(fvu=f"{stats['fvu']:.3f}", l0=f"{stats['l0']:.1f}", dead=f"{stats['dead_fraction']:.1%}")
-                    entry = {"step": step, "tokens": step * cfg.batch_size, **{k: round(v, 6) for k, v in stats.items()}}
-                    log.append(entry)
-                    log_fh.write(json.dumps(entry) + "\n")
-                if step % cfg.checkpoint_every == 0 or step == total_steps:
-                    log_fh.flush()
-                    checkpoint()
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    if ema_state is not None:
-        sae.load_state_dict(ema_state)
-    meta["training"] = {**cfg.identity(), "lr": lr, "dead_tokens": dead_tokens, "input_scale": scale,
-                        "steps": step, "tokens_trained": step * cfg.batch_size, "final": stats}
-    save_sae(sae, out, scale=scale, metadata=meta)
-    return TrainResult(out, step, step * cfg.batch_size, stats, trained / elapsed if elapsed else 0.0, start_step, log)
+    def checkpoint(self) -> None:
+        _save_checkpoint(self.ckpt_path, {"config": self.cfg.identity(), "d_in": self.source.d_model, "sae": self.sae.state_dict(),
+                                          "opt": self.opt.state_dict(), "tokens_since_fired": self.tokens_since_fired.cpu(),
+                                          "ema": self.ema_state, "scale": self.scale, "step": self.step_no})
+
+    def step(self, raw: torch.Tensor, where: str = "") -> StepResult:
+        """One optimiser step on a batch of raw activations; `where` names the batch in errors."""
+        cfg, sae = self.cfg, self.sae
+        x = raw * self.scale
+        stats = sae.loss_and_grads(x, self.tokens_since_fired >= self.dead_tokens, autocast_bf16=cfg.bf16)
+        if not math.isfinite(stats["loss"]):   # a NaN or Inf in the batch always shows here (FVU's denominator)
+            if not torch.isfinite(x).all():
+                raise SaescopeError(f"{where}(step {self.step_no}) holds NaN or Inf activations; "
+                                    f"training stopped, the last good checkpoint in {self.out} is kept")
+            raise SaescopeError(f"the loss became {stats['loss']} at step {self.step_no} ({where.strip()}); "
+                                f"training stopped, the last good checkpoint in {self.out} is kept; try a lower --lr")
+        sae.remove_parallel_grads()
+        self.opt.step()
+        sae.normalize_decoder()
+        self.tokens_since_fired += len(x)
+        self.tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
+        if self.ema_state is not None:
+            with torch.no_grad():
+                for name, value in sae.state_dict().items():
+                    self.ema_state[name].lerp_(value, 1 - cfg.ema)
+        self.step_no += 1
+        result = StepResult(self.step_no, stats["loss"], stats["fvu"], stats["aux_fvu"], stats["l0"], stats["n_dead"])
+        if self.step_no % LOG_EVERY == 0 or self.step_no == self.total_steps:
+            result.dead_fraction = float((self.tokens_since_fired >= self.dead_tokens).float().mean())
+        return result
+
+    def run(self, progress: bool = True) -> TrainResult:
+        """Train to the end of the schedule, logging and checkpointing; then save the SAE folder."""
+        from .interchange import save_sae
+
+        cfg = self.cfg
+        steps_per_epoch = self.source.batches_per_pass(cfg.batch_size)
+        if steps_per_epoch == 0:
+            raise SaescopeError(f"--batch-size {cfg.batch_size} leaves no whole batch in one pass over the activations")
+        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step_no * cfg.batch_size, unit="tok", unit_scale=True,
+                   desc=f"training {cfg.architecture} n={cfg.n_latents}", disable=not progress, dynamic_ncols=True)
+        stats: dict = {}
+        log: list[dict] = []
+        t0, trained = time.perf_counter(), 0
+        with open(self.out / LOG, "a") as log_fh:
+            while self.step_no < self.total_steps:
+                epoch, skip = divmod(self.step_no, steps_per_epoch)
+                # resuming inside an epoch: the order is seeded, so the source skips what was done
+                batches = self.source.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip, device=self.device)
+                for batch_no, x in enumerate(batches, start=skip):
+                    if self.step_no >= self.total_steps:
+                        break
+                    result = self.step(x, where=f"batch {batch_no} of epoch {epoch} ")
+                    stats = result.stats()
+                    trained += len(x)
+                    bar.update(len(x))
+                    if result.dead_fraction is not None:
+                        bar.set_postfix(fvu=f"{result.fvu:.3f}", l0=f"{result.l0:.1f}", dead=f"{result.dead_fraction:.1%}")
+                        entry = {"step": result.step, "tokens": result.step * cfg.batch_size, **{k: round(v, 6) for k, v in stats.items()}}
+                        log.append(entry)
+                        log_fh.write(json.dumps(entry) + "\n")
+                    if self.step_no % cfg.checkpoint_every == 0 or self.step_no == self.total_steps:
+                        log_fh.flush()
+                        self.checkpoint()
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        if self.ema_state is not None:
+            self.sae.load_state_dict(self.ema_state)
+        self.meta["training"] = {**cfg.identity(), "lr": self.lr, "dead_tokens": self.dead_tokens, "input_scale": self.scale,
+                                 "steps": self.step_no, "tokens_trained": self.step_no * cfg.batch_size, "final": stats}
+        save_sae(self.sae, self.out, scale=self.scale, metadata=self.meta)
+        return TrainResult(self.out, self.step_no, self.step_no * cfg.batch_size, stats,
+                           trained / elapsed if elapsed else 0.0, self.start_step, log)
+
+
+def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train on the cache folder `activations` (or a ModelStream), writing checkpoints and the final
+    SAE folder to `out`."""
+    return Trainer(cfg, activations, out, resume).run(progress)
