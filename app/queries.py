@@ -7,10 +7,10 @@ import gc
 import threading
 from typing import Literal, NamedTuple
 
-import numpy as np
 from sqlalchemy import Connection, Engine, Integer, bindparam, func, select
 from sqlalchemy.orm import Session
 
+from sae_core.store import codec
 from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab
 
 from . import schemas
@@ -143,7 +143,7 @@ def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) 
     if not indices:
         return {}
     rows = s.connection().execute(_PEAKS, {"run_id": run_id, "indices": indices}).all()
-    return {i: token_text(vocab, int.from_bytes(ids[4 * pos:4 * pos + 4], "little", signed=True)) for i, ids, pos in rows}
+    return {i: token_text(vocab, codec.id_at(ids, pos)) for i, ids, pos in rows}
 
 
 class FeatureRef(NamedTuple):
@@ -189,14 +189,14 @@ class _ExampleRow(NamedTuple):      # a row of _EXAMPLES, in its column order
 
 
 def _decode(rows: list[_ExampleRow], vocab: list[str]) -> list[tuple[list[str], list[int], list[float]]]:
-    """(tokens, token ids, activations) of each example row, decoded in one pass over all rows: ids
-    are little-endian int32, activations float16, returned as 4-decimal floats (float16 holds ~3
-    significant digits; JSON stays short)."""
-    ends = np.cumsum([len(r.acts) // 2 for r in rows]).tolist()
-    ids = np.frombuffer(b"".join(r.token_ids for r in rows), dtype="<i4").tolist()
-    acts = np.frombuffer(b"".join(r.acts for r in rows), dtype="<f2").astype(np.float64).round(4).tolist()
-    texts = token_texts(vocab, ids)
-    return [(texts[a:b], ids[a:b], acts[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+    """(tokens, token ids, activations) of each example row (store/codec.py decodes them in one pass)."""
+    decoded = codec.decode_rows([r.token_ids for r in rows], [r.acts for r in rows])
+    texts = token_texts(vocab, [t for ids, _ in decoded for t in ids])
+    out, start = [], 0
+    for ids, acts in decoded:
+        out.append((texts[start:start + len(ids)], ids, acts))
+        start += len(ids)
+    return out
 
 
 def feature_ref(conn: Connection, name: str, index: int) -> FeatureRef:

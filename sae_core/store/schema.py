@@ -8,16 +8,17 @@
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
 Examples keep their tokens and per-token activations as packed little-endian arrays (int32 ids,
-float16 activations): 6 bytes per token instead of a row per token.
+float16 activations): 6 bytes per token instead of a row per token; `codec.py` is their one encoding.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import numpy as np
 from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, Index
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .codec import pack_acts, pack_ids, unpack_acts, unpack_ids  # noqa: F401  (re-exported with the tables)
 
 
 def utcnow() -> datetime:
@@ -118,22 +119,6 @@ class TokenFeature(Base):
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     n_examples: Mapped[int]      # top contexts of the feature whose max sits on this token
     max_act: Mapped[float] = mapped_column(Float)
-
-
-def pack_ids(ids) -> bytes:
-    return np.asarray(ids, dtype="<i4").tobytes()
-
-
-def unpack_ids(blob: bytes) -> list[int]:
-    return np.frombuffer(blob, dtype="<i4").tolist()
-
-
-def pack_acts(acts) -> bytes:
-    return np.asarray(acts, dtype="<f2").tobytes()
-
-
-def unpack_acts(blob: bytes) -> list[float]:
-    return np.frombuffer(blob, dtype="<f2").astype(np.float32).tolist()
 
 
 __all__ = ["Base", "Model", "Vocab", "SAE", "MiningRun", "Feature", "Example", "TokenFeature",

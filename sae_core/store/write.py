@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from .codec import pack_acts, pack_ids
 from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
 
 BATCH = 5000   # rows per executemany
@@ -71,7 +72,7 @@ def _examples(run_id: int, t, doc_ids: list[str]):
         yield {"run_id": run_id, "feature_index": int(t.ex_feature[e]), "kind": "top" if top else "interval",
                "interval": None if top else int(t.ex_interval[e]), "rank": int(t.ex_rank[e]),
                "doc_id": doc_ids[int(t.ex_doc_index[e])], "doc_offset": int(t.ex_doc_offset[e]),
-               "token_ids": t.ex_tokens[e].astype("<i4").tobytes(), "acts": t.ex_acts[e].astype("<f2").tobytes(),
+               "token_ids": pack_ids(t.ex_tokens[e]), "acts": pack_acts(t.ex_acts[e]),
                "max_act": float(t.ex_max_act[e]), "max_pos": int(t.ex_max_pos[e])}
 
 

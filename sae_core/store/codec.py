@@ -1,0 +1,44 @@
+"""The one encoding of an example's tokens and activations in the store: packed little-endian arrays,
+int32 token ids and float16 activations (6 bytes per token instead of a row per token). The miner
+writes through `pack_*`, the app reads through `unpack_*`, `decode_rows` and `id_at`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+ID_DTYPE = np.dtype("<i4")
+ACT_DTYPE = np.dtype("<f2")
+ACT_DECIMALS = 4        # float16 holds ~3 significant digits: more decimals would only lengthen JSON
+
+
+def pack_ids(ids) -> bytes:
+    return np.asarray(ids, dtype=ID_DTYPE).tobytes()
+
+
+def pack_acts(acts) -> bytes:
+    return np.asarray(acts, dtype=ACT_DTYPE).tobytes()
+
+
+def unpack_ids(blob: bytes) -> list[int]:
+    return np.frombuffer(blob, dtype=ID_DTYPE).tolist()
+
+
+def unpack_acts(blob: bytes) -> list[float]:
+    return np.frombuffer(blob, dtype=ACT_DTYPE).astype(np.float32).tolist()
+
+
+def id_at(blob: bytes, position: int) -> int:
+    """The token id at `position` of a packed id array, without unpacking the rest."""
+    size = ID_DTYPE.itemsize
+    return int.from_bytes(blob[size * position:size * (position + 1)], "little", signed=True)
+
+
+def decode_rows(id_blobs: Sequence[bytes], act_blobs: Sequence[bytes]) -> list[tuple[list[int], list[float]]]:
+    """(token ids, activations rounded to ACT_DECIMALS) of many examples, decoded in one pass over all
+    of them: a page holds tens of examples, and one numpy call per array cost more than the query."""
+    ends = np.cumsum([len(b) // ACT_DTYPE.itemsize for b in act_blobs]).tolist()
+    ids = np.frombuffer(b"".join(id_blobs), dtype=ID_DTYPE).tolist()
+    acts = np.frombuffer(b"".join(act_blobs), dtype=ACT_DTYPE).astype(np.float64).round(ACT_DECIMALS).tolist()
+    return [(ids[a:b], acts[a:b]) for a, b in zip([0] + ends[:-1], ends)]
