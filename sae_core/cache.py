@@ -10,12 +10,15 @@ Each shard holds `windows_per_shard` windows (the last may hold fewer) and appea
 (written to a temporary name, fsynced, renamed), so a killed run leaves only whole shards. A
 re-run of the same command counts the whole shards and continues after them; windows come in a
 fixed order, so the result equals an uninterrupted run. Positions before `skip_positions` in each
-window (the attention sink at position 0) are not stored.
+window (the attention sink at position 0) are not stored. `saescope mine` reuses this writer to store
+SAE codes, and reads the windows an existing cache holds from it instead of the model (WindowSource).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import itertools
 import json
 import os
 import shutil
@@ -146,11 +149,84 @@ class ShardEncoder:
         return {"activations": acts.reshape(-1, acts.shape[-1]).to("cpu", self.dtype)}
 
 
+@dataclass
+class WindowBatch:
+    """Consecutive windows with their residuals at the hook (positions before skip_positions dropped)."""
+
+    tokens: np.ndarray          # [windows, context_size] int32, as are doc_index and doc_offset
+    doc_index: np.ndarray
+    doc_offset: np.ndarray
+    acts: torch.Tensor          # [windows, context_size - skip_positions, d_model]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def cat(parts: list[WindowBatch]) -> WindowBatch:
+        if len(parts) == 1:
+            return parts[0]
+        dtype = functools.reduce(torch.promote_types, (p.acts.dtype for p in parts))   # a lossless common dtype
+        return WindowBatch(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("tokens", "doc_index", "doc_offset")),
+                           torch.cat([p.acts.to(parts[-1].acts.device, dtype) for p in parts]))
+
+
+class WindowSource:
+    """The windows `build_cache` stores, in the corpus's fixed order from window `start` on, with their
+    residuals: read from the shards of `from_cache` (a cache of the same windows: see `reusable_cache`) while
+    it holds them, computed by the model after that. Batches are cut exactly as asked whatever their
+    source, so the rows an encoder sees together do not depend on where they came from."""
+
+    def __init__(self, lm: LanguageModel, corpus: corpus_mod.Corpus, cfg: CacheConfig, start: int,
+                 from_cache: ActivationCache | None = None):
+        self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook(cfg.hook), start
+        self.cached = from_cache
+        self.n_cached = from_cache.whole_windows if from_cache is not None else 0
+        self.windows: Iterator[corpus_mod.Windows] | None = None   # opened at the first window past the cache
+        self.shard: tuple[int, dict[str, torch.Tensor]] = (-1, {})
+
+    def take(self, n: int) -> WindowBatch | None:
+        """The next `n` windows; fewer where the corpus ends, None after its end."""
+        parts = []
+        while n > 0 and self.pos < self.n_cached:
+            parts.append(self._read(n))
+            n -= len(parts[-1])
+        if n > 0 and (part := self._run(n)) is not None:
+            parts.append(part)
+        return WindowBatch.cat(parts) if parts else None
+
+    def _read(self, n: int) -> WindowBatch:
+        per_shard = self.cached.config["windows_per_shard"]
+        i, local = divmod(self.pos, per_shard)
+        if self.shard[0] != i:
+            with safe_open(str(_shard_path(self.cached.path, i)), "pt") as f:
+                self.shard = (i, {name: f.get_tensor(name) for name in f.keys()})
+        t = self.shard[1]
+        m = min(n, len(t["tokens"]) - local, self.n_cached - self.pos)
+        rows = self.cached.rows_per_window
+        acts = t["activations"][local * rows:(local + m) * rows].view(m, rows, -1)
+        self.pos += m
+        return WindowBatch(*(t[k][local:local + m].numpy() for k in ("tokens", "doc_index", "doc_offset")), acts)
+
+    def _run(self, n: int) -> WindowBatch | None:
+        cfg = self.cfg
+        if self.windows is None:
+            self.shard = (-1, {})
+            self.windows = corpus_mod.iter_windows(self.corpus, self.lm.tokenizer, cfg.context_size, cfg.seed, skip_windows=self.pos)
+        batch = list(itertools.islice(self.windows, n))
+        if not batch:
+            return None
+        tokens = np.concatenate([w.tokens for w in batch])
+        acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions:]
+        self.pos += len(batch)
+        return WindowBatch(tokens, np.concatenate([w.doc_index for w in batch]), np.concatenate([w.doc_offset for w in batch]), acts)
+
+
 def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, progress: bool = True,
-                encoder: ShardEncoder | None = None, desc: str = "caching") -> CacheResult:
+                encoder: ShardEncoder | None = None, desc: str = "caching", from_cache: ActivationCache | None = None) -> CacheResult:
     """Run `saescope cache`: fill `out` with the activations of the first cfg.tokens tokens.
 
-    With `encoder`, shards hold what it returns instead of the activations (used by `saescope mine`)."""
+    With `encoder`, shards hold what it returns instead of the activations (used by `saescope mine`);
+    with `from_cache`, the windows it holds are read from it instead of running the model (see WindowSource)."""
     if cfg.windows_per_shard % cfg.batch_size:
         raise SaescopeError(f"--windows-per-shard ({cfg.windows_per_shard}) must be a multiple of --batch-size ({cfg.batch_size})")
     if cfg.dtype not in DTYPES:
@@ -188,7 +264,7 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
     if old is None or old["n_windows"] != done:
         _write_json(out / MANIFEST, manifest)
 
-    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, cfg.context_size, cfg.seed, skip_windows=done)
+    source = WindowSource(lm, corpus, cfg, done, from_cache)
     bar = tqdm(total=target * cfg.context_size, initial=done * cfg.context_size, unit="tok", unit_scale=True,
                desc=desc, disable=not progress, dynamic_ncols=True)
     writer = ThreadPoolExecutor(max_workers=1)  # overlap disk writes with the next forward passes
@@ -198,25 +274,20 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
         while done < target and not exhausted:
             n_this = min(cfg.windows_per_shard, target - done)
             shard_tok, shard_doc, shard_off, shard_enc = [], [], [], []
-            while sum(len(t) for t in shard_tok) < n_this:
-                batch = []
-                for w in windows:
-                    batch.append(w)
-                    if len(batch) == min(cfg.batch_size, n_this - sum(len(t) for t in shard_tok)):
-                        break
-                if not batch:
+            n_win = 0
+            while n_win < n_this:
+                batch = source.take(min(cfg.batch_size, n_this - n_win))
+                if batch is None:
                     exhausted = True
                     break
-                tokens = np.concatenate([w.tokens for w in batch])
-                acts = lm.residuals(torch.from_numpy(tokens).long(), layer)[:, cfg.skip_positions:]
-                shard_enc.append(encoder(acts))
-                shard_tok.append(tokens)
-                shard_doc.append(np.concatenate([w.doc_index for w in batch]))
-                shard_off.append(np.concatenate([w.doc_offset for w in batch]))
+                shard_enc.append(encoder(batch.acts))
+                shard_tok.append(batch.tokens)
+                shard_doc.append(batch.doc_index)
+                shard_off.append(batch.doc_offset)
+                n_win += len(batch)
                 bar.update(len(batch) * cfg.context_size)
             if not shard_tok:
                 break
-            n_win = sum(len(t) for t in shard_tok)
             tensors = {name: torch.cat([e[name] for e in shard_enc]) for name in shard_enc[0]}
             tensors |= {"tokens": torch.from_numpy(np.concatenate(shard_tok)),
                        "doc_index": torch.from_numpy(np.concatenate(shard_doc)),
@@ -269,6 +340,23 @@ class ActivationCache:
     @property
     def hook(self) -> str:
         return self.config["hook"]
+
+    @functools.cached_property
+    def whole_windows(self) -> int:
+        """Windows in the shards from the first on, counted from their headers: a cache still being written
+        (or killed) holds its whole shards, whatever its manifest says yet."""
+        n, per_shard = 0, self.config["windows_per_shard"]
+        for i in itertools.count():
+            if not _shard_path(self.path, i).exists():
+                break
+            with safe_open(str(_shard_path(self.path, i)), "pt") as f:
+                meta = f.metadata()
+            if int(meta["first_window"]) != n:
+                break
+            n += int(meta["n_windows"])
+            if int(meta["n_windows"]) != per_shard:   # a short shard is the last
+                break
+        return n
 
     def load_shard(self, i: int, name: str = "activations") -> torch.Tensor:
         with safe_open(str(self.shards[i]), "pt") as f:
@@ -323,3 +411,23 @@ class ActivationCache:
             k = max(1, round(len(acts) * frac))
             picks.append(acts[torch.randperm(len(acts), generator=gen)[:k]].to(dtype))
         return torch.cat(picks)
+
+
+def reusable_cache(path: str | Path, cfg: CacheConfig) -> tuple[ActivationCache | None, str | None]:
+    """The activation cache at `path` if it holds the first windows `cfg` asks for (the same model, hook,
+    corpus documents and windowing; the storage dtype may differ), else None and why not."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        return None, f"the activation cache {path} is gone"
+    try:
+        cache = ActivationCache(path)
+    except SaescopeError as exc:
+        return None, str(exc)
+    diff = [k for k in CacheConfig.IDENTITY if k != "dtype" and cache.config.get(k) != getattr(cfg, k)]
+    if diff:
+        return None, f"{path} now holds activations of another {', '.join(diff)}"
+    if json.loads((path / DOCUMENTS).read_text()) != corpus_mod.open_corpus(cfg.corpus).doc_ids:
+        return None, f"the documents of corpus {cfg.corpus!r} changed since {path} was written"
+    if cache.whole_windows == 0:
+        return None, f"{path} holds no whole shards yet"
+    return cache, None

@@ -3,7 +3,13 @@
 Phase 1 is the one pass over the corpus: token windows -> model cut at the hook -> SAE encode. It
 reuses the activation cache's resumable sharded writer (`cache.build_cache`) but stores each
 position's sparse code instead of its activation, in `<sae>/mining/`. A killed run keeps its whole
-chunks and a re-run continues after them.
+chunks and a re-run continues after them. Where the cache the SAE was trained on still holds the
+windows (same model, hook, corpus and windowing), their tokens and activations are read from it
+instead of running the model; later windows come from the model. Either way the encoder converts the
+rows to the dtype it computes in, so when the cache stores what the model computes (the same dtype, or
+fp32) the codes are bitwise the model path's; a narrower cache (bf16 of an fp32 model) gives the
+rounded activations the SAE was trained on. A run mined from a cache says so in its run config
+(`activations`), and a cache gone or changed falls back to the model with a note.
 Phase 2 (`feature_stats.compute`) sweeps those chunks for statistics and examples, then the decoder
 gives logit effects and neighbours, and `store.write` publishes the run in one switch. The chunks
 are deleted once the run is in the store.
@@ -23,7 +29,7 @@ import numpy as np
 import torch
 
 from . import feature_stats
-from .cache import CacheConfig, ShardEncoder, build_cache
+from .cache import CacheConfig, ShardEncoder, build_cache, reusable_cache
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
@@ -81,7 +87,7 @@ class CodeEncoder(ShardEncoder):
 
     @torch.inference_mode()
     def __call__(self, acts: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = acts.reshape(-1, acts.shape[-1]).to(self.compute_dtype)
+        x = acts.reshape(-1, acts.shape[-1]).to(self.W_T.device, self.compute_dtype)   # cache rows arrive on the CPU
         vals, idx = [], []
         for s in range(0, len(x), self.BLOCK):
             v, i = torch.addmm(self.bias, x[s:s + self.BLOCK], self.W_T).topk(self.width, dim=-1)
@@ -152,6 +158,14 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
                         windows_per_shard=cfg.windows_per_chunk, device=cfg.device, model_dtype=cfg.model_dtype)
     identity = {"weights": _weights_digest(sae_dir), "stats": asdict(cfg.stats), "n_logits": cfg.n_logits,
                 "n_neighbours": cfg.n_neighbours, "max_active": cfg.max_active if sae.architecture != "topk" else None}
+    from_cache, notes = None, []
+    if ours.get("activations") and not cache_cfg.get("streamed") and corpus == cache_cfg.get("corpus"):
+        from_cache, why = reusable_cache(ours["activations"], cache)
+        if why:
+            notes.append(f"{why}: mining runs the model over every window")
+    if from_cache is not None:   # absent for runs of the model, so their identity is what it always was
+        identity["activations"] = {"source": "cache", "dtype": from_cache.config["dtype"],
+                                   "windows": min(from_cache.whole_windows, cache.n_windows)}
     run_config = {"cache": asdict(cache), **identity}
 
     engine = db.make_engine(cfg.db)
@@ -162,7 +176,7 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
         existing = write.find_complete_run(engine, name, run_config)
         if existing is not None:
             return MineResult(name, existing, 0, 0, sae.cfg.n_latents, time.perf_counter() - t0, skipped=True,
-                              notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines"])
+                              notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines", *notes])
 
     layer = parse_hook(hook)
     lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
@@ -173,7 +187,7 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
     encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
     work = sae_dir / "mining"
-    cached = build_cache(cache, work, lm, progress=progress, encoder=encoder, desc="mining")
+    cached = build_cache(cache, work, lm, progress=progress, encoder=encoder, desc="mining", from_cache=from_cache)
 
     chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
     tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
@@ -188,6 +202,6 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
                   "metrics": json.loads(eval_path.read_text()) if eval_path.exists() else {}}
     run_id = write.write_run(engine, lm, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
-    notes = list(cached.notes)
+    notes += cached.notes
     return MineResult(name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents,
                       time.perf_counter() - t0, notes=notes)

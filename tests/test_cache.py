@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core.cache import ActivationCache, CacheConfig, build_cache
+from sae_core.cache import ActivationCache, CacheConfig, WindowSource, build_cache, reusable_cache
 from sae_core.corpus import iter_windows, open_corpus
 from sae_core.errors import SaescopeError
 from sae_core.model import load_model, parse_hook
@@ -69,6 +69,30 @@ def test_cache_holds_the_residuals_of_each_window(lm, tiny_model, tiny_corpus, t
     assert "nothing to do" in again.notes[0]
     longer = build_cache(cfg_for(tiny_model, tiny_corpus, tokens=32 * 60), tmp_path / "c", lm=lm, progress=False)
     assert longer.n_windows == 60 and longer.resumed_from == 40
+
+
+def test_window_source_reads_the_cache_then_runs_the_model(lm, tiny_model, tiny_corpus, tmp_path):
+    cfg = cfg_for(tiny_model, tiny_corpus, tokens=32 * 20)           # shards of 8, 8 and 4 windows
+    build_cache(cfg, tmp_path / "c", lm=lm, progress=False)
+    cache, why = reusable_cache(tmp_path / "c", cfg)
+    assert why is None and cache.whole_windows == 20
+    corpus = open_corpus(str(tiny_corpus))
+    source = WindowSource(lm, corpus, cfg, 2, from_cache=cache)
+    batches = [source.take(n) for n in (5, 7, 9, 6)]                  # across shards, then past the cache's end
+    assert [len(b) for b in batches] == [5, 7, 9, 6]
+    want = list(iter_windows(corpus, lm.tokenizer, 32))[2:29]
+    for name in ("tokens", "doc_index", "doc_offset"):
+        assert np.array_equal(np.concatenate([getattr(b, name) for b in batches]), np.concatenate([getattr(w, name) for w in want]))
+    acts = torch.cat([b.acts for b in batches])
+    stored = torch.cat([cache.load_shard(i) for i in range(3)]).view(20, 31, 64)
+    assert torch.equal(acts[:18], stored[2:])                          # windows 2..19 read, not recomputed
+    tokens = torch.from_numpy(np.concatenate([w.tokens for w in want])).long()
+    torch.testing.assert_close(acts, lm.residuals(tokens, 1)[:, 1:])
+    # a cache of other windows, or none, is not used; a cache still being written offers its whole shards
+    assert reusable_cache(tmp_path / "c", cfg_for(tiny_model, tiny_corpus, hook="blocks.2.hook_resid_post"))[1].endswith("another hook")
+    assert "is gone" in reusable_cache(tmp_path / "none", cfg)[1]
+    (tmp_path / "c" / "shard_00001.safetensors").unlink()
+    assert reusable_cache(tmp_path / "c", cfg)[0].whole_windows == 8
 
 
 def test_bad_input_is_refused_without_touching_existing_output(lm, tiny_model, tiny_corpus, tmp_path, monkeypatch):

@@ -42,8 +42,8 @@ def sae_dir(tiny_sae_dir):
 def small(db_url: str, **kw) -> MineConfig:
     stats = StatsConfig(top_n=8, n_intervals=4, per_interval=3, histogram_bins=10, context_before=5, context_after=3)
     kw.setdefault("tokens", CONTEXT * WINDOWS)
-    return MineConfig(stats=stats, batch_size=8, windows_per_chunk=16, db=db_url,
-                      device="cpu", model_dtype="float32", **kw)
+    kw.setdefault("model_dtype", "float32")
+    return MineConfig(stats=stats, batch_size=8, windows_per_chunk=16, db=db_url, device="cpu", **kw)
 
 
 def brute_force(lm, sae_dir):
@@ -220,3 +220,44 @@ def test_bad_input(lm, sae_dir, tmp_path, tiny_model):
         conn.execute(text("UPDATE alembic_version SET version_num = 'old'"))
     with pytest.raises(db.SchemaOutOfDate, match="saescope db upgrade"):
         mine(sae_dir, small(url, force=True), lm=lm, progress=False)
+
+
+def store_rows(url: str) -> dict:
+    """Every stored row of the visible run that mining computes (all columns but ids, run ids and times)."""
+    engine = db.make_engine(url)
+    with Session(engine) as s:
+        run = s.scalar(select(SAE.active_run_id))
+        rows = {}
+        for table in (Feature, Example, TokenFeature):
+            cols = [c for c in table.__table__.columns if c.name not in ("id", "run_id")]
+            rows[table.__tablename__] = sorted(tuple(map(repr, r)) for r in s.execute(select(*cols).where(table.run_id == run)))
+        config = s.scalar(select(MiningRun.config).where(MiningRun.id == run))
+    engine.dispose()
+    return {"rows": rows, "config": config}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_mining_from_the_cache_equals_mining_from_the_model(dtype, tiny_model, tiny_corpus, tmp_path):
+    """The model computes in the cache's dtype: reading the cached windows gives bitwise the model's result."""
+    from sae_core.cache import CacheConfig, build_cache
+    from sae_core.train import TrainConfig, train
+
+    lm = load_model(str(tiny_model), device="cpu", dtype=dtype)
+    cache_cfg = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.1.hook_resid_post", context_size=CONTEXT,
+                            tokens=CONTEXT * 48, batch_size=8, windows_per_shard=16, dtype=dtype, device="cpu", model_dtype=dtype)
+    build_cache(cache_cfg, tmp_path / "cache", lm=lm, progress=False)
+    train(TrainConfig(n_latents=64, k=4, batch_size=128, tokens=128 * 20, lr=2e-3), tmp_path / "cache", tmp_path / "sae", progress=False)
+    tokens = CONTEXT * 64                  # 48 windows in the cache, then 16 from the model
+    cached_url, model_url = f"sqlite:///{tmp_path / 'cached.db'}", f"sqlite:///{tmp_path / 'model.db'}"
+    first = mine(tmp_path / "sae", small(cached_url, tokens=tokens, model_dtype=dtype), lm=lm, progress=False)
+    assert not first.notes
+    again = mine(tmp_path / "sae", small(cached_url, tokens=tokens, model_dtype=dtype), lm=lm, progress=False)
+    assert again.skipped and again.run_id == first.run_id            # the same cache: the same run
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    second = mine(tmp_path / "sae", small(model_url, tokens=tokens, model_dtype=dtype), lm=lm, progress=False)
+    assert any("is gone: mining runs the model" in n for n in second.notes)
+    from_cache, from_model = store_rows(cached_url), store_rows(model_url)
+    assert from_cache["config"]["activations"] == {"source": "cache", "dtype": dtype, "windows": 48}
+    assert "activations" not in from_model["config"]
+    assert all(from_model["rows"][t] for t in from_model["rows"])
+    assert from_cache["rows"] == from_model["rows"]
