@@ -1,11 +1,12 @@
 """Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: DESIGN §4 and the README).
 
 Held-out tokens are the corpus windows that come after the ones the training cache holds, in the
-same document order, so no evaluation token was trained on. Per batch of windows we run the model
-cut at the hook for the reconstruction metrics, then the full model three times for the downstream
-ones: clean, with the SAE's reconstruction spliced in at the hook, and with the hook's output
-zeroed. Splicing and zeroing leave the skipped positions (the attention sink) untouched, the same
-positions the SAE never trained on.
+same document order, so no evaluation token was trained on. Per batch of windows the clean full
+forward gives the hook's output (for the reconstruction metrics) and the clean logits; then only the
+layers after the hook run twice more for the downstream metrics, from the SAE's reconstruction spliced
+in at the hook and from the hook's output zeroed (`LanguageModel.start_after`: the layers up to the
+hook run once per batch, not four times). Splicing and zeroing leave the skipped positions (the
+attention sink) untouched, the same positions the SAE never trained on.
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
             if not batch:
                 break
             ids = torch.from_numpy(np.concatenate(batch)).long().to(lm.device)
-            x = lm.residuals(ids, layer)[:, skip:].float().reshape(-1, lm.d_model)
+            logits, h = lm.logits_and_residual(ids, layer)
+            clean = _logprobs(logits, skip)
+            del logits   # [batch, context, vocab]: keep no more of these alive than needed
+            x = h[:, skip:].float().reshape(-1, lm.d_model)
             z = sae.encode(x)
             x_hat = sae(x)
             fired += (z > 0).sum(0)
@@ -88,7 +92,7 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
             sums["sq_err"] += float((x - x_hat).pow(2).sum())
             sums["sum_x"] += x.double().sum(0).cpu()
             sums["sum_sq"] += float(x.double().pow(2).sum())
-            _downstream(lm, sae, ids, layer, skip, sums)
+            _downstream(lm, ids, layer, skip, clean, h, x_hat.view(len(batch), -1, lm.d_model), sums)
             done += len(batch)
             bar.update(len(batch) * context)
     bar.close()
@@ -107,29 +111,22 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     return result
 
 
-def _downstream(lm: LanguageModel, sae, ids: torch.Tensor, layer: int, skip: int, sums: dict) -> None:
-    """Add this batch's clean / spliced / zero-ablated cross-entropies and KL to `sums`."""
-    def splice(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        out[:, skip:] = sae(h[:, skip:].float()).to(h.dtype)
-        return out
+def _logprobs(logits: torch.Tensor, skip: int) -> torch.Tensor:
+    return logits[:, skip:-1].float().log_softmax(-1)
 
-    def zero(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        out[:, skip:] = 0
-        return out
 
+def _downstream(lm: LanguageModel, ids: torch.Tensor, layer: int, skip: int, clean: torch.Tensor, h: torch.Tensor,
+                x_hat: torch.Tensor, sums: dict) -> None:
+    """Add this batch's clean / spliced / zero-ablated cross-entropies and KL to `sums`, given the clean
+    forward's log-probabilities, the hook's output `h` in it and the SAE's reconstruction `x_hat` of h[:, skip:]."""
+    spliced_h, zeroed_h = h.clone(), h.clone()
+    spliced_h[:, skip:] = x_hat.to(h.dtype)
+    zeroed_h[:, skip:] = 0
     targets = ids[:, skip + 1:]
-
-    def logprobs() -> torch.Tensor:
-        logits = lm.model(input_ids=ids, use_cache=False).logits[:, skip:-1].float()
-        return logits.log_softmax(-1)
-
-    clean = logprobs()
-    with lm.replace_residual(layer, splice):
-        spliced = logprobs()
-    with lm.replace_residual(layer, zero):
-        zeroed = logprobs()
+    with lm.start_after(layer, spliced_h):
+        spliced = _logprobs(lm.model(input_ids=ids, use_cache=False).logits, skip)
+    with lm.start_after(layer, zeroed_h):
+        zeroed = _logprobs(lm.model(input_ids=ids, use_cache=False).logits, skip)
     for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
         sums[key] += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
     sums["kl"] += float((clean.exp() * (clean - spliced)).sum())

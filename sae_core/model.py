@@ -16,7 +16,7 @@ import contextlib
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -84,6 +84,7 @@ class LanguageModel:
     tokenizer: object
     device: torch.device
     dtype: torch.dtype
+    _tuple_output: bool | None = field(default=None, init=False, repr=False)   # see start_after
 
     @property
     def n_layers(self) -> int:
@@ -105,14 +106,12 @@ class LanguageModel:
         if not 0 <= layer < self.n_layers:
             raise SaescopeError(f"hook {hook_name(layer)} is past the model's depth: {self.name} has layers 0..{self.n_layers - 1}")
 
-    @torch.inference_mode()
-    def residuals(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
-        """Residual stream after decoder layer `layer`, [batch, seq, d_model]; later layers never run."""
-        self.check_layer(layer)
-        captured: list[torch.Tensor] = []
+    def _layer_output(self, input_ids: torch.Tensor, layer: int):
+        """Decoder layer `layer`'s raw output (the tensor, or a tuple holding it first); later layers never run."""
+        captured: list = []
 
         def grab(_module, _inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            captured.append(output)
             raise _StopForward
 
         handle = self.layers[layer].register_forward_hook(grab)
@@ -123,6 +122,56 @@ class LanguageModel:
         finally:
             handle.remove()
         return captured[0]
+
+    @torch.inference_mode()
+    def residuals(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:
+        """Residual stream after decoder layer `layer`, [batch, seq, d_model]; later layers never run."""
+        self.check_layer(layer)
+        output = self._layer_output(input_ids, layer)
+        return output[0] if isinstance(output, tuple) else output
+
+    @torch.inference_mode()
+    def logits_and_residual(self, input_ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One full forward: its logits, and a copy of the residual stream after decoder layer `layer`."""
+        captured: list[torch.Tensor] = []
+
+        def keep(h: torch.Tensor) -> torch.Tensor:
+            captured.append(h.clone())   # a copy: later layers may not rely on it staying unmodified
+            return h
+
+        with self.replace_residual(layer, keep):
+            logits = self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+        return logits, captured[0]
+
+    @contextlib.contextmanager
+    def start_after(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+        """Within the block, a forward pass (without a KV cache) skips decoder layers 0..`layer` and goes on
+        from `hidden` as layer `layer`'s output: only the embeddings (cheap) and the later layers run. Used to
+        run several variants of the layers after the hook from one shared prefix."""
+        self.check_layer(layer)
+        if self._tuple_output is None:   # transformers 4 layers return (hidden, ...), 5 the tensor: probe once
+            with torch.inference_mode():
+                self._tuple_output = isinstance(self._layer_output(torch.zeros(1, 1, dtype=torch.long), 0), tuple)
+        wrap = (lambda h: (h,)) if self._tuple_output else (lambda h: h)
+
+        def passthrough(*args, **kwargs):
+            return wrap(args[0] if args else kwargs["hidden_states"])
+
+        def given(*_args, **_kwargs):
+            return wrap(hidden)
+
+        layers = [self.layers[i] for i in range(layer + 1)]
+        saved = [m.__dict__.get("forward") for m in layers]   # an instance-level forward (accelerate hooks) is restored
+        for i, m in enumerate(layers):
+            m.forward = given if i == layer else passthrough
+        try:
+            yield
+        finally:
+            for m, old in zip(layers, saved):
+                if old is None:
+                    del m.forward
+                else:
+                    m.forward = old
 
     @contextlib.contextmanager
     def replace_residual(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
