@@ -218,12 +218,14 @@ def demo(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     device: str = typer.Option("auto"),
+    model_dtype: str = typer.Option("auto", help="dtype the model computes in: auto (bf16 where native), float32, bfloat16."),
 ) -> None:
     """Bundled model + demo corpus -> cache -> train -> eval -> mine -> serve; each stage skips finished work."""
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(hook=hook, cache_tokens=cache_tokens, n_latents=n_latents, k=k, train_tokens=train_tokens,
-                     eval_tokens=eval_tokens, mine_tokens=mine_tokens, name=name, db=db, device=device)
+                     eval_tokens=eval_tokens, mine_tokens=mine_tokens, name=name, db=db, device=device,
+                     model_dtype=model_dtype)
     result = run_demo(cfg, console)
     console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
     if serve_after:

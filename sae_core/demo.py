@@ -37,6 +37,7 @@ class DemoConfig:
     name: str = "smollm2-135m-L8-topk-8k"    # the SAE's name in URLs
     db: str | None = None
     device: str = "auto"
+    model_dtype: str = "auto"                # the LM's compute dtype (auto: bf16 where the CPU has bf16 units)
 
 
 @dataclass
@@ -67,8 +68,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
         console.print("      cache complete: skipped")
     else:
-        lm = load_model(DEFAULT_MODEL, cfg.device)
-        build_cache(CacheConfig(hook=cfg.hook, corpus="demo", tokens=cfg.cache_tokens, device=cfg.device), cache_dir, lm=lm)
+        lm = load_model(DEFAULT_MODEL, cfg.device, cfg.model_dtype)
+        build_cache(CacheConfig(hook=cfg.hook, corpus="demo", tokens=cfg.cache_tokens, device=cfg.device,
+                                model_dtype=cfg.model_dtype), cache_dir, lm=lm)
 
     stage(3, f"TopK SAE, {cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_tokens:,} training tokens -> {sae_dir}")
     if (sae_dir / CFG).exists() and (sae_dir / WEIGHTS).exists():
@@ -82,11 +84,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     if (sae_dir / EVAL_RESULT).exists():
         console.print("      eval.json present: skipped")
     else:
-        lm = lm or load_model(DEFAULT_MODEL, cfg.device)
-        ev = evaluate(sae_dir, EvalConfig(tokens=cfg.eval_tokens, device=cfg.device), lm=lm)
+        lm = lm or load_model(DEFAULT_MODEL, cfg.device, cfg.model_dtype)
+        ev = evaluate(sae_dir, EvalConfig(tokens=cfg.eval_tokens, device=cfg.device, model_dtype=cfg.model_dtype), lm=lm)
         console.print(f"      L0 {ev.l0:.1f}, FVU {ev.fvu:.3f}, CE loss recovered {ev.ce_score:.1%}, delta CE {ev.delta_ce:.3f}")
 
     stage(5, f"mining {cfg.mine_tokens:,} tokens into {store_db.redact(store_db.database_url(cfg.db))}")
-    mined = mine(sae_dir, MineConfig(tokens=cfg.mine_tokens, name=cfg.name, db=cfg.db, stats=StatsConfig(), device=cfg.device), lm=lm)
+    mined = mine(sae_dir, MineConfig(tokens=cfg.mine_tokens, name=cfg.name, db=cfg.db, stats=StatsConfig(), device=cfg.device,
+                                       model_dtype=cfg.model_dtype), lm=lm)
     console.print("      " + (mined.notes[0] if mined.skipped else f"{mined.alive:,} of {mined.n_latents:,} features fired"))
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))

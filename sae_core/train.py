@@ -155,7 +155,7 @@ class Trainer:
         self.step_no = self.start_step = 0
         self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
         self.ema_state: dict | None = None
-        self.meta = {"activations": "streamed from the model" if source is activations else str(activations),
+        self.meta = {"activations": "streamed from the model" if source is activations else str(Path(activations).resolve()),
                      "cache": source.config, "cache_windows": source.manifest["n_windows"], "d_in": source.d_model}
         if resume and self.ckpt_path.exists():
             self._resume()
