@@ -15,13 +15,13 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from . import corpus as corpus_mod
 from .cache import CacheConfig
 from .errors import SaescopeError
 from .model import LanguageModel, load_model, parse_hook
+from .windows import WindowSource
 
 
 class ModelStream:
@@ -44,23 +44,19 @@ class ModelStream:
         self.config = {**cfg.identity(), "streamed": True}          # what eval and mine read: model, hook, corpus...
         self.manifest = {"n_windows": self.n_windows}
 
-    def _windows(self, start: int):
-        return corpus_mod.iter_windows(self.corpus, self.lm.tokenizer, self.cfg.context_size, self.cfg.seed, skip_windows=start)
+    def _windows(self, start: int) -> WindowSource:
+        return WindowSource(self.lm, self.corpus, self.cfg, start)
 
-    def _activations(self, windows, first: int, count: int) -> torch.Tensor:
-        """Rows of windows first .. first + count - 1, the next ones of the iterator `windows`, [rows, d_model]
-        float32 on the CPU."""
+    def _activations(self, source: WindowSource, first: int, count: int) -> torch.Tensor:
+        """Rows of windows first .. first + count - 1, the next ones of `source`, [rows, d_model] float32 on the CPU."""
         out, left = [], count
-        with torch.inference_mode():
-            while left > 0:
-                batch = [w.tokens for _, w in zip(range(min(self.cfg.batch_size, left)), windows)]
-                if not batch:
-                    raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {first + count - left} windows; "
-                                        f"ask for fewer --tokens than {self.cfg.tokens:,}")
-                ids = torch.from_numpy(np.concatenate(batch)).long().to(self.lm.device)
-                acts = self.lm.residuals(ids, self.layer)[:, self.cfg.skip_positions:]
-                out.append(acts.float().reshape(-1, self.d_model).cpu())
-                left -= len(batch)
+        while left > 0:
+            batch = source.take(min(self.cfg.batch_size, left))
+            if batch is None:
+                raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {first + count - left} windows; "
+                                    f"ask for fewer --tokens than {self.cfg.tokens:,}")
+            out.append(batch.acts.float().reshape(-1, self.d_model).cpu())
+            left -= len(batch)
         return torch.cat(out)
 
     def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
@@ -76,7 +72,7 @@ class ModelStream:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
         group = self._group(batch_size)
         gen = torch.Generator().manual_seed(seed)
-        emitted, windows = 0, None
+        emitted, source = 0, None
         for start in range(0, self.n_windows, group):
             count = min(group, self.n_windows - start)
             n_batches = count * self.rows_per_window // batch_size
@@ -84,8 +80,8 @@ class ModelStream:
             if emitted + n_batches <= skip:
                 emitted += n_batches
                 continue
-            windows = windows or self._windows(start)   # one tokenising pass from here on, not one per group
-            rows = self._activations(windows, start, count)
+            source = source or self._windows(start)   # one tokenising pass from here on, not one per group
+            rows = self._activations(source, start, count)
             for b in range(n_batches):
                 if emitted >= skip:
                     yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(device, dtype)

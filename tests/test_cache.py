@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from sae_core.cache import ActivationCache, CacheConfig, WindowSource, build_cache, reusable_cache
+from sae_core.cache import ActivationCache, CacheConfig, build_cache, reusable_cache
+from sae_core.windows import WindowSource
 from sae_core.corpus import iter_windows, open_corpus
 from sae_core.errors import SaescopeError
 from sae_core.model import load_model, parse_hook
