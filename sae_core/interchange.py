@@ -1,4 +1,5 @@
-"""Save and load SAEs as SAELens folders; import sparsify and OpenAI checkpoints.
+"""Save and load SAEs: the one loader every stage uses (`load_sae`), for our folders, SAELens folders,
+sparsify folders and OpenAI state dicts, with a typed record of where the SAE came from (`Provenance`).
 
 Our folder (readable by SAELens' `SAE.load_from_disk`):
     cfg.json                  d_in, d_sae, architecture ("topk" or "standard"), k, dtype,
@@ -14,7 +15,9 @@ scale, so the saved SAE gives latents z / s, i.e. in raw units, with the same un
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -54,8 +57,11 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     return folder
 
 
-def _build(arch: str, d_in: int, n: int, k: int | None, W_enc_nd, W_dec_nd, b_enc, b_pre):
+def _build(arch: str, d_in: int, n: int, k: int | None, W_enc_nd, W_dec_nd, b_enc, b_pre) -> TopKSAE | ReluSAE:
+    sae: TopKSAE | ReluSAE
     if arch == "topk":
+        if k is None:
+            raise SaescopeError("a TopK SAE's checkpoint must say its k")
         sae = TopKSAE(TopKConfig(d_in=d_in, n_latents=n, k=int(k)))
     elif arch == "relu":
         sae = ReluSAE(ReluConfig(d_in=d_in, n_latents=n))
@@ -70,11 +76,76 @@ def _build(arch: str, d_in: int, n: int, k: int | None, W_enc_nd, W_dec_nd, b_en
     return sae.eval()
 
 
-def load_sae(folder: str | Path) -> tuple[TopKSAE | ReluSAE, dict]:
-    """Load a SAELens-layout folder (ours or SAELens') -> (SAE taking raw activations, cfg dict)."""
-    folder = Path(folder)
-    if not (folder / CFG).exists() or not (folder / WEIGHTS).exists():
-        raise SaescopeError(f"{folder} is not an SAE folder (needs {CFG} and {WEIGHTS})")
+@dataclass(frozen=True)
+class Provenance:
+    """What an SAE was trained on, read from its cfg.json (ours under metadata.saescope, SAELens' fields
+    otherwise), with one rule per field for every stage."""
+
+    model: str | None                 # the model it reads (None: unknown; `saescope import --model` sets it)
+    hook: str | None                  # blocks.<L>.hook_resid_post
+    corpus: str                       # corpus spec it was trained on ("demo" when the checkpoint does not say)
+    context_size: int                 # tokens per window
+    skip_positions: int               # leading positions per window never trained on (the attention sink)
+    seed: int                         # document order of the corpus
+    trained_windows: int              # corpus windows used for training: evaluation holds out the ones after them
+    activations: str | None           # the training cache's folder; None when streamed, imported or unknown
+    source_format: str                # saescope, saelens, sparsify or openai
+
+    def require(self, where: str | Path) -> tuple[str, str]:
+        """(model, hook), or an error naming the missing field and the command that fixes it."""
+        missing = [name for name, field_ in (("model", "metadata.model_name"), ("hook", "metadata.hook_name"))
+                   if not getattr(self, name)]
+        if missing:
+            fields = " and ".join(f"which {m} it reads ({f})" for m, f in (("model", "metadata.model_name"), ("hook", "metadata.hook_name"))
+                                  if m in missing)
+            raise SaescopeError(f"{where}/cfg.json does not say {fields}; give them with "
+                                f"`saescope import {where} --out NEW_FOLDER --model NAME --hook blocks.<L>.hook_resid_post`")
+        assert self.model is not None and self.hook is not None
+        return self.model, self.hook
+
+    def as_metadata(self) -> dict:
+        """The metadata.saescope record `save_sae` writes, from which `provenance` reads this back."""
+        cache = {"model": self.model, "hook": self.hook, "corpus": self.corpus, "context_size": self.context_size,
+                 "skip_positions": self.skip_positions, "seed": self.seed}
+        return {"cache": cache, "cache_windows": self.trained_windows, "activations": self.activations}
+
+
+def provenance(cfg: dict, model: str | None = None, hook: str | None = None) -> Provenance:
+    """The provenance recorded in a SAELens-style cfg dict; `model` and `hook` override it."""
+    meta = cfg.get("metadata") or {}
+    ours = meta.get("saescope") or {}
+    cache = ours.get("cache") or {}
+    imported = (ours.get("imported_from") or {}).get("format")
+    activations = ours.get("activations")
+    streamed = bool(cache.get("streamed")) or activations == "streamed from the model"
+    return Provenance(
+        model=model or cache.get("model") or meta.get("model_name") or cfg.get("model_name"),
+        hook=hook or meta.get("hook_name") or cache.get("hook") or cfg.get("hook_name"),
+        corpus=cache.get("corpus") or meta.get("dataset_path") or cfg.get("dataset_path") or "demo",
+        context_size=int(cache.get("context_size") or meta.get("context_size") or cfg.get("context_size") or 128),
+        skip_positions=int(cache.get("skip_positions", 1)),
+        seed=int(cache.get("seed", 0)),
+        trained_windows=int(ours.get("cache_windows") or 0),
+        activations=None if streamed or not activations else str(activations),
+        source_format=imported or ("saescope" if ours else "saelens"))
+
+
+class LoadedSAE(NamedTuple):
+    """What `load_sae` returns: unpacks as (sae, cfg); `.provenance` says where the SAE came from."""
+    sae: TopKSAE | ReluSAE
+    cfg: dict                         # SAELens-style cfg.json content (built for sparsify and OpenAI checkpoints)
+
+    @property
+    def provenance(self) -> Provenance:
+        return provenance(self.cfg)
+
+    @property
+    def training(self) -> dict:
+        """Our training record (options, steps, final statistics); empty for SAEs trained elsewhere."""
+        return ((self.cfg.get("metadata") or {}).get("saescope") or {}).get("training") or {}
+
+
+def _load_saelens(folder: Path) -> LoadedSAE:
     cfg = json.loads((folder / CFG).read_text())
     w = load_file(str(folder / WEIGHTS))
     arch = {"topk": "topk", "standard": "relu"}.get(cfg.get("architecture", "standard"))
@@ -83,49 +154,64 @@ def load_sae(folder: str | Path) -> tuple[TopKSAE | ReluSAE, dict]:
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SaescopeError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first")
     k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
-    sae = _build(arch, cfg["d_in"], cfg["d_sae"], k, w["W_enc"].T, w["W_dec"], w["b_enc"], w["b_dec"])
-    return sae, cfg
+    return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], k, w["W_enc"].T, w["W_dec"], w["b_enc"], w["b_dec"]), cfg)
+
+
+def _imported_cfg(sae, fmt: str, src: Path, extra: dict | None = None) -> dict:
+    meta = {"imported_from": {"format": fmt, "path": str(src), **(extra or {})}, "cache": {}}
+    return {"architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents,
+            "metadata": {"saescope": meta}}
+
+
+def _load_sparsify(folder: Path) -> LoadedSAE:
+    cfg = json.loads((folder / CFG).read_text()) if (folder / CFG).exists() else {}
+    w = load_file(str(folder / "sae.safetensors"))
+    n, d = w["encoder.weight"].shape
+    k = cfg.get("k")
+    if k is None:
+        raise SaescopeError(f"{folder}/cfg.json has no k; sparsify folders need their cfg.json")
+    sae = _build("topk", d, n, k, w["encoder.weight"], w["W_dec"], w["encoder.bias"], w["b_dec"])
+    return LoadedSAE(sae, _imported_cfg(sae, "sparsify", folder, {"cfg": cfg}))
+
+
+def _load_openai(path: Path) -> LoadedSAE:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "encoder.weight" not in state:
+        raise SaescopeError(f"{path} is not an OpenAI sparse_autoencoder state_dict (no encoder.weight)")
+    n, d = state["encoder.weight"].shape
+    act = state.get("activation", "ReLU")
+    if act == "TopK":
+        k, arch = int(state["activation_state_dict"]["k"]), "topk"
+    elif act == "ReLU":
+        k, arch = None, "relu"
+    else:
+        raise SaescopeError(f"{path}: activation {act!r} is not supported (TopK, ReLU)")
+    if state.get("normalize"):
+        raise SaescopeError(f"{path} normalises its inputs with a layer norm, which saescope SAEs do not model")
+    sae = _build(arch, d, n, k, state["encoder.weight"], state["decoder.weight"].T, state["latent_bias"], state["pre_bias"])
+    return LoadedSAE(sae, _imported_cfg(sae, "openai", path))
+
+
+def load_sae(src: str | Path) -> LoadedSAE:
+    """Load an SAE taking raw activations from our folder, a SAELens folder, a sparsify folder
+    (cfg.json + sae.safetensors) or an OpenAI sparse_autoencoder state dict (.pt)."""
+    src = Path(src)
+    if src.is_dir() and (src / WEIGHTS).exists() and (src / CFG).exists():
+        return _load_saelens(src)
+    if src.is_dir() and (src / "sae.safetensors").exists():
+        return _load_sparsify(src)
+    if src.is_file() and src.suffix in (".pt", ".pth", ".bin"):
+        return _load_openai(src)
+    if not src.exists():
+        raise SaescopeError(f"{src} does not exist")
+    raise SaescopeError(f"{src} is not a SAELens folder (needs {CFG} and {WEIGHTS}), a sparsify folder or an OpenAI .pt checkpoint")
 
 
 def import_checkpoint(src: str | Path, out: str | Path, model: str | None = None, hook: str | None = None) -> Path:
-    """Convert a SAELens folder, a sparsify folder or an OpenAI state_dict (.pt) into our folder."""
-    src, out = Path(src), Path(out)
-    if not src.exists():
-        raise SaescopeError(f"{src} does not exist")
-    if src.is_dir() and (src / WEIGHTS).exists():
-        sae, cfg = load_sae(src)
-        meta = cfg.get("metadata", {}) or {}
-        meta_out = {"imported_from": {"format": "saelens", "path": str(src)},
-                    "cache": {"model": model or meta.get("model_name") or cfg.get("model_name"),
-                              "hook": hook or meta.get("hook_name") or cfg.get("hook_name"),
-                              "context_size": meta.get("context_size") or cfg.get("context_size")}}
-    elif src.is_dir() and (src / "sae.safetensors").exists():
-        cfg = json.loads((src / CFG).read_text()) if (src / CFG).exists() else {}
-        w = load_file(str(src / "sae.safetensors"))
-        n, d = w["encoder.weight"].shape
-        k = cfg.get("k")
-        if k is None:
-            raise SaescopeError(f"{src}/cfg.json has no k; sparsify folders need their cfg.json")
-        sae = _build("topk", d, n, k, w["encoder.weight"], w["W_dec"], w["encoder.bias"], w["b_dec"])
-        meta_out = {"imported_from": {"format": "sparsify", "path": str(src), "cfg": cfg},
-                    "cache": {"model": model, "hook": hook}}
-    elif src.suffix in (".pt", ".pth", ".bin"):
-        state = torch.load(src, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "encoder.weight" not in state:
-            raise SaescopeError(f"{src} is not an OpenAI sparse_autoencoder state_dict (no encoder.weight)")
-        n, d = state["encoder.weight"].shape
-        act = state.get("activation", "ReLU")
-        if act == "TopK":
-            k = int(state["activation_state_dict"]["k"])
-            arch = "topk"
-        elif act == "ReLU":
-            k, arch = None, "relu"
-        else:
-            raise SaescopeError(f"{src}: activation {act!r} is not supported (TopK, ReLU)")
-        if state.get("normalize"):
-            raise SaescopeError(f"{src} normalises its inputs with a layer norm, which saescope SAEs do not model")
-        sae = _build(arch, d, n, k, state["encoder.weight"], state["decoder.weight"].T, state["latent_bias"], state["pre_bias"])
-        meta_out = {"imported_from": {"format": "openai", "path": str(src)}, "cache": {"model": model, "hook": hook}}
-    else:
-        raise SaescopeError(f"{src} is not a SAELens folder, a sparsify folder or an OpenAI .pt checkpoint")
-    return save_sae(sae, out, scale=1.0, metadata=meta_out)
+    """Convert any checkpoint `load_sae` reads into our folder, keeping (or setting) its provenance."""
+    sae, cfg = load_sae(src)
+    prov = provenance(cfg, model=model, hook=hook)
+    meta = {**prov.as_metadata(), "imported_from": {"format": prov.source_format, "path": str(Path(src).resolve())}}
+    if training := ((cfg.get("metadata") or {}).get("saescope") or {}).get("training"):
+        meta["training"] = training
+    return save_sae(sae, Path(out), scale=1.0, metadata=meta)

@@ -15,7 +15,7 @@ from sae_core.sae import ReluConfig, ReluSAE, TopKConfig, TopKSAE, fvu
 
 
 def reference_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """The loss of DESIGN §3 written plainly, for autograd to differentiate."""
+    """The TopK loss of the README (FVU + AuxK / 32) written plainly, for autograd to differentiate."""
     cfg = sae.cfg
     pre = (x - sae.b_pre) @ sae.W_enc.T + sae.b_enc
 
@@ -172,3 +172,34 @@ def test_importers_give_the_same_encodings(tmp_path):
         torch.testing.assert_close(loaded.encode(x), expected, msg=str(src))
     with pytest.raises(SaescopeError, match="not a SAELens folder"):
         import_checkpoint(tmp_path, tmp_path / "x")
+
+
+def test_one_loader_reads_provenance_of_every_format(tmp_path):
+    """Our folders, native SAELens folders and imports resolve through load_sae with one set of rules."""
+    from sae_core.interchange import provenance
+
+    sae = TopKSAE(TopKConfig(d_in=16, n_latents=64, k=5))
+    cache = {"model": "m", "hook": "blocks.1.hook_resid_post", "corpus": "demo:sotu", "context_size": 64, "skip_positions": 2, "seed": 3}
+    ours = save_sae(sae, tmp_path / "ours", metadata={"cache": cache, "cache_windows": 40, "activations": str(tmp_path / "cache")})
+    p = load_sae(ours).provenance
+    assert (p.model, p.hook, p.corpus, p.context_size, p.skip_positions, p.seed, p.trained_windows) == \
+        ("m", "blocks.1.hook_resid_post", "demo:sotu", 64, 2, 3, 40)
+    assert p.activations == str(tmp_path / "cache") and p.source_format == "saescope"
+    # a folder SAELens wrote: only its own metadata fields
+    native = save_sae(sae, tmp_path / "native")
+    cfg = json.loads((native / "cfg.json").read_text())
+    cfg["metadata"] = {"model_name": "gpt2", "hook_name": "blocks.4.hook_resid_post", "context_size": 256}
+    (native / "cfg.json").write_text(json.dumps(cfg))
+    p = load_sae(native).provenance
+    assert (p.model, p.hook, p.context_size, p.source_format, p.activations) == ("gpt2", "blocks.4.hook_resid_post", 256, "saelens", None)
+    assert p.require(native) == ("gpt2", "blocks.4.hook_resid_post")
+    # imports keep it, or set it
+    again = load_sae(import_checkpoint(ours, tmp_path / "re-imported")).provenance
+    assert (again.model, again.corpus, again.trained_windows, again.source_format) == ("m", "demo:sotu", 40, "saescope")
+    cfg["metadata"] = {}
+    (native / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaescopeError, match=r"which model it reads \(metadata.model_name\) and which hook .*saescope import"):
+        load_sae(native).provenance.require(native)
+    fixed = load_sae(import_checkpoint(native, tmp_path / "fixed", model="m2", hook="blocks.0.hook_resid_post")).provenance
+    assert fixed.require(tmp_path / "fixed") == ("m2", "blocks.0.hook_resid_post")
+    assert provenance({"metadata": {"saescope": {"cache": {"streamed": True}, "activations": "streamed from the model"}}}).activations is None
