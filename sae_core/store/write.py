@@ -5,6 +5,8 @@ switch leaves an invisible 'writing' run, removed by the next `mine` of the same
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from sqlalchemy import delete, insert, select, text, update
@@ -15,7 +17,62 @@ from tqdm import tqdm
 from .codec import pack_acts, pack_ids
 from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
 
+if TYPE_CHECKING:
+    from ..feature_stats import FeatureTables
+
 BATCH = 5000   # rows per executemany
+
+
+@dataclass
+class ModelRecord:
+    """The model a run belongs to, as the store keeps it (no model internals past this point)."""
+    name: str
+    d_model: int
+    n_layers: int
+    vocab_size: int
+    token_strings: Callable[[], list[str]]    # each token decoded on its own; called only if the store lacks them
+
+
+@dataclass
+class SAERecord:
+    name: str                       # URL slug
+    hook: str
+    architecture: str
+    d_in: int
+    n_latents: int
+    k: int | None
+    path: str                       # the SAE's folder
+    train_config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)   # eval.json
+
+
+@dataclass
+class LogitEffects:
+    """Per feature, the tokens W_dec[i] @ W_U promotes and suppresses most: arrays [n_latents, n_top]."""
+    top_ids: np.ndarray
+    top_values: np.ndarray
+    bottom_ids: np.ndarray
+    bottom_values: np.ndarray
+
+
+@dataclass
+class Neighbours:
+    """Per feature, the nearest features by decoder cosine: arrays [n_latents, n_neighbours]."""
+    ids: np.ndarray
+    cosines: np.ndarray
+
+
+@dataclass
+class MinedRun:
+    """Everything one mining run stores: what `write_run` publishes."""
+    model: ModelRecord
+    sae: SAERecord
+    corpus: str
+    config: dict                    # the run's identity: a re-mine with the same config is skipped
+    tables: FeatureTables           # statistics and examples
+    logits: LogitEffects
+    neighbours: Neighbours
+    doc_ids: list[str]              # what the examples' doc_index values index
 
 
 def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:
@@ -33,24 +90,23 @@ def token_strings(tokenizer, vocab_size: int) -> list[str]:
     return [t.replace("\x00", "\u2400") for t in texts]
 
 
-def _ensure_model(s: Session, lm) -> int:
-    model = s.scalar(select(Model).where(Model.name == lm.name))
-    vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+def _ensure_model(s: Session, m: ModelRecord) -> int:
+    model = s.scalar(select(Model).where(Model.name == m.name))
     if model is None:
-        model = Model(name=lm.name, d_model=lm.d_model, n_layers=lm.n_layers, vocab_size=vocab_size)
+        model = Model(name=m.name, d_model=m.d_model, n_layers=m.n_layers, vocab_size=m.vocab_size)
         s.add(model)
         s.flush()
     if s.scalar(select(Vocab.token_id).where(Vocab.model_id == model.id).limit(1)) is None:
-        texts = token_strings(lm.tokenizer, vocab_size)
-        for start in range(0, vocab_size, BATCH):
+        texts = m.token_strings()
+        for start in range(0, m.vocab_size, BATCH):
             s.execute(insert(Vocab), [{"model_id": model.id, "token_id": i, "text": texts[i]}
-                                      for i in range(start, min(start + BATCH, vocab_size))])
+                                      for i in range(start, min(start + BATCH, m.vocab_size))])
     return model.id
 
 
-def _features(run_id: int, t, logits, neighbours):
-    top_ids, top_vals, bot_ids, bot_vals = logits
-    nb_ids, nb_sims = neighbours
+def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
+    top_ids, top_vals, bot_ids, bot_vals = logits.top_ids, logits.top_values, logits.bottom_ids, logits.bottom_values
+    nb_ids, nb_sims = neighbours.ids, neighbours.cosines
     n, bins = t.hist_counts.shape
     for i in range(n):
         fired = int(t.n_fired[i])
@@ -106,28 +162,28 @@ def _insert_all(s: Session, model, rows, total: int, desc: str, progress: bool) 
     bar.close()
 
 
-def write_run(engine: Engine, lm, sae_record: dict, corpus: str, run_config: dict, tables, logits, neighbours,
-              doc_ids: list[str], progress: bool = True) -> int:
+def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
     """Insert a complete mining run and make it the SAE's visible one; returns the run id."""
+    tables, record = run.tables, dict(vars(run.sae))
     with Session(engine) as s, s.begin():
-        model_id = _ensure_model(s, lm)
-        sae = s.scalar(select(SAE).where(SAE.name == sae_record["name"]))
+        model_id = _ensure_model(s, run.model)
+        sae = s.scalar(select(SAE).where(SAE.name == record["name"]))
         if sae is None:
-            sae = SAE(model_id=model_id, **sae_record)
+            sae = SAE(model_id=model_id, **record)
             s.add(sae)
         else:
-            for key, value in sae_record.items():
+            for key, value in record.items():
                 setattr(sae, key, value)
             sae.model_id = model_id
         s.flush()
         s.execute(delete(MiningRun).where(MiningRun.sae_id == sae.id, MiningRun.status != "complete"))  # a crashed write
-        run = MiningRun(sae_id=sae.id, status="writing", corpus=corpus, tokens=int(tables.positions), config=run_config)
-        s.add(run)
+        mining_run = MiningRun(sae_id=sae.id, status="writing", corpus=run.corpus, tokens=int(tables.positions), config=run.config)
+        s.add(mining_run)
         s.flush()
-        sae_id, run_id = sae.id, run.id
+        sae_id, run_id = sae.id, mining_run.id
     with Session(engine) as s, s.begin():
-        _insert_all(s, Feature, _features(run_id, tables, logits, neighbours), len(tables.n_fired), "storing features", progress)
-        _insert_all(s, Example, _examples(run_id, tables, doc_ids), len(tables.ex_feature), "storing examples", progress)
+        _insert_all(s, Feature, _features(run_id, tables, run.logits, run.neighbours), len(tables.n_fired), "storing features", progress)
+        _insert_all(s, Example, _examples(run_id, tables, run.doc_ids), len(tables.ex_feature), "storing examples", progress)
         _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
     with Session(engine) as s, s.begin():   # the switch: readers see the old run or the new one, never a mix
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
