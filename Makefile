@@ -45,10 +45,12 @@ bench: venv
 	$(BIN)/python bench/serve_latency.py
 	$(BIN)/python bench/scaling.py          # ~1.5 h on 2 cores: caches 2M tokens, trains 25 SAEs
 
-# docs/cli.md is generated from the CLI itself; tests/test_docs.py fails when it is stale.
+# docs/cli.md is generated from the CLI, the option tables of docs/configuration.md from sae_core/config.py;
+# tests/test_docs.py fails when either is stale.
 docs: venv
 	$(BIN)/typer sae_core.cli utils docs --name saescope --output docs/cli.md
 	sed -i '1i <!-- Generated from the CLI by `make docs` (typer utils docs); do not edit by hand. -->\n' docs/cli.md
+	$(BIN)/python -c 'from sae_core.config import write_reference; write_reference("docs/configuration.md")'
 
 clean-venv:
 	rm -rf $(VENV)

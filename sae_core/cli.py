@@ -1,105 +1,84 @@
-"""The `saescope` command line. Each command parses its options into a stage's config and calls it."""
+"""The `saescope` command line. Each command's options are its stage's config fields (sae_core/config.py,
+built into typer options by sae_core/options.py); the command parses them into the config and calls
+the stage."""
 
 from __future__ import annotations
 
-import os
+import inspect
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import typer
 from rich.console import Console
 
+from .config import CacheConfig, DemoConfig, EvalConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
+from .options import cli_fields, command_options, from_options, parameter, with_signature
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train TopK sparse autoencoders on a language model and browse their features.")
 console = Console(stderr=True, soft_wrap=True)
 
-def db_option():
-    return typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")
-
-
 # Long CPU runs with glibc's default allocator lose throughput to page faults on freshly mapped
-# buffers (DESIGN §2; hardware.keep_large_buffers).
+# buffers (docs/configuration.md; hardware.keep_large_buffers).
 keep_large_buffers()
 
 
-@app.command()
-def cache(
-    out: Path = typer.Option(..., "--out", help="Folder of the activation cache (created; re-run to resume)."),
-    model: str = typer.Option("smollm2-135m", help="smollm2-135m (bundled), a .gguf file, a model folder or a hub id."),
-    hook: str = typer.Option("blocks.8.hook_resid_post", help="Hook point: blocks.<layer>.hook_resid_post."),
-    corpus: str = typer.Option("demo", help="demo, demo:<part>, a .txt/.jsonl file, a folder of .txt files, or hf:<dataset>."),
-    tokens: int = typer.Option(1_000_000, help="Tokens to process (rounded up to whole windows)."),
-    context_size: int = typer.Option(128, help="Tokens per window."),
-    skip_positions: int = typer.Option(1, help="Leading positions per window not stored (the attention sink)."),
-    dtype: str = typer.Option("bfloat16", help="Storage dtype: bfloat16, float16 or float32."),
-    batch_size: int = typer.Option(32, help="Windows per forward pass."),
-    windows_per_shard: int = typer.Option(256, help="Windows per shard file (a multiple of --batch-size)."),
-    seed: int = typer.Option(0, help="Seed of the document order."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    model_dtype: str = typer.Option("auto", help="dtype the model computes in: auto (bf16 where native), float32, bfloat16."),
-) -> None:
-    """Cache residual-stream activations of a model over a corpus (resumable)."""
-    from .cache import CacheConfig, build_cache
+def arg(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    """A parameter that is not a config field (a folder to read or write, a switch of the command)."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
-    cfg = CacheConfig(model=model, hook=hook, corpus=corpus, context_size=context_size,
-                      skip_positions=skip_positions, seed=seed, dtype=dtype, tokens=tokens,
-                      batch_size=batch_size, windows_per_shard=windows_per_shard, device=device,
-                      model_dtype=model_dtype)
-    result = build_cache(cfg, out)
+
+def pick(cls: type, names: tuple[str, ...], **kwargs) -> list[inspect.Parameter]:
+    """Typer options for a few fields of another stage's config (e.g. train's streaming --model)."""
+    return [parameter(f, tp, **kwargs) for f, tp in cli_fields(cls) if f.name in names]
+
+
+def sae_folder(help_text: str = "SAE folder (cfg.json + sae_weights.safetensors).") -> inspect.Parameter:
+    return arg("sae", Path, typer.Option(..., "--sae", help=help_text))
+
+
+@app.command()
+@with_signature([arg("out", Path, typer.Option(..., "--out", help="Folder of the activation cache (created; re-run to resume).")),
+                 *command_options(CacheConfig)])
+def cache(out: Path, **values) -> None:
+    """Cache residual-stream activations of a model over a corpus (resumable)."""
+    from .cache import build_cache
+
+    result = build_cache(from_options(CacheConfig, values), out)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"cache ready: {result.out} — {result.n_windows} windows, {result.n_rows} activation rows of width {result.d_model}"
                   + (f" (resumed after {result.resumed_from} windows)" if result.resumed_from else ""))
 
 
+STREAMING = ("model", "hook", "corpus")
+
+
 @app.command()
-def train(
-    activations: Path = typer.Option(None, "--activations", help="Activation cache folder written by `saescope cache`; "
-                                     "without it, activations stream from the model (--model, --hook, --corpus, --tokens)."),
-    out: Path = typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE."),
-    n_latents: int = typer.Option(16384, help="Dictionary size."),
-    k: int = typer.Option(32, help="Active latents per token (TopK)."),
-    architecture: str = typer.Option("topk", help="topk, or relu for the ReLU + L1 baseline."),
-    l1_coef: float = typer.Option(1e-2, help="L1 penalty of the relu baseline."),
-    k_aux: int = typer.Option(None, help="AuxK: dead latents used to model the residual (default d_in / 2)."),
-    aux_coef: float = typer.Option(1 / 32, help="AuxK loss weight; 0 turns AuxK off."),
-    multi_topk: bool = typer.Option(False, help="Add L(4k)/8 so the code also works at larger k."),
-    tied_init: bool = typer.Option(True, help="Initialise W_enc as W_dec transposed."),
-    lr: float = typer.Option(None, help="Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14))."),
-    batch_size: int = typer.Option(4096, help="Tokens per step."),
-    tokens: int = typer.Option(None, help="Training tokens (default: one pass over the cache; more repeats it). "
-                               "Required when streaming: the model runs over this many corpus tokens once."),
-    model: str = typer.Option("smollm2-135m", help="Streaming only: the model (as for `saescope cache`)."),
-    hook: str = typer.Option("blocks.8.hook_resid_post", help="Streaming only: hook point."),
-    corpus: str = typer.Option("demo", help="Streaming only: corpus spec (as for `saescope cache`)."),
-    dead_tokens: int = typer.Option(None, help="Tokens without firing before a latent counts as dead (default min(10M, tokens/10))."),
-    ema: float = typer.Option(None, help="Weight EMA decay, e.g. 0.999; the saved weights are the EMA."),
-    bf16: bool = typer.Option(False, help="TopK: encoder and AuxK matmuls in bf16 numerics (faster on bf16 hardware: config A 8.1k vs 4.7k tok/s with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast as fp32; bench/RESULTS.md)."),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(200, help="Steps between checkpoints."),
-    resume: bool = typer.Option(False, help="Continue from the checkpoint in --out."),
-    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one on the CPU; on a GPU, atomic adds may sum in another order."),
-) -> None:
+@with_signature([arg("activations", Path, typer.Option(None, "--activations", help="Activation cache folder written by `saescope cache`; "
+                                                         "without it, activations stream from the model (--model, --hook, --corpus, --tokens).")),
+                 arg("out", Path, typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE.")),
+                 *command_options(TrainConfig),
+                 *pick(CacheConfig, STREAMING, help_prefix="Streaming only: "),
+                 arg("resume", bool, typer.Option(False, help="Continue from the checkpoint in --out."))])
+def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
     """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model."""
-    from .cache import CacheConfig
     from .stream import ModelStream
-    from .train import TrainConfig, train as run_train
+    from .train import train as run_train
 
-    source = activations
-    if activations is None:
-        if tokens is None:
-            raise SaescopeError("give --activations DIR (a cache), or --tokens N to stream N tokens from the model")
-        source = ModelStream(CacheConfig(model=model, hook=hook, corpus=corpus, tokens=tokens))
-        tokens = None        # one pass over the stream
-
-    cfg = TrainConfig(architecture=architecture, n_latents=n_latents, k=k, k_aux=k_aux, aux_coef=aux_coef,
-                      multi_topk=multi_topk, l1_coef=l1_coef, tied_init=tied_init, lr=lr, batch_size=batch_size,
-                      tokens=tokens, dead_tokens=dead_tokens, ema=ema, bf16=bf16, seed=seed,
-                      checkpoint_every=checkpoint_every, device=device)
+    streaming = {name: values.pop(name) for name in STREAMING}
+    cfg = from_options(TrainConfig, values)
+    source: Path | ModelStream
+    if activations is not None:
+        source = activations
+    elif cfg.tokens is None:
+        raise SaescopeError("give --activations DIR (a cache), or --tokens N to stream N tokens from the model")
+    else:
+        source = ModelStream(CacheConfig(**streaming, tokens=cfg.tokens))
+        cfg.tokens = None        # one pass over the stream
     result = run_train(cfg, source, out, resume=resume)
     f = result.final
     console.print(f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
@@ -108,21 +87,16 @@ def train(
 
 
 @app.command("eval")
-def eval_(
-    sae: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)."),
-    tokens: int = typer.Option(65536, help="Held-out tokens (the corpus windows after the training cache)."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    device: str = typer.Option("auto"),
-    model_dtype: str = typer.Option("auto"),
-) -> None:
+@with_signature([sae_folder(), *command_options(EvalConfig)])
+def eval_(sae: Path, **values) -> None:
     """L0, FVU, dead/rare fractions and downstream loss (delta CE, CE score, KL); writes eval.json."""
     from dataclasses import asdict
 
     from rich.table import Table
 
-    from .evaluate import EvalConfig, evaluate
+    from .evaluate import evaluate
 
-    result = evaluate(sae, EvalConfig(tokens=tokens, batch_size=batch_size, device=device, model_dtype=model_dtype))
+    result = evaluate(sae, from_options(EvalConfig, values))
     table = Table(title=f"{sae} on {result.tokens:,} held-out tokens")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -145,35 +119,12 @@ def import_(
 
 
 @app.command()
-def mine(
-    sae: Path = typer.Option(..., "--sae", help="SAE folder (cfg.json + sae_weights.safetensors)."),
-    tokens: int = typer.Option(262_144, help="Corpus tokens to mine, from the corpus start (whole windows)."),
-    corpus: str = typer.Option(None, help="Corpus spec (default: the one the SAE was trained on)."),
-    top_n: int = typer.Option(32, help="Top-activating contexts kept per feature (at most one per window)."),
-    n_intervals: int = typer.Option(10, help="Equal-width activation intervals over [0, max] to sample from."),
-    per_interval: int = typer.Option(5, help="Samples per interval (uniform within it)."),
-    histogram_bins: int = typer.Option(50, help="Bins of the activation histogram."),
-    context_before: int = typer.Option(23, help="Tokens kept before an example's chosen token."),
-    context_after: int = typer.Option(8, help="Tokens kept after it."),
-    name: str = typer.Option(None, help="The SAE's name in the store and its URLs (default: the folder name)."),
-    db: str = db_option(),
-    batch_size: int = typer.Option(16, help="Windows per forward pass."),
-    windows_per_chunk: int = typer.Option(256, help="Windows per work chunk: the unit a killed run resumes from."),
-    force: bool = typer.Option(False, help="Re-mine even when the store already holds a run with these settings."),
-    seed: int = typer.Option(0, help="Seed of the interval sampling."),
-    device: str = typer.Option("auto"),
-    model_dtype: str = typer.Option("auto"),
-) -> None:
+@with_signature([sae_folder(), *command_options(MineConfig)])
+def mine(sae: Path, **values) -> None:
     """Mine every feature's top contexts, interval samples, histogram, logit effects and neighbours into the store (resumable)."""
-    from .feature_stats import StatsConfig
-    from .mine import MineConfig, mine as run_mine
+    from .mine import mine as run_mine
 
-    stats = StatsConfig(top_n=top_n, n_intervals=n_intervals, per_interval=per_interval, histogram_bins=histogram_bins,
-                        context_before=context_before, context_after=context_after, seed=seed)
-    cfg = MineConfig(tokens=tokens, corpus=corpus, stats=stats, name=name, db=db, batch_size=batch_size,
-                     windows_per_chunk=windows_per_chunk, force=force,
-                     device=device, model_dtype=model_dtype)
-    result = run_mine(sae, cfg)
+    result = run_mine(sae, from_options(MineConfig, values))
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     if not result.skipped:
@@ -182,56 +133,29 @@ def mine(
 
 
 @app.command()
-def serve(
-    db: str = db_option(),
-    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0 to share on the network)."),
-    port: int = typer.Option(8000),
-    workers: int = typer.Option(min(os.cpu_count() or 1, 8), show_default="one per CPU core, at most 8",
-                                help="Server processes (each ~80 MB; they share the store)."),
-    loop: Literal["asyncio", "uvloop"] = typer.Option(
-        "asyncio", help="Event loop. uvloop answers trivial requests faster but lets a busy worker starve some connections "
-                        "(bench/RESULTS.md, Serving)."),
-    db_threads: int | None = typer.Option(None, min=0, show_default="0 for SQLite or PostgreSQL on this machine, else 4",
-                                   help="Threads per process that run database reads; 0 runs them on the event loop."),
-    upgrade: bool = typer.Option(False, help="Apply the schema migrations first (what the container does at start)."),
-    wait_for_db: float = typer.Option(0, help="Seconds to keep retrying an unreachable database before giving up."),
-) -> None:
+@with_signature(command_options(ServeConfig))
+def serve(**values) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
-    from .serve import ServeConfig, serve as run_serve
+    from .serve import serve as run_serve
 
-    run_serve(ServeConfig(db=db, host=host, port=port, workers=workers, loop=loop, db_threads=db_threads,
-                          upgrade=upgrade, wait_for_db=wait_for_db), console)
+    run_serve(from_options(ServeConfig, values), console)
 
 
 @app.command()
-def demo(
-    cache_tokens: int = typer.Option(500_000, help="Tokens of activations to cache."),
-    n_latents: int = typer.Option(8192, help="SAE width."),
-    k: int = typer.Option(32, help="Active latents per token."),
-    train_tokens: int = typer.Option(1_000_000, help="Training tokens (more than the cache repeats it)."),
-    eval_tokens: int = typer.Option(16_384, help="Held-out tokens for the evaluation."),
-    mine_tokens: int = typer.Option(200_000, help="Tokens to mine feature contexts from."),
-    hook: str = typer.Option("blocks.8.hook_resid_post"),
-    name: str = typer.Option("smollm2-135m-L8-topk-8k", help="The SAE's name in URLs."),
-    db: str = db_option(),
-    serve_after: bool = typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done."),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    device: str = typer.Option("auto"),
-    model_dtype: str = typer.Option("auto", help="dtype the model computes in: auto (bf16 where native), float32, bfloat16."),
-) -> None:
+@with_signature([*command_options(DemoConfig),
+                 arg("serve_after", bool, typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done.")),
+                 *pick(ServeConfig, ("host", "port"))])
+def demo(serve_after: bool, host: str, port: int, **values) -> None:
     """Bundled model + demo corpus -> cache -> train -> eval -> mine -> serve; each stage skips finished work."""
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
-    cfg = DemoConfig(hook=hook, cache_tokens=cache_tokens, n_latents=n_latents, k=k, train_tokens=train_tokens,
-                     eval_tokens=eval_tokens, mine_tokens=mine_tokens, name=name, db=db, device=device,
-                     model_dtype=model_dtype)
+    cfg = from_options(DemoConfig, values)
     result = run_demo(cfg, console)
     console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
     if serve_after:
-        from .serve import ServeConfig, serve as run_serve
+        from .serve import serve as run_serve
 
-        run_serve(ServeConfig(db=db, host=host, port=port, workers=1), console)
+        run_serve(ServeConfig(db=cfg.db, host=host, port=port, workers=1), console)
 
 
 db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")
@@ -239,7 +163,8 @@ app.add_typer(db_app, name="db")
 
 
 @db_app.command("upgrade")
-def db_upgrade(db: str = db_option()) -> None:
+@with_signature(pick(ServeConfig, ("db",)))
+def db_upgrade(db: str | None) -> None:
     """Create the store or migrate it to this version's schema (Alembic)."""
     from .store import db as store_db
 
@@ -250,7 +175,8 @@ def db_upgrade(db: str = db_option()) -> None:
 
 
 @db_app.command("status")
-def db_status(db: str = db_option()) -> None:
+@with_signature(pick(ServeConfig, ("db",)))
+def db_status(db: str | None) -> None:
     """Show the store's URL and schema revision against the one this code needs."""
     from .store import db as store_db
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .config import DemoConfig
 from . import settings
 from .cache import CacheConfig, build_cache
 from .corpus import fetch_demo
@@ -21,23 +22,6 @@ from .interchange import CFG, WEIGHTS
 from .mine import MineConfig, mine
 from .model import DEFAULT_MODEL, load_model
 from .train import TrainConfig, train
-
-
-@dataclass
-class DemoConfig:
-    """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
-
-    hook: str = "blocks.8.hook_resid_post"   # a third of the way up SmolLM2's 30 layers: word- and phrase-level features
-    cache_tokens: int = 500_000
-    n_latents: int = 8192
-    k: int = 32
-    train_tokens: int = 1_000_000            # two passes over the cache
-    eval_tokens: int = 16_384
-    mine_tokens: int = 200_000
-    name: str = "smollm2-135m-L8-topk-8k"    # the SAE's name in URLs
-    db: str | None = None
-    device: str = "auto"
-    model_dtype: str = "auto"                # the LM's compute dtype (auto: bf16 where the CPU has bf16 units)
 
 
 @dataclass

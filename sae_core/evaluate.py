@@ -1,4 +1,4 @@
-"""Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: DESIGN §4 and the README).
+"""Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: docs/concepts.md and the README).
 
 Held-out tokens are the corpus windows that come after the ones the training cache holds, in the
 same document order, so no evaluation token was trained on. Per batch of windows the clean full
@@ -19,20 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .config import EvalConfig
 from . import corpus as corpus_mod
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
 
 RESULT = "eval.json"
-
-
-@dataclass
-class EvalConfig:
-    tokens: int = 65536          # held-out tokens to evaluate on
-    batch_size: int = 8          # windows per forward pass (full logits are [batch, context, vocab])
-    device: str = "auto"
-    model_dtype: str = "auto"
 
 
 @dataclass
@@ -50,27 +43,37 @@ class EvalResult:
     kl: float                    # mean KL(clean || sae) of the next-token distributions
 
 
+@dataclass
+class _Sums:
+    """Running totals over the evaluated positions (reconstruction) and predictions (downstream)."""
+    sum_x: torch.Tensor
+    n: int = 0
+    active: int = 0
+    sq_err: float = 0.0
+    sum_sq: float = 0.0
+    ce_clean: float = 0.0
+    ce_sae: float = 0.0
+    ce_zero: float = 0.0
+    kl: float = 0.0
+    n_pred: int = 0
+
+
 def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, progress: bool = True) -> EvalResult:
-    sae, sae_cfg = load_sae(sae_dir)
-    meta = sae_cfg.get("metadata", {}) or {}
-    cache_cfg = (meta.get("saescope") or {}).get("cache") or {}
-    if not cache_cfg.get("model") or not meta.get("hook_name"):
-        raise SaescopeError(f"{sae_dir}/cfg.json does not say which model and hook it belongs to (metadata.model_name, hook_name)")
-    layer = parse_hook(meta["hook_name"])
-    lm = lm or load_model(cache_cfg["model"], cfg.device, cfg.model_dtype)
+    loaded = load_sae(sae_dir)
+    sae, prov = loaded.sae, loaded.provenance
+    model_name, hook = prov.require(sae_dir)
+    layer = parse_hook(hook)
+    lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
     lm.check_layer(layer)
     if lm.d_model != sae.cfg.d_in:
         raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {lm.name} layer {layer} has width {lm.d_model}")
     sae = sae.to(lm.device)
-    context = int(cache_cfg.get("context_size") or 128)
-    skip = int(cache_cfg.get("skip_positions", 1))
-    trained_windows = int((meta.get("saescope") or {}).get("cache_windows") or 0)
-    corpus = corpus_mod.open_corpus(cache_cfg.get("corpus", "demo"))
-    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, context, int(cache_cfg.get("seed", 0)), skip_windows=trained_windows)
+    context, skip = prov.context_size, prov.skip_positions
+    corpus = corpus_mod.open_corpus(prov.corpus)
+    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, context, prov.seed, skip_windows=prov.trained_windows)
 
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=lm.device)
-    sums = dict(n=0, active=0, sq_err=0.0, sum_x=torch.zeros(lm.d_model, dtype=torch.float64), sum_sq=0.0,
-                ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, n_pred=0)
+    sums = _Sums(sum_x=torch.zeros(lm.d_model, dtype=torch.float64))
     n_windows = -(-cfg.tokens // context)
     bar = tqdm(total=n_windows * context, unit="tok", unit_scale=True, desc="evaluating", disable=not progress, dynamic_ncols=True)
     done = 0
@@ -87,22 +90,22 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
             z = sae.encode(x)
             x_hat = sae(x)
             fired += (z > 0).sum(0)
-            sums["n"] += len(x)
-            sums["active"] += int((z > 0).sum())
-            sums["sq_err"] += float((x - x_hat).pow(2).sum())
-            sums["sum_x"] += x.double().sum(0).cpu()
-            sums["sum_sq"] += float(x.double().pow(2).sum())
+            sums.n += len(x)
+            sums.active += int((z > 0).sum())
+            sums.sq_err += float((x - x_hat).pow(2).sum())
+            sums.sum_x += x.double().sum(0).cpu()
+            sums.sum_sq += float(x.double().pow(2).sum())
             _downstream(lm, ids, layer, skip, clean, h, x_hat.view(len(batch), -1, lm.d_model), sums)
             done += len(batch)
             bar.update(len(batch) * context)
     bar.close()
-    if sums["n"] == 0:
+    if sums.n == 0:
         raise SaescopeError("the corpus has no held-out windows left after the training cache; evaluate on a longer corpus")
-    n = sums["n"]
-    total_var = sums["sum_sq"] - float(sums["sum_x"].pow(2).sum()) / n
+    n = sums.n
+    total_var = sums.sum_sq - float(sums.sum_x.pow(2).sum()) / n
     density = fired.float() / n
-    ce = {k: sums[k] / sums["n_pred"] for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
-    result = EvalResult(tokens=n, l0=sums["active"] / n, fvu=sums["sq_err"] / total_var,
+    ce = {k: getattr(sums, k) / sums.n_pred for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
+    result = EvalResult(tokens=n, l0=sums.active / n, fvu=sums.sq_err / total_var,
                         dead_fraction=float((fired == 0).float().mean()), rare_fraction=float((density < 1e-5).float().mean()),
                         ce_clean=ce["ce_clean"], ce_sae=ce["ce_sae"], ce_zero=ce["ce_zero"],
                         delta_ce=ce["ce_sae"] - ce["ce_clean"],
@@ -116,7 +119,7 @@ def _logprobs(logits: torch.Tensor, skip: int) -> torch.Tensor:
 
 
 def _downstream(lm: LanguageModel, ids: torch.Tensor, layer: int, skip: int, clean: torch.Tensor, h: torch.Tensor,
-                x_hat: torch.Tensor, sums: dict) -> None:
+                x_hat: torch.Tensor, sums: _Sums) -> None:
     """Add this batch's clean / spliced / zero-ablated cross-entropies and KL to `sums`, given the clean
     forward's log-probabilities, the hook's output `h` in it and the SAE's reconstruction `x_hat` of h[:, skip:]."""
     spliced_h, zeroed_h = h.clone(), h.clone()
@@ -127,7 +130,8 @@ def _downstream(lm: LanguageModel, ids: torch.Tensor, layer: int, skip: int, cle
         spliced = _logprobs(lm.model(input_ids=ids, use_cache=False).logits, skip)
     with lm.start_after(layer, zeroed_h):
         zeroed = _logprobs(lm.model(input_ids=ids, use_cache=False).logits, skip)
-    for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
-        sums[key] += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
-    sums["kl"] += float((clean.exp() * (clean - spliced)).sum())
-    sums["n_pred"] += targets.numel()
+    sums.ce_clean += float(-clean.gather(-1, targets.unsqueeze(-1)).sum())
+    sums.ce_sae += float(-spliced.gather(-1, targets.unsqueeze(-1)).sum())
+    sums.ce_zero += float(-zeroed.gather(-1, targets.unsqueeze(-1)).sum())
+    sums.kl += float((clean.exp() * (clean - spliced)).sum())
+    sums.n_pred += targets.numel()

@@ -26,25 +26,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .errors import SaescopeError
-
-
-@dataclass
-class StatsConfig:
-    top_n: int = 32               # top contexts per feature, at most one per window
-    n_intervals: int = 10         # equal-width activation intervals over [0, max]
-    per_interval: int = 5         # samples per interval
-    histogram_bins: int = 50      # equal-width bins over [min, max] of the non-zero activations
-    context_before: int = 23      # tokens kept before the chosen token (32-token contexts by default)
-    context_after: int = 8        # tokens kept after it
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("top_n", "n_intervals", "per_interval", "histogram_bins"):
-            if getattr(self, name) < 1:
-                raise SaescopeError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.context_before < 0 or self.context_after < 0:
-            raise SaescopeError("context-before and context-after must not be negative")
+from .config import StatsConfig
 
 
 @dataclass
@@ -139,7 +121,7 @@ def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_si
         hist += torch.bincount(f * B + ((v - act_min[f]) / span[f] * B).long().clamp(0, B - 1), minlength=n * B)
         group = f * I + (v / safe_max[f] * I).long().clamp(0, I - 1)
         icount += torch.bincount(group, minlength=n * I)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + chunk["first_window"])
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(chunk["first_window"]))
         u = torch.rand(len(v), generator=gen, dtype=torch.float64)
         order = torch.argsort(group.double() + u)           # by group, then by random key
         g_sorted = group[order]

@@ -1,7 +1,7 @@
 """Mine every feature of an SAE into the store: `saescope mine`.
 
 Phase 1 is the one pass over the corpus: token windows -> model cut at the hook -> SAE encode. It
-reuses the activation cache's resumable sharded writer (`cache.build_cache`) but stores each
+uses the activation cache's resumable sharded writer (`shards.fill_shards`) but stores each
 position's sparse code instead of its activation, in `<sae>/mining/`. A killed run keeps its whole
 chunks and a re-run continues after them. Where the cache the SAE was trained on still holds the
 windows (same model, hook, corpus and windowing), their tokens and activations are read from it
@@ -28,29 +28,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import MineConfig
 from . import feature_stats
-from .cache import CacheConfig, ShardEncoder, build_cache, reusable_cache
+from . import corpus as corpus_mod
+from .cache import CacheConfig, check_config, reusable_cache
+from .shards import ShardEncoder, fill_shards, finished
+from .windows import WindowSource
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
 from .store import db, write
-
-
-@dataclass
-class MineConfig:
-    tokens: int = 262_144            # corpus tokens to mine (whole windows), from the corpus start
-    corpus: str | None = None        # default: the corpus the SAE was trained on
-    stats: feature_stats.StatsConfig = field(default_factory=feature_stats.StatsConfig)
-    n_logits: int = 10               # top and bottom tokens of W_dec[i] @ W_U
-    n_neighbours: int = 10           # nearest features by decoder cosine
-    max_active: int = 256            # ReLU SAEs: positions keep their largest this-many activations
-    batch_size: int = 16             # windows per forward pass
-    windows_per_chunk: int = 256
-    name: str | None = None          # the SAE's name in the store and its URLs (default: its folder name)
-    db: str | None = None            # database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data dir)
-    force: bool = False              # re-mine even when the store holds a run of these settings
-    device: str = "auto"
-    model_dtype: str = "auto"
 
 
 @dataclass
@@ -114,7 +101,7 @@ def _logit_effects(lm: LanguageModel, W_dec: torch.Tensor, n_top: int, chunk: in
     norm = getattr(getattr(lm.model, "model", None), "norm", None)
     gain = norm.weight.detach().float().cpu() if norm is not None and getattr(norm, "weight", None) is not None else torch.ones(W_U.shape[1])
     W = W_dec.float() * gain
-    out = [[], [], [], []]
+    out: list[list[np.ndarray]] = [[], [], [], []]
     for s in range(0, len(W), chunk):
         eff = W[s:s + chunk] @ W_U.T
         tv, ti = eff.topk(n_top, dim=1)
@@ -140,27 +127,23 @@ def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.
 def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True) -> MineResult:
     t0 = time.perf_counter()
     sae_dir = Path(sae_dir)
-    sae, sae_cfg = load_sae(sae_dir)
-    meta = sae_cfg.get("metadata", {}) or {}
-    ours = meta.get("saescope") or {}
-    cache_cfg = ours.get("cache") or {}
-    model_name, hook = cache_cfg.get("model") or meta.get("model_name"), meta.get("hook_name") or cache_cfg.get("hook")
-    if not model_name or not hook:
-        raise SaescopeError(f"{sae_dir}/cfg.json does not say which model and hook it belongs to (metadata.model_name, hook_name)")
-    corpus = cfg.corpus or cache_cfg.get("corpus") or meta.get("dataset_path") or "demo"
+    loaded = load_sae(sae_dir)
+    sae, prov = loaded.sae, loaded.provenance
+    model_name, hook = prov.require(sae_dir)
+    corpus = cfg.corpus or prov.corpus
     if cfg.tokens <= 0:
         raise SaescopeError("--tokens must be positive")
     name = slug(cfg.name or sae_dir.resolve().name)
-    context = int(cache_cfg.get("context_size") or meta.get("context_size") or 128)
-    skip = int(cache_cfg.get("skip_positions", 1))
+    context, skip = prov.context_size, prov.skip_positions
     cache = CacheConfig(model=model_name, hook=hook, corpus=corpus, context_size=context, skip_positions=skip,
-                        seed=int(cache_cfg.get("seed", 0)), dtype="float32", tokens=cfg.tokens, batch_size=cfg.batch_size,
+                        seed=prov.seed, dtype="float32", tokens=cfg.tokens, batch_size=cfg.batch_size,
                         windows_per_shard=cfg.windows_per_chunk, device=cfg.device, model_dtype=cfg.model_dtype)
+    check_config(cache)
     identity = {"weights": _weights_digest(sae_dir), "stats": asdict(cfg.stats), "n_logits": cfg.n_logits,
                 "n_neighbours": cfg.n_neighbours, "max_active": cfg.max_active if sae.architecture != "topk" else None}
     from_cache, notes = None, []
-    if ours.get("activations") and not cache_cfg.get("streamed") and corpus == cache_cfg.get("corpus"):
-        from_cache, why = reusable_cache(ours["activations"], cache)
+    if prov.activations and corpus == prov.corpus:
+        from_cache, why = reusable_cache(prov.activations, cache)
         if why:
             notes.append(f"{why}: mining runs the model over every window")
     if from_cache is not None:   # absent for runs of the model, so their identity is what it always was
@@ -187,20 +170,27 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
     encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
     work = sae_dir / "mining"
-    cached = build_cache(cache, work, lm, progress=progress, encoder=encoder, desc="mining", from_cache=from_cache)
+    old, done = finished(cache, work, encoder)
+    if done is None:
+        corpus_docs = corpus_mod.open_corpus(corpus)
+        done = fill_shards(cache, work, old, lm, corpus_docs.doc_ids, lambda start: WindowSource(lm, corpus_docs, cache, start, from_cache),
+                           encoder, progress, desc="mining")
+    cached = done
 
     chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
     tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
     W_dec = sae.W_dec.detach().float().cpu()
-    logits = _logit_effects(lm, W_dec, cfg.n_logits)
-    neighbours = _neighbours(W_dec, cfg.n_neighbours)
+    logits = write.LogitEffects(*_logit_effects(lm, W_dec, cfg.n_logits))
+    neighbours = write.Neighbours(*_neighbours(W_dec, cfg.n_neighbours))
     doc_ids = json.loads((work / "documents.json").read_text())
     eval_path = sae_dir / "eval.json"
-    sae_record = {"name": name, "hook": hook, "architecture": sae.architecture, "d_in": sae.cfg.d_in,
-                  "n_latents": sae.cfg.n_latents, "k": getattr(sae.cfg, "k", None), "path": str(sae_dir.resolve()),
-                  "train_config": ours.get("training") or {},
-                  "metrics": json.loads(eval_path.read_text()) if eval_path.exists() else {}}
-    run_id = write.write_run(engine, lm, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, progress=progress)
+    vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+    model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, vocab_size, lambda: write.token_strings(lm.tokenizer, vocab_size))
+    sae_record = write.SAERecord(name=name, hook=hook, architecture=sae.architecture, d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents,
+                                 k=getattr(sae.cfg, "k", None), path=str(sae_dir.resolve()), train_config=loaded.training,
+                                 metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {})
+    run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids)
+    run_id = write.write_run(engine, run, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
     notes += cached.notes
     return MineResult(name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents,

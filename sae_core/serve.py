@@ -9,24 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 from rich.console import Console
 
+from .config import ServeConfig
 from .errors import SaescopeError
 
 
-@dataclass
-class ServeConfig:
-    db: str | None = None                       # database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data dir)
-    host: str = "127.0.0.1"                     # interface to listen on (0.0.0.0 to share on the network)
-    port: int = 8000
-    workers: int = 1                            # server processes; they share the store
-    loop: Literal["asyncio", "uvloop"] = "asyncio"
-    db_threads: int | None = None               # threads per process for database reads (None: app.deps.db_threads decides)
-    upgrade: bool = False                       # apply the schema migrations first
-    wait_for_db: float = 0.0                    # seconds to keep retrying an unreachable database
 
 
 def serve(cfg: ServeConfig, console: Console | None = None) -> None:

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .config import TrainConfig
 from .cache import ActivationCache
 from .stream import ModelStream
 from .errors import SaescopeError
@@ -28,36 +29,6 @@ from .sae import ARCHITECTURES
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Everything `saescope train` takes. Fields marked identity must match to resume."""
-
-    architecture: str = "topk"      # identity: topk or relu
-    n_latents: int = 16384          # identity
-    k: int = 32                     # identity (topk): active latents per token
-    k_aux: int | None = None        # identity (topk): AuxK latents, default d_in // 2
-    aux_coef: float = 1 / 32        # identity (topk): AuxK weight; 0 turns AuxK off
-    multi_topk: bool = False        # identity (topk): add L(4k)/8
-    l1_coef: float = 1e-2           # identity (relu): L1 penalty
-    tied_init: bool = True          # identity: W_enc = W_dec^T at init (else independent random)
-    geometric_median_init: bool = True  # identity: b_pre from the geometric median of a sample
-    lr: float | None = None         # identity: default 2e-4 / sqrt(n_latents / 2^14)
-    adam_eps: float = 6.25e-10      # identity
-    batch_size: int = 4096          # identity: tokens per step
-    tokens: int | None = None       # identity: training tokens (default: one pass over the cache)
-    dead_tokens: int | None = None  # identity: tokens without firing before a latent counts as dead (default min(10M, tokens/10))
-    ema: float | None = None        # identity: weight EMA decay (e.g. 0.999); saved weights are the EMA
-    bf16: bool = False              # identity: encoder (and TopK's AuxK) matmuls in bf16 numerics (sae/base.py bf16_gemm)
-    seed: int = 0                   # identity
-    checkpoint_every: int = 200     # steps between checkpoints
-    device: str = "auto"            # auto: CUDA when present, else the CPU (bitwise resumable on the CPU)
-
-    NOT_IDENTITY = ("checkpoint_every", "device")
-
-    def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.NOT_IDENTITY}
 
 
 @dataclass
@@ -155,7 +126,7 @@ class Trainer:
         self.step_no = self.start_step = 0
         self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
         self.ema_state: dict | None = None
-        self.meta = {"activations": "streamed from the model" if source is activations else str(Path(activations).resolve()),
+        self.meta = {"activations": "streamed from the model" if source is activations else str(Path(str(activations)).resolve()),
                      "cache": source.config, "cache_windows": source.manifest["n_windows"], "d_in": source.d_model}
         if resume and self.ckpt_path.exists():
             self._resume()
@@ -223,7 +194,7 @@ class Trainer:
         sae.normalize_decoder()
         self.tokens_since_fired += len(x)
         self.tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
-        if self.ema_state is not None:
+        if self.ema_state is not None and cfg.ema is not None:
             with torch.no_grad():
                 for name, value in sae.state_dict().items():
                     self.ema_state[name].lerp_(value, 1 - cfg.ema)

@@ -33,3 +33,11 @@ def test_every_cli_command_is_documented():
     reference = (ROOT / "docs" / "cli.md").read_text()
     for name in get_command(app).commands:
         assert f"## `saescope {name}" in reference, name
+
+
+def test_configuration_reference_is_current():
+    from sae_core.config import BEGIN, END, reference
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert BEGIN in text and END in text, "docs/configuration.md lost its generated section: run `make docs`"
+    assert BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END == reference(), "docs/configuration.md is stale: run `make docs`"

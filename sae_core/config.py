@@ -1,0 +1,180 @@
+"""The configuration of every stage, each option defined once: name, type, default and help live in
+these fields (`options.option`), and the CLI (`sae_core/cli.py`) and docs/configuration.md are built
+from them. One light module on purpose: building the CLI imports no torch, so `saescope --help`
+answers at once; each stage module re-exports its config (`from sae_core.cache import CacheConfig`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import SaescopeError
+from .options import (corpus_option, db_option, device_option, hook_option, model_dtype_option, model_option,
+                      option)
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+@dataclass
+class CacheConfig:
+    """Everything `saescope cache` takes. The fields marked identity must match to resume."""
+
+    model: str = model_option()                                                          # identity
+    hook: str = hook_option()                                                            # identity
+    corpus: str = corpus_option()                                                        # identity
+    context_size: int = option(128, "Tokens per window.")                                # identity
+    skip_positions: int = option(1, "Leading positions per window not stored (the attention sink).")  # identity
+    seed: int = option(0, "Seed of the document order.")                                 # identity
+    dtype: str = option("bfloat16", "Storage dtype: bfloat16, float16 or float32.")      # identity
+    tokens: int = option(1_000_000, "Tokens to process (rounded up to whole windows); a re-run with more extends the cache.")
+    batch_size: int = option(32, "Windows per forward pass.")
+    windows_per_shard: int = option(256, "Windows per shard file (a multiple of --batch-size).")
+    device: str = device_option()
+    model_dtype: str = model_dtype_option()
+
+    IDENTITY = ("model", "hook", "corpus", "context_size", "skip_positions", "seed", "dtype")
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+    @property
+    def n_windows(self) -> int:
+        return -(-self.tokens // self.context_size)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `saescope train` takes. Fields marked identity must match to resume."""
+
+    architecture: str = option("topk", "topk, or relu for the ReLU + L1 baseline.")
+    n_latents: int = option(16384, "Dictionary size.")
+    k: int = option(32, "Active latents per token (TopK).")
+    k_aux: int | None = option(None, "AuxK: dead latents used to model the residual (default d_in / 2).")
+    aux_coef: float = option(1 / 32, "AuxK loss weight; 0 turns AuxK off.")
+    multi_topk: bool = option(False, "Add L(4k)/8 so the code also works at larger k.")
+    l1_coef: float = option(1e-2, "L1 penalty of the relu baseline.")
+    tied_init: bool = option(True, "Initialise W_enc as W_dec transposed.")
+    geometric_median_init: bool = option(True, "Initialise b_pre at the geometric median of a sample of inputs.")
+    lr: float | None = option(None, "Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14)).")
+    adam_eps: float = option(6.25e-10, "Adam epsilon.")
+    batch_size: int = option(4096, "Tokens per step.")
+    tokens: int | None = option(None, "Training tokens (default: one pass over the cache; more repeats it). "
+                                      "Required when streaming: the model runs over this many corpus tokens once.")
+    dead_tokens: int | None = option(None, "Tokens without firing before a latent counts as dead (default min(10M, tokens/10)).")
+    ema: float | None = option(None, "Weight EMA decay, e.g. 0.999; the saved weights are the EMA.")
+    bf16: bool = option(False, "TopK: encoder and AuxK matmuls in bf16 numerics (faster on bf16 hardware: config A 8.1k vs 4.7k tok/s "
+                               "with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast "
+                               "as fp32; bench/RESULTS.md).")
+    seed: int = option(0, "Seed of the initialisation and the batch order.")
+    checkpoint_every: int = option(200, "Steps between checkpoints.")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one "
+                                 "on the CPU; on a GPU, atomic adds may sum in another order.")
+
+    NOT_IDENTITY = ("checkpoint_every", "device")
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.NOT_IDENTITY}
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = option(65536, "Held-out tokens (the corpus windows after the training cache).")
+    batch_size: int = option(8, "Windows per forward pass (full logits are [batch, context, vocab]).")
+    device: str = device_option()
+    model_dtype: str = model_dtype_option()
+
+
+@dataclass
+class StatsConfig:
+    top_n: int = option(32, "Top-activating contexts kept per feature (at most one per window).")
+    n_intervals: int = option(10, "Equal-width activation intervals over [0, max] to sample from.")
+    per_interval: int = option(5, "Samples per interval (uniform within it).")
+    histogram_bins: int = option(50, "Bins of the activation histogram (equal width, from the smallest to the largest non-zero activation).")
+    context_before: int = option(23, "Tokens kept before an example's chosen token (32-token contexts by default).")
+    context_after: int = option(8, "Tokens kept after it.")
+    seed: int = option(0, "Seed of the interval sampling.")
+
+    def __post_init__(self):
+        for name in ("top_n", "n_intervals", "per_interval", "histogram_bins"):
+            if getattr(self, name) < 1:
+                raise SaescopeError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.context_before < 0 or self.context_after < 0:
+            raise SaescopeError("context-before and context-after must not be negative")
+
+
+@dataclass
+class MineConfig:
+    tokens: int = option(262_144, "Corpus tokens to mine, from the corpus start (whole windows).")
+    corpus: str | None = option(None, "Corpus spec (default: the one the SAE was trained on).")
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    n_logits: int = option(10, "Top and bottom tokens of a feature's decoder row through the unembedding (W_dec @ W_U) kept per feature.")
+    n_neighbours: int = option(10, "Nearest features by decoder cosine kept per feature.")
+    max_active: int = option(256, "ReLU SAEs: positions keep their largest this-many activations.")
+    batch_size: int = option(16, "Windows per forward pass.")
+    windows_per_chunk: int = option(256, "Windows per work chunk: the unit a killed run resumes from.")
+    name: str | None = option(None, "The SAE's name in the store and its URLs (default: the folder name).")
+    db: str | None = db_option()
+    force: bool = option(False, "Re-mine even when the store already holds a run with these settings.")
+    device: str = device_option()
+    model_dtype: str = model_dtype_option()
+
+
+@dataclass
+class DemoConfig:
+    """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
+
+    # layer 8, a third of the way up SmolLM2's 30 layers: word- and phrase-level features
+    hook: str = hook_option()
+    cache_tokens: int = option(500_000, "Tokens of activations to cache.")
+    n_latents: int = option(8192, "SAE width.")
+    k: int = option(32, "Active latents per token.")
+    train_tokens: int = option(1_000_000, "Training tokens (more than the cache repeats it).")
+    eval_tokens: int = option(16_384, "Held-out tokens for the evaluation.")
+    mine_tokens: int = option(200_000, "Tokens to mine feature contexts from.")
+    name: str = option("smollm2-135m-L8-topk-8k", "The SAE's name in URLs.")
+    db: str | None = db_option()
+    device: str = device_option()
+    model_dtype: str = model_dtype_option()
+
+
+@dataclass
+class ServeConfig:
+    db: str | None = db_option()
+    host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 to share on the network).")
+    port: int = option(8000, "Port to listen on.")
+    workers: int = option(default_factory=default_workers, help="Server processes (each ~80 MB; they share the store).",
+                          show_default="one per CPU core, at most 8")
+    loop: Literal["asyncio", "uvloop"] = option("asyncio", "Event loop. uvloop answers trivial requests faster but lets a busy "
+                                                "worker starve some connections (bench/RESULTS.md, Serving).")
+    db_threads: int | None = option(None, "Threads per process that run database reads; 0 runs them on the event loop.",
+                                    min=0, show_default="0 for SQLite or PostgreSQL on this machine, else 4")
+    upgrade: bool = option(False, "Apply the schema migrations first (what the container does at start).")
+    wait_for_db: float = option(0.0, "Seconds to keep retrying an unreachable database before giving up.")
+
+
+SECTIONS = [(CacheConfig, "saescope cache"), (TrainConfig, "saescope train"), (EvalConfig, "saescope eval"),
+            (MineConfig, "saescope mine"), (StatsConfig, "saescope mine: feature statistics"), (ServeConfig, "saescope serve"),
+            (DemoConfig, "saescope demo")]
+BEGIN, END = "<!-- BEGIN generated by `make docs` from sae_core/config.py; do not edit by hand -->", "<!-- END generated -->"
+
+
+def reference() -> str:
+    """The generated part of docs/configuration.md: every option of every stage."""
+    from .options import markdown_table
+
+    return "\n".join([BEGIN, "", *(markdown_table(cls, title) for cls, title in SECTIONS), END])
+
+
+def write_reference(path: str) -> None:
+    """Replace the generated part of `path` (between BEGIN and END) with `reference()`."""
+    from pathlib import Path
+
+    doc = Path(path)
+    text = doc.read_text()
+    head, rest = text.split(BEGIN, 1) if BEGIN in text else (text.rstrip() + "\n\n", END)
+    doc.write_text(head + reference() + rest.split(END, 1)[1])
+
