@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
@@ -15,8 +15,8 @@ router = APIRouter(prefix="/api/v1", tags=["v1"])
 SaeName = Path(description="the SAE's name (its URL slug)", max_length=200)
 FeatureIndex = Path(description="feature (latent) index", ge=0, le=2**31 - 1)
 # Every store read answers with an ETag and a 304 to a matching If-None-Match (app/http.py).
-NOT_MODIFIED = {304: {"description": "Not Modified: the If-None-Match ETag is current (the SAE was not re-mined)"}}
-NOT_FOUND = {404: {"model": schemas.Problem, "description": "No such SAE or feature, or the SAE has not been mined yet"}}
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not Modified: the If-None-Match ETag is current (the SAE was not re-mined)"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": schemas.Problem, "description": "No such SAE or feature, or the SAE has not been mined yet"}}
 
 
 class DictJSON(Response):

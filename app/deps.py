@@ -37,7 +37,7 @@ def db_threads(engine: Engine) -> int:
             raise SaescopeError(f"{ENV_DB_THREADS} must be a whole number of threads (0: reads on the event loop), not {env!r}")
         return int(env)
     url = engine.url
-    local = url.get_backend_name() == "sqlite" or url.host in _LOCAL_HOSTS or url.host.startswith("/")
+    local = url.get_backend_name() == "sqlite" or url.host in _LOCAL_HOSTS or (url.host or "").startswith("/")
     return 0 if local else REMOTE_DB_THREADS
 
 

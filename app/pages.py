@@ -79,5 +79,5 @@ async def search_page(request: Request, q: str = Query("", max_length=100), sae:
 
 @router.get("/{sae}/{index}")
 async def short_permalink(sae: str = SaeName, index: int = FeatureIndex):
-    """The short permalink /{sae}/{index} of DESIGN §5, kept stable by redirecting to the full one."""
+    """The short permalink /{sae}/{index} (docs/concepts.md), kept stable by redirecting to the full one."""
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=307)

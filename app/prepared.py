@@ -25,10 +25,13 @@ class Prepared:
         compiled = self._by_dialect.get(conn.dialect.name)
         if compiled is None:
             c = self.stmt.compile(dialect=conn.dialect)
-            compiled = self._by_dialect[conn.dialect.name] = (c.string, tuple(c.positiontup) if c.positional else None)
+            order = tuple(c.positiontup or ()) if c.positional else None
+            compiled = self._by_dialect[conn.dialect.name] = (c.string, order)
         sql, order = compiled
         args = tuple(params[name] for name in order) if order is not None else params
-        cursor = conn.connection.driver_connection.cursor()
+        driver = conn.connection.driver_connection
+        assert driver is not None, "a checked-out connection has its driver connection"
+        cursor = driver.cursor()
         try:
             cursor.execute(sql, args)
             return cursor.fetchall()

@@ -64,7 +64,7 @@ def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None
                 n_latents=sae.n_latents, k=sae.k, metrics=sae.metrics or {}, mined_tokens=run.tokens if run else None, alive=alive)
 
 
-_ALIVE: dict[tuple[Engine, int], int] = {}   # runs never change once complete, so their counts can be cached
+_ALIVE: dict[tuple[Engine, int], int | None] = {}   # runs never change once complete, so their counts can be cached
 
 
 def _alive(s: Session, run_id: int | None) -> int | None:
@@ -123,14 +123,14 @@ def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, 
     cond = _filtered(run.id, flt)
     total = s.scalar(select(func.count()).select_from(Feature).where(*cond))
     column = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}[sort]
-    ordering = [column.desc() if order == "desc" else column.asc(), Feature.index.asc()]
+    ordering = (column.desc() if order == "desc" else column.asc(), Feature.index.asc())
     rows = s.execute(select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
                      .where(*cond).order_by(*ordering).offset(offset).limit(limit)).all()
     vocab = VOCAB.get(s.connection(), sae.model_id)
-    peaks = _peak_tokens(s, run.id, [r.index for r in rows], vocab)
-    feats = [schemas.FeatureSummary(index=r.index, density=r.density, max_act=r.max_act, mean_act=r.mean_act, n_fired=r.n_fired,
-                                    top_token=peaks.get(r.index)) for r in rows]
-    return schemas.FeaturePage(sae=name, total=total, offset=offset, limit=limit, features=feats)
+    peaks = _peak_tokens(s, run.id, [r[0] for r in rows], vocab)
+    feats = [schemas.FeatureSummary(index=i, density=density, max_act=max_act, mean_act=mean_act, n_fired=n_fired,
+                                    top_token=peaks.get(i)) for i, density, max_act, mean_act, n_fired in rows]
+    return schemas.FeaturePage(sae=name, total=total or 0, offset=offset, limit=limit, features=feats)
 
 
 _PEAKS = (select(Example.feature_index, Example.token_ids, Example.max_pos)
@@ -228,6 +228,7 @@ def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
     index = f["feature_index"]
+    assert ref.run_id is not None      # get_feature joins the live run
     peaks = _peak_tokens(s, ref.run_id, [index] + [i for i, _ in f["neighbours"]], vocab)
     return schemas.FeatureDetail(
         sae=ref.sae, n_latents=ref.n_latents, index=index, density=f["density"], max_act=f["max_act"], mean_act=f["mean_act"],
@@ -251,7 +252,7 @@ def examples(conn: Connection, name: str, index: int, kind: schemas.ExampleKind,
     if not rows:
         feature_ref(conn, name, index)
         if offset:
-            total = conn.execute(_EXAMPLE_COUNT, params).scalar()
+            total = conn.execute(_EXAMPLE_COUNT, params).scalar() or 0
     vocab = VOCAB.get(conn, rows[0].model_id) if rows else []
     out = [{"kind": kind.value, "interval": e.interval, "rank": e.rank, "doc_id": e.doc_id, "doc_offset": e.doc_offset,
             "tokens": texts, "token_ids": ids, "acts": acts, "max_act": e.max_act, "max_pos": e.max_pos}
@@ -272,7 +273,7 @@ class FeatureView(NamedTuple):
 
 def feature_view(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> FeatureView:
     ref, f = get_feature(s, name, index)
-    return FeatureView(_detail(s, ref, f), examples(s.connection(), name, index, kind, offset, limit), ref.mined_tokens)
+    return FeatureView(_detail(s, ref, f), examples(s.connection(), name, index, kind, offset, limit), ref.mined_tokens or 0)
 
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:

@@ -5,7 +5,7 @@
 The bare forward runs the same windows (pre-tokenised, already in memory) through the model up to
 the hooked layer and throws the result away. The cache run does everything `saescope cache` does:
 reads and tokenises the corpus, runs the same forward, converts, and writes shards. Model loading is
-excluded from both. Goal (issue 2): the cache costs under 10% over the bare forward.
+excluded from both. Goal: the cache costs under 10% over the bare forward.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scaling of TopK SAEs on the bundled model: the shapes of Gao et al. 2024, Figures 1-2 (issue 3).
+"""Scaling of TopK SAEs on the bundled model: the shapes of Gao et al. 2024, Figures 1-2 (results in bench/RESULTS.md).
 
     python bench/scaling.py [--cache-tokens 2000000] [--train-tokens 2000000] [--layer 8]
 

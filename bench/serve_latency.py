@@ -17,7 +17,7 @@ contexts and is cheaper):
   examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
 and the same page and examples paths again as conditional requests (If-None-Match with each path's
 current ETag, answered 304 Not Modified: what a browser or proxy revalidating a shared link costs).
-Goal (issue 5): feature page p99 < 100 ms. (The examples-vs-trivial goal was withdrawn: it measured
+Goal: feature page p99 < 100 ms. (The examples-vs-trivial goal was withdrawn: it measured
 FastAPI's parameter validation more than our work.)
 """
 

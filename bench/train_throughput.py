@@ -3,14 +3,14 @@ same CPU, same run, each peer in its own virtual environment driven through its 
 
     python bench/train_throughput.py [--steps 10] [--configs A B] [--install] [--device cuda]
 
-Cells (DESIGN §7): config A (d 576, 16384 latents, k 32, batch 4096) and B (d 768, 32768 latents),
+Cells (bench/RESULTS.md): config A (d 576, 16384 latents, k 32, batch 4096) and B (d 768, 32768 latents),
 fp32 and bf16 autocast, "AuxK on" = 10% of latents forced dead so every AuxK path runs. Data:
 32-sparse mixes of a random dictionary plus noise (bench/peers/common.py). Each (trainer, cell)
 runs in a fresh process: median tokens/s of --steps steps after 2 warm-up steps, and peak RSS.
 Roofline: the encoder's dense [batch, d] @ [d, n] matmul alone, same dtype, in this process (for
 bf16 on a CPU without bf16 units: the fp32 matmul, which is how saescope computes bf16 there).
 Drivers: bench/peers/{saescope,sparsify,saelens,dictlearn}_step.py. Peer venvs live in
-bench/out/venv-<peer>; --install creates the missing ones (DESIGN §7's install notes).
+bench/out/venv-<peer>; --install creates the missing ones (bench/RESULTS.md has the install notes).
 --device cuda runs every trainer and the roofline on the GPU (timings synchronised, memory = peak
 GPU memory PyTorch allocated); --peers-here takes the peers from this interpreter instead of their
 venvs, for a machine whose image already holds a CUDA torch (install them there with pip).

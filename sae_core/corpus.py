@@ -26,6 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -107,6 +108,14 @@ def _brown_text(raw: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+def _read_ham(path: Path) -> str:
+    return _ham_body(path.read_text(errors="replace"))
+
+
+def _read_brown(path: Path) -> str:
+    return _brown_text(path.read_text())
+
+
 def _demo_part(root: Path, part: str) -> tuple[list[str], list[Callable[[], str]]]:
     data = root / "stdlib" / "package"
     if part == "sotu":
@@ -119,10 +128,10 @@ def _demo_part(root: Path, part: str) -> tuple[list[str], list[Callable[[], str]
         files = sorted(f for group in ("easy-ham-1", "easy-ham-2", "hard-ham-1")
                        for f in (data / "spam-assassin" / "data" / group).glob("*.txt"))
         return ([f"spam-ham/{f.parent.name}/{f.stem.split('.')[0]}" for f in files],
-                [lambda f=f: _ham_body(f.read_text(errors="replace")) for f in files])
+                [partial(_read_ham, f) for f in files])
     if part == "brown":
         files = sorted(f for f in (root / "brown" / "package").iterdir() if re.fullmatch(r"c[a-r]\d\d", f.name))
-        return [f"brown/{f.name}" for f in files], [lambda f=f: _brown_text(f.read_text()) for f in files]
+        return [f"brown/{f.name}" for f in files], [partial(_read_brown, f) for f in files]
     raise SaescopeError(f"unknown demo corpus part {part!r}: choose from {', '.join(DEMO_PARTS)}")
 
 

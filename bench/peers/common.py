@@ -1,5 +1,5 @@
 """What every training-step driver shares (ours and the peers', each run in its own venv): the
-configurations, DESIGN §7's structured random data, the dead mask, timing, and the JSON it prints.
+configurations, the structured random data of bench/RESULTS.md, the dead mask, timing, and the JSON it prints.
 Depends on torch only, so every peer's venv can import it. With --device cuda the data and the dead
 mask live on the GPU, every timed step ends with a device synchronisation, and the report adds the
 peak GPU memory PyTorch allocated."""

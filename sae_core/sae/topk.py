@@ -108,8 +108,9 @@ class TopKSAE(DictionarySAE):
         # with a real bf16 GEMM the block stays bf16 and TopK selects from it directly.
         operand = bf16_gemm(autocast_bf16, x.device.type)
         W_T, bias, xg = gemm_operand(self.W_enc, operand).T, gemm_operand(self.b_enc, operand), gemm_operand(xc, operand)
-        pre_dead = torch.empty(B, n_dead, dtype=W_T.dtype, device=x.device) if n_dead else None
-        vals_all, idx_all = [], []
+        pre_dead = torch.empty(B, n_dead, dtype=W_T.dtype, device=x.device) if n_dead else x.new_empty(0, 0)
+        vals_parts: list[torch.Tensor] = []
+        idx_parts: list[torch.Tensor] = []
         block_rows = self.ENCODE_BLOCK if x.device.type == "cpu" else max(self.ENCODE_BLOCK, self.GPU_BLOCK_ELEMENTS // cfg.n_latents)
         for s in range(0, B, block_rows):
             rows = xg[s:s + block_rows]
@@ -117,14 +118,14 @@ class TopKSAE(DictionarySAE):
             if operand == "rounded":
                 block.copy_(block.bfloat16())
             v, i = block.topk(k_main, dim=1, sorted=cfg.multi_topk)   # Multi-TopK takes the first k of its 4k
-            vals_all.append(v.float())
-            idx_all.append(i)
+            vals_parts.append(v.float())
+            idx_parts.append(i)
             if n_dead:
                 torch.index_select(block, 1, dead_idx, out=pre_dead[s:s + len(rows)])
-        vals_all, idx_all = (torch.cat(vals_all), torch.cat(idx_all)) if len(vals_all) > 1 else (vals_all[0], idx_all[0])
+        vals_all, idx_all = (torch.cat(vals_parts), torch.cat(idx_parts)) if len(vals_parts) > 1 else (vals_parts[0], idx_parts[0])
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
-        grads = None     # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
+        grads: tuple[torch.Tensor, ...] | None = None     # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
         terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
         loss = aux_fvu = x.new_zeros(())      # device scalars, read back once at the end
         residual = x
@@ -142,6 +143,7 @@ class TopKSAE(DictionarySAE):
             g = err.mul_(-2.0 * weight / denom)           # dLoss/dx_hat, [B, d]
             term_grads = (*self._sparse_backward(xc, g, z, vals, idx), g.sum(0))
             grads = term_grads if grads is None else tuple(a.add_(b) for a, b in zip(grads, term_grads))
+        assert grads is not None
         gW_enc, gW_dec, gb_enc, gb_pre = grads
 
         if n_dead:

@@ -99,7 +99,9 @@ def _alembic_config():
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the migrations/ chain has a head revision"
+    return head
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -117,7 +119,9 @@ def upgrade(engine: Engine, revision: str = "head") -> str:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
-    return current_revision(engine)
+    now = current_revision(engine)
+    assert now is not None, "an upgraded database has a revision"
+    return now
 
 
 def check_schema(engine: Engine) -> None:
