@@ -95,22 +95,6 @@ def _weights_digest(sae_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _logit_effects(lm: LanguageModel, W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.ndarray, ...]:
-    """Top / bottom tokens of each decoder row through the unembedding (final norm's gain folded in)."""
-    W_U = lm.model.get_output_embeddings().weight.detach().float().cpu()        # [vocab, d]
-    norm = getattr(getattr(lm.model, "model", None), "norm", None)
-    gain = norm.weight.detach().float().cpu() if norm is not None and getattr(norm, "weight", None) is not None else torch.ones(W_U.shape[1])
-    W = W_dec.float() * gain
-    out: list[list[np.ndarray]] = [[], [], [], []]
-    for s in range(0, len(W), chunk):
-        eff = W[s:s + chunk] @ W_U.T
-        tv, ti = eff.topk(n_top, dim=1)
-        bv, bi = eff.topk(n_top, dim=1, largest=False)
-        for lst, t in zip(out, (ti, tv, bi, bv)):
-            lst.append(t.numpy())
-    return tuple(np.concatenate(x) for x in out)  # top ids, top values, bottom ids, bottom values
-
-
 def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     Wn = torch.nn.functional.normalize(W_dec.float(), dim=1)
     k = min(n_top, len(Wn) - 1)
@@ -180,12 +164,11 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
     tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
     W_dec = sae.W_dec.detach().float().cpu()
-    logits = write.LogitEffects(*_logit_effects(lm, W_dec, cfg.n_logits))
+    logits = write.LogitEffects(*lm.logit_effects(W_dec, cfg.n_logits))
     neighbours = write.Neighbours(*_neighbours(W_dec, cfg.n_neighbours))
     doc_ids = json.loads((work / "documents.json").read_text())
     eval_path = sae_dir / "eval.json"
-    vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
-    model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, vocab_size, lambda: write.token_strings(lm.tokenizer, vocab_size))
+    model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, lm.vocab_size, lambda: write.token_strings(lm.tokenizer, lm.vocab_size))
     sae_record = write.SAERecord(name=name, hook=hook, architecture=sae.architecture, d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents,
                                  k=getattr(sae.cfg, "k", None), path=str(sae_dir.resolve()), train_config=loaded.training,
                                  metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {})

