@@ -32,7 +32,11 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/saescope demo $(DEMO_ARGS)
 
+# Lint, format and type checks of sae_core/ and app/ (configured in pyproject.toml), then the tests.
 test: venv
+	$(BIN)/ruff check sae_core app
+	$(BIN)/ruff format --check sae_core app
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # Peers run from their own venvs under bench/out (train_throughput.py --install creates them).

@@ -75,20 +75,23 @@ async def run_read(reader: Reader, work: Callable[..., T], *args) -> T:
             try:
                 with conn.begin():
                     return work(conn, *args)
-            except DBAPIError as exc:     # the server dropped the long-lived connection (a restart): once more on a new one
+            except DBAPIError as exc:  # the server dropped the long-lived connection (a restart): once more on a new one
                 if attempt or not exc.connection_invalidated:
                     raise
 
     def run() -> T:
         with reader.engine.connect() as conn, conn.begin():
             return work(conn, *args)
+
     return await anyio.to_thread.run_sync(run, limiter=reader.limiter)
 
 
 async def read(request: Request, work: Callable[..., T], *args) -> T:
     """`work(session, *args)`: `read_connection` with an ORM Session over the connection (the hot
     paths use read_connection directly: creating the Session cost as much as their one query)."""
+
     def in_session(conn: Connection) -> T:
         with request.app.state.session_factory(bind=conn) as s:
             return work(s, *args)
+
     return await read_connection(request, in_session)

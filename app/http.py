@@ -27,10 +27,16 @@ from sae_core.store.schema import SAE, MiningRun
 
 from .deps import Reader, run_read
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-       "font-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
-SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"), (b"x-frame-options", b"DENY")]
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+]
 # Fresh for a minute, then revalidated (a 304 costs one small query); a shared cache may answer with
 # the stale copy for 5 more minutes while it revalidates, so a link opened by a whole room stays fast.
 CACHE_CONTROL = b"public, max-age=60, stale-while-revalidate=300"
@@ -39,7 +45,7 @@ NO_STORE = b"no-store"
 # their own validators, /docs, /openapi.json, health, redirects) are left alone.
 _SAE_PATH = re.compile(r"^/(?:api/v1/)?saes/([^/]+)")
 _STORE_PATHS = {"/", "/search", "/api/v1/models", "/api/v1/saes", "/api/v1/search"}
-VARY = b"HX-Request"          # the SAE page answers htmx with the table fragment alone
+VARY = b"HX-Request"  # the SAE page answers htmx with the table fragment alone
 
 
 @lru_cache(maxsize=1)
@@ -54,8 +60,11 @@ def code_version() -> str:
 
 
 def _runs(conn: Connection, sae_name: str | None) -> list[tuple]:
-    stmt = (select(SAE.name, SAE.active_run_id, MiningRun.finished_at)
-            .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).order_by(SAE.name))
+    stmt = (
+        select(SAE.name, SAE.active_run_id, MiningRun.finished_at)
+        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+        .order_by(SAE.name)
+    )
     if sae_name is not None:
         stmt = stmt.where(SAE.name == sae_name)
     return [tuple(row) for row in conn.execute(stmt)]
@@ -99,9 +108,13 @@ class HTTPPolicy:
             runs = await run_read(self.reader, _runs, sae_name)
             tag = etag(runs, path, scope.get("query_string", b""), headers.get("hx-request") == "true", self.schema_revision)
             if _matches(headers.get("if-none-match"), tag):
-                await send({"type": "http.response.start", "status": 304,
-                            "headers": [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY),
-                                        *SECURITY_HEADERS]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 304,
+                        "headers": [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY), *SECURITY_HEADERS],
+                    }
+                )
                 await send({"type": "http.response.body", "body": b""})
                 return
 
@@ -111,7 +124,7 @@ class HTTPPolicy:
                 if tag is not None and message["status"] == 200:
                     extra += [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY)]
                 elif path == "/api/v1/health" or message["status"] >= 400:
-                    extra.append((b"cache-control", NO_STORE))   # an error or a liveness answer may change any moment
+                    extra.append((b"cache-control", NO_STORE))  # an error or a liveness answer may change any moment
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 

@@ -32,13 +32,18 @@ SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><ti
 
 
 def create_app(url: str | None = None) -> FastAPI:
-    engine = db.open_store(url)          # raises SchemaOutOfDate / SaescopeError before anything is served
+    engine = db.open_store(url)  # raises SchemaOutOfDate / SaescopeError before anything is served
     factory = sessionmaker(engine, expire_on_commit=False)
-    app = FastAPI(title="saescope", version="1", description="Browse sparse-autoencoder features: pages and a REST API under /api/v1.",
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="saescope",
+        version="1",
+        description="Browse sparse-autoencoder features: pages and a REST API under /api/v1.",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.engine = engine
     app.state.session_factory = factory
-    app.state.reader = deps.Reader(engine, deps.db_threads(engine))     # where reads run: see deps.db_threads
+    app.state.reader = deps.Reader(engine, deps.db_threads(engine))  # where reads run: see deps.db_threads
     app.state.schema_revision = db.head_revision()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)
@@ -47,8 +52,10 @@ def create_app(url: str | None = None) -> FastAPI:
     def docs():
         if (STATIC / "vendor" / "swagger-ui" / "swagger-ui-bundle.js").exists():
             return HTMLResponse(SWAGGER_PAGE)
-        return HTMLResponse('<p>Swagger UI is not installed here (<code>make venv</code> fetches it). '
-                            'The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>; docs/api.md describes every endpoint.</p>')
+        return HTMLResponse(
+            "<p>Swagger UI is not installed here (<code>make venv</code> fetches it). "
+            'The OpenAPI document is at <a href="/openapi.json">/openapi.json</a>; docs/api.md describes every endpoint.</p>'
+        )
 
     app.include_router(pages.router)
 
@@ -64,21 +71,30 @@ def create_app(url: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        if wants_json(request):        # FastAPI's documented HTTPValidationError shape: loc names the parameter
+        if wants_json(request):  # FastAPI's documented HTTPValidationError shape: loc names the parameter
             return JSONResponse({"detail": errors}, status_code=422)
         reasons = "; ".join(f"{'.'.join(e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in errors)
-        return templates.TemplateResponse(request, "error.html", {"status": 422, "title": "Invalid request", "reason": reasons},
-                                          status_code=422)
+        return templates.TemplateResponse(
+            request, "error.html", {"status": 422, "title": "Invalid request", "reason": reasons}, status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        headers = getattr(exc, "headers", None)        # 405 carries Allow (RFC 9110)
+        headers = getattr(exc, "headers", None)  # 405 carries Allow (RFC 9110)
         if wants_json(request) or exc.status_code not in (404, 405):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
-        title, reason = (("Not found", f"there is no page at {request.url.path}") if exc.status_code == 404
-                         else ("Method not allowed", f"{request.method} is not allowed at {request.url.path}"))
-        return templates.TemplateResponse(request, "error.html", {"status": exc.status_code, "title": title, "reason": reason},
-                                          status_code=exc.status_code, headers=headers)
+        title, reason = (
+            ("Not found", f"there is no page at {request.url.path}")
+            if exc.status_code == 404
+            else ("Method not allowed", f"{request.method} is not allowed at {request.url.path}")
+        )
+        return templates.TemplateResponse(
+            request,
+            "error.html",
+            {"status": exc.status_code, "title": title, "reason": reason},
+            status_code=exc.status_code,
+            headers=headers,
+        )
 
     app.add_middleware(HTTPPolicy, reader=app.state.reader, schema_revision=app.state.schema_revision)
 

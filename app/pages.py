@@ -14,7 +14,7 @@ from .deps import read, read_connection
 from .render import templates
 
 router = APIRouter(include_in_schema=False)
-FIRST_EXAMPLES = 10          # top contexts in the first paint; the rest load on demand
+FIRST_EXAMPLES = 10  # top contexts in the first paint; the rest load on demand
 PAGE = 50
 SaeName = Path(max_length=200)
 FeatureIndex = Path(ge=0, le=2**31 - 1)
@@ -28,24 +28,31 @@ def _is_htmx(request: Request) -> bool:
 async def home(request: Request):
     def render(s: Session):
         return templates.TemplateResponse(request, "home.html", {"models": queries.list_models(s)})
+
     return await read(request, render)
 
 
 @router.get("/saes/{sae}")
-async def sae_page(request: Request, sae: str = SaeName,
-                   offset: int = Query(0, ge=0, le=10**9), limit: int = Query(PAGE, ge=1, le=500),
-                   sort: queries.SortKey = Query("index"), order: Literal["asc", "desc"] = Query("asc"),
-                   filter: queries.Filter = Query("all")):
+async def sae_page(
+    request: Request,
+    sae: str = SaeName,
+    offset: int = Query(0, ge=0, le=10**9),
+    limit: int = Query(PAGE, ge=1, le=500),
+    sort: queries.SortKey = Query("index"),
+    order: Literal["asc", "desc"] = Query("asc"),
+    filter: queries.Filter = Query("all"),
+):
     def render(s: Session):
         page = queries.feature_page(s, sae, offset, limit, sort, order, filter)
         ctx = {"sae": queries.sae_detail(s, sae), "page": page, "sort": sort, "order": order, "filter": filter}
         return templates.TemplateResponse(request, "_feature_table.html" if _is_htmx(request) else "sae.html", ctx)
+
     return await read(request, render)
 
 
 @router.get("/saes/{sae}/jump")
 async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=0, le=2**31 - 1)):
-    await read_connection(request, queries.feature_ref, sae, index)      # 404 page for an index out of range
+    await read_connection(request, queries.feature_ref, sae, index)  # 404 page for an index out of range
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=303)
 
 
@@ -53,18 +60,26 @@ async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=
 async def feature_page(request: Request, sae: str = SaeName, index: int = FeatureIndex):
     def render(s: Session):
         view = queries.feature_view(s, sae, index, schemas.ExampleKind.top, 0, FIRST_EXAMPLES)
-        return templates.TemplateResponse(request, "feature.html", {"f": view.feature, "top": view.examples, "sae": sae,
-                                                                    "mined_tokens": view.mined_tokens})
+        return templates.TemplateResponse(
+            request, "feature.html", {"f": view.feature, "top": view.examples, "sae": sae, "mined_tokens": view.mined_tokens}
+        )
+
     return await read(request, render)
 
 
 @router.get("/saes/{sae}/features/{index}/examples")
-async def examples_fragment(request: Request, sae: str = SaeName, index: int = FeatureIndex,
-                            kind: schemas.ExampleKind = Query(schemas.ExampleKind.top), offset: int = Query(0, ge=0, le=10**6),
-                            limit: int = Query(FIRST_EXAMPLES, ge=1, le=500)):
+async def examples_fragment(
+    request: Request,
+    sae: str = SaeName,
+    index: int = FeatureIndex,
+    kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
+    offset: int = Query(0, ge=0, le=10**6),
+    limit: int = Query(FIRST_EXAMPLES, ge=1, le=500),
+):
     def render(s: Session):
         view = queries.feature_view(s, sae, index, kind, offset, limit)
         return templates.TemplateResponse(request, "_examples.html", {"page": view.examples, "sae": sae, "index": index, "f": view.feature})
+
     return await read(request, render)
 
 
@@ -72,8 +87,10 @@ async def examples_fragment(request: Request, sae: str = SaeName, index: int = F
 async def search_page(request: Request, q: str = Query("", max_length=100), sae: str | None = Query(None, max_length=200)):
     def render(s: Session):
         result = queries.search(s, q, sae, 100) if q else None
-        return templates.TemplateResponse(request, "search.html", {"q": q, "sae": sae, "result": result,
-                                          "saes": [x for m in queries.list_models(s) for x in m.saes]})
+        return templates.TemplateResponse(
+            request, "search.html", {"q": q, "sae": sae, "result": result, "saes": [x for m in queries.list_models(s) for x in m.saes]}
+        )
+
     return await read(request, render)
 
 

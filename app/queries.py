@@ -16,7 +16,7 @@ from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, Token
 from . import schemas
 from .prepared import Prepared
 
-RARE_DENSITY = 1e-4    # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
+RARE_DENSITY = 1e-4  # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
 SortKey = Literal["index", "density", "max_act"]
 Filter = Literal["all", "alive", "dead", "rare"]
 
@@ -33,7 +33,7 @@ class VocabCache:
         self._lock = threading.Lock()
 
     def get(self, conn: Connection, model_id: int) -> list[str]:
-        key = (conn.engine, model_id)    # one process may serve several stores (tests do)
+        key = (conn.engine, model_id)  # one process may serve several stores (tests do)
         if key not in self._by_model:
             with self._lock:
                 if key not in self._by_model:
@@ -42,7 +42,7 @@ class VocabCache:
                     for tid, txt in rows:
                         texts[tid] = txt
                     self._by_model[key] = texts
-                    gc.freeze()     # see app.main.create_app: long-lived objects out of the collector's way
+                    gc.freeze()  # see app.main.create_app: long-lived objects out of the collector's way
         return self._by_model[key]
 
 
@@ -55,16 +55,26 @@ def token_text(vocab: list[str], token_id: int) -> str:
 
 def token_texts(vocab: list[str], ids: list[int]) -> list[str]:
     if ids and 0 <= min(ids) and max(ids) < len(vocab):
-        return [vocab[t] for t in ids]          # the common case, without a call per token
+        return [vocab[t] for t in ids]  # the common case, without a call per token
     return [token_text(vocab, t) for t in ids]
 
 
 def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None) -> dict:
-    return dict(name=sae.name, model=model_name, hook=sae.hook, architecture=sae.architecture, d_in=sae.d_in,
-                n_latents=sae.n_latents, k=sae.k, metrics=sae.metrics or {}, mined_tokens=run.tokens if run else None, alive=alive)
+    return dict(
+        name=sae.name,
+        model=model_name,
+        hook=sae.hook,
+        architecture=sae.architecture,
+        d_in=sae.d_in,
+        n_latents=sae.n_latents,
+        k=sae.k,
+        metrics=sae.metrics or {},
+        mined_tokens=run.tokens if run else None,
+        alive=alive,
+    )
 
 
-_ALIVE: dict[tuple[Engine, int], int | None] = {}   # runs never change once complete, so their counts can be cached
+_ALIVE: dict[tuple[Engine, int], int | None] = {}  # runs never change once complete, so their counts can be cached
 
 
 def _alive(s: Session, run_id: int | None) -> int | None:
@@ -81,17 +91,26 @@ def list_models(s: Session) -> list[schemas.ModelSummary]:
     out = []
     for model in s.scalars(select(Model).order_by(Model.name)):
         saes = []
-        for sae, run in s.execute(select(SAE, MiningRun).outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
-                                  .where(SAE.model_id == model.id).order_by(SAE.name)):
+        for sae, run in s.execute(
+            select(SAE, MiningRun)
+            .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+            .where(SAE.model_id == model.id)
+            .order_by(SAE.name)
+        ):
             saes.append(schemas.SAESummary(**_summary(sae, model.name, run, _alive(s, sae.active_run_id))))
-        out.append(schemas.ModelSummary(name=model.name, d_model=model.d_model, n_layers=model.n_layers,
-                                        vocab_size=model.vocab_size, saes=saes))
+        out.append(
+            schemas.ModelSummary(name=model.name, d_model=model.d_model, n_layers=model.n_layers, vocab_size=model.vocab_size, saes=saes)
+        )
     return out
 
 
 def get_sae(s: Session, name: str) -> tuple[SAE, MiningRun | None, Model]:
-    row = s.execute(select(SAE, MiningRun, Model).join(Model, SAE.model_id == Model.id)
-                    .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).where(SAE.name == name)).first()
+    row = s.execute(
+        select(SAE, MiningRun, Model)
+        .join(Model, SAE.model_id == Model.id)
+        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+        .where(SAE.name == name)
+    ).first()
     if row is None:
         raise NotFound(f"no SAE named {name!r}")
     return row[0], row[1], row[2]
@@ -100,8 +119,17 @@ def get_sae(s: Session, name: str) -> tuple[SAE, MiningRun | None, Model]:
 def sae_detail(s: Session, name: str) -> schemas.SAEDetail:
     sae, run, model = get_sae(s, name)
     alive = _alive(s, run.id if run else None)
-    mining = ({"run_id": run.id, "corpus": run.corpus, "tokens": run.tokens, "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-               "config": run.config} if run else None)
+    mining = (
+        {
+            "run_id": run.id,
+            "corpus": run.corpus,
+            "tokens": run.tokens,
+            "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+            "config": run.config,
+        }
+        if run
+        else None
+    )
     return schemas.SAEDetail(**_summary(sae, model.name, run, alive), train_config=sae.train_config or {}, mining=mining)
 
 
@@ -116,7 +144,9 @@ def _filtered(run_id: int, flt: Filter):
     return cond
 
 
-def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, order: Literal["asc", "desc"], flt: Filter) -> schemas.FeaturePage:
+def feature_page(
+    s: Session, name: str, offset: int, limit: int, sort: SortKey, order: Literal["asc", "desc"], flt: Filter
+) -> schemas.FeaturePage:
     sae, run, _ = get_sae(s, name)
     if run is None:
         return schemas.FeaturePage(sae=name, total=0, offset=offset, limit=limit, features=[])
@@ -124,18 +154,28 @@ def feature_page(s: Session, name: str, offset: int, limit: int, sort: SortKey, 
     total = s.scalar(select(func.count()).select_from(Feature).where(*cond))
     column = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}[sort]
     ordering = (column.desc() if order == "desc" else column.asc(), Feature.index.asc())
-    rows = s.execute(select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
-                     .where(*cond).order_by(*ordering).offset(offset).limit(limit)).all()
+    rows = s.execute(
+        select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
+        .where(*cond)
+        .order_by(*ordering)
+        .offset(offset)
+        .limit(limit)
+    ).all()
     vocab = VOCAB.get(s.connection(), sae.model_id)
     peaks = _peak_tokens(s, run.id, [r[0] for r in rows], vocab)
-    feats = [schemas.FeatureSummary(index=i, density=density, max_act=max_act, mean_act=mean_act, n_fired=n_fired,
-                                    top_token=peaks.get(i)) for i, density, max_act, mean_act, n_fired in rows]
+    feats = [
+        schemas.FeatureSummary(index=i, density=density, max_act=max_act, mean_act=mean_act, n_fired=n_fired, top_token=peaks.get(i))
+        for i, density, max_act, mean_act, n_fired in rows
+    ]
     return schemas.FeaturePage(sae=name, total=total or 0, offset=offset, limit=limit, features=feats)
 
 
-_PEAKS = (select(Example.feature_index, Example.token_ids, Example.max_pos)
-          .where(Example.run_id == bindparam("run_id"), Example.kind == "top", Example.rank == 0,
-                 Example.feature_index.in_(bindparam("indices", expanding=True))))
+_PEAKS = select(Example.feature_index, Example.token_ids, Example.max_pos).where(
+    Example.run_id == bindparam("run_id"),
+    Example.kind == "top",
+    Example.rank == 0,
+    Example.feature_index.in_(bindparam("indices", expanding=True)),
+)
 
 
 def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) -> dict[int, str]:
@@ -148,6 +188,7 @@ def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) 
 
 class FeatureRef(NamedTuple):
     """What the hot paths need to know about an SAE and its live mining run (one small query)."""
+
     sae: str
     model_id: int
     n_latents: int
@@ -159,23 +200,44 @@ class FeatureRef(NamedTuple):
 # The hot paths (feature page, examples) run statements built once with bound parameters, each
 # joining from the SAE's name so that a request costs two or three round trips; building a select()
 # per request cost more than running it on SQLite.
-_REF = (select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens)
-        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).where(SAE.name == bindparam("name")))
-_FEATURE = (select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens, *Feature.__table__.c)
-            .join(MiningRun, SAE.active_run_id == MiningRun.id)
-            .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
-            .where(SAE.name == bindparam("name")))
+_REF = (
+    select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens)
+    .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+    .where(SAE.name == bindparam("name"))
+)
+_FEATURE = (
+    select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens, *Feature.__table__.c)
+    .join(MiningRun, SAE.active_run_id == MiningRun.id)
+    .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
+    .where(SAE.name == bindparam("name"))
+)
 _EXAMPLE_WHERE = (SAE.name == bindparam("name"), Example.feature_index == bindparam("index"), Example.kind == bindparam("kind"))
-_EXAMPLES = {kind: Prepared(select(SAE.model_id, Example.interval, Example.rank, Example.doc_id, Example.doc_offset, Example.token_ids,
-                                   Example.acts, Example.max_act, Example.max_pos, func.count().over().label("total"))
-                            .join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE).order_by(*order)
-                            .offset(bindparam("offset", type_=Integer)).limit(bindparam("limit", type_=Integer)))
-             for kind, order in ((schemas.ExampleKind.top, [Example.rank]),
-                                 (schemas.ExampleKind.interval, [Example.interval.desc(), Example.rank]))}
+_EXAMPLES = {
+    kind: Prepared(
+        select(
+            SAE.model_id,
+            Example.interval,
+            Example.rank,
+            Example.doc_id,
+            Example.doc_offset,
+            Example.token_ids,
+            Example.acts,
+            Example.max_act,
+            Example.max_pos,
+            func.count().over().label("total"),
+        )
+        .join(SAE, Example.run_id == SAE.active_run_id)
+        .where(*_EXAMPLE_WHERE)
+        .order_by(*order)
+        .offset(bindparam("offset", type_=Integer))
+        .limit(bindparam("limit", type_=Integer))
+    )
+    for kind, order in ((schemas.ExampleKind.top, [Example.rank]), (schemas.ExampleKind.interval, [Example.interval.desc(), Example.rank]))
+}
 _EXAMPLE_COUNT = select(func.count()).select_from(Example).join(SAE, Example.run_id == SAE.active_run_id).where(*_EXAMPLE_WHERE)
 
 
-class _ExampleRow(NamedTuple):      # a row of _EXAMPLES, in its column order
+class _ExampleRow(NamedTuple):  # a row of _EXAMPLES, in its column order
     model_id: int
     interval: int | None
     rank: int
@@ -194,7 +256,7 @@ def _decode(rows: list[_ExampleRow], vocab: list[str]) -> list[tuple[list[str], 
     texts = token_texts(vocab, [t for ids, _ in decoded for t in ids])
     out, start = [], 0
     for ids, acts in decoded:
-        out.append((texts[start:start + len(ids)], ids, acts))
+        out.append((texts[start : start + len(ids)], ids, acts))
         start += len(ids)
     return out
 
@@ -214,7 +276,7 @@ def feature_ref(conn: Connection, name: str, index: int) -> FeatureRef:
 
 def get_feature(s: Session, name: str, index: int) -> tuple[FeatureRef, dict]:
     row = s.connection().execute(_FEATURE, {"name": name, "index": index}).first()
-    if row is None:     # find out what is missing, for the message
+    if row is None:  # find out what is missing, for the message
         feature_ref(s.connection(), name, index)
         raise NotFound(f"feature {index} of {name} is missing from its mining run")
     ref_len = len(FeatureRef._fields)
@@ -228,14 +290,24 @@ def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
     index = f["feature_index"]
-    assert ref.run_id is not None      # get_feature joins the live run
+    assert ref.run_id is not None  # get_feature joins the live run
     peaks = _peak_tokens(s, ref.run_id, [index] + [i for i, _ in f["neighbours"]], vocab)
     return schemas.FeatureDetail(
-        sae=ref.sae, n_latents=ref.n_latents, index=index, density=f["density"], max_act=f["max_act"], mean_act=f["mean_act"],
-        n_fired=f["n_fired"], top_token=peaks.get(index), histogram=f["histogram"], intervals=f["intervals"],
-        logits_top=tv(f["logits"]["top"]), logits_bottom=tv(f["logits"]["bottom"]),
+        sae=ref.sae,
+        n_latents=ref.n_latents,
+        index=index,
+        density=f["density"],
+        max_act=f["max_act"],
+        mean_act=f["mean_act"],
+        n_fired=f["n_fired"],
+        top_token=peaks.get(index),
+        histogram=f["histogram"],
+        intervals=f["intervals"],
+        logits_top=tv(f["logits"]["top"]),
+        logits_bottom=tv(f["logits"]["bottom"]),
         neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f["neighbours"]],
-        explanation=f["explanation"])
+        explanation=f["explanation"],
+    )
 
 
 def examples(conn: Connection, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> dict:
@@ -248,15 +320,27 @@ def examples(conn: Connection, name: str, index: int, kind: schemas.ExampleKind,
     query (the API test validates the shape)."""
     params = {"name": name, "index": index, "kind": kind.value}
     rows = [_ExampleRow._make(r) for r in _EXAMPLES[kind].rows(conn, {**params, "offset": offset, "limit": limit})]
-    total = rows[0].total if rows else 0          # the window count rides along with the rows
+    total = rows[0].total if rows else 0  # the window count rides along with the rows
     if not rows:
         feature_ref(conn, name, index)
         if offset:
             total = conn.execute(_EXAMPLE_COUNT, params).scalar() or 0
     vocab = VOCAB.get(conn, rows[0].model_id) if rows else []
-    out = [{"kind": kind.value, "interval": e.interval, "rank": e.rank, "doc_id": e.doc_id, "doc_offset": e.doc_offset,
-            "tokens": texts, "token_ids": ids, "acts": acts, "max_act": e.max_act, "max_pos": e.max_pos}
-           for e, (texts, ids, acts) in zip(rows, _decode(rows, vocab))]
+    out = [
+        {
+            "kind": kind.value,
+            "interval": e.interval,
+            "rank": e.rank,
+            "doc_id": e.doc_id,
+            "doc_offset": e.doc_offset,
+            "tokens": texts,
+            "token_ids": ids,
+            "acts": acts,
+            "max_act": e.max_act,
+            "max_pos": e.max_pos,
+        }
+        for e, (texts, ids, acts) in zip(rows, _decode(rows, vocab))
+    ]
     return {"sae": name, "index": index, "kind": kind.value, "total": total, "offset": offset, "limit": limit, "examples": out}
 
 
@@ -266,8 +350,9 @@ def feature_detail(s: Session, name: str, index: int) -> schemas.FeatureDetail:
 
 class FeatureView(NamedTuple):
     """Everything the feature page shows on first paint."""
+
     feature: schemas.FeatureDetail
-    examples: dict      # schemas.ExamplePage's JSON shape (see examples())
+    examples: dict  # schemas.ExamplePage's JSON shape (see examples())
     mined_tokens: int
 
 
@@ -289,10 +374,13 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.
         token_ids = [i for i, t in enumerate(vocab) if needle in t.lower()][:5000]
         if not token_ids:
             continue
-        rows = s.execute(select(TokenFeature.feature_index, TokenFeature.token_id, TokenFeature.n_examples, TokenFeature.max_act, Feature.density)
-                         .join(Feature, (Feature.run_id == TokenFeature.run_id) & (Feature.index == TokenFeature.feature_index))
-                         .where(TokenFeature.run_id == run_id, TokenFeature.token_id.in_(token_ids))
-                         .order_by(TokenFeature.n_examples.desc(), TokenFeature.max_act.desc()).limit(limit)).all()
+        rows = s.execute(
+            select(TokenFeature.feature_index, TokenFeature.token_id, TokenFeature.n_examples, TokenFeature.max_act, Feature.density)
+            .join(Feature, (Feature.run_id == TokenFeature.run_id) & (Feature.index == TokenFeature.feature_index))
+            .where(TokenFeature.run_id == run_id, TokenFeature.token_id.in_(token_ids))
+            .order_by(TokenFeature.n_examples.desc(), TokenFeature.max_act.desc())
+            .limit(limit)
+        ).all()
         hits += [schemas.SearchHit(sae=name, index=f, token=vocab[t], n_examples=n, max_act=m, density=d) for f, t, n, m, d in rows]
     hits.sort(key=lambda h: (-h.n_examples, -h.max_act))
     return schemas.SearchResult(query=query, hits=hits[:limit])

@@ -66,7 +66,9 @@ class FeatureDetail(FeatureSummary):
     sae: str
     n_latents: int
     histogram: dict = Field(description='{"edges": [bins+1], "counts": [bins]}: non-zero activations, equal-width bins over [min, max]')
-    intervals: dict = Field(description='{"edges": [11], "shares": [10]}: equal-width intervals over [0, max] and the share of activations in each')
+    intervals: dict = Field(
+        description='{"edges": [11], "shares": [10]}: equal-width intervals over [0, max] and the share of activations in each'
+    )
     logits_top: list[TokenValue] = Field(description="tokens W_dec[i] @ W_U promotes most")
     logits_bottom: list[TokenValue] = Field(description="tokens it suppresses most")
     neighbours: list[Neighbour] = Field(description="nearest features by decoder cosine")
@@ -122,4 +124,5 @@ class Health(BaseModel):
 
 class Problem(BaseModel):
     """The body of a 404 (and of any other error but 422): what was asked for and why it failed."""
-    detail: str = Field(description="e.g. \"no SAE named 'x'\" or \"x has features 0..8191; there is no feature 9000\"")
+
+    detail: str = Field(description='e.g. "no SAE named \'x\'" or "x has features 0..8191; there is no feature 9000"')

@@ -24,7 +24,7 @@ from uvicorn.main import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 APP = "app.main:create_app"
-PER_WORKER_SOCKETS = sys.platform == "linux"    # elsewhere SO_REUSEPORT does not balance connections
+PER_WORKER_SOCKETS = sys.platform == "linux"  # elsewhere SO_REUSEPORT does not balance connections
 
 
 def _tcp_socket(family: int, address: tuple, reuse_port: bool) -> socket.socket:
@@ -61,8 +61,9 @@ class _Config(uvicorn.Config):
 def run(host: str, port: int, workers: int, loop: Literal["asyncio", "uvloop"] = "asyncio") -> None:
     """Serve until interrupted. The store's URL reaches the workers through the environment
     (sae_core.store.db.ENV_URL), since each worker process builds its own app."""
-    config = _Config(APP, factory=True, host=host, port=port, workers=workers, loop=loop, http="httptools",
-                     log_level="warning", access_log=False)
+    config = _Config(
+        APP, factory=True, host=host, port=port, workers=workers, loop=loop, http="httptools", log_level="warning", access_log=False
+    )
     server = uvicorn.Server(config)
     try:
         if workers > 1:

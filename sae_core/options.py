@@ -24,8 +24,9 @@ import typer
 HELP, TYPER = "help", "typer"
 
 
-def option(default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, cli: bool = True,
-           **typer_kwargs) -> Any:
+def option(
+    default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, cli: bool = True, **typer_kwargs
+) -> Any:
     """A config field with its help text; `typer_kwargs` (min=..., show_default=..., a flag name as
     param_decls=[...]) go to typer.Option; cli=False keeps a field out of the command line."""
     meta = {HELP: help, TYPER: typer_kwargs, "cli": cli}
@@ -65,8 +66,9 @@ def parameter(f: Field, tp: Any, *, help_prefix: str = "", **overrides) -> inspe
     decls = kwargs.pop("param_decls", [])
     default = kwargs.pop("default", default_of(f))
     help_text = help_prefix + f.metadata.get(HELP, "")
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
-                             default=typer.Option(default, *decls, help=help_text or None, **kwargs))
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=typer.Option(default, *decls, help=help_text or None, **kwargs)
+    )
 
 
 def command_options(cls: type, exclude: tuple[str, ...] = (), **overrides: dict) -> list[inspect.Parameter]:
@@ -90,9 +92,11 @@ def from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
 
 def with_signature(params: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
     """Give a `**values` command function the typer signature `params` (typer reads __signature__)."""
+
     def wrap(fn: Callable) -> Callable:
-        fn.__signature__ = inspect.Signature(params)      # type: ignore[attr-defined]
+        fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         return fn
+
     return wrap
 
 

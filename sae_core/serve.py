@@ -16,8 +16,6 @@ from .config import ServeConfig
 from .errors import SaescopeError
 
 
-
-
 def serve(cfg: ServeConfig, console: Console | None = None) -> None:
     """Check the store, then serve pages and API until interrupted (Ctrl-C ends it cleanly)."""
     from app.deps import ENV_DB_THREADS

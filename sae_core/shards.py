@@ -104,7 +104,7 @@ class ShardEncoder:
     """What a shard stores per batch of residuals. The default stores the activations themselves; the
     miner subclasses it to store SAE codes instead, reusing the cache's resumable sharded writer."""
 
-    identity: dict = {}          # recorded in the manifest; a resume with another identity is refused
+    identity: dict = {}  # recorded in the manifest; a resume with another identity is refused
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
@@ -123,13 +123,29 @@ def finished(cfg: CacheConfig, out: Path, encoder: ShardEncoder) -> tuple[dict |
     old = check_folder(Path(out), cfg, encoder.identity)
     if old and old["complete"] and (old["n_windows"] >= cfg.n_windows or old.get("corpus_exhausted")):
         rows = old["n_windows"] * (cfg.context_size - cfg.skip_positions)
-        return old, CacheResult(Path(out), old["n_windows"], rows, old["d_model"], True, resumed_from=old["n_windows"],
-                                notes=[f"{out} already holds this cache ({old['n_windows']} windows); nothing to do"])
+        return old, CacheResult(
+            Path(out),
+            old["n_windows"],
+            rows,
+            old["d_model"],
+            True,
+            resumed_from=old["n_windows"],
+            notes=[f"{out} already holds this cache ({old['n_windows']} windows); nothing to do"],
+        )
     return old, None
 
 
-def fill_shards(cfg: CacheConfig, out: Path, old: dict | None, lm: LanguageModel, documents: list[str], source_at,
-                encoder: ShardEncoder, progress: bool = True, desc: str = "caching") -> CacheResult:
+def fill_shards(
+    cfg: CacheConfig,
+    out: Path,
+    old: dict | None,
+    lm: LanguageModel,
+    documents: list[str],
+    source_at,
+    encoder: ShardEncoder,
+    progress: bool = True,
+    desc: str = "caching",
+) -> CacheResult:
     """Write the shards of windows `done..cfg.n_windows` into `out` (after the whole shards it holds):
     `source_at(done)` gives the WindowSource starting there, `encoder` what each position stores."""
     out = Path(out)
@@ -144,15 +160,28 @@ def fill_shards(cfg: CacheConfig, out: Path, old: dict | None, lm: LanguageModel
         raise SaescopeError(f"not enough disk space in {out}: the cache needs {need / 2**30:.2f} GiB more, {free / 2**30:.2f} GiB free")
 
     write_json(out / DOCUMENTS, documents)
-    manifest = {"config": asdict(cfg), "d_model": lm.d_model, "n_windows": done, "complete": False,
-                "model_dtype": str(lm.dtype).removeprefix("torch."), "tokenizer_eos": lm.eos_token_id,
-                "encoder": encoder.identity}
+    manifest = {
+        "config": asdict(cfg),
+        "d_model": lm.d_model,
+        "n_windows": done,
+        "complete": False,
+        "model_dtype": str(lm.dtype).removeprefix("torch."),
+        "tokenizer_eos": lm.eos_token_id,
+        "encoder": encoder.identity,
+    }
     if old is None or old["n_windows"] != done:
         write_json(out / MANIFEST, manifest)
 
     source: WindowSource = source_at(done)
-    bar = tqdm(total=target * cfg.context_size, initial=done * cfg.context_size, unit="tok", unit_scale=True,
-               desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=target * cfg.context_size,
+        initial=done * cfg.context_size,
+        unit="tok",
+        unit_scale=True,
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     writer = ThreadPoolExecutor(max_workers=1)  # overlap disk writes with the next forward passes
     pending: Future | None = None
     exhausted = False
@@ -175,20 +204,23 @@ def fill_shards(cfg: CacheConfig, out: Path, old: dict | None, lm: LanguageModel
             if not shard_tok:
                 break
             tensors = {name: torch.cat([e[name] for e in shard_enc]) for name in shard_enc[0]}
-            tensors |= {"tokens": torch.from_numpy(np.concatenate(shard_tok)),
-                       "doc_index": torch.from_numpy(np.concatenate(shard_doc)),
-                       "doc_offset": torch.from_numpy(np.concatenate(shard_off))}
+            tensors |= {
+                "tokens": torch.from_numpy(np.concatenate(shard_tok)),
+                "doc_index": torch.from_numpy(np.concatenate(shard_doc)),
+                "doc_offset": torch.from_numpy(np.concatenate(shard_off)),
+            }
             if pending is not None:
                 pending.result()
-            pending = writer.submit(write_shard, shard_path(out, n_shards), tensors,
-                                    {"n_windows": str(n_win), "first_window": str(done)})
+            pending = writer.submit(write_shard, shard_path(out, n_shards), tensors, {"n_windows": str(n_win), "first_window": str(done)})
             n_shards += 1
             done += n_win
         if pending is not None:
             pending.result()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise SaescopeError(f"disk full while writing {out}; the whole shards written so far are kept: free space and re-run the same command") from exc
+            raise SaescopeError(
+                f"disk full while writing {out}; the whole shards written so far are kept: free space and re-run the same command"
+            ) from exc
         raise
     finally:
         writer.shutdown(wait=True)
@@ -200,5 +232,3 @@ def fill_shards(cfg: CacheConfig, out: Path, old: dict | None, lm: LanguageModel
     write_json(out / MANIFEST, manifest)
     result.n_windows, result.n_rows, result.complete = done, done * rows_per_window, True
     return result
-
-

@@ -41,7 +41,7 @@ class ModelStream:
         self.rows_per_window = cfg.context_size - cfg.skip_positions
         self.n_windows = cfg.n_windows
         self.n_rows = self.n_windows * self.rows_per_window
-        self.config = {**cfg.identity(), "streamed": True}          # what eval and mine read: model, hook, corpus...
+        self.config = {**cfg.identity(), "streamed": True}  # what eval and mine read: model, hook, corpus...
         self.manifest = {"n_windows": self.n_windows}
 
     def _windows(self, start: int) -> WindowSource:
@@ -53,8 +53,10 @@ class ModelStream:
         while left > 0:
             batch = source.take(min(self.cfg.batch_size, left))
             if batch is None:
-                raise SaescopeError(f"the corpus {self.cfg.corpus!r} ended after {first + count - left} windows; "
-                                    f"ask for fewer --tokens than {self.cfg.tokens:,}")
+                raise SaescopeError(
+                    f"the corpus {self.cfg.corpus!r} ended after {first + count - left} windows; "
+                    f"ask for fewer --tokens than {self.cfg.tokens:,}"
+                )
             out.append(batch.acts.float().reshape(-1, self.d_model).cpu())
             left -= len(batch)
         return torch.cat(out)
@@ -67,8 +69,9 @@ class ModelStream:
         """Windows per shuffle group: enough rows for GROUP_BATCHES batches."""
         return math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
 
-    def batches(self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32,
-                device: str | torch.device = "cpu") -> Iterator[torch.Tensor]:
+    def batches(
+        self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32, device: str | torch.device = "cpu"
+    ) -> Iterator[torch.Tensor]:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
         group = self._group(batch_size)
         gen = torch.Generator().manual_seed(seed)
@@ -76,15 +79,15 @@ class ModelStream:
         for start in range(0, self.n_windows, group):
             count = min(group, self.n_windows - start)
             n_batches = count * self.rows_per_window // batch_size
-            perm = torch.randperm(count * self.rows_per_window, generator=gen)   # drawn even when skipped: same stream
+            perm = torch.randperm(count * self.rows_per_window, generator=gen)  # drawn even when skipped: same stream
             if emitted + n_batches <= skip:
                 emitted += n_batches
                 continue
-            source = source or self._windows(start)   # one tokenising pass from here on, not one per group
+            source = source or self._windows(start)  # one tokenising pass from here on, not one per group
             rows = self._activations(source, start, count)
             for b in range(n_batches):
                 if emitted >= skip:
-                    yield rows[perm[b * batch_size:(b + 1) * batch_size]].to(device, dtype)
+                    yield rows[perm[b * batch_size : (b + 1) * batch_size]].to(device, dtype)
                 emitted += 1
 
     def batches_per_pass(self, batch_size: int) -> int:

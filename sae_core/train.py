@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import TrainConfig
 from .cache import ActivationCache
-from .stream import ModelStream
+from .config import TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .model import resolve_device
 from .sae import ARCHITECTURES
+from .stream import ModelStream
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -36,7 +36,7 @@ class TrainResult:
     out: Path
     steps: int
     tokens: int
-    final: dict                                  # last step's fvu, l0, dead fraction, loss
+    final: dict  # last step's fvu, l0, dead fraction, loss
     tokens_per_s: float
     resumed_from_step: int = 0
     log: list[dict] = field(default_factory=list)
@@ -67,8 +67,9 @@ def build_sae(cfg: TrainConfig, d_in: int):
     if cfg.architecture == "topk":
         if cfg.k >= cfg.n_latents:
             raise SaescopeError(f"k ({cfg.k}) must be smaller than n_latents ({cfg.n_latents})")
-        arch_cfg = ARCHITECTURES["topk"][0](d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, k_aux=cfg.k_aux,
-                                            aux_coef=cfg.aux_coef, multi_topk=cfg.multi_topk)
+        arch_cfg = ARCHITECTURES["topk"][0](
+            d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, multi_topk=cfg.multi_topk
+        )
     else:
         arch_cfg = ARCHITECTURES["relu"][0](d_in=d_in, n_latents=cfg.n_latents, l1_coef=cfg.l1_coef)
     return ARCHITECTURES[cfg.architecture][1](arch_cfg)
@@ -85,10 +86,11 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 @dataclass
 class StepResult:
     """What one optimiser step reports (the dead fraction only every `LOG_EVERY` steps: reading it waits for a GPU)."""
-    step: int                        # steps done, this one included
+
+    step: int  # steps done, this one included
     loss: float
     fvu: float
-    aux_fvu: float                   # AuxK's normalised error (0 without AuxK or for the ReLU baseline)
+    aux_fvu: float  # AuxK's normalised error (0 without AuxK or for the ReLU baseline)
     l0: float
     n_dead: int
     dead_fraction: float | None = None
@@ -108,13 +110,13 @@ class Trainer:
     `run()` drives the whole schedule and saves the SAE folder."""
 
     def __init__(self, cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False):
-        keep_large_buffers()        # the step's encoder blocks would otherwise be mapped afresh each time
+        keep_large_buffers()  # the step's encoder blocks would otherwise be mapped afresh each time
         self.cfg, self.out = cfg, Path(out)
         self.source = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
         source = self.source
         if cfg.batch_size <= 0 or cfg.batch_size > source.n_rows:
             raise SaescopeError(f"--batch-size must be between 1 and the cache's {source.n_rows} rows")
-        total_tokens = cfg.tokens or source.batches_per_pass(cfg.batch_size) * cfg.batch_size   # default: one pass
+        total_tokens = cfg.tokens or source.batches_per_pass(cfg.batch_size) * cfg.batch_size  # default: one pass
         self.total_steps = max(1, total_tokens // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(total_tokens // 10, cfg.batch_size))
         self.ckpt_path = self.out / CHECKPOINT
@@ -126,8 +128,12 @@ class Trainer:
         self.step_no = self.start_step = 0
         self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
         self.ema_state: dict | None = None
-        self.meta = {"activations": "streamed from the model" if source is activations else str(Path(str(activations)).resolve()),
-                     "cache": source.config, "cache_windows": source.manifest["n_windows"], "d_in": source.d_model}
+        self.meta = {
+            "activations": "streamed from the model" if source is activations else str(Path(str(activations)).resolve()),
+            "cache": source.config,
+            "cache_windows": source.manifest["n_windows"],
+            "d_in": source.d_model,
+        }
         if resume and self.ckpt_path.exists():
             self._resume()
         else:
@@ -147,7 +153,7 @@ class Trainer:
                 sae.reset_parameters(gen)
             else:
                 sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(sae.W_dec.shape, generator=gen), dim=1))
-                sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / self.source.d_model ** 0.5)
+                sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / self.source.d_model**0.5)
             if cfg.geometric_median_init:
                 sae.b_pre.copy_(geometric_median(sample[:4096] * self.scale))
         if cfg.ema:
@@ -155,13 +161,15 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg, d_model = self.cfg, self.source.d_model
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)   # a GPU run's checkpoint resumes anywhere
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes anywhere
         if state["config"] != cfg.identity() or state["d_in"] != d_model:
             diff = [k for k, v in cfg.identity().items() if state["config"].get(k) != v]
             if state["d_in"] != d_model:
                 diff.append(f"d_in {state['d_in']} vs the cache's {d_model}")
-            raise SaescopeError(f"{self.ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
-                                f"resume with the same options or choose another --out")
+            raise SaescopeError(
+                f"{self.ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
+                f"resume with the same options or choose another --out"
+            )
         self.sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
         self.opt.load_state_dict(state["opt"])
         self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
@@ -174,21 +182,35 @@ class Trainer:
             log.write_text("".join(ln + "\n" for ln in kept))
 
     def checkpoint(self) -> None:
-        _save_checkpoint(self.ckpt_path, {"config": self.cfg.identity(), "d_in": self.source.d_model, "sae": self.sae.state_dict(),
-                                          "opt": self.opt.state_dict(), "tokens_since_fired": self.tokens_since_fired.cpu(),
-                                          "ema": self.ema_state, "scale": self.scale, "step": self.step_no})
+        _save_checkpoint(
+            self.ckpt_path,
+            {
+                "config": self.cfg.identity(),
+                "d_in": self.source.d_model,
+                "sae": self.sae.state_dict(),
+                "opt": self.opt.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired.cpu(),
+                "ema": self.ema_state,
+                "scale": self.scale,
+                "step": self.step_no,
+            },
+        )
 
     def step(self, raw: torch.Tensor, where: str = "") -> StepResult:
         """One optimiser step on a batch of raw activations; `where` names the batch in errors."""
         cfg, sae = self.cfg, self.sae
         x = raw * self.scale
         stats = sae.loss_and_grads(x, self.tokens_since_fired >= self.dead_tokens, autocast_bf16=cfg.bf16)
-        if not math.isfinite(stats["loss"]):   # a NaN or Inf in the batch always shows here (FVU's denominator)
+        if not math.isfinite(stats["loss"]):  # a NaN or Inf in the batch always shows here (FVU's denominator)
             if not torch.isfinite(x).all():
-                raise SaescopeError(f"{where}(step {self.step_no}) holds NaN or Inf activations; "
-                                    f"training stopped, the last good checkpoint in {self.out} is kept")
-            raise SaescopeError(f"the loss became {stats['loss']} at step {self.step_no} ({where.strip()}); "
-                                f"training stopped, the last good checkpoint in {self.out} is kept; try a lower --lr")
+                raise SaescopeError(
+                    f"{where}(step {self.step_no}) holds NaN or Inf activations; "
+                    f"training stopped, the last good checkpoint in {self.out} is kept"
+                )
+            raise SaescopeError(
+                f"the loss became {stats['loss']} at step {self.step_no} ({where.strip()}); "
+                f"training stopped, the last good checkpoint in {self.out} is kept; try a lower --lr"
+            )
         sae.remove_parallel_grads()
         self.opt.step()
         sae.normalize_decoder()
@@ -212,8 +234,15 @@ class Trainer:
         steps_per_epoch = self.source.batches_per_pass(cfg.batch_size)
         if steps_per_epoch == 0:
             raise SaescopeError(f"--batch-size {cfg.batch_size} leaves no whole batch in one pass over the activations")
-        bar = tqdm(total=self.total_steps * cfg.batch_size, initial=self.step_no * cfg.batch_size, unit="tok", unit_scale=True,
-                   desc=f"training {cfg.architecture} n={cfg.n_latents}", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps * cfg.batch_size,
+            initial=self.step_no * cfg.batch_size,
+            unit="tok",
+            unit_scale=True,
+            desc=f"training {cfg.architecture} n={cfg.n_latents}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         stats: dict = {}
         log: list[dict] = []
         t0, trained = time.perf_counter(), 0
@@ -241,11 +270,19 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         if self.ema_state is not None:
             self.sae.load_state_dict(self.ema_state)
-        self.meta["training"] = {**cfg.identity(), "lr": self.lr, "dead_tokens": self.dead_tokens, "input_scale": self.scale,
-                                 "steps": self.step_no, "tokens_trained": self.step_no * cfg.batch_size, "final": stats}
+        self.meta["training"] = {
+            **cfg.identity(),
+            "lr": self.lr,
+            "dead_tokens": self.dead_tokens,
+            "input_scale": self.scale,
+            "steps": self.step_no,
+            "tokens_trained": self.step_no * cfg.batch_size,
+            "final": stats,
+        }
         save_sae(self.sae, self.out, scale=self.scale, metadata=self.meta)
-        return TrainResult(self.out, self.step_no, self.step_no * cfg.batch_size, stats,
-                           trained / elapsed if elapsed else 0.0, self.start_step, log)
+        return TrainResult(
+            self.out, self.step_no, self.step_no * cfg.batch_size, stats, trained / elapsed if elapsed else 0.0, self.start_step, log
+        )
 
 
 def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 class WindowBatch:
     """Consecutive windows with their residuals at the hook (positions before skip_positions dropped)."""
 
-    tokens: np.ndarray          # [windows, context_size] int32, as are doc_index and doc_offset
+    tokens: np.ndarray  # [windows, context_size] int32, as are doc_index and doc_offset
     doc_index: np.ndarray
     doc_offset: np.ndarray
-    acts: torch.Tensor          # [windows, context_size - skip_positions, d_model]
+    acts: torch.Tensor  # [windows, context_size - skip_positions, d_model]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -39,22 +39,28 @@ class WindowBatch:
     def cat(parts: list[WindowBatch]) -> WindowBatch:
         if len(parts) == 1:
             return parts[0]
-        dtype = functools.reduce(torch.promote_types, (p.acts.dtype for p in parts))   # a lossless common dtype
-        return WindowBatch(np.concatenate([p.tokens for p in parts]), np.concatenate([p.doc_index for p in parts]),
-                           np.concatenate([p.doc_offset for p in parts]), torch.cat([p.acts.to(parts[-1].acts.device, dtype) for p in parts]))
+        dtype = functools.reduce(torch.promote_types, (p.acts.dtype for p in parts))  # a lossless common dtype
+        return WindowBatch(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.doc_index for p in parts]),
+            np.concatenate([p.doc_offset for p in parts]),
+            torch.cat([p.acts.to(parts[-1].acts.device, dtype) for p in parts]),
+        )
 
 
 class WindowSource:
-    """Windows in the corpus's fixed order from window `start` on, with their residuals at the hook: read from the shards of `from_cache` (a cache of the same windows: see `reusable_cache`) while
-    it holds them, computed by the model after that. Batches are cut exactly as asked whatever their
+    """Windows in the corpus's fixed order from window `start` on, with their residuals at the hook: read
+    from the shards of `from_cache` (a cache of the same windows: see `reusable_cache`) while it holds
+    them, computed by the model after that. Batches are cut exactly as asked whatever their
     source, so the rows an encoder sees together do not depend on where they came from."""
 
-    def __init__(self, lm: LanguageModel, corpus: corpus_mod.Corpus, cfg: CacheConfig, start: int,
-                 from_cache: ActivationCache | None = None):
+    def __init__(
+        self, lm: LanguageModel, corpus: corpus_mod.Corpus, cfg: CacheConfig, start: int, from_cache: ActivationCache | None = None
+    ):
         self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook(cfg.hook), start
         self.cached = from_cache
         self.n_cached = from_cache.whole_windows if from_cache is not None else 0
-        self.windows: Iterator[corpus_mod.Windows] | None = None   # opened at the first window past the cache
+        self.windows: Iterator[corpus_mod.Windows] | None = None  # opened at the first window past the cache
         self.shard: tuple[int, dict[str, torch.Tensor]] = (-1, {})
 
     def take(self, n: int) -> WindowBatch | None:
@@ -68,7 +74,7 @@ class WindowSource:
         return WindowBatch.cat(parts) if parts else None
 
     def _read(self, n: int) -> WindowBatch:
-        assert self.cached is not None      # only called while pos < n_cached
+        assert self.cached is not None  # only called while pos < n_cached
         per_shard = self.cached.config["windows_per_shard"]
         i, local = divmod(self.pos, per_shard)
         if self.shard[0] != i:
@@ -77,10 +83,14 @@ class WindowSource:
         t = self.shard[1]
         m = min(n, len(t["tokens"]) - local, self.n_cached - self.pos)
         rows = self.cached.rows_per_window
-        acts = t["activations"][local * rows:(local + m) * rows].view(m, rows, -1)
+        acts = t["activations"][local * rows : (local + m) * rows].view(m, rows, -1)
         self.pos += m
-        return WindowBatch(t["tokens"][local:local + m].numpy(), t["doc_index"][local:local + m].numpy(),
-                           t["doc_offset"][local:local + m].numpy(), acts)
+        return WindowBatch(
+            t["tokens"][local : local + m].numpy(),
+            t["doc_index"][local : local + m].numpy(),
+            t["doc_offset"][local : local + m].numpy(),
+            acts,
+        )
 
     def _run(self, n: int) -> WindowBatch | None:
         cfg = self.cfg
@@ -91,8 +101,6 @@ class WindowSource:
         if not batch:
             return None
         tokens = np.concatenate([w.tokens for w in batch])
-        acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions:]
+        acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions :]
         self.pos += len(batch)
         return WindowBatch(tokens, np.concatenate([w.doc_index for w in batch]), np.concatenate([w.doc_offset for w in batch]), acts)
-
-

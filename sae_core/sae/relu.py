@@ -23,7 +23,7 @@ from .topk import fvu
 class ReluConfig:
     d_in: int
     n_latents: int = 16384
-    l1_coef: float = 1e-2          # sparsity penalty: larger gives lower L0 and higher FVU
+    l1_coef: float = 1e-2  # sparsity penalty: larger gives lower L0 and higher FVU
 
 
 class ReluSAE(DictionarySAE):
@@ -47,5 +47,7 @@ class ReluSAE(DictionarySAE):
             loss = recon + self.cfg.l1_coef * z.sum(1).mean()
             loss.backward()
         active = z.detach() > 0
-        loss, recon, l0, n_dead = torch.stack([loss.detach(), recon.detach(), active.sum() / len(x), dead.sum()]).tolist()   # one wait for the device
+        loss, recon, l0, n_dead = torch.stack(
+            [loss.detach(), recon.detach(), active.sum() / len(x), dead.sum()]
+        ).tolist()  # one wait for the device
         return {"loss": loss, "fvu": recon, "aux_fvu": 0.0, "l0": l0, "fired": active.any(0), "n_dead": int(n_dead)}

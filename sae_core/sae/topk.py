@@ -33,12 +33,12 @@ warnings.filterwarnings("ignore", message="Sparse invariant checks")
 class TopKConfig:
     """Architecture and loss settings of a TopK SAE."""
 
-    d_in: int                      # width of the activations (the model's d_model)
-    n_latents: int = 16384         # dictionary size
-    k: int = 32                    # active latents per token
-    k_aux: int | None = None       # AuxK: dead latents used to model the residual (default d_in // 2)
-    aux_coef: float = 1 / 32       # AuxK loss weight
-    multi_topk: bool = False       # add L(4k) / 8 so the code also works at larger k
+    d_in: int  # width of the activations (the model's d_model)
+    n_latents: int = 16384  # dictionary size
+    k: int = 32  # active latents per token
+    k_aux: int | None = None  # AuxK: dead latents used to model the residual (default d_in // 2)
+    aux_coef: float = 1 / 32  # AuxK loss weight
+    multi_topk: bool = False  # add L(4k) / 8 so the code also works at larger k
 
     def __post_init__(self):
         if self.k_aux is None:
@@ -56,8 +56,8 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
 
 class TopKSAE(DictionarySAE):
     architecture = "topk"
-    ENCODE_BLOCK = 1024      # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
-    GPU_BLOCK_ELEMENTS = 2**28   # GPU: blocks of up to 1 GB of fp32 (a whole batch of 4096 x 32768): fewer, larger launches
+    ENCODE_BLOCK = 1024  # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
+    GPU_BLOCK_ELEMENTS = 2**28  # GPU: blocks of up to 1 GB of fp32 (a whole batch of 4096 x 32768): fewer, larger launches
 
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
@@ -75,8 +75,9 @@ class TopKSAE(DictionarySAE):
         return vals.relu(), idx
 
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        flat = nn.functional.embedding_bag(idx.reshape(-1, idx.shape[-1]), self.W_dec, mode="sum",
-                                           per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_dec.dtype))
+        flat = nn.functional.embedding_bag(
+            idx.reshape(-1, idx.shape[-1]), self.W_dec, mode="sum", per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_dec.dtype)
+        )
         return flat.reshape(*idx.shape[:-1], -1) + self.b_pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +97,7 @@ class TopKSAE(DictionarySAE):
         """
         cfg = self.cfg
         B = x.shape[0]
-        for p in self.parameters():     # free last step's gradients first: their memory is reused for this step's
+        for p in self.parameters():  # free last step's gradients first: their memory is reused for this step's
             p.grad = None
         xc = x - self.b_pre
         k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
@@ -113,21 +114,21 @@ class TopKSAE(DictionarySAE):
         idx_parts: list[torch.Tensor] = []
         block_rows = self.ENCODE_BLOCK if x.device.type == "cpu" else max(self.ENCODE_BLOCK, self.GPU_BLOCK_ELEMENTS // cfg.n_latents)
         for s in range(0, B, block_rows):
-            rows = xg[s:s + block_rows]
+            rows = xg[s : s + block_rows]
             block = torch.addmm(bias, rows, W_T)
             if operand == "rounded":
                 block.copy_(block.bfloat16())
-            v, i = block.topk(k_main, dim=1, sorted=cfg.multi_topk)   # Multi-TopK takes the first k of its 4k
+            v, i = block.topk(k_main, dim=1, sorted=cfg.multi_topk)  # Multi-TopK takes the first k of its 4k
             vals_parts.append(v.float())
             idx_parts.append(i)
             if n_dead:
-                torch.index_select(block, 1, dead_idx, out=pre_dead[s:s + len(rows)])
+                torch.index_select(block, 1, dead_idx, out=pre_dead[s : s + len(rows)])
         vals_all, idx_all = (torch.cat(vals_parts), torch.cat(idx_parts)) if len(vals_parts) > 1 else (vals_parts[0], idx_parts[0])
         denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
-        grads: tuple[torch.Tensor, ...] | None = None     # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
+        grads: tuple[torch.Tensor, ...] | None = None  # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
         terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
-        loss = aux_fvu = x.new_zeros(())      # device scalars, read back once at the end
+        loss = aux_fvu = x.new_zeros(())  # device scalars, read back once at the end
         residual = x
         for k, weight in terms:
             vals, idx = vals_all[:, :k], idx_all[:, :k]
@@ -139,8 +140,10 @@ class TopKSAE(DictionarySAE):
             if k == cfg.k:
                 residual = err.clone()  # e = x - x_hat, the AuxK target (no gradient flows into it)
                 fvu_k, l0 = term, (z > 0).sum() / B
-                fired = torch.zeros(cfg.n_latents, dtype=z.dtype, device=x.device).scatter_reduce_(0, idx.flatten(), z.flatten(), "amax") > 0
-            g = err.mul_(-2.0 * weight / denom)           # dLoss/dx_hat, [B, d]
+                fired = (
+                    torch.zeros(cfg.n_latents, dtype=z.dtype, device=x.device).scatter_reduce_(0, idx.flatten(), z.flatten(), "amax") > 0
+                )
+            g = err.mul_(-2.0 * weight / denom)  # dLoss/dx_hat, [B, d]
             term_grads = (*self._sparse_backward(xc, g, z, vals, idx), g.sum(0))
             grads = term_grads if grads is None else tuple(a.add_(b) for a, b in zip(grads, term_grads))
         assert grads is not None
@@ -159,7 +162,7 @@ class TopKSAE(DictionarySAE):
             aux_fvu = aux_err.pow(2).sum() / e_var
             scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
             loss = loss + scale * aux_fvu
-            g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)   # dLoss/de_hat
+            g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)  # dLoss/de_hat
             gW_dec.index_add_(0, dead_idx, gemm(Z.T, g_aux, operand).float())
             gz = torch.gather(gemm(g_aux, W_dead.T, operand), 1, aux_local) * (aux_vals > 0)
             G = Z.zero_().scatter_(1, aux_local, gz)
@@ -184,20 +187,21 @@ class TopKSAE(DictionarySAE):
         n = self.cfg.n_latents
         idx, perm = idx.sort(dim=1)  # CSR wants sorted column indices within a row
         z, vals = z.gather(1, perm), vals.gather(1, perm)
-        pattern = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=idx.device), idx.reshape(-1),
-                                          torch.zeros(B * k, dtype=g.dtype, device=g.device), (B, n))
+        pattern = torch.sparse_csr_tensor(
+            torch.arange(0, B * k + 1, k, device=idx.device), idx.reshape(-1), torch.zeros(B * k, dtype=g.dtype, device=g.device), (B, n)
+        )
         gz = torch.sparse.sampled_addmm(pattern, g, self.W_dec.T, beta=0).values().reshape(B, k) * (vals > 0)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
         crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
         # per-latent counts by scatter_add: bincount would wait for the GPU (it sizes its output from the max)
         crow[1:] = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
-        token = order // k              # flat position p holds a latent chosen by token p // k
+        token = order // k  # flat position p holds a latent chosen by token p // k
 
         def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
             return torch.sparse_csr_tensor(crow, token, values.reshape(-1)[order], (n, B)) @ dense
 
-        gW_dec = per_latent(z, g)        # dL/dW_dec[i] = sum over tokens choosing i of z * g
-        gW_enc = per_latent(gz, xc)      # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
+        gW_dec = per_latent(z, g)  # dL/dW_dec[i] = sum over tokens choosing i of z * g
+        gW_enc = per_latent(gz, xc)  # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
         gb_enc = torch.zeros_like(self.b_enc).index_add_(0, flat, gz.reshape(-1))
         return gW_enc, gW_dec, gb_enc

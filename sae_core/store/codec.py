@@ -10,7 +10,7 @@ import numpy as np
 
 ID_DTYPE = np.dtype("<i4")
 ACT_DTYPE = np.dtype("<f2")
-ACT_DECIMALS = 4        # float16 holds ~3 significant digits: more decimals would only lengthen JSON
+ACT_DECIMALS = 4  # float16 holds ~3 significant digits: more decimals would only lengthen JSON
 
 
 def pack_ids(ids) -> bytes:
@@ -32,7 +32,7 @@ def unpack_acts(blob: bytes) -> list[float]:
 def id_at(blob: bytes, position: int) -> int:
     """The token id at `position` of a packed id array, without unpacking the rest."""
     size = ID_DTYPE.itemsize
-    return int.from_bytes(blob[size * position:size * (position + 1)], "little", signed=True)
+    return int.from_bytes(blob[size * position : size * (position + 1)], "little", signed=True)
 
 
 def decode_rows(id_blobs: Sequence[bytes], act_blobs: Sequence[bytes]) -> list[tuple[list[int], list[float]]]:

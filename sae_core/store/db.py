@@ -23,7 +23,7 @@ from .. import settings
 from ..errors import SaescopeError
 
 ENV_URL = "SAESCOPE_DATABASE_URL"
-APPLICATION_NAME = "saescope"     # PostgreSQL: how our connections show in pg_stat_activity
+APPLICATION_NAME = "saescope"  # PostgreSQL: how our connections show in pg_stat_activity
 
 
 class SchemaOutOfDate(SaescopeError):
@@ -61,19 +61,25 @@ def make_engine(url: str | None = None) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):
-            conn.connection.driver_connection.execute("BEGIN")   # on the driver: exec_driver_sql cost 10x the query
+            conn.connection.driver_connection.execute("BEGIN")  # on the driver: exec_driver_sql cost 10x the query
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")     # readers never block on the writer
-            cur.execute("PRAGMA synchronous=NORMAL")   # safe with WAL; a crash loses no committed run
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block on the writer
+            cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed run
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
     elif parsed.get_backend_name() == "postgresql":
         # REPEATABLE READ: each transaction reads one snapshot, so a page never mixes two mining runs.
-        engine = create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True, isolation_level="REPEATABLE READ",
-                               connect_args={"connect_timeout": 10, "application_name": APPLICATION_NAME})
+        engine = create_engine(
+            url,
+            pool_size=10,
+            max_overflow=40,
+            pool_pre_ping=True,
+            isolation_level="REPEATABLE READ",
+            connect_args={"connect_timeout": 10, "application_name": APPLICATION_NAME},
+        )
     else:
         raise SaescopeError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///path or postgresql://...")
     try:

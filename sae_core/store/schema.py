@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, Index
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .codec import pack_acts, pack_ids, unpack_acts, unpack_ids  # noqa: F401  (re-exported with the tables)
@@ -49,16 +49,16 @@ class Vocab(Base):
 class SAE(Base):
     __tablename__ = "saes"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)   # the URL slug: /saes/{name}
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # the URL slug: /saes/{name}
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     hook: Mapped[str] = mapped_column(String(200))
     architecture: Mapped[str] = mapped_column(String(32))
     d_in: Mapped[int]
     n_latents: Mapped[int]
     k: Mapped[int | None]
-    path: Mapped[str] = mapped_column(Text)                       # the SAE folder it was mined from
+    path: Mapped[str] = mapped_column(Text)  # the SAE folder it was mined from
     train_config: Mapped[dict] = mapped_column(JSON, default=dict)
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)     # eval.json, when the SAE was evaluated
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # eval.json, when the SAE was evaluated
     active_run_id: Mapped[int | None] = mapped_column(ForeignKey("mining_runs.id", use_alter=True, ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -69,7 +69,7 @@ class MiningRun(Base):
     sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="writing")  # writing -> complete
     corpus: Mapped[str] = mapped_column(Text)
-    tokens: Mapped[int]                                           # activation positions mined
+    tokens: Mapped[int]  # activation positions mined
     config: Mapped[dict] = mapped_column(JSON, default=dict)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -79,13 +79,13 @@ class Feature(Base):
     __tablename__ = "features"
     run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
     index: Mapped[int] = mapped_column("feature_index", Integer, primary_key=True)
-    n_fired: Mapped[int]                  # positions where the feature is non-zero
+    n_fired: Mapped[int]  # positions where the feature is non-zero
     density: Mapped[float] = mapped_column(Float)  # n_fired / positions mined
     max_act: Mapped[float] = mapped_column(Float)
     mean_act: Mapped[float] = mapped_column(Float)  # mean over the positions where it fires
-    histogram: Mapped[dict] = mapped_column(JSON)   # {"edges": [51 floats], "counts": [50 ints]}
-    intervals: Mapped[dict] = mapped_column(JSON)   # {"edges": [11 floats], "shares": [10 floats]}
-    logits: Mapped[dict] = mapped_column(JSON)      # {"top": [[token_id, value]...], "bottom": [...]}
+    histogram: Mapped[dict] = mapped_column(JSON)  # {"edges": [51 floats], "counts": [50 ints]}
+    intervals: Mapped[dict] = mapped_column(JSON)  # {"edges": [11 floats], "shares": [10 floats]}
+    logits: Mapped[dict] = mapped_column(JSON)  # {"top": [[token_id, value]...], "bottom": [...]}
     neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, decoder cosine], ...]
     explanation: Mapped[str | None] = mapped_column(Text)
 
@@ -97,15 +97,15 @@ class Example(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
     feature_index: Mapped[int]
-    kind: Mapped[str] = mapped_column(String(8))        # "top" or "interval"
-    interval: Mapped[int | None]                        # 0..9 for interval samples, lowest first
-    rank: Mapped[int]                                   # order within (kind, interval)
+    kind: Mapped[str] = mapped_column(String(8))  # "top" or "interval"
+    interval: Mapped[int | None]  # 0..9 for interval samples, lowest first
+    rank: Mapped[int]  # order within (kind, interval)
     doc_id: Mapped[str] = mapped_column(Text)
-    doc_offset: Mapped[int]                             # token offset of the max token in its document
-    token_ids: Mapped[bytes] = mapped_column(LargeBinary)   # int32 little-endian
-    acts: Mapped[bytes] = mapped_column(LargeBinary)        # float16 little-endian, this feature's activation per token
+    doc_offset: Mapped[int]  # token offset of the max token in its document
+    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian
+    acts: Mapped[bytes] = mapped_column(LargeBinary)  # float16 little-endian, this feature's activation per token
     max_act: Mapped[float] = mapped_column(Float)
-    max_pos: Mapped[int]                                # index of the max token within token_ids
+    max_pos: Mapped[int]  # index of the max token within token_ids
 
     __table_args__ = (Index("ix_examples_lookup", "run_id", "feature_index", "kind", "interval", "rank"),)
 
@@ -117,9 +117,21 @@ class TokenFeature(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
-    n_examples: Mapped[int]      # top contexts of the feature whose max sits on this token
+    n_examples: Mapped[int]  # top contexts of the feature whose max sits on this token
     max_act: Mapped[float] = mapped_column(Float)
 
 
-__all__ = ["Base", "Model", "Vocab", "SAE", "MiningRun", "Feature", "Example", "TokenFeature",
-           "pack_ids", "unpack_ids", "pack_acts", "unpack_acts"]
+__all__ = [
+    "Base",
+    "Model",
+    "Vocab",
+    "SAE",
+    "MiningRun",
+    "Feature",
+    "Example",
+    "TokenFeature",
+    "pack_ids",
+    "unpack_ids",
+    "pack_acts",
+    "unpack_acts",
+]

@@ -20,35 +20,37 @@ from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab
 if TYPE_CHECKING:
     from ..feature_stats import FeatureTables
 
-BATCH = 5000   # rows per executemany
+BATCH = 5000  # rows per executemany
 
 
 @dataclass
 class ModelRecord:
     """The model a run belongs to, as the store keeps it (no model internals past this point)."""
+
     name: str
     d_model: int
     n_layers: int
     vocab_size: int
-    token_strings: Callable[[], list[str]]    # each token decoded on its own; called only if the store lacks them
+    token_strings: Callable[[], list[str]]  # each token decoded on its own; called only if the store lacks them
 
 
 @dataclass
 class SAERecord:
-    name: str                       # URL slug
+    name: str  # URL slug
     hook: str
     architecture: str
     d_in: int
     n_latents: int
     k: int | None
-    path: str                       # the SAE's folder
+    path: str  # the SAE's folder
     train_config: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)   # eval.json
+    metrics: dict = field(default_factory=dict)  # eval.json
 
 
 @dataclass
 class LogitEffects:
     """Per feature, the tokens W_dec[i] @ W_U promotes and suppresses most: arrays [n_latents, n_top]."""
+
     top_ids: np.ndarray
     top_values: np.ndarray
     bottom_ids: np.ndarray
@@ -58,6 +60,7 @@ class LogitEffects:
 @dataclass
 class Neighbours:
     """Per feature, the nearest features by decoder cosine: arrays [n_latents, n_neighbours]."""
+
     ids: np.ndarray
     cosines: np.ndarray
 
@@ -65,21 +68,23 @@ class Neighbours:
 @dataclass
 class MinedRun:
     """Everything one mining run stores: what `write_run` publishes."""
+
     model: ModelRecord
     sae: SAERecord
     corpus: str
-    config: dict                    # the run's identity: a re-mine with the same config is skipped
-    tables: FeatureTables           # statistics and examples
+    config: dict  # the run's identity: a re-mine with the same config is skipped
+    tables: FeatureTables  # statistics and examples
     logits: LogitEffects
     neighbours: Neighbours
-    doc_ids: list[str]              # what the examples' doc_index values index
+    doc_ids: list[str]  # what the examples' doc_index values index
 
 
 def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:
     """The id of the SAE's visible run when it was mined with exactly `run_config`."""
     with Session(engine) as s:
-        row = s.execute(select(MiningRun.id, MiningRun.config).join(SAE, SAE.active_run_id == MiningRun.id)
-                        .where(SAE.name == sae_name)).first()
+        row = s.execute(
+            select(MiningRun.id, MiningRun.config).join(SAE, SAE.active_run_id == MiningRun.id).where(SAE.name == sae_name)
+        ).first()
     return row.id if row is not None and row.config == run_config else None
 
 
@@ -99,8 +104,10 @@ def _ensure_model(s: Session, m: ModelRecord) -> int:
     if s.scalar(select(Vocab.token_id).where(Vocab.model_id == model.id).limit(1)) is None:
         texts = m.token_strings()
         for start in range(0, m.vocab_size, BATCH):
-            s.execute(insert(Vocab), [{"model_id": model.id, "token_id": i, "text": texts[i]}
-                                      for i in range(start, min(start + BATCH, m.vocab_size))])
+            s.execute(
+                insert(Vocab),
+                [{"model_id": model.id, "token_id": i, "text": texts[i]} for i in range(start, min(start + BATCH, m.vocab_size))],
+            )
     return model.id
 
 
@@ -111,25 +118,43 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
     for i in range(n):
         fired = int(t.n_fired[i])
         lo, hi = float(t.act_min[i]), float(t.act_max[i])
-        yield {"run_id": run_id, "feature_index": i, "n_fired": fired, "density": fired / max(t.positions, 1),
-               "max_act": hi, "mean_act": float(t.act_sum[i] / fired) if fired else 0.0,
-               "histogram": {"edges": np.linspace(lo, hi, bins + 1).round(5).tolist(), "counts": t.hist_counts[i].tolist()},
-               "intervals": {"edges": np.linspace(0, hi, t.interval_counts.shape[1] + 1).round(5).tolist(),
-                             "shares": (t.interval_counts[i] / max(fired, 1)).round(6).tolist()},
-               "logits": {"top": [[int(a), round(float(b), 4)] for a, b in zip(top_ids[i], top_vals[i])],
-                          "bottom": [[int(a), round(float(b), 4)] for a, b in zip(bot_ids[i], bot_vals[i])]},
-               "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(nb_ids[i], nb_sims[i])],
-               "explanation": None}
+        yield {
+            "run_id": run_id,
+            "feature_index": i,
+            "n_fired": fired,
+            "density": fired / max(t.positions, 1),
+            "max_act": hi,
+            "mean_act": float(t.act_sum[i] / fired) if fired else 0.0,
+            "histogram": {"edges": np.linspace(lo, hi, bins + 1).round(5).tolist(), "counts": t.hist_counts[i].tolist()},
+            "intervals": {
+                "edges": np.linspace(0, hi, t.interval_counts.shape[1] + 1).round(5).tolist(),
+                "shares": (t.interval_counts[i] / max(fired, 1)).round(6).tolist(),
+            },
+            "logits": {
+                "top": [[int(a), round(float(b), 4)] for a, b in zip(top_ids[i], top_vals[i])],
+                "bottom": [[int(a), round(float(b), 4)] for a, b in zip(bot_ids[i], bot_vals[i])],
+            },
+            "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(nb_ids[i], nb_sims[i])],
+            "explanation": None,
+        }
 
 
 def _examples(run_id: int, t, doc_ids: list[str]):
     for e in range(len(t.ex_feature)):
         top = t.ex_kind[e] == 0
-        yield {"run_id": run_id, "feature_index": int(t.ex_feature[e]), "kind": "top" if top else "interval",
-               "interval": None if top else int(t.ex_interval[e]), "rank": int(t.ex_rank[e]),
-               "doc_id": doc_ids[int(t.ex_doc_index[e])], "doc_offset": int(t.ex_doc_offset[e]),
-               "token_ids": pack_ids(t.ex_tokens[e]), "acts": pack_acts(t.ex_acts[e]),
-               "max_act": float(t.ex_max_act[e]), "max_pos": int(t.ex_max_pos[e])}
+        yield {
+            "run_id": run_id,
+            "feature_index": int(t.ex_feature[e]),
+            "kind": "top" if top else "interval",
+            "interval": None if top else int(t.ex_interval[e]),
+            "rank": int(t.ex_rank[e]),
+            "doc_id": doc_ids[int(t.ex_doc_index[e])],
+            "doc_offset": int(t.ex_doc_offset[e]),
+            "token_ids": pack_ids(t.ex_tokens[e]),
+            "acts": pack_acts(t.ex_acts[e]),
+            "max_act": float(t.ex_max_act[e]),
+            "max_pos": int(t.ex_max_pos[e]),
+        }
 
 
 def _token_features(run_id: int, t):
@@ -185,7 +210,7 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         _insert_all(s, Feature, _features(run_id, tables, run.logits, run.neighbours), len(tables.n_fired), "storing features", progress)
         _insert_all(s, Example, _examples(run_id, tables, run.doc_ids), len(tables.ex_feature), "storing examples", progress)
         _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
-    with Session(engine) as s, s.begin():   # the switch: readers see the old run or the new one, never a mix
+    with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
         s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))
         s.execute(delete(MiningRun).where(MiningRun.sae_id == sae_id, MiningRun.id != run_id))
