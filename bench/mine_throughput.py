@@ -31,11 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sae_core import corpus as corpus_mod  # noqa: E402
-from sae_core.cache import CacheConfig, build_cache  # noqa: E402
+from sae_core.cache import CacheConfig  # noqa: E402
 from sae_core.interchange import save_sae  # noqa: E402
 from sae_core.mine import CodeEncoder, MineConfig, mine  # noqa: E402
 from sae_core.model import hook_name, load_model  # noqa: E402
 from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
+from sae_core.shards import fill_shards  # noqa: E402
+from sae_core.windows import WindowSource  # noqa: E402
 
 CONTEXT, BATCH = 128, 16
 
@@ -59,7 +61,8 @@ def one_pass(lm, sae, layer: int, tokens: int, work: Path) -> float:
                       batch_size=BATCH, windows_per_shard=256, dtype="float32")
     encoder = CodeEncoder(sae, sae.cfg.k, lm.dtype, {"bench": True})
     t0 = time.perf_counter()
-    build_cache(cfg, work, lm, progress=False, encoder=encoder)
+    corpus = corpus_mod.open_corpus(cfg.corpus)
+    fill_shards(cfg, work, None, lm, corpus.doc_ids, lambda start: WindowSource(lm, corpus, cfg, start), encoder, progress=False)
     return -(-tokens // CONTEXT) * CONTEXT / (time.perf_counter() - t0)
 
 
