@@ -15,15 +15,15 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import corpus as corpus_mod
-from .config import EvalConfig
+from .config import CacheConfig, EvalConfig
 from .errors import SaescopeError
 from .interchange import load_sae
 from .model import LanguageModel, load_model, parse_hook
+from .windows import WindowSource
 
 RESULT = "eval.json"
 
@@ -71,7 +71,8 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     sae = sae.to(lm.device)
     context, skip = prov.context_size, prov.skip_positions
     corpus = corpus_mod.open_corpus(prov.corpus)
-    windows = corpus_mod.iter_windows(corpus, lm.tokenizer, context, prov.seed, skip_windows=prov.trained_windows)
+    windowing = CacheConfig(model=model_name, hook=hook, corpus=prov.corpus, context_size=context, skip_positions=skip, seed=prov.seed)
+    source = WindowSource(lm, corpus, windowing, prov.trained_windows, residuals=False)  # held out: after the trained windows
 
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=lm.device)
     sums = _Sums(sum_x=torch.zeros(lm.d_model, dtype=torch.float64))
@@ -80,10 +81,10 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     done = 0
     with torch.inference_mode():
         while done < n_windows:
-            batch = [w.tokens for _, w in zip(range(min(cfg.batch_size, n_windows - done)), windows)]
-            if not batch:
+            batch = source.take(min(cfg.batch_size, n_windows - done))
+            if batch is None:
                 break
-            ids = torch.from_numpy(np.concatenate(batch)).long().to(lm.device)
+            ids = torch.from_numpy(batch.tokens).long().to(lm.device)
             logits, h = lm.logits_and_residual(ids, layer)
             clean = _logprobs(logits, skip)
             del logits  # [batch, context, vocab]: keep no more of these alive than needed

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from app.main import create_app
 from conftest import LiveServer, mine_tiny
