@@ -11,6 +11,7 @@ that is behind with a message naming that command.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -94,10 +95,13 @@ def make_engine(url: str | None = None) -> Engine:
 def _alembic_config():
     from alembic.config import Config
 
-    import migrations  # a package, so the chain ships with both editable and regular installs
-
+    # The chain is the top-level `migrations` package (so it ships with editable and regular installs).
+    # It is located, not imported: migrations/env.py imports the store, and the dependency stays one-way.
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or spec.origin is None:
+        raise SaescopeError("the migrations package is missing from this install of saescope; reinstall it")
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(Path(spec.origin).parent))
     return cfg
 
 
