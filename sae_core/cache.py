@@ -71,7 +71,8 @@ class ActivationCache:
         if not self.shards:
             raise SaescopeError(f"{self.path} holds no shards yet; run `saescope cache` into it")
         self.rows_per_window = self.config["context_size"] - self.config["skip_positions"]
-        self.n_rows = self.manifest["n_windows"] * self.rows_per_window
+        self.n_windows: int = self.manifest["n_windows"]
+        self.n_rows = self.n_windows * self.rows_per_window
 
     @property
     def complete(self) -> bool:

@@ -2,7 +2,7 @@
 when no --activations folder is given.
 
 `ModelStream` offers the trainer the same small interface as `cache.ActivationCache` (d_model,
-n_rows, config, manifest, sample, batches), so the training loop does not know the difference.
+n_windows, n_rows, config, sample, batches), so the training loop does not know the difference.
 Windows come in the cache's order (same corpus, seed and context), so `saescope eval` finds its
 held-out windows after the streamed ones exactly as after a cache's. Rows are shuffled within groups
 of windows holding at least `GROUP_BATCHES` batches (a group's leftover rows are dropped, at most one
@@ -42,7 +42,6 @@ class ModelStream:
         self.n_windows = cfg.n_windows
         self.n_rows = self.n_windows * self.rows_per_window
         self.config = {**cfg.identity(), "streamed": True}  # what eval and mine read: model, hook, corpus...
-        self.manifest = {"n_windows": self.n_windows}
 
     def _windows(self, start: int) -> WindowSource:
         return WindowSource(self.lm, self.corpus, self.cfg, start)

@@ -131,7 +131,7 @@ class Trainer:
         self.meta = {
             "activations": "streamed from the model" if source is activations else str(Path(str(activations)).resolve()),
             "cache": source.config,
-            "cache_windows": source.manifest["n_windows"],
+            "cache_windows": source.n_windows,
             "d_in": source.d_model,
         }
         if resume and self.ckpt_path.exists():
