@@ -103,3 +103,20 @@ def serve_then_interrupt(args: list[str], port: int, feature_path: str, timeout:
 def test_serve_answers_and_stops_on_ctrl_c(mined_store, workers):
     port = free_port()
     serve_then_interrupt(["serve", "--db", mined_store, "--port", str(port), "--workers", workers], port, "/saes/tiny-sae/features/3")
+
+
+@pytest.mark.real_model
+def test_fetch_corpus_and_demo_entry(tmp_path):
+    """`fetch-corpus` for real (over the shared download, which test_e2e's demo makes from nothing);
+    the demo's whole real call, serving included, is test_e2e.py."""
+    import sae_core.settings
+
+    shared = sae_core.settings.corpus_dir()            # conftest points it at the shared download
+    from sae_core.corpus import fetch_demo
+
+    fetch_demo(shared)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "corpus").symlink_to(shared)
+    r = saescope("fetch-corpus", env={"SAESCOPE_HOME": str(home)})
+    assert r.returncode == 0 and f"demo corpus in {home / 'corpus'}" in r.stderr.replace("\n", ""), r.stderr
