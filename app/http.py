@@ -26,6 +26,7 @@ import sae_core
 from sae_core.store.schema import SAE, MiningRun
 
 from .deps import Reader, run_read
+from .response_cache import Entry, ResponseCache, accepts_gzip, gzip_entry
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -45,7 +46,7 @@ NO_STORE = b"no-store"
 # their own validators, /docs, /openapi.json, health, redirects) are left alone.
 _SAE_PATH = re.compile(r"^/(?:api/v1/)?saes/([^/]+)")
 _STORE_PATHS = {"/", "/search", "/api/v1/models", "/api/v1/saes", "/api/v1/search"}
-VARY = b"HX-Request"  # the SAE page answers htmx with the table fragment alone
+VARY = b"HX-Request, Accept-Encoding"  # the SAE page answers htmx with the table fragment alone; gzip or not
 
 
 @lru_cache(maxsize=1)
@@ -76,10 +77,16 @@ def etag(runs: list[tuple], path: str, query: bytes, htmx: bool, schema_revision
 
 
 def _matches(if_none_match: str | None, tag: str) -> bool:
+    """Whether If-None-Match names `tag`, in either representation (identity or gzip)."""
     if not if_none_match:
         return False
-    candidates = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    candidates = {t.strip().removeprefix("W/").replace('-gz"', '"') for t in if_none_match.split(",")}
     return tag in candidates or "*" in candidates
+
+
+def _gzip_tag(tag: str) -> str:
+    """The gzip representation's own strong validator (RFC 9110: each representation has its own)."""
+    return tag[:-1] + '-gz"'
 
 
 def _scope_of(path: str) -> tuple[bool, str | None]:
@@ -92,40 +99,76 @@ def _scope_of(path: str) -> tuple[bool, str | None]:
 
 
 class HTTPPolicy:
-    """ASGI middleware: security headers on every response, ETag / 304 / Cache-Control on store reads."""
+    """ASGI middleware: security headers on every response; on store reads, ETag / 304 / Cache-Control
+    and the rendered-response cache (app/response_cache.py), gzip included."""
 
-    def __init__(self, app: ASGIApp, reader: Reader, schema_revision: str):
-        self.app, self.reader, self.schema_revision = app, reader, schema_revision
+    def __init__(self, app: ASGIApp, reader: Reader, schema_revision: str, cache: ResponseCache | None = None):
+        self.app, self.reader, self.schema_revision, self.cache = app, reader, schema_revision, cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
         cacheable, sae_name = _scope_of(path) if scope["method"] in ("GET", "HEAD") else (False, None)
-        tag = None
-        if cacheable:
-            headers = Headers(scope=scope)
-            runs = await run_read(self.reader, _runs, sae_name)
-            tag = etag(runs, path, scope.get("query_string", b""), headers.get("hx-request") == "true", self.schema_revision)
-            if _matches(headers.get("if-none-match"), tag):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 304,
-                        "headers": [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY), *SECURITY_HEADERS],
-                    }
-                )
-                await send({"type": "http.response.body", "body": b""})
+        if not cacheable:
+            return await self.app(scope, receive, self._with_headers(send, path))
+        headers = Headers(scope=scope)
+        runs = await run_read(self.reader, _runs, sae_name)
+        tag = etag(runs, path, scope.get("query_string", b""), headers.get("hx-request") == "true", self.schema_revision)
+        gz = accepts_gzip(headers.get("accept-encoding"))
+        if _matches(headers.get("if-none-match"), tag):
+            await send({"type": "http.response.start", "status": 304, "headers": self._validators(_gzip_tag(tag) if gz else tag)})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if scope["method"] == "HEAD" or self.cache is None and not gz:
+            return await self.app(scope, receive, self._with_headers(send, path, tag))
+        key = (tag, gz)
+        entry = self.cache.get(key) if self.cache is not None else None
+        state = b"hit"
+        if entry is None:
+            state = b"miss"
+            status, app_headers, body = await self._render(scope, receive)
+            if status != 200:  # errors are neither cached nor validated
+                await self._with_headers(send, path)({"type": "http.response.start", "status": status, "headers": app_headers})
+                await send({"type": "http.response.body", "body": body})
                 return
+            entry = gzip_entry(app_headers, body) if gz else Entry(app_headers, body)
+            if self.cache is not None:
+                self.cache.put(key, entry)
+        gzipped = any(k == b"content-encoding" for k, _ in entry.headers)
+        out_headers = [*entry.headers, *self._validators(_gzip_tag(tag) if gzipped else tag), (b"x-saescope-cache", state)]
+        await send({"type": "http.response.start", "status": 200, "headers": out_headers})
+        await send({"type": "http.response.body", "body": entry.body})
+
+    def _validators(self, tag: str) -> list[tuple[bytes, bytes]]:
+        return [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY), *SECURITY_HEADERS]
+
+    async def _render(self, scope: Scope, receive: Receive) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Run the app and collect its whole response (store reads are small and never streamed)."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def collect(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        return start["status"], list(start.get("headers", [])), b"".join(chunks)
+
+    def _with_headers(self, send: Send, path: str, tag: str | None = None) -> Send:
+        """`send` with the security headers (and for a 200 of a store read, its validators) added."""
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                extra = list(SECURITY_HEADERS)
                 if tag is not None and message["status"] == 200:
-                    extra += [(b"etag", tag.encode()), (b"cache-control", CACHE_CONTROL), (b"vary", VARY)]
-                elif path == "/api/v1/health" or message["status"] >= 400:
-                    extra.append((b"cache-control", NO_STORE))  # an error or a liveness answer may change any moment
+                    extra = self._validators(tag)
+                else:
+                    extra = list(SECURITY_HEADERS)
+                    if path == "/api/v1/health" or message["status"] >= 400:
+                        extra.append((b"cache-control", NO_STORE))  # an error or a liveness answer may change any moment
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        return send_with_headers

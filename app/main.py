@@ -15,12 +15,14 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.gzip import GZipMiddleware
 
 from sae_core.store import db
 
 from . import api, deps, pages, queries
 from .http import HTTPPolicy
 from .render import templates
+from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "static"
@@ -96,7 +98,12 @@ def create_app(url: str | None = None) -> FastAPI:
             headers=headers,
         )
 
-    app.add_middleware(HTTPPolicy, reader=app.state.reader, schema_revision=app.state.schema_revision)
+    limit = cache_bytes_from_env()
+    app.state.response_cache = ResponseCache(limit) if limit else None  # rendered store reads (app/response_cache.py)
+    app.add_middleware(HTTPPolicy, reader=app.state.reader, schema_revision=app.state.schema_revision, cache=app.state.response_cache)
+    # Outermost: gzip for what HTTPPolicy does not cache (static files, /docs, the OpenAPI document, errors);
+    # it leaves alone a response that already carries a Content-Encoding.
+    app.add_middleware(GZipMiddleware, minimum_size=MIN_COMPRESS, compresslevel=GZIP_LEVEL)
 
     # Objects that live as long as the process (modules, templates, the app; later each vocabulary, see
     # queries.VocabCache) go to the collector's permanent generation: otherwise every full collection

@@ -15,8 +15,10 @@ contexts and is cheaper):
   trivial    GET /api/v1/health                         (no database work: the server's ceiling)
   page       GET /saes/{sae}/features/{i}               (the full feature page)
   examples   GET /api/v1/saes/{sae}/features/{i}/examples?limit=20
-and the same page and examples paths again as conditional requests (If-None-Match with each path's
-current ETag, answered 304 Not Modified: what a browser or proxy revalidating a shared link costs).
+each cold (every request a different URL, so each one renders) and warm (a working set of 256
+features, already in the response cache), warm again with Accept-Encoding: gzip, and as conditional
+requests (If-None-Match with each path's current ETag, answered 304 Not Modified: what a browser or
+proxy revalidating a shared link costs). It also prints the mean response size, plain and gzip.
 Goal: feature page p99 < 100 ms. (The examples-vs-trivial goal was withdrawn: it measured
 FastAPI's parameter validation more than our work.)
 """
@@ -89,13 +91,13 @@ class Load(NamedTuple):
     requests: int
 
 
-def wrk(base: str, paths: list[str], clients: int, seconds: float, etags: dict[str, str] | None = None) -> Load:
+def wrk(base: str, paths: list[str], clients: int, seconds: float, etags: dict[str, str] | None = None, gzip: bool = False) -> Load:
     """`clients` keep-alive connections from wrk, each sending its next request (the next of `paths`,
     cycling) as soon as the last answers, for `seconds`; any 4xx/5xx answer is an error. With `etags`,
-    each request carries If-None-Match with its path's ETag."""
+    each request carries If-None-Match with its path's ETag; with `gzip`, Accept-Encoding: gzip."""
     script = OUT / "wrk-paths.lua"
     tags = [etags[p] if etags else "" for p in paths]
-    script.write_text("paths = {" + ",".join(f'"{p}"' for p in paths) + "}\n"
+    script.write_text(('wrk.headers["Accept-Encoding"] = "gzip"\n' if gzip else "") + "paths = {" + ",".join(f'"{p}"' for p in paths) + "}\n"
                       "tags = {" + ",".join("'" + t + "'" for t in tags) + "}\ni = 0\n"
                       "request = function()\n  i = i % #paths + 1\n"
                       "  if tags[i] ~= '' then return wrk.format(\"GET\", paths[i], {[\"If-None-Match\"] = tags[i]}) end\n"
@@ -136,6 +138,16 @@ async def hammer(base: str, paths: list[str], clients: int, etags: dict[str, str
         gc.unfreeze()
     q = statistics.quantiles(latencies, n=100)
     return Load(q[49] * 1000, q[98] * 1000, len(latencies) / wall, len(latencies))
+
+
+WORKING_SET = 256       # distinct pages of the warm runs (they fit the default 64 MB response cache)
+COLD_PATHS = 40_000     # distinct URLs of the cold runs: more than a run requests
+
+
+def len_plain(base: str, paths: list[str]) -> list[int]:
+    """Uncompressed body sizes."""
+    with httpx.Client(base_url=base, timeout=30, headers={"Accept-Encoding": "identity"}) as client:
+        return [len(client.get(p).content) for p in paths]
 
 
 def current_etags(base: str, paths: set[str]) -> dict[str, str]:
@@ -206,26 +218,40 @@ def main() -> None:
     for backend, url in urls.items():
         proc, base = serve(url, args.workers, args.loop)
         try:
+            # cold: every request a different URL (a unique query suffix), so each one renders;
+            # warm: a working set of WORKING_SET features, each requested once before the run
+            page = [f"/saes/{SAE_NAME}/features/{rng.choice(alive)}" for _ in range(WORKING_SET)]
+            examples = [f"/api/v1/saes/{SAE_NAME}/features/{rng.choice(alive)}/examples?limit=20" for _ in range(WORKING_SET)]
+            cold = max(args.requests, COLD_PATHS)
             endpoints = {
                 "trivial /api/v1/health": ["/api/v1/health"] * args.requests,
-                "feature page": [f"/saes/{SAE_NAME}/features/{rng.choice(alive)}" for _ in range(args.requests)],
-                "examples API": [f"/api/v1/saes/{SAE_NAME}/features/{rng.choice(alive)}/examples?limit=20" for _ in range(args.requests)],
+                "feature page (cold)": [f"/saes/{SAE_NAME}/features/{rng.choice(alive)}?cold={i}" for i in range(cold)],
+                "examples API (cold)": [f"/api/v1/saes/{SAE_NAME}/features/{rng.choice(alive)}/examples?limit=20&cold={i}"
+                                        for i in range(cold)],
+                "feature page (warm)": page, "examples API (warm)": examples,
             }
-            asyncio.run(hammer(base, endpoints["feature page"][:64], 8))   # warm-up: vocabulary cache, connections
-            etags = current_etags(base, {p for name in ("feature page", "examples API") for p in endpoints[name]})
-            runs = [(name, paths, None) for name, paths in endpoints.items()]
-            runs += [(f"{name} (304)", endpoints[name], etags) for name in ("feature page", "examples API")]
+            asyncio.run(hammer(base, endpoints["feature page (cold)"][-64:], 8))   # warm-up: vocabulary cache, connections
+            etags = current_etags(base, set(page) | set(examples))          # also fills the response cache
+            with httpx.Client(base_url=base, timeout=30, headers={"Accept-Encoding": "gzip"}) as client:
+                gz_sizes = {p: int(client.get(p).headers["content-length"]) for p in page + examples}   # and its gzip variants
+            print(f"| {backend} | response bytes: feature page {statistics.mean(len_plain(base, page)):,.0f} "
+                  f"-> gzip {statistics.mean(gz_sizes[p] for p in page):,.0f}; examples {statistics.mean(len_plain(base, examples)):,.0f} "
+                  f"-> gzip {statistics.mean(gz_sizes[p] for p in examples):,.0f} | | | | |")
+            runs = [(name, paths, None, False) for name, paths in endpoints.items()]
+            runs += [("feature page (warm, gzip)", page, None, True), ("examples API (warm, gzip)", examples, None, True)]
+            runs += [("feature page (304)", page, etags, False), ("examples API (304)", examples, etags, False)]
             rates = {}
-            for name, paths, tags in runs:
+            for name, paths, tags, gz in runs:
                 cpu0 = server_cpu(proc)
-                load = (wrk(base, paths, args.clients, args.seconds, tags) if args.client == "wrk"
+                load = (wrk(base, paths, args.clients, args.seconds, tags, gz) if args.client == "wrk"
                         else asyncio.run(hammer(base, paths, args.clients, tags)))
                 cpu = (server_cpu(proc) - cpu0) / load.requests
                 rates[name] = load.rate
                 print(f"| {backend} | {name} | {load.p50_ms:.1f} | {load.p99_ms:.1f} | {load.rate:,.0f} | {cpu * 1000:.2f} |", flush=True)
             trivial = rates["trivial /api/v1/health"]
-            for name in ("feature page", "examples API", "feature page (304)", "examples API (304)"):
-                print(f"| {backend} | {name} / trivial req/s | | | {rates[name] / trivial:.2f} | |")
+            for name in rates:
+                if name != "trivial /api/v1/health":
+                    print(f"| {backend} | {name} / trivial req/s | | | {rates[name] / trivial:.2f} | |")
         finally:
             proc.terminate()
             proc.wait(timeout=10)

@@ -171,6 +171,9 @@ class ServeConfig:
         min=0,
         show_default="0 for SQLite or PostgreSQL on this machine, else 4",
     )
+    response_cache_mb: int = option(
+        64, "Megabytes per server process for rendered pages and API answers of live runs (0: no cache).", min=0
+    )
     upgrade: bool = option(False, "Apply the schema migrations first (what the container does at start).")
     wait_for_db: float = option(0.0, "Seconds to keep retrying an unreachable database before giving up.")
 

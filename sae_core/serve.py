@@ -20,6 +20,7 @@ def serve(cfg: ServeConfig, console: Console | None = None) -> None:
     """Check the store, then serve pages and API until interrupted (Ctrl-C ends it cleanly)."""
     from app.deps import ENV_DB_THREADS
     from app.main import create_app
+    from app.response_cache import ENV_CACHE_MB
     from app.server import run
 
     from .store import db as store_db
@@ -41,11 +42,13 @@ def serve(cfg: ServeConfig, console: Console | None = None) -> None:
             time.sleep(2)
     if cfg.upgrade:
         store_db.upgrade(engine)
-    create_app(cfg.db)  # check the store and its schema before binding the port: a clear error, not a crash loop
-    # Each worker process builds its own app: the store's URL and the read threads reach it through the environment.
+    # Each worker process builds its own app: the store's URL, the read threads and the response cache's
+    # size reach it through the environment.
     os.environ[store_db.ENV_URL] = store_db.database_url(cfg.db)
     if cfg.db_threads is not None:
         os.environ[ENV_DB_THREADS] = str(cfg.db_threads)
+    os.environ[ENV_CACHE_MB] = str(cfg.response_cache_mb)
+    create_app(cfg.db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     url = f"http://{cfg.host}:{cfg.port}"
     console.print(f"serving {store_db.redact(store_db.database_url(cfg.db))} at {url}  (API docs: {url}/docs; Ctrl-C stops)")
     run(cfg.host, cfg.port, cfg.workers, cfg.loop)
