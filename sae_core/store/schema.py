@@ -3,7 +3,8 @@
     models ─< vocab            one row per token of a model's vocabulary: token strings live here once,
                                examples keep only token ids
     models ─< saes ─< mining_runs ─< features ─< examples
-                                    └─< token_features   search index: peak tokens of top contexts
+                                    ├─< token_features   search index: peak tokens of top contexts
+                                    └── run_weights      the SAE weights the run was mined with
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .codec import pack_acts, pack_ids, unpack_acts, unpack_ids  # noqa: F401  (re-exported with the tables)
@@ -121,6 +122,19 @@ class TokenFeature(Base):
     max_act: Mapped[float] = mapped_column(Float)
 
 
+class RunWeights(Base):
+    """The SAE weights (a safetensors file, as `interchange` writes it) a run was mined with. Kept in the
+    store so that a server without the training machine's disk (docker-compose's app container) can run
+    the SAE live; deleted with its run, so the live SAE is always the one the pages describe."""
+
+    __tablename__ = "run_weights"
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
+    format: Mapped[str] = mapped_column(String(32))  # "safetensors"
+    sha256: Mapped[str] = mapped_column(String(64))
+    n_bytes: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 __all__ = [
     "Base",
     "Model",
@@ -130,6 +144,7 @@ __all__ = [
     "Feature",
     "Example",
     "TokenFeature",
+    "RunWeights",
     "pack_ids",
     "unpack_ids",
     "pack_acts",

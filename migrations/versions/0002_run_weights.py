@@ -1,0 +1,31 @@
+"""run_weights: the SAE weights each mining run was mined with, so that a server with no shared disk
+(the docker-compose app container) can run the SAE live from the store alone
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-12-01 20:00:00
+"""
+from alembic import op
+import sqlalchemy as sa
+
+
+revision = '0002'
+down_revision = '0001'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table('run_weights',
+    sa.Column('run_id', sa.Integer(), nullable=False),
+    sa.Column('format', sa.String(length=32), nullable=False),
+    sa.Column('sha256', sa.String(length=64), nullable=False),
+    sa.Column('n_bytes', sa.BigInteger(), nullable=False),
+    sa.Column('data', sa.LargeBinary(), nullable=False),
+    sa.ForeignKeyConstraint(['run_id'], ['mining_runs.id'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('run_id')
+    )
+
+
+def downgrade() -> None:
+    op.drop_table('run_weights')
