@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from .errors import SaescopeError
 from .sae import ReluConfig, ReluSAE, TopKConfig, TopKSAE
@@ -168,17 +168,42 @@ class LoadedSAE(NamedTuple):
 
 
 def _load_saelens(folder: Path) -> LoadedSAE:
-    cfg = json.loads((folder / CFG).read_text())
-    w = load_file(str(folder / WEIGHTS))
+    return _from_saelens(json.loads((folder / CFG).read_text()), load_file(str(folder / WEIGHTS)), folder)
+
+
+def _from_saelens(cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> LoadedSAE:
     arch = {"topk": "topk", "standard": "relu"}.get(cfg.get("architecture", "standard"))
     if arch is None:
-        raise SaescopeError(f"{folder}: architecture {cfg.get('architecture')!r} is not supported (topk, standard)")
+        raise SaescopeError(f"{where}: architecture {cfg.get('architecture')!r} is not supported (topk, standard)")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SaescopeError(
-            f"{folder}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first"
+            f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first"
         )
     k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
     return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], k, w["W_enc"].T, w["W_dec"], w["b_enc"], w["b_dec"]), cfg)
+
+
+def sae_bytes(loaded: LoadedSAE) -> bytes:
+    """Any loaded SAE as one self-contained safetensors file: our folder's tensors, with its cfg.json in the
+    file's metadata (what the store keeps per mining run; `load_sae_bytes` reads it back)."""
+    sae = loaded.sae
+    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
+    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc.contiguous(), "b_dec": b_pre.contiguous()}
+    cfg = {**loaded.cfg, "architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents}
+    if sae.architecture == "topk":
+        cfg["k"] = sae.cfg.k
+    return save(tensors, metadata={CFG: json.dumps(cfg, default=str)})
+
+
+def load_sae_bytes(data: bytes, where: str = "stored SAE weights") -> LoadedSAE:
+    """The SAE in a file `sae_bytes` wrote (the safetensors header is 8 bytes of length, then JSON)."""
+    try:
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        cfg = json.loads(header["__metadata__"][CFG])
+        tensors = load(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SaescopeError(f"{where} are not a safetensors file with its cfg.json ({exc})") from exc
+    return _from_saelens(cfg, tensors, where)
 
 
 def _imported_cfg(sae, fmt: str, src: Path, extra: dict | None = None) -> dict:

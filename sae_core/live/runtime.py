@@ -1,0 +1,309 @@
+"""The live runtime: the model loaded once, the store's SAEs on demand, and the two questions it answers.
+
+    encode(sae, text, feature)                      the tokens, each with its strongest features, and
+                                                    a chosen feature's activation on every token
+    generate(sae, prompt, interventions, settings)  the default and the steered continuation
+
+An SAE is the one its store's visible run was mined with (store/weights.py: the weights stored with the
+run, else the SAE folder), re-read when a re-mine switches the run, so live answers always match the
+pages. Generation is transformers' own `generate` (KV cache) with the steering hook on the SAE's layer
+(interventions.SteeringHook); a `should_stop` callback (client gone, time limit) ends it through a
+StoppingCriteria. The same prompt, settings and seed give the same tokens for a given model dtype and
+machine kind: greedy decoding is deterministic, and sampling seeds torch's generator before each run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from transformers import GenerationConfig as HFGenerationConfig
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..config import GenerationConfig, LiveConfig
+from ..errors import SaescopeError
+from ..model import LanguageModel, load_model, parse_hook
+from .errors import LiveError, NotFound, Unavailable
+from .interventions import Intervention, SteeringHook, check_interventions
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ..interchange import LoadedSAE
+    from ..store.weights import RunSAE
+
+ShouldStop = Callable[[], str | None]  # a reason to stop now ("cancelled", "time_limit"), or None
+MAX_TOP_FEATURES = 64
+
+
+@dataclass
+class TokenFeatures:
+    id: int
+    text: str
+    features: list[tuple[int, float]]  # (feature, activation), strongest first; empty on skipped positions
+    skipped: bool = False  # a leading position the SAE never saw in training (the attention sink)
+
+
+@dataclass
+class EncodeResult:
+    sae: str
+    run_id: int
+    tokens: list[TokenFeatures]
+    feature: int | None = None
+    feature_acts: list[float] | None = None  # the chosen feature's activation per token (0 on skipped positions)
+
+
+@dataclass
+class Continuation:
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    stopped: str  # eos, length, time_limit or cancelled
+
+
+@dataclass
+class GenerateResult:
+    sae: str
+    run_id: int
+    prompt_tokens: list[str]
+    default: Continuation
+    steered: Continuation
+    diverges_at: int | None  # first generated position where the two differ; None when identical
+    interventions: list[Intervention] = field(default_factory=list)
+    settings: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class _LiveSAE:
+    run: RunSAE
+    loaded: LoadedSAE
+    layer: int
+    skip: int  # leading positions per window the SAE was not trained on
+
+
+class _Stop(StoppingCriteria):
+    """Asks `should_stop` after every generated token; a reason ends the generation there."""
+
+    def __init__(self, should_stop: ShouldStop):
+        self.should_stop = should_stop
+        self.reason: str | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        self.reason = self.reason or self.should_stop()
+        return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded on its own, as the store's vocabulary holds them (store/write.token_strings)."""
+    return [t.replace("\x00", "\u2400") for t in tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)]
+
+
+class LiveRuntime:
+    """One model (the store's SAEs' model, loaded on first use or by `preload`) and its SAEs. Not
+    thread-safe: the worker pool runs one request at a time."""
+
+    DEFAULTS_CACHED = 64
+
+    def __init__(
+        self,
+        cfg: LiveConfig,
+        engine: Engine | None = None,
+        lm: LanguageModel | None = None,
+        sae_source: Callable[[str], tuple[RunSAE, LoadedSAE]] | None = None,
+    ):
+        self.cfg, self.engine, self.lm = cfg, engine, lm
+        self._source = sae_source
+        self._saes: dict[str, _LiveSAE] = {}
+        self._defaults: OrderedDict[tuple, Continuation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ loading
+
+    def _current_run(self, name: str) -> int | None:
+        from ..store.weights import live_run
+
+        if self.engine is None:
+            return None
+        with self.engine.connect() as conn:
+            found = live_run(conn, name)
+        if found is None:
+            raise NotFound(f"no mined SAE named {name!r} in the store")
+        return found[0].run_id
+
+    def _load(self, name: str) -> tuple[RunSAE, LoadedSAE]:
+        if self._source is not None:
+            return self._source(name)
+        from ..store.weights import load_run_sae
+
+        assert self.engine is not None, "a LiveRuntime needs a store engine or an sae_source"
+        with self.engine.connect() as conn:
+            try:
+                return load_run_sae(conn, name)
+            except SaescopeError as exc:
+                raise (NotFound if "no mined SAE" in str(exc) else Unavailable)(str(exc)) from exc
+
+    def sae(self, name: str) -> _LiveSAE:
+        """The SAE of the store's visible run (reloaded after a re-mine), with the model it reads loaded."""
+        with self._lock:
+            held = self._saes.get(name)
+            if held is not None and (self.engine is None or self._current_run(name) == held.run.run_id):
+                return held
+            run, loaded = self._load(name)
+            lm = self.model(run.model)
+            layer = parse_hook(run.hook)
+            lm.check_layer(layer)
+            if loaded.sae.cfg.d_in != lm.d_model:
+                raise Unavailable(f"{name} reads width {loaded.sae.cfg.d_in} but {run.model} has width {lm.d_model}")
+            loaded.sae.to(lm.device).eval()
+            held = self._saes[name] = _LiveSAE(run, loaded, layer, loaded.provenance.skip_positions)
+            return held
+
+    def model(self, name: str) -> LanguageModel:
+        """The loaded model, loading `name` if none is; one model per runtime (a store of one model's SAEs)."""
+        if self.lm is not None and self.lm.name == name:
+            return self.lm
+        if self.lm is not None:
+            raise Unavailable(f"this server's live model is {self.lm.name}; SAEs of {name} cannot run live here")
+        try:
+            self.lm = load_model(name, self.cfg.live_device, self.cfg.live_model_dtype)
+        except SaescopeError as exc:
+            raise Unavailable(f"the model {name} could not be loaded: {exc}") from exc
+        return self.lm
+
+    def preload(self) -> None:
+        """Load the model of the store's first mined SAE now rather than on the first request."""
+        from sqlalchemy import select
+
+        from ..store.schema import SAE
+
+        if self.engine is None:
+            return
+        with self.engine.connect() as conn:
+            first = conn.scalar(select(SAE.name).where(SAE.active_run_id.is_not(None)).order_by(SAE.name).limit(1))
+        if first is not None:
+            self.sae(first)
+
+    # ------------------------------------------------------------------ questions
+
+    def _tokenize(self, lm: LanguageModel, text: str, limit: int, what: str) -> list[int]:
+        if not text:
+            raise LiveError(f"the {what} is empty")
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # as the corpus windows are tokenized
+        if len(ids) > limit:
+            raise LiveError(f"the {what} has {len(ids)} tokens; at most {limit} are allowed")
+        if not ids:
+            raise LiveError(f"the {what} has no tokens")
+        return ids
+
+    @torch.inference_mode()
+    def encode(self, sae_name: str, text: str, feature: int | None = None, top: int = 8) -> EncodeResult:
+        held = self.sae(sae_name)
+        sae, lm = held.loaded.sae, self.model(held.run.model)
+        if feature is not None and not 0 <= feature < sae.cfg.n_latents:
+            raise NotFound(f"feature {feature} does not exist: {sae_name} has features 0..{sae.cfg.n_latents - 1}")
+        if not 1 <= top <= MAX_TOP_FEATURES:
+            raise LiveError(f"top must be between 1 and {MAX_TOP_FEATURES}")
+        ids = self._tokenize(lm, text, self.cfg.max_text_tokens, "text")
+        x = lm.residuals(torch.tensor([ids]), held.layer)[0].float()
+        z = sae.encode(x)  # [seq, n_latents]
+        vals, idx = z.topk(min(top, z.shape[-1]), dim=-1)
+        texts = token_texts(lm.tokenizer, ids)
+        tokens = []
+        for pos, (tid, txt) in enumerate(zip(ids, texts)):
+            skipped = pos < held.skip
+            feats = [] if skipped else [(int(i), float(v)) for v, i in zip(vals[pos].tolist(), idx[pos].tolist()) if v > 0]
+            tokens.append(TokenFeatures(tid, txt, feats, skipped))
+        acts = None
+        if feature is not None:
+            acts = [0.0 if pos < held.skip else float(a) for pos, a in enumerate(z[:, feature].tolist())]
+        return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts)
+
+    def generate(
+        self,
+        sae_name: str,
+        prompt: str,
+        interventions: list[Intervention],
+        settings: GenerationConfig,
+        should_stop: ShouldStop = lambda: None,
+    ) -> GenerateResult:
+        held = self.sae(sae_name)
+        lm = self.model(held.run.model)
+        check_interventions(interventions, held.loaded.sae.cfg.n_latents, self.cfg.max_interventions)
+        if not 1 <= settings.max_new_tokens <= self.cfg.max_new_tokens_limit:
+            raise LiveError(f"max_new_tokens must be between 1 and {self.cfg.max_new_tokens_limit}")
+        if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+            raise LiveError("temperature must be >= 0 and top_p in (0, 1]")
+        ids = self._tokenize(lm, prompt, self.cfg.max_prompt_tokens, "prompt")
+        key = (lm.name, str(lm.dtype), tuple(ids), settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
+        default = self._defaults.get(key)
+        if default is None:
+            default = self.continue_(lm, ids, settings, None, held.layer, should_stop)
+            if default.stopped in ("eos", "length"):  # a cut-short run is not the answer to cache
+                self._defaults[key] = default
+                while len(self._defaults) > self.DEFAULTS_CACHED:
+                    self._defaults.popitem(last=False)
+        else:
+            self._defaults.move_to_end(key)
+        steered = self.continue_(lm, ids, settings, SteeringHook(held.loaded.sae, interventions), held.layer, should_stop)
+        diverges = next((i for i, (a, b) in enumerate(zip(default.token_ids, steered.token_ids)) if a != b), None)
+        if diverges is None and len(default.token_ids) != len(steered.token_ids):
+            diverges = min(len(default.token_ids), len(steered.token_ids))
+        return GenerateResult(
+            sae_name, held.run.run_id, token_texts(lm.tokenizer, ids), default, steered, diverges, list(interventions), settings
+        )
+
+    @torch.inference_mode()
+    def continue_(
+        self,
+        lm: LanguageModel,
+        ids: list[int],
+        settings: GenerationConfig,
+        hook: SteeringHook | None,
+        layer: int,
+        should_stop: ShouldStop = lambda: None,
+    ) -> Continuation:
+        """One continuation of `ids` through transformers' generate, with `hook` at `layer` (None: no hook at all)."""
+        sampling = settings.temperature > 0
+        eos = lm.eos_token_id
+        gen = HFGenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=sampling,
+            temperature=settings.temperature if sampling else None,
+            top_p=settings.top_p if sampling else None,
+            top_k=0 if sampling else None,  # no hidden top-k cut: only what the settings say
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+        )
+        stop = _Stop(should_stop)
+        input_ids = torch.tensor([ids], device=lm.device)
+        if sampling:
+            torch.manual_seed(settings.seed)
+        with lm.replace_residual(layer, hook) if hook is not None else contextlib.nullcontext():
+            out = lm.model.generate(  # type: ignore[operator]  # transformers types generate loosely
+                input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen, stopping_criteria=StoppingCriteriaList([stop])
+            )
+        new = out[0, len(ids) :].tolist()
+        if stop.reason:
+            reason = stop.reason
+        elif eos is not None and new and new[-1] == eos:
+            reason = "eos"
+        else:
+            reason = "length"
+        return Continuation(new, token_texts(lm.tokenizer, new), lm.tokenizer.decode(new, skip_special_tokens=True), reason)
+
+
+def time_limit(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> ShouldStop:
+    """A should_stop that says cancelled once `cancelled()` and time_limit after `seconds` from now."""
+    deadline = time.monotonic() + seconds
+
+    def check() -> str | None:
+        if cancelled():
+            return "cancelled"
+        return "time_limit" if time.monotonic() > deadline else None
+
+    return check

@@ -1,0 +1,149 @@
+"""The live runtime's mechanics on the tiny random Llama and its trained tiny SAE: encoding a text, and
+steering at the hook (empty = unsteered exactly; clamp/add/scale change the residual as defined)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_core.config import GenerationConfig, LiveConfig
+from sae_core.interchange import load_sae, load_sae_bytes, sae_bytes
+from sae_core.live.errors import LiveError, NotFound
+from sae_core.live.interventions import Intervention, SteeringHook
+from sae_core.live.runtime import LiveRuntime
+from sae_core.store.weights import RunSAE
+
+TEXT = "The cat sat over the big red house. Then the king said that the whale ran under a blue tree."
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_lm, tiny_sae_dir):
+    loaded = load_sae(tiny_sae_dir)
+    run = RunSAE("tiny", 1, tiny_lm.name, "blocks.1.hook_resid_post", loaded.sae.cfg.n_latents, str(tiny_sae_dir))
+    return LiveRuntime(LiveConfig(max_text_tokens=200, max_new_tokens_limit=64), lm=tiny_lm, sae_source=lambda name: (run, loaded))
+
+
+@torch.no_grad()
+def code(rt, text):
+    held = rt.sae("tiny")
+    ids = rt.lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    x = rt.lm.residuals(torch.tensor([ids]), held.layer)[0]
+    return held.loaded.sae.encode(x.float()), ids
+
+
+def test_encode_lists_each_tokens_strongest_features_and_a_features_activation(runtime):
+    z, ids = code(runtime, TEXT)
+    result = runtime.encode("tiny", TEXT, feature=int(z[1:].amax(0).argmax()), top=4)
+    assert [t.id for t in result.tokens] == ids
+    assert result.tokens[0].skipped and result.tokens[0].features == []  # the attention sink, as in training
+    for pos, tok in enumerate(result.tokens[1:], start=1):
+        assert 0 < len(tok.features) <= 4
+        best_value, best_feature = z[pos].max(0)
+        assert tok.features[0] == (int(best_feature), pytest.approx(float(best_value)))
+        assert [v for _, v in tok.features] == sorted((v for _, v in tok.features), reverse=True)
+    assert result.feature_acts is not None and max(result.feature_acts) == pytest.approx(float(z[1:, result.feature].max()))
+
+
+def test_encode_rejects_bad_input(runtime):
+    with pytest.raises(NotFound):
+        runtime.encode("tiny", TEXT, feature=128)
+    with pytest.raises(LiveError, match="at most 200"):
+        runtime.encode("tiny", "the cat " * 300)
+    with pytest.raises(LiveError, match="empty"):
+        runtime.encode("tiny", "")
+
+
+GREEDY = GenerationConfig(max_new_tokens=24)
+SAMPLED = GenerationConfig(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=7)
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_an_empty_intervention_gives_exactly_the_unsteered_tokens(runtime, settings):
+    held = runtime.sae("tiny")
+    ids = runtime.lm.tokenizer("the cat sat", add_special_tokens=False)["input_ids"]
+    plain = runtime.continue_(runtime.lm, ids, settings, None, held.layer)  # no hook registered at all
+    hooked = runtime.continue_(runtime.lm, ids, settings, SteeringHook(held.loaded.sae, []), held.layer)
+    assert plain.token_ids == hooked.token_ids and len(plain.token_ids) > 0
+    result = runtime.generate("tiny", "the cat sat", [], settings)
+    assert result.default.token_ids == result.steered.token_ids == plain.token_ids and result.diverges_at is None
+
+
+def test_clamping_to_zero_a_feature_that_never_fires_changes_nothing(runtime):
+    z, _ = code(runtime, "the cat sat over the house and the dog ran")
+    silent = int((z.amax(0) == 0).nonzero()[0])
+    result = runtime.generate("tiny", "the cat sat over the house and the dog ran", [Intervention(silent, "clamp", 0.0)], GREEDY)
+    assert result.steered.token_ids == result.default.token_ids
+    # and at the hook the residual is bitwise unchanged
+    hook = SteeringHook(runtime.sae("tiny").loaded.sae, [Intervention(silent, "clamp", 0.0)])
+    x = runtime.lm.residuals(torch.tensor([[5, 9, 20, 31]]), 1)
+    assert torch.equal(hook(x), x)
+
+
+def steered_residual(runtime, interventions, text=TEXT):
+    """(the hook's input, what the next layer receives) on one forward with the hook in place."""
+    held = runtime.sae("tiny")
+    ids = torch.tensor([runtime.lm.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    seen = []
+    with runtime.lm.replace_residual(held.layer, lambda h: (seen.append(h.clone()), SteeringHook(held.loaded.sae, interventions)(h))[1]):
+        handle = runtime.lm.layers[held.layer + 1].register_forward_pre_hook(lambda _m, args, *rest: seen.append(args[0].clone()))
+        try:
+            runtime.lm.model(input_ids=ids, use_cache=False)
+        finally:
+            handle.remove()
+    return seen[0][0], seen[1][0], held.loaded.sae
+
+
+def test_clamp_add_and_scale_do_what_they_say_at_the_hook(runtime):
+    z, _ = code(runtime, TEXT)
+    f = int(z[1:].amax(0).argmax())  # a feature that fires on this text
+    for iv in (Intervention(f, "clamp", 5.0), Intervention(f, "add", 3.0), Intervention(f, "scale", -2.0)):
+        x, steered, sae = steered_residual(runtime, [iv])
+        z_f = sae.encode(x)[:, f]
+        assert (z_f > 0).any()
+        expected_code = {"clamp": torch.full_like(z_f, 5.0), "add": z_f + 3.0, "scale": -2.0 * z_f}[iv.mode]
+        # x' = x + (decode(z') - decode(z)): the change is along W_dec[f] by exactly z'_f - z_f, everywhere
+        torch.testing.assert_close(steered - x, (expected_code - z_f)[:, None] * sae.W_dec[f], rtol=1e-4, atol=1e-5)
+        # the reconstruction error is kept: x' - decode(z') equals x - decode(z)
+        z_new = sae.encode(x).clone()
+        z_new[:, f] = expected_code
+        torch.testing.assert_close(steered - (z_new @ sae.W_dec + sae.b_pre), x - sae(x), rtol=1e-4, atol=1e-4)
+
+
+def test_steering_hard_changes_the_continuation_and_marks_where(runtime):
+    z, _ = code(runtime, TEXT)
+    f = int(z[1:].amax(0).argmax())
+    result = runtime.generate("tiny", "the cat sat", [Intervention(f, "add", 200.0)], GREEDY)
+    assert result.steered.token_ids != result.default.token_ids
+    i = result.diverges_at
+    assert i is not None and result.steered.token_ids[:i] == result.default.token_ids[:i]
+
+
+def test_a_stop_request_ends_generation_early(runtime):
+    calls = []
+    result = runtime.continue_(
+        runtime.lm, [5, 9, 20], GenerationConfig(max_new_tokens=60), None, 1, lambda: "cancelled" if len(calls.append(1) or calls) >= 3 else None
+    )
+    assert result.stopped == "cancelled" and len(result.token_ids) <= 4
+
+
+def test_generate_validates_limits(runtime):
+    with pytest.raises(LiveError, match="max_new_tokens"):
+        runtime.generate("tiny", "the cat", [], GenerationConfig(max_new_tokens=65))
+    with pytest.raises(NotFound):
+        runtime.generate("tiny", "the cat", [Intervention(999, "clamp", 1.0)], GREEDY)
+    with pytest.raises(LiveError, match="twice"):
+        runtime.generate("tiny", "the cat", [Intervention(3, "clamp", 1.0), Intervention(3, "add", 1.0)], GREEDY)
+    with pytest.raises(LiveError, match="FEATURE:MODE:VALUE"):
+        Intervention.parse("3:boost:1")
+    assert Intervention.parse("5475:clamp:40") == Intervention(5475, "clamp", 40.0)
+    assert Intervention.parse(" 7:scale:-0.5 ").spec() == "7:scale:-0.5"
+
+
+def test_weights_round_trip_through_bytes(tiny_sae_dir):
+    loaded = load_sae(tiny_sae_dir)
+    again = load_sae_bytes(sae_bytes(loaded))
+    for name in ("W_enc", "W_dec", "b_enc", "b_pre"):
+        assert torch.equal(getattr(loaded.sae, name), getattr(again.sae, name))
+    assert again.provenance == loaded.provenance and again.sae.cfg.k == loaded.sae.cfg.k
+    with pytest.raises(Exception, match="safetensors"):
+        load_sae_bytes(b"not a file at all")
