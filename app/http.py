@@ -5,9 +5,11 @@ Security: a Content-Security-Policy that lets a page load only our own scripts, 
 to eval or run swapped-in scripts), plus nosniff, a Referrer-Policy and a frame ban.
 
 Caching: a mined run never changes, so a page or API answer is a function of the request, the SAE's
-live run and this code. Its ETag is derived from exactly those, read from the store *before* the
-handler runs: if a re-mine lands in between, the client gets new content under the old tag and
-simply fetches it again next time; it is never served stale content under a new tag.
+live run and revision (bumped by explanations and metrics written later) and this code. Its ETag is
+derived from exactly those, taken *before* the handler runs (app/store_watch.py keeps them in the
+process and knows when the store changed): if a re-mine lands in between, the client gets new
+content under the old tag and simply fetches it again next time; it is never served stale content
+under a new tag.
 """
 
 from __future__ import annotations
@@ -18,15 +20,13 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import unquote
 
-from sqlalchemy import Connection, select
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sae_core
-from sae_core.store.schema import SAE, MiningRun
 
-from .deps import Reader, run_read
 from .response_cache import Entry, ResponseCache, accepts_gzip, gzip_entry
+from .store_watch import RunRow, StoreWatch
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
@@ -60,18 +60,7 @@ def code_version() -> str:
     return f"{sae_core.__version__}+{h.hexdigest()[:12]}"
 
 
-def _runs(conn: Connection, sae_name: str | None) -> list[tuple]:
-    stmt = (
-        select(SAE.name, SAE.active_run_id, MiningRun.finished_at)
-        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
-        .order_by(SAE.name)
-    )
-    if sae_name is not None:
-        stmt = stmt.where(SAE.name == sae_name)
-    return [tuple(row) for row in conn.execute(stmt)]
-
-
-def etag(runs: list[tuple], path: str, query: bytes, htmx: bool, schema_revision: str) -> str:
+def etag(runs: list[RunRow], path: str, query: bytes, htmx: bool, schema_revision: str) -> str:
     h = hashlib.sha256(repr((code_version(), schema_revision, runs, path, query, htmx)).encode())
     return f'"{h.hexdigest()[:32]}"'
 
@@ -102,8 +91,8 @@ class HTTPPolicy:
     """ASGI middleware: security headers on every response; on store reads, ETag / 304 / Cache-Control
     and the rendered-response cache (app/response_cache.py), gzip included."""
 
-    def __init__(self, app: ASGIApp, reader: Reader, schema_revision: str, cache: ResponseCache | None = None):
-        self.app, self.reader, self.schema_revision, self.cache = app, reader, schema_revision, cache
+    def __init__(self, app: ASGIApp, watch: StoreWatch, schema_revision: str, cache: ResponseCache | None = None):
+        self.app, self.watch, self.schema_revision, self.cache = app, watch, schema_revision, cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -113,7 +102,7 @@ class HTTPPolicy:
         if not cacheable:
             return await self.app(scope, receive, self._with_headers(send, path))
         headers = Headers(scope=scope)
-        runs = await run_read(self.reader, _runs, sae_name)
+        runs = await self.watch.runs(sae_name)
         tag = etag(runs, path, scope.get("query_string", b""), headers.get("hx-request") == "true", self.schema_revision)
         gz = accepts_gzip(headers.get("accept-encoding"))
         if _matches(headers.get("if-none-match"), tag):

@@ -23,6 +23,7 @@ from . import api, deps, pages, queries
 from .http import HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
+from .store_watch import StoreWatch
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "static"
@@ -100,7 +101,8 @@ def create_app(url: str | None = None) -> FastAPI:
 
     limit = cache_bytes_from_env()
     app.state.response_cache = ResponseCache(limit) if limit else None  # rendered store reads (app/response_cache.py)
-    app.add_middleware(HTTPPolicy, reader=app.state.reader, schema_revision=app.state.schema_revision, cache=app.state.response_cache)
+    app.state.store_watch = StoreWatch(app.state.reader)  # the live runs ETags are made of, kept in process
+    app.add_middleware(HTTPPolicy, watch=app.state.store_watch, schema_revision=app.state.schema_revision, cache=app.state.response_cache)
     # Outermost: gzip for what HTTPPolicy does not cache (static files, /docs, the OpenAPI document, errors);
     # it leaves alone a response that already carries a Content-Encoding.
     app.add_middleware(GZipMiddleware, minimum_size=MIN_COMPRESS, compresslevel=GZIP_LEVEL)

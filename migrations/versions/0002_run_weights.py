@@ -1,5 +1,6 @@
 """run_weights: the SAE weights each mining run was mined with, so that a server with no shared disk
-(the docker-compose app container) can run the SAE live from the store alone
+(the docker-compose app container) can run the SAE live from the store alone; saes.revision: bumped
+by every write that changes what an SAE's pages show, so validators and cached pages follow it
 
 Revision ID: 0002
 Revises: 0001
@@ -25,7 +26,10 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['run_id'], ['mining_runs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id')
     )
+    op.add_column('saes', sa.Column('revision', sa.Integer(), server_default='0', nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('saes') as batch:
+        batch.drop_column('revision')
     op.drop_table('run_weights')

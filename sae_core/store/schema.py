@@ -61,6 +61,9 @@ class SAE(Base):
     train_config: Mapped[dict] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # eval.json, when the SAE was evaluated
     active_run_id: Mapped[int | None] = mapped_column(ForeignKey("mining_runs.id", use_alter=True, ondelete="SET NULL"))
+    # Bumped by every write that changes what this SAE's pages show (a run switch, explanations, metrics):
+    # ETags and the server's cache of rendered pages follow it (store/changes.py).
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from .changes import mark_changed
 from .codec import pack_acts, pack_ids
 from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
 
@@ -213,6 +214,7 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
     with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
         s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))
+        mark_changed(s, sae_id)  # every page of the SAE switches, servers' caches included
         s.execute(delete(MiningRun).where(MiningRun.sae_id == sae_id, MiningRun.id != run_id))
     _analyze(engine)
     return run_id
