@@ -7,7 +7,7 @@ from sqlalchemy import inspect
 
 from sae_core.store import db
 
-TABLES = {"models", "vocab", "saes", "mining_runs", "features", "examples", "token_features", "run_weights"}
+TABLES = {"models", "vocab", "saes", "mining_runs", "features", "examples", "token_features", "run_weights", "explanations"}
 
 
 def _round_trip(url: str) -> None:
