@@ -12,7 +12,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from .config import CacheConfig, DemoConfig, EvalConfig, MineConfig, ServeConfig, TrainConfig
+from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .options import cli_fields, command_options, from_options, parameter, with_signature
@@ -165,6 +165,24 @@ def serve(**values) -> None:
     from .serve import serve as run_serve
 
     run_serve(from_options(ServeConfig, values), console)
+
+
+@app.command()
+@with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(ExplainConfig)])
+def explain(sae: str, **values) -> None:
+    """Explain and score every fired feature of a mined SAE (N2G patterns, or an LLM); resumable, skips explained features."""
+    from .explain.stage import explain as run_explain
+
+    r = run_explain(sae, from_options(ExplainConfig, values))
+    m = r.metrics
+    line = f"explained {r.explained:,} features of {r.sae_name} with {r.method} ({r.seconds:.0f} s)"
+    line += f", {r.skipped:,} already were" if r.skipped else ""
+    key = "n2g" if r.method == "n2g" else r.method
+    if m.get(f"{key}_features"):
+        line += f"; mean held-out precision {m[f'{key}_precision'] or 0:.3f}, recall {m[f'{key}_recall'] or 0:.3f}"
+    if r.usage:
+        line += f"; {r.usage.get('requests', 0):,} requests, {r.usage.get('total_tokens', 0):,} tokens"
+    console.print(line)
 
 
 @app.command()

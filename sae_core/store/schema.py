@@ -4,7 +4,8 @@
                                examples keep only token ids
     models ─< saes ─< mining_runs ─< features ─< examples
                                     ├─< token_features   search index: peak tokens of top contexts
-                                    └── run_weights      the SAE weights the run was mined with
+                                    ├── run_weights      the SAE weights the run was mined with
+                                    └─< explanations     per feature and method (N2G, LLM), scored
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -16,7 +17,21 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    literal_column,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .codec import pack_acts, pack_ids, unpack_acts, unpack_ids  # noqa: F401  (re-exported with the tables)
@@ -138,6 +153,42 @@ class RunWeights(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+EXPLANATION_DIM = 384  # all-MiniLM-L6-v2 sentence embeddings (sae_core/explain/embed.py)
+
+
+class Explanation(Base):
+    """One explanation of one feature of a mining run, by one method ("n2g", "llm"); a feature holds one
+    per method. `score` is the method's single number to sort by (N2G: F1 of held-out precision and
+    recall; LLM: mean of detection and fuzzing), `scores` the rest. `search_text` is what full-text and
+    semantic search read (store/search.py): on SQLite an FTS5 table kept in step by triggers, on
+    PostgreSQL a GIN index over its tsvector; `embedding` its sentence embedding (float16)."""
+
+    __tablename__ = "explanations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
+    feature_index: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)  # one line, as a reader sees it
+    patterns: Mapped[list] = mapped_column(JSON, default=list)  # N2G: [{"tokens": [id | null, ...], "n": .., "fired": ..}]
+    precision: Mapped[float | None] = mapped_column(Float)
+    recall: Mapped[float | None] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float)
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)
+    search_text: Mapped[str] = mapped_column(Text)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("run_id", "feature_index", "method", name="uq_explanations_feature_method"),
+        Index("ix_explanations_run_method_score", "run_id", "method", "score"),
+        Index(
+            "ix_explanations_fts",
+            func.to_tsvector(literal_column("'english'"), literal_column("search_text")),
+            postgresql_using="gin",
+        ).ddl_if(dialect="postgresql"),
+    )
+
+
 __all__ = [
     "Base",
     "Model",
@@ -148,6 +199,7 @@ __all__ = [
     "Example",
     "TokenFeature",
     "RunWeights",
+    "Explanation",
     "pack_ids",
     "unpack_ids",
     "pack_acts",
