@@ -17,9 +17,10 @@ from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.gzip import GZipMiddleware
 
+from sae_core.config import LiveConfig
 from sae_core.store import db
 
-from . import api, deps, pages, queries
+from . import api, deps, live, pages, queries
 from .http import HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
@@ -34,7 +35,9 @@ SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><ti
 <script src="/static/swagger-init.js"></script></body></html>"""
 
 
-def create_app(url: str | None = None) -> FastAPI:
+def create_app(url: str | None = None, live_config: LiveConfig | None = None) -> FastAPI:
+    """The app over the store at `url`. `live_config` starts a model process owned by this app (tests, embedding);
+    without it the live features are what `saescope serve` set up for its workers (app/live.py)."""
     engine = db.open_store(url)  # raises SchemaOutOfDate / SaescopeError before anything is served
     factory = sessionmaker(engine, expire_on_commit=False)
     app = FastAPI(
@@ -43,6 +46,7 @@ def create_app(url: str | None = None) -> FastAPI:
         description="Browse sparse-autoencoder features: pages and a REST API under /api/v1.",
         docs_url=None,
         redoc_url=None,
+        lifespan=live.lifespan,  # starts and stops the model process this app owns, if any
     )
     app.state.engine = engine
     app.state.session_factory = factory
@@ -50,6 +54,8 @@ def create_app(url: str | None = None) -> FastAPI:
     app.state.schema_revision = db.head_revision()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)
+    live.install(app, db.database_url(url), live_config)
+    app.include_router(live.router)  # before pages.router and its /{sae}/{index} catch-all
 
     @app.get("/docs", include_in_schema=False)
     def docs():

@@ -176,6 +176,44 @@ class DemoConfig:
     model_dtype: str = model_dtype_option()
 
 
+def default_live_threads() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass
+class LiveConfig:
+    """The live features (sae_core/live): running the model on the user's text and steering it. One model
+    process per server, apart from the page handlers; its limits are what the API answers 422 or 503 beyond."""
+
+    live_device: str = option("cpu", "Where the live model runs: cpu, cuda, cuda:N or auto.")
+    live_model_dtype: str = option(
+        "auto", "dtype of the live model: auto (bf16 where the hardware computes it natively), float32, bfloat16."
+    )
+    live_threads: int = option(
+        default_factory=default_live_threads,
+        help="Torch threads of the model process (it also runs at a lower priority, so pages keep their cores).",
+        show_default="half the CPU cores, at least 1",
+        min=1,
+    )
+    live_queue: int = option(4, "Requests that may wait for the model beyond the one it runs; more get 503 with Retry-After.", min=0)
+    live_time_limit: float = option(30.0, "Seconds a generation may run (it stops there and says so).", min=0.1)
+    max_text_tokens: int = option(1024, "Longest text the activations endpoint reads, in tokens.", min=1)
+    max_prompt_tokens: int = option(256, "Longest steering prompt, in tokens.", min=1)
+    max_new_tokens_limit: int = option(256, "Most new tokens a steering request may ask for.", min=1)
+    max_interventions: int = option(8, "Most features one steering request may change.", min=1)
+
+
+@dataclass
+class GenerationConfig:
+    """How a steered continuation is sampled; the same settings and seed give the same tokens (for a given
+    model dtype and machine kind)."""
+
+    max_new_tokens: int = option(32, "Tokens to generate.", min=1)
+    temperature: float = option(0.0, "Sampling temperature; 0 is greedy decoding.", min=0.0)
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens whose probability reaches this.", min=0.0, max=1.0)
+    seed: int = option(0, "Seed of the sampling (ignored when greedy).")
+
+
 @dataclass
 class ServeConfig:
     db: str | None = db_option()
@@ -201,6 +239,12 @@ class ServeConfig:
     )
     upgrade: bool = option(False, "Apply the schema migrations first (what the container does at start).")
     wait_for_db: float = option(0.0, "Seconds to keep retrying an unreachable database before giving up.")
+    live: bool = option(
+        True,
+        "Run the model for the live pages and endpoints (activations on your text, steering); --no-live serves the store only.",
+        param_decls=["--live/--no-live"],
+    )
+    live_options: LiveConfig = field(default_factory=LiveConfig)
 
 
 SECTIONS = [

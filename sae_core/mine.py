@@ -33,7 +33,7 @@ from . import feature_stats
 from .cache import CacheConfig, check_config, reusable_cache
 from .config import MineConfig
 from .errors import SaescopeError
-from .interchange import load_sae
+from .interchange import load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
 from .shards import ShardEncoder, fill_shards, finished
 from .store import db, write
@@ -216,7 +216,8 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
         train_config=loaded.training,
         metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {},
     )
-    run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids)
+    # the weights go with the run, so the live features run exactly the SAE these pages describe (store/weights.py)
+    run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, weights=sae_bytes(loaded))
     run_id = write.write_run(engine, run, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
     notes += cached.notes

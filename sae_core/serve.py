@@ -51,5 +51,27 @@ def serve(cfg: ServeConfig, console: Console | None = None) -> None:
     create_app(cfg.db)  # check the store and its schema before binding the port: a clear error, not a crash loop
     url = f"http://{cfg.host}:{cfg.port}"
     console.print(f"serving {store_db.redact(store_db.database_url(cfg.db))} at {url}  (API docs: {url}/docs; Ctrl-C stops)")
-    run(cfg.host, cfg.port, cfg.workers, cfg.loop)
+    pool = _start_live(cfg, console)
+    try:
+        run(cfg.host, cfg.port, cfg.workers, cfg.loop)
+    finally:
+        if pool is not None:
+            pool.stop()
     console.print("stopped")
+
+
+def _start_live(cfg: ServeConfig, console: Console):
+    """The one model process of this server (sae_core/live/pool.py), whatever the number of workers; the
+    workers learn where it listens (or why there is none) from the environment."""
+    from app.live import ENV_LIVE, serve_env
+
+    from .live.pool import ModelPool
+    from .store import db as store_db
+
+    if not cfg.live:
+        os.environ[ENV_LIVE] = serve_env(None, cfg.live_options, off="this server was started with --no-live")
+        return None
+    pool = ModelPool(store_db.database_url(cfg.db), cfg.live_options).start()
+    os.environ[ENV_LIVE] = serve_env(pool.socket, cfg.live_options)
+    console.print(f"live features: one model process ({cfg.live_options.live_threads} threads, queue {cfg.live_options.live_queue})")
+    return pool

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .changes import mark_changed
 from .codec import pack_acts, pack_ids
 from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
+from .weights import store_weights
 
 if TYPE_CHECKING:
     from ..feature_stats import FeatureTables
@@ -78,6 +79,7 @@ class MinedRun:
     logits: LogitEffects
     neighbours: Neighbours
     doc_ids: list[str]  # what the examples' doc_index values index
+    weights: bytes | None = None  # the SAE as interchange.sae_bytes writes it: what the live features run (store/weights.py)
 
 
 def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:
@@ -211,6 +213,8 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         _insert_all(s, Feature, _features(run_id, tables, run.logits, run.neighbours), len(tables.n_fired), "storing features", progress)
         _insert_all(s, Example, _examples(run_id, tables, run.doc_ids), len(tables.ex_feature), "storing examples", progress)
         _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
+        if run.weights is not None:
+            store_weights(s, run_id, run.weights)
     with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
         s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))

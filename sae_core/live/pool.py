@@ -1,0 +1,332 @@
+"""One model process per server, apart from the page handlers (as Neuronpedia keeps its inference
+server apart from its web app): `saescope serve` starts it once, whatever the number of uvicorn
+workers, and every worker talks to it over a Unix socket in a private folder.
+
+Why a process: a generation holds the CPU (and, in Python, the GIL) for seconds; in the page workers it
+would stall every page request queued behind it. The model process runs with fewer torch threads and
+a lower priority (nice), so the page workers keep their cores while generations run.
+
+The model process runs one request at a time. A request arriving when `live_queue` are already
+waiting is refused at once with 503 and a Retry-After estimated from recent requests' durations: the
+queue never piles up. Each request has its own connection; when the client goes away (the HTTP
+client disconnected and the page worker closed the connection) the request is cancelled: dropped if
+still queued, stopped after its current token if generating. A generation stops at `live_time_limit`.
+
+Wire format: each message is 4 bytes of big-endian length, then UTF-8 JSON.
+    request   {"op": "encode" | "generate" | "status", ...arguments}
+    answer    {"ok": true, "result": {...}} or {"ok": false, "status": 404/422/503/500, "detail": "...", "retry_after": s}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import queue
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from ..config import GenerationConfig, LiveConfig
+from .errors import LiveError, NotFound, Unavailable
+
+log = logging.getLogger("saescope.live")
+HEADER = struct.Struct(">I")
+MAX_MESSAGE = 16 << 20
+NICE = 10  # below the page workers: the kernel gives them the CPU first
+
+
+# ---------------------------------------------------------------------- framing
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    data = json.dumps(message).encode()
+    sock.sendall(HEADER.pack(len(data)) + data)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(left)
+        if not chunk:
+            raise ConnectionError("the peer closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(sock: socket.socket) -> dict:
+    (n,) = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+    if n > MAX_MESSAGE:
+        raise ConnectionError(f"message of {n} bytes is over the limit")
+    return json.loads(_recv_exactly(sock, n))
+
+
+# ---------------------------------------------------------------------- the model process
+
+
+@dataclass
+class _Job:
+    request: dict
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict | None = None
+
+
+class ModelServer:
+    """What runs in the model process: accepts connections, admits or refuses requests, runs them one by one."""
+
+    def __init__(self, runtime, cfg: LiveConfig):
+        self.runtime, self.cfg = runtime, cfg
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.lock = threading.Lock()
+        self.pending = 0  # admitted and not finished: queued plus running
+        self.state, self.detail = "loading", "the model is loading"
+        self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "rejected": 0}
+        self.recent: list[float] = []  # seconds of the last requests, for Retry-After
+
+    def load(self) -> None:
+        try:
+            self.runtime.preload()
+            self.state, self.detail = "ready", "ready"
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the pages, not raised
+            self.state, self.detail = "error", f"the model could not be loaded: {exc}"
+            log.error(self.detail)
+
+    def status(self) -> dict:
+        with self.lock:
+            return {
+                "state": self.state,
+                "detail": self.detail,
+                "pending": self.pending,
+                "queue_limit": self.cfg.live_queue,
+                **self.counts,
+                "limits": asdict(self.cfg),
+            }
+
+    def _retry_after(self) -> int:
+        typical = sorted(self.recent)[len(self.recent) // 2] if self.recent else 2.0
+        return max(1, min(120, math.ceil(typical * self.pending)))
+
+    def handle(self, conn: socket.socket) -> None:
+        """One connection: one request. Watches the connection while the request waits or runs."""
+        with conn:
+            try:
+                request = _recv(conn)
+            except (ConnectionError, ValueError, OSError):
+                return
+            if request.get("op") == "status":
+                _send(conn, {"ok": True, "result": self.status()})
+                return
+            with self.lock:
+                if self.pending > self.cfg.live_queue:  # one running plus live_queue waiting
+                    self.counts["rejected"] += 1
+                    busy = {"ok": False, "status": 503, "detail": "the model is busy: try again shortly"}
+                    busy["retry_after"] = self._retry_after()
+                else:
+                    busy = None
+                    self.pending += 1
+            if busy is not None:
+                _send(conn, busy)
+                return
+            job = _Job(request)
+            self.jobs.put(job)
+            while not job.done.wait(0.05):
+                readable, _, _ = select.select([conn], [], [], 0)
+                if readable and not conn.recv(1, socket.MSG_PEEK):  # end of file: the client is gone
+                    job.cancelled.set()
+                    job.done.wait()
+                    return
+            try:
+                _send(conn, job.answer or {"ok": False, "status": 500, "detail": "no answer"})
+            except OSError:
+                pass
+
+    def run_jobs(self) -> None:
+        """The one thread that runs the model."""
+        from .runtime import time_limit
+
+        while True:
+            job = self.jobs.get()
+            start = time.monotonic()
+            try:
+                if job.cancelled.is_set():
+                    job.answer = {"ok": False, "status": 499, "detail": "cancelled"}
+                    self._count("cancelled")
+                    continue
+                if self.state == "error":
+                    raise Unavailable(self.detail)
+                stop = time_limit(self.cfg.live_time_limit, job.cancelled.is_set)
+                job.answer = {"ok": True, "result": self.execute(job.request, stop)}
+                result = job.answer["result"]
+                stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped")}
+                self._count("cancelled" if "cancelled" in stopped else "timed_out" if "time_limit" in stopped else "completed")
+            except LiveError as exc:
+                job.answer = {"ok": False, "status": exc.status, "detail": str(exc), "retry_after": exc.retry_after}
+                self._count("failed")
+            except Exception as exc:  # noqa: BLE001 - the process must keep serving; the client gets a 500 with the reason
+                log.exception("live request failed")
+                job.answer = {"ok": False, "status": 500, "detail": f"{type(exc).__name__}: {exc}"}
+                self._count("failed")
+            finally:
+                with self.lock:
+                    self.pending -= 1
+                    self.recent = (self.recent + [time.monotonic() - start])[-20:]
+                job.done.set()
+
+    def _count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    def execute(self, request: dict, stop) -> dict:
+        from .interventions import Intervention
+
+        op = request.get("op")
+        if op == "encode":
+            result = self.runtime.encode(request["sae"], request["text"], request.get("feature"), int(request.get("top", 8)))
+            return asdict(result)
+        if op == "generate":
+            interventions = [Intervention(int(f), m, float(v)) for f, m, v in request["interventions"]]
+            settings = GenerationConfig(**request["settings"])
+            return asdict(self.runtime.generate(request["sae"], request["prompt"], interventions, settings, stop))
+        raise LiveError(f"unknown request {op!r}")
+
+    def serve(self, path: str) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path + ".tmp")
+        os.replace(path + ".tmp", path)  # the socket appears whole: clients never connect to a half-bound one
+        listener.listen(64)
+        threading.Thread(target=self.run_jobs, name="live-model", daemon=True).start()
+        threading.Thread(target=self.load, name="live-load", daemon=True).start()
+        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End the model process when the server that started it is gone (killed without a chance to stop it)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The model process: python -m sae_core.live.pool --socket PATH --db URL --config JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    cfg = LiveConfig(**json.loads(args.config))
+    os.nice(NICE)
+    import torch
+
+    from ..store import db
+    from .runtime import LiveRuntime
+
+    torch.set_num_threads(cfg.live_threads)
+    logging.basicConfig(level=logging.WARNING, format="saescope live: %(message)s")
+    ModelServer(LiveRuntime(cfg, engine=db.make_engine(args.db)), cfg).serve(args.socket)
+
+
+# ---------------------------------------------------------------------- the server side
+
+
+class ModelPool:
+    """Starts and stops the model process (one per server) and says where it listens."""
+
+    def __init__(self, db_url: str, cfg: LiveConfig):
+        self.db_url, self.cfg = db_url, cfg
+        self.folder = Path(tempfile.mkdtemp(prefix="saescope-live-"))  # mode 0700: only this user may connect
+        self.socket = str(self.folder / "model.sock")
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> ModelPool:
+        config = json.dumps(asdict(self.cfg))
+        cmd = [sys.executable, "-m", "sae_core.live.pool", "--socket", self.socket, "--db", self.db_url, "--config", config]
+        self.process = subprocess.Popen(cmd)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> ModelPool:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected while its request waited for the model."""
+
+
+class LiveClient:
+    """What a page worker uses: one request per connection to the model process."""
+
+    def __init__(self, socket_path: str, poll: float = 0.2):
+        self.socket_path, self.poll = socket_path, poll
+
+    async def call(self, request: dict, disconnected: Callable[[], Awaitable[bool]] | None = None) -> dict:
+        """The model process's result; raises LiveError subclasses for its refusals and ClientGone when
+        `disconnected()` turns true first (the connection is then closed, which cancels the request)."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_MESSAGE)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise Unavailable("the model process is not running yet", retry_after=2) from exc
+        try:
+            data = json.dumps(request).encode()
+            writer.write(HEADER.pack(len(data)) + data)
+            await writer.drain()
+            answer = asyncio.ensure_future(self._read(reader))
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=self.poll)
+                if done:
+                    break
+                if disconnected is not None and await disconnected():
+                    answer.cancel()
+                    raise ClientGone()
+            message = answer.result()
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            raise Unavailable("the model process closed the connection (it may have restarted)", retry_after=2) from exc
+        finally:
+            writer.close()
+        if message.get("ok"):
+            return message["result"]
+        status, detail = message.get("status"), message.get("detail", "the model process failed")
+        if status == 503:
+            raise Unavailable(detail, message.get("retry_after"))
+        if status == 404:
+            raise NotFound(detail)
+        if status == 422:
+            raise LiveError(detail)
+        raise RuntimeError(detail)
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
+        (n,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        return json.loads(await reader.readexactly(n))
+
+
+if __name__ == "__main__":
+    main()
