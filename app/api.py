@@ -106,7 +106,7 @@ async def examples(
 @router.get(
     "/search",
     response_model=schemas.SearchResult,
-    summary="Features whose top contexts peak on a token containing q",
+    summary="Features whose top contexts peak on a token containing q, and features whose explanations match q by meaning",
     responses=NOT_MODIFIED,
 )
 async def search(

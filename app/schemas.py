@@ -40,6 +40,8 @@ class FeatureSummary(BaseModel):
     mean_act: float = Field(description="mean over the positions where it fires")
     n_fired: int
     top_token: str | None = Field(None, description="token its strongest context peaks on")
+    explanation: str | None = Field(default=None, description="its N2G explanation in one line (see explanations on the feature)")
+    explanation_score: float | None = Field(default=None, description="that explanation's held-out F1 (precision and recall)")
 
 
 class FeaturePage(BaseModel):
@@ -73,6 +75,25 @@ class FeatureDetail(FeatureSummary):
     logits_bottom: list[TokenValue] = Field(description="tokens it suppresses most")
     neighbours: list[Neighbour] = Field(description="nearest features by decoder cosine")
     explanation: str | None
+    explanations: list[ExplanationOut] = Field([], description="one per method, best first (saescope explain)")
+
+
+class ExplanationPattern(BaseModel):
+    tokens: list[str | None] = Field(description="the pattern left to right, ending at the activating token; null is a wildcard")
+    token_ids: list[int | None]
+    examples: int = Field(description="build contexts whose activation this pattern explains")
+    matches: int = Field(description="build positions the pattern matches")
+    fired: int = Field(description="of those, positions where the feature fires")
+
+
+class ExplanationOut(BaseModel):
+    method: str = Field(description="n2g (token patterns) or llm (one line from a language model)")
+    text: str
+    patterns: list[ExplanationPattern]
+    precision: float | None = Field(description="held-out: share of predicted positions where the feature fires")
+    recall: float | None = Field(description="held-out: share of firing positions the explanation predicts")
+    score: float | None = Field(description="n2g: F1 of precision and recall; llm: mean of detection and fuzzing")
+    scores: dict = Field(description="method-specific counts and scores (docs/concepts.md)")
 
 
 class ExampleKind(str, Enum):
@@ -112,9 +133,24 @@ class SearchHit(BaseModel):
     density: float
 
 
+class ExplanationHit(BaseModel):
+    sae: str
+    index: int
+    score: float = Field(description="reciprocal-rank fusion of the full-text and the semantic ranking")
+    full_text_rank: int | None = Field(description="1-based rank among full-text matches, null when not matched")
+    semantic_rank: int | None = Field(description="1-based rank by embedding cosine, null when outside the top")
+    cosine: float | None = Field(description="cosine similarity of the phrase and the explanation (all-MiniLM-L6-v2)")
+    explanation: str | None = Field(description="the feature's best explanation in one line")
+    method: str | None
+    explanation_score: float | None
+    density: float | None
+
+
 class SearchResult(BaseModel):
     query: str
     hits: list[SearchHit]
+    features: list[ExplanationHit] = Field([], description="features ranked by meaning: their explanations, full text and semantic")
+    notes: list[str] = Field([], description="e.g. that semantic search is unavailable in this install")
 
 
 class Health(BaseModel):

@@ -1,0 +1,132 @@
+"""Finding features by what their explanations say: full-text search (SQLite FTS5 with Porter stemming,
+PostgreSQL full-text search with the 'english' configuration: one function for both), semantic search
+over the stored sentence embeddings, and the two fused by reciprocal rank.
+
+Both full-text paths read `explanations.search_text` (the explanation plus the words of its patterns and
+of the tokens its top contexts peak on); a phrase is matched word by word with OR, so "dialogue
+attribution" still finds a feature that only says "said". Semantic search embeds the phrase with the
+same model as the explanations (sae_core/explain/embed.py) and ranks by cosine similarity over an
+in-memory matrix per run, rebuilt when the SAE's revision changes (explanations written)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import Connection, bindparam, select, text
+
+from .schema import SAE, Explanation
+
+WORD = re.compile(r"\w+", re.UNICODE)
+RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum of 1 / (K + rank)
+
+
+@dataclass
+class Match:
+    feature_index: int
+    method: str
+    score: float  # full text: higher is better (negated bm25, or ts_rank); semantic: cosine
+
+
+def words(query: str, limit: int = 16) -> list[str]:
+    return [w.lower() for w in WORD.findall(query)][:limit]
+
+
+def full_text(conn: Connection, run_id: int, query: str, limit: int = 50) -> list[Match]:
+    """Explanations of run `run_id` whose search text contains any word of `query`, best first."""
+    terms = words(query)
+    if not terms:
+        return []
+    if conn.dialect.name == "postgresql":
+        tsquery = " | ".join(terms)  # words only (\w+): nothing for to_tsquery to misparse
+        rows = conn.execute(
+            text(
+                "SELECT feature_index, method, ts_rank(to_tsvector('english', search_text), q) AS rank "
+                "FROM explanations, to_tsquery('english', :q) AS q "
+                "WHERE run_id = :run AND to_tsvector('english', search_text) @@ q ORDER BY rank DESC, feature_index LIMIT :limit"
+            ),
+            {"q": tsquery, "run": run_id, "limit": limit},
+        ).all()
+        return [Match(i, m, float(r)) for i, m, r in rows]
+    match = " OR ".join(f'"{t}"' for t in terms)  # quoted: FTS5 operators in the query are plain words
+    rows = conn.execute(
+        text(
+            "SELECT e.feature_index, e.method, bm25(explanations_fts) AS rank FROM explanations_fts "
+            "JOIN explanations e ON e.id = explanations_fts.rowid "
+            "WHERE explanations_fts MATCH :q AND e.run_id = :run ORDER BY rank, e.feature_index LIMIT :limit"
+        ),
+        {"q": match, "run": run_id, "limit": limit},
+    ).all()
+    return [Match(i, m, -float(r)) for i, m, r in rows]
+
+
+class EmbeddingIndex:
+    """Per (store, run, SAE revision) the matrix of its explanations' embeddings, loaded once per process."""
+
+    def __init__(self):
+        self._by_key: dict[tuple, tuple[np.ndarray, list[tuple[int, str]]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, conn: Connection, run_id: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        from ..explain.embed import unpack
+
+        revision = conn.scalar(select(SAE.revision).where(SAE.active_run_id == run_id))
+        key = (str(conn.engine.url), run_id, revision)
+        if key not in self._by_key:
+            with self._lock:
+                if key not in self._by_key:
+                    rows = conn.execute(
+                        select(Explanation.feature_index, Explanation.method, Explanation.embedding)
+                        .where(Explanation.run_id == run_id, Explanation.embedding.is_not(None))
+                        .order_by(Explanation.feature_index, Explanation.method)
+                    ).all()
+                    matrix = unpack([r[2] or b"" for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)
+                    for old in [k for k in self._by_key if k[:2] == key[:2]]:  # an older revision of the run
+                        del self._by_key[old]
+                    self._by_key[key] = (matrix, [(r[0], r[1]) for r in rows])
+        return self._by_key[key]
+
+
+EMBEDDINGS = EmbeddingIndex()
+
+
+def semantic(conn: Connection, run_id: int, query_vector: np.ndarray, limit: int = 50) -> list[Match]:
+    """Explanations of run `run_id` nearest to `query_vector` (unit norm) by cosine similarity."""
+    matrix, keys = EMBEDDINGS.get(conn, run_id)
+    if not keys:
+        return []
+    sims = matrix @ query_vector
+    k = min(limit, len(keys))
+    top = np.argpartition(-sims, k - 1)[:k]
+    top = top[np.argsort(-sims[top], kind="stable")]
+    return [Match(keys[i][0], keys[i][1], float(sims[i])) for i in top]
+
+
+def fuse(*rankings: list[Match], limit: int = 50) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion of several rankings into (feature_index, fused score), best first; a feature
+    counts once per ranking (its best explanation there)."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        seen: set[int] = set()
+        for m in ranking:
+            if m.feature_index in seen:
+                continue
+            seen.add(m.feature_index)
+            scores[m.feature_index] = scores.get(m.feature_index, 0.0) + 1.0 / (RRF_K + len(seen))
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+
+
+_TEXTS = select(Explanation.feature_index, Explanation.method, Explanation.text, Explanation.score).where(
+    Explanation.run_id == bindparam("run_id"), Explanation.feature_index.in_(bindparam("indices", expanding=True))
+)
+
+
+def explanation_texts(conn: Connection, run_id: int, indices: list[int]) -> dict[int, list[tuple[str, str, float | None]]]:
+    """(method, text, score) of each feature's explanations, for showing hits."""
+    out: dict[int, list[tuple[str, str, float | None]]] = {}
+    if indices:
+        for i, method, txt, score in conn.execute(_TEXTS, {"run_id": run_id, "indices": indices}):
+            out.setdefault(i, []).append((method, txt, score))
+    return out
