@@ -7,17 +7,18 @@ import gc
 import threading
 from typing import Literal, NamedTuple
 
-from sqlalchemy import Connection, Engine, Integer, bindparam, func, select
+from sqlalchemy import Connection, Engine, Integer, bindparam, func, select, tuple_
 from sqlalchemy.orm import Session
 
-from sae_core.store import codec
-from sae_core.store.schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab
+from sae_core.store import codec, order
+from sae_core.store.schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab
 
-from . import schemas
+from . import explanations, schemas
+from . import search as search_by_meaning
 from .prepared import Prepared
 
-RARE_DENSITY = 1e-4  # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
-SortKey = Literal["index", "density", "max_act"]
+RARE_DENSITY = order.RARE_DENSITY
+SortKey = Literal["index", "density", "max_act", "explanation"]  # explanation: its N2G score
 Filter = Literal["all", "alive", "dead", "rare"]
 
 
@@ -134,40 +135,84 @@ def sae_detail(s: Session, name: str) -> schemas.SAEDetail:
 
 
 def _filtered(run_id: int, flt: Filter):
+    """The filter in terms of density, as store/order.py's checkpoints define it (n_fired > 0 exactly
+    when density > 0), so the density index serves it."""
     cond = [Feature.run_id == run_id]
     if flt == "alive":
-        cond.append(Feature.n_fired > 0)
+        cond.append(Feature.density > 0)
     elif flt == "dead":
-        cond.append(Feature.n_fired == 0)
+        cond.append(Feature.density == 0)
     elif flt == "rare":
-        cond += [Feature.n_fired > 0, Feature.density < RARE_DENSITY]
+        cond += [Feature.density > 0, Feature.density < order.RARE_DENSITY]
     return cond
 
 
+_TABLE_COLUMNS = (Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
+_SORT_COLUMNS = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}
+_CHECKPOINT = (
+    select(FeatureOrder.position, FeatureOrder.feature_index, FeatureOrder.value, FeatureOrder.total)
+    .where(
+        FeatureOrder.run_id == bindparam("run_id"),
+        FeatureOrder.sort == bindparam("sort"),
+        FeatureOrder.filter == bindparam("filter"),
+        FeatureOrder.position <= bindparam("position"),
+    )
+    .order_by(FeatureOrder.position.desc())
+    .limit(1)
+)
+
+
+def _table_rows(s: Session, run_id: int, offset: int, limit: int, sort: SortKey, desc: bool, flt: Filter) -> tuple[int, list]:
+    """(rows in the filter, the page's rows): from the run's checkpoints when it has them (any page in
+    a few index lookups), else by OFFSET and a count (runs mined before checkpoints existed)."""
+    if sort == "explanation":  # by N2G score, unexplained features last (app/explanations.py; no checkpoints)
+        return explanations.table_rows(s, _filtered(run_id, flt), _TABLE_COLUMNS, offset, limit, desc)
+    conn, params = s.connection(), {"run_id": run_id, "sort": sort, "filter": flt}
+    first = conn.execute(_CHECKPOINT, {**params, "position": 0}).first() if sort in order.SORTS else None
+    cond, column = _filtered(run_id, flt), _SORT_COLUMNS[sort]
+    if first is None:
+        total = s.scalar(select(func.count()).select_from(Feature).where(*cond)) or 0
+        ordering = (column.desc(), Feature.index.desc()) if desc else (column.asc(), Feature.index.asc())
+        return total, list(s.execute(select(*_TABLE_COLUMNS).where(*cond).order_by(*ordering).offset(offset).limit(limit)))
+    total = first.total
+    plan = order.page_plan(total, offset, limit, desc)
+    if plan.take == 0:
+        return total, []
+    cp = first if plan.start < order.EVERY else conn.execute(_CHECKPOINT, {**params, "position": plan.start}).first()
+    assert cp is not None  # position 0 exists, so every position has a checkpoint at or before it
+    start = Feature.index >= cp.feature_index if sort == "index" else tuple_(column, Feature.index) >= (cp.value, cp.feature_index)
+    rows = list(
+        s.execute(
+            select(*_TABLE_COLUMNS).where(*cond, start).order_by(column, Feature.index).offset(plan.start - cp.position).limit(plan.take)
+        )
+    )
+    return total, rows[::-1] if plan.reverse else rows
+
+
 def feature_page(
-    s: Session, name: str, offset: int, limit: int, sort: SortKey, order: Literal["asc", "desc"], flt: Filter
+    s: Session, name: str, offset: int, limit: int, sort: SortKey, order_: Literal["asc", "desc"], flt: Filter
 ) -> schemas.FeaturePage:
     sae, run, _ = get_sae(s, name)
     if run is None:
         return schemas.FeaturePage(sae=name, total=0, offset=offset, limit=limit, features=[])
-    cond = _filtered(run.id, flt)
-    total = s.scalar(select(func.count()).select_from(Feature).where(*cond))
-    column = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}[sort]
-    ordering = (column.desc() if order == "desc" else column.asc(), Feature.index.asc())
-    rows = s.execute(
-        select(Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
-        .where(*cond)
-        .order_by(*ordering)
-        .offset(offset)
-        .limit(limit)
-    ).all()
+    total, rows = _table_rows(s, run.id, offset, limit, sort, order_ == "desc", flt)
     vocab = VOCAB.get(s.connection(), sae.model_id)
     peaks = _peak_tokens(s, run.id, [r[0] for r in rows], vocab)
+    explained = explanations.for_table(s.connection(), run.id, [r[0] for r in rows])
     feats = [
-        schemas.FeatureSummary(index=i, density=density, max_act=max_act, mean_act=mean_act, n_fired=n_fired, top_token=peaks.get(i))
+        schemas.FeatureSummary(
+            index=i,
+            density=density,
+            max_act=max_act,
+            mean_act=mean_act,
+            n_fired=n_fired,
+            top_token=peaks.get(i),
+            explanation=explained.get(i, (None, None))[0],
+            explanation_score=explained.get(i, (None, None))[1],
+        )
         for i, density, max_act, mean_act, n_fired in rows
     ]
-    return schemas.FeaturePage(sae=name, total=total or 0, offset=offset, limit=limit, features=feats)
+    return schemas.FeaturePage(sae=name, total=total, offset=offset, limit=limit, features=feats)
 
 
 _PEAKS = select(Example.feature_index, Example.token_ids, Example.max_pos).where(
@@ -307,6 +352,7 @@ def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
         logits_bottom=tv(f["logits"]["bottom"]),
         neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f["neighbours"]],
         explanation=f["explanation"],
+        explanations=explanations.for_feature(s.connection(), ref.run_id, index, vocab),
     )
 
 
@@ -362,7 +408,8 @@ def feature_view(s: Session, name: str, index: int, kind: schemas.ExampleKind, o
 
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:
-    """Features whose top contexts peak on a token containing `query` (case-insensitive)."""
+    """Features whose top contexts peak on a token containing `query` (case-insensitive), and features
+    whose explanations match it by meaning (app/search.py)."""
     needle = query.lower()
     stmt = select(SAE.name, SAE.active_run_id, SAE.model_id).where(SAE.active_run_id.is_not(None)).order_by(SAE.name)
     if sae_name is not None:
@@ -383,4 +430,5 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.
         ).all()
         hits += [schemas.SearchHit(sae=name, index=f, token=vocab[t], n_examples=n, max_act=m, density=d) for f, t, n, m, d in rows]
     hits.sort(key=lambda h: (-h.n_examples, -h.max_act))
-    return schemas.SearchResult(query=query, hits=hits[:limit])
+    features, notes = search_by_meaning.by_meaning(s, query, sae_name, limit)  # explanations: full text + semantic
+    return schemas.SearchResult(query=query, hits=hits[:limit], features=features, notes=notes)

@@ -5,6 +5,7 @@
     models ─< saes ─< mining_runs ─< features ─< examples
                                     ├─< token_features   search index: peak tokens of top contexts
                                     ├── run_weights      the SAE weights the run was mined with
+                                    ├─< feature_order    checkpoints of the sorted feature table
                                     └─< explanations     per feature and method (N2G, LLM), scored
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
@@ -108,7 +109,11 @@ class Feature(Base):
     neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, decoder cosine], ...]
     explanation: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_features_run_density", "run_id", "density"), Index("ix_features_run_max", "run_id", "max_act"))
+    # With the index as tie-break, a sorted page is one range of an index (store/order.py starts it)
+    __table_args__ = (
+        Index("ix_features_run_density", "run_id", "density", "feature_index"),
+        Index("ix_features_run_max", "run_id", "max_act", "feature_index"),
+    )
 
 
 class Example(Base):
@@ -138,6 +143,21 @@ class TokenFeature(Base):
     feature_index: Mapped[int] = mapped_column(Integer, primary_key=True)
     n_examples: Mapped[int]  # top contexts of the feature whose max sits on this token
     max_act: Mapped[float] = mapped_column(Float)
+
+
+class FeatureOrder(Base):
+    """Checkpoints of a run's feature table in each sort order and filter (store/order.py): every
+    128th position's sort value and feature index, and the filtered table's length, so that any page,
+    the last included, is an index lookup and a short walk instead of an OFFSET scan and a count."""
+
+    __tablename__ = "feature_order"
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
+    sort: Mapped[str] = mapped_column(String(16), primary_key=True)  # index | density | max_act
+    filter: Mapped[str] = mapped_column(String(8), primary_key=True)  # all | alive | dead | rare
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # in ascending order (value, then index)
+    feature_index: Mapped[int]  # -1: the filtered table is empty
+    value: Mapped[float] = mapped_column(Float)
+    total: Mapped[int]  # rows of the filtered table
 
 
 class RunWeights(Base):
@@ -199,6 +219,7 @@ __all__ = [
     "Example",
     "TokenFeature",
     "RunWeights",
+    "FeatureOrder",
     "Explanation",
     "pack_ids",
     "unpack_ids",

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from .changes import mark_changed
 from .codec import pack_acts, pack_ids
-from .schema import SAE, Example, Feature, MiningRun, Model, TokenFeature, Vocab, utcnow
+from .order import checkpoint_rows
+from .schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab, utcnow
 from .weights import store_weights
 
 if TYPE_CHECKING:
@@ -213,6 +214,8 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         _insert_all(s, Feature, _features(run_id, tables, run.logits, run.neighbours), len(tables.n_fired), "storing features", progress)
         _insert_all(s, Example, _examples(run_id, tables, run.doc_ids), len(tables.ex_feature), "storing examples", progress)
         _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
+        density = tables.n_fired / max(tables.positions, 1)  # as _features stores it
+        _insert_all(s, FeatureOrder, checkpoint_rows(run_id, density, tables.act_max), 0, "storing table order", False)
         if run.weights is not None:
             store_weights(s, run_id, run.weights)
     with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
@@ -229,6 +232,6 @@ def _analyze(engine: Engine) -> None:
     top example of the run for a feature's peak token (27 ms instead of 0.1 ms per page) until autovacuum
     came round; SQLite's planner uses them too."""
     with engine.connect() as conn:
-        for table in (Feature, Example, TokenFeature):
+        for table in (Feature, Example, TokenFeature, FeatureOrder):
             conn.execute(text(f"ANALYZE {table.__tablename__}"))
         conn.commit()
