@@ -1,0 +1,119 @@
+"""Search over explanations: full text on SQLite (FTS5) and PostgreSQL (tsvector + GIN) through one
+function, with stemming, OR over the words and hostile queries; the FTS index follows deletes; semantic
+search ranks by meaning with the real all-MiniLM-L6-v2; reciprocal rank fusion."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import delete, insert, select, text
+
+from sae_core.explain.embed import embedder, pack
+from sae_core.store import db, search
+from sae_core.store.schema import SAE, Explanation, MiningRun
+from conftest import mine_tiny
+
+TEXTS = {
+    1: "whale | sperm whale | harpoon",
+    2: 'said | ," he replied | asked',
+    3: "Congress | the President | Senate",
+    4: "1862 | 1863 | 1864",
+}
+
+
+def _fill(url: str, embed: bool = False) -> int:
+    engine = db.open_store(url)
+    with engine.begin() as conn:
+        run_id = conn.scalar(select(SAE.active_run_id))
+        vectors = pack(embedder().encode(list(TEXTS.values()))) if embed else [None] * len(TEXTS)
+        conn.execute(
+            insert(Explanation),
+            [
+                dict(run_id=run_id, feature_index=i, method="n2g", text=t, patterns=[], precision=None, recall=None, score=0.5,
+                     scores={}, search_text=t.replace("|", " "), embedding=v)
+                for (i, t), v in zip(TEXTS.items(), vectors)
+            ],
+        )
+    return run_id
+
+
+def _check_full_text(url: str) -> None:
+    run_id = _fill(url)
+    engine = db.open_store(url)
+    with engine.connect() as conn:
+        def found(q):
+            return [m.feature_index for m in search.full_text(conn, run_id, q)]
+
+        assert found("whaling") == [1]  # stemmed: whaling -> whale
+        assert found("whales") == [1]
+        assert found("senate") == [3] and found("SENATE") == [3]
+        assert set(found("harpoon president")) == {1, 3}  # any word
+        assert found("replied asked")[0] == 2
+        for hostile in ['"', "*", "AND OR NOT", "whale) OR (", "a'b", "NEAR(x y)", ":*", "\\", "whale:*"]:
+            search.full_text(conn, run_id, hostile)  # never a syntax error
+        assert found("1863") == [4]
+        assert found("") == [] and found("!!!") == []
+        assert search.full_text(conn, run_id + 999, "whale") == []  # another run's explanations stay out
+    with engine.begin() as conn:
+        conn.execute(delete(Explanation).where(Explanation.feature_index == 1))
+    with engine.connect() as conn:
+        assert search.full_text(conn, run_id, "whale") == []
+    with engine.begin() as conn:  # a run's deletion cascades to its explanations and their index entries
+        conn.execute(delete(MiningRun).where(MiningRun.id == run_id))
+    with engine.connect() as conn:
+        assert search.full_text(conn, run_id, "senate") == []
+        if conn.dialect.name == "sqlite":
+            assert conn.scalar(text("SELECT count(*) FROM explanations_fts WHERE explanations_fts MATCH 'senate'")) == 0
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_store(mined_store, tmp_path) -> str:
+    src, dst = sqlite3.connect(mined_store.removeprefix("sqlite:///")), sqlite3.connect(tmp_path / "s.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    return f"sqlite:///{tmp_path / 's.db'}"
+
+
+def test_full_text_sqlite(sqlite_store):
+    _check_full_text(sqlite_store)
+
+
+def test_full_text_postgres(pg_url, tiny_sae_dir, tiny_lm):
+    mine_tiny(tiny_sae_dir, tiny_lm, pg_url, windows=16)
+    _check_full_text(pg_url)
+    engine = db.open_store(pg_url)
+    with engine.connect() as conn:  # the GIN index over the tsvector is there, and the query can use it
+        assert conn.scalar(text("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_explanations_fts'")) == 1
+    engine.dispose()
+
+
+def test_semantic_ranks_by_meaning(sqlite_store):
+    run_id = _fill(sqlite_store, embed=True)
+    engine = db.open_store(sqlite_store)
+    with engine.connect() as conn:
+        def ranked(q):
+            return [m.feature_index for m in search.semantic(conn, run_id, embedder().encode([q])[0])]
+
+        assert ranked("whaling")[0] == 1
+        assert ranked("dialogue attribution")[0] == 2
+        assert ranked("the government and its legislature")[0] == 3
+        assert ranked("years of the civil war")[0] == 4
+        matches = search.semantic(conn, run_id, embedder().encode(["whaling"])[0], limit=2)
+        assert len(matches) == 2 and matches[0].score > matches[1].score
+    with engine.begin() as conn:  # a new explanation changes the SAE's revision: the in-memory index follows
+        conn.execute(text("UPDATE saes SET revision = revision + 1"))
+        conn.execute(delete(Explanation).where(Explanation.feature_index == 1))
+    with engine.connect() as conn:
+        assert 1 not in [m.feature_index for m in search.semantic(conn, run_id, embedder().encode(["whaling"])[0])]
+    engine.dispose()
+
+
+def test_fuse_adds_reciprocal_ranks():
+    a = [search.Match(5, "n2g", 1.0), search.Match(7, "n2g", 0.5)]
+    b = [search.Match(7, "n2g", 0.9), search.Match(9, "n2g", 0.8), search.Match(7, "llm", 0.7)]
+    fused = dict(search.fuse(a, b))
+    assert fused[7] == pytest.approx(1 / 62 + 1 / 61) and fused[5] == pytest.approx(1 / 61) and fused[9] == pytest.approx(1 / 62)
+    assert [i for i, _ in search.fuse(a, b)] == [7, 5, 9]
