@@ -1,7 +1,7 @@
 """`saescope demo`: from nothing to a browsable atlas of the bundled model, every stage skipping work
 whose output already exists (so a re-run, or a run after a crash, picks up where it stopped).
 
-    fetch corpus -> cache activations -> train TopK SAE -> evaluate -> mine into the store -> serve
+    fetch corpus -> cache activations -> train TopK SAE -> evaluate -> mine into the store -> explain -> serve
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from rich.console import Console
 
 from . import settings
 from .cache import CacheConfig, build_cache
-from .config import DemoConfig
+from .config import DemoConfig, ExplainConfig
 from .corpus import fetch_demo
 from .evaluate import RESULT as EVAL_RESULT
 from .evaluate import EvalConfig, evaluate
+from .explain.stage import explain
 from .feature_stats import StatsConfig
 from .interchange import CFG, WEIGHTS
 from .mine import MineConfig, mine
@@ -41,7 +42,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     cache_dir, sae_dir = run_dir / "cache", run_dir / cfg.name
 
     def stage(n: int, text: str) -> None:
-        console.print(f"[bold cyan][{n}/5][/] {text}")
+        console.print(f"[bold cyan][{n}/6][/] {text}")
 
     store_db.make_engine(cfg.db)  # an unreachable database fails now, not after twenty minutes
     stage(1, "demo corpus")
@@ -87,4 +88,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         lm=lm,
     )
     console.print("      " + (mined.notes[0] if mined.skipped else f"{mined.alive:,} of {mined.n_latents:,} features fired"))
+
+    stage(6, "N2G explanations of every fired feature, scored on held-out contexts, embedded for search")
+    explained = explain(cfg.name, ExplainConfig(db=cfg.db))  # skips features already explained
+    m = explained.metrics
+    console.print(
+        f"      {explained.explained:,} explained ({explained.skipped:,} already were); "
+        f"mean held-out precision {m.get('n2g_precision') or 0:.3f}, recall {m.get('n2g_recall') or 0:.3f}"
+    )
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))

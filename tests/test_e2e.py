@@ -25,7 +25,7 @@ def test_demo_stages_then_pages_and_api(tmp_path):
     cmd = [sys.executable, "-c", "from sae_core.cli import main; main()", "demo", *BUDGET]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "atlas ready"):
+    for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "atlas ready"):
         assert stage in first.stderr
     # Again, as `make demo` runs it: every stage skips its finished work, then the atlas is served
     # (the step that once crashed behind a green suite) and Ctrl-C stops it cleanly.
@@ -55,5 +55,9 @@ def test_demo_stages_then_pages_and_api(tmp_path):
                 assert peak.strip() in text    # the peak token is real text of the named document
                 checked += 1
         assert checked > 0
+        assert sae["metrics"]["n2g_features"] == sae["alive"]  # the demo explained every fired feature
+        explained = client.get("/api/v1/saes/e2e/features?sort=explanation&order=desc&limit=3").json()["features"]
+        assert all(f["explanation"] and f["explanation_score"] is not None for f in explained)
+        assert client.get("/api/v1/search", params={"q": "whaling"}).json()["features"]  # by meaning
         hits = client.get("/api/v1/search", params={"q": "the"}).json()["hits"]
         assert hits and all("the" in h["token"].lower() for h in hits)
