@@ -10,6 +10,7 @@ the windows `saescope mine` reads back instead of running the model (`reusable_c
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -73,6 +74,22 @@ class ActivationCache:
         self.rows_per_window = self.config["context_size"] - self.config["skip_positions"]
         self.n_windows: int = self.manifest["n_windows"]
         self.n_rows = self.n_windows * self.rows_per_window
+        self.batch_limit: int | None = None  # a data-parallel share stops where every rank's share still has a batch
+
+    def share(self, rank: int, world: int) -> ActivationCache:
+        """What data-parallel rank `rank` of `world` trains on: every world-th shard from `rank` on, cut to
+        the batches the smallest share holds (the ranks step together)."""
+        if world > len(self.shards):
+            raise SaescopeError(f"{self.path} holds {len(self.shards)} shards, fewer than the {world} data-parallel ranks")
+        rows = []
+        for path in self.shards:
+            with safe_open(str(path), "pt") as f:
+                rows.append(int(f.metadata()["n_windows"]) * self.rows_per_window)
+        part = copy.copy(self)
+        part.shards = self.shards[rank::world]
+        part.n_rows = min(sum(rows[r::world]) for r in range(world))
+        part.batch_limit = part.n_rows
+        return part
 
     @property
     def complete(self) -> bool:
@@ -115,7 +132,10 @@ class ActivationCache:
     ) -> Iterator[torch.Tensor]:
         """One epoch of shuffled batches on `device`: shards in random order, rows mixed across
         `buffer_shards` shards; the first `skip` are drawn but not yielded (resuming inside an epoch)."""
-        for i, batch in enumerate(self._batches(batch_size, seed, buffer_shards, dtype, drop_last, torch.device(device))):
+        batches = self._batches(batch_size, seed, buffer_shards, dtype, drop_last, torch.device(device))
+        if self.batch_limit is not None:
+            batches = itertools.islice(batches, self.batch_limit // batch_size)
+        for i, batch in enumerate(batches):
             if i >= skip:
                 yield batch
 

@@ -87,21 +87,29 @@ STREAMING = ("model", "hook", "corpus")
     ]
 )
 def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
-    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model."""
+    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model.
+    Under torchrun, the same command trains data- and latent-parallel (docs/deployment.md)."""
+    from .distributed import comms
     from .stream import ModelStream
     from .train import train as run_train
 
     streaming = {name: values.pop(name) for name in STREAMING}
     cfg = from_options(TrainConfig, values)
+    grid = comms.from_environment(cfg.latent_parallel, cfg.device)
     source: Path | ModelStream
     if activations is not None:
         source = activations
     elif cfg.tokens is None:
         raise SaescopeError("give --activations DIR (a cache), or --tokens N to stream N tokens from the model")
     else:
-        source = ModelStream(CacheConfig(**streaming, tokens=cfg.tokens))
+        source = ModelStream(CacheConfig(**streaming, tokens=cfg.tokens, device=comms.device_for(cfg.device, grid)))
         cfg.tokens = None  # one pass over the stream
-    result = run_train(cfg, source, out, resume=resume)
+    try:
+        result = run_train(cfg, source, out, resume=resume, grid=grid)
+    finally:
+        grid.close()
+    if not grid.is_main:
+        return
     f = result.final
     console.print(
         f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "

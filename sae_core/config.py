@@ -81,8 +81,14 @@ class TrainConfig:
         "auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one "
         "on the CPU; on a GPU, atomic adds may sum in another order.",
     )
+    latent_parallel: int = option(
+        1,
+        "Under torchrun: ranks that split the latents between them (TopK); the world size over this is the "
+        "data-parallel factor. --batch-size is the global batch (docs/deployment.md).",
+        min=1,
+    )
 
-    NOT_IDENTITY = ("checkpoint_every", "device")
+    NOT_IDENTITY = ("checkpoint_every", "device", "latent_parallel")  # the layout is checked on resume, with the world size
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_IDENTITY}

@@ -12,6 +12,7 @@ batches after a resume are the same, bit for bit, as those of an uninterrupted r
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterator
 
@@ -42,6 +43,26 @@ class ModelStream:
         self.n_windows = cfg.n_windows
         self.n_rows = self.n_windows * self.rows_per_window
         self.config = {**cfg.identity(), "streamed": True}  # what eval and mine read: model, hook, corpus...
+        self.part = (0, 1)  # (rank, world) of a data-parallel share
+
+    def share(self, rank: int, world: int) -> ModelStream:
+        """What data-parallel rank `rank` of `world` trains on: a contiguous run of the shuffle groups (so
+        one tokenising pass), cut to the batches the smallest share holds (the ranks step together)."""
+        part = copy.copy(self)
+        part.part = (rank, world)
+        return part
+
+    def _groups(self, batch_size: int) -> list[tuple[int, int, int]]:
+        """(first window, windows, whole batches) of every shuffle group."""
+        group = self._group(batch_size)
+        return [
+            (start, min(group, self.n_windows - start), min(group, self.n_windows - start) * self.rows_per_window // batch_size)
+            for start in range(0, self.n_windows, group)
+        ]
+
+    def _owned(self, n_groups: int, rank: int) -> range:
+        world = self.part[1]
+        return range(rank * n_groups // world, (rank + 1) * n_groups // world)
 
     def _windows(self, start: int) -> WindowSource:
         return WindowSource(self.lm, self.corpus, self.cfg, start)
@@ -72,13 +93,15 @@ class ModelStream:
         self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32, device: str | torch.device = "cpu"
     ) -> Iterator[torch.Tensor]:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
-        group = self._group(batch_size)
+        groups = self._groups(batch_size)
+        owned, limit = self._owned(len(groups), self.part[0]), self.batches_per_pass(batch_size)
         gen = torch.Generator().manual_seed(seed)
         emitted, source = 0, None
-        for start in range(0, self.n_windows, group):
-            count = min(group, self.n_windows - start)
-            n_batches = count * self.rows_per_window // batch_size
+        for g, (start, count, n_batches) in enumerate(groups):
             perm = torch.randperm(count * self.rows_per_window, generator=gen)  # drawn even when skipped: same stream
+            n_batches = min(n_batches, limit - emitted)
+            if g not in owned or n_batches <= 0:
+                continue
             if emitted + n_batches <= skip:
                 emitted += n_batches
                 continue
@@ -90,5 +113,8 @@ class ModelStream:
                 emitted += 1
 
     def batches_per_pass(self, batch_size: int) -> int:
+        if self.part[1] > 1:
+            groups = self._groups(batch_size)
+            return min(sum(groups[g][2] for g in self._owned(len(groups), r)) for r in range(self.part[1]))
         full, last = divmod(self.n_windows, self._group(batch_size))
         return full * (self._group(batch_size) * self.rows_per_window // batch_size) + last * self.rows_per_window // batch_size

@@ -21,6 +21,9 @@ from tqdm import tqdm
 
 from .cache import ActivationCache
 from .config import TrainConfig
+from .distributed.checkpoint import load_slice, save_sliced
+from .distributed.comms import Comms, Grid, device_for, single_process
+from .distributed.data_parallel import reduce_step
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .model import resolve_device
@@ -61,7 +64,8 @@ def estimate_scale(sample: torch.Tensor) -> float:
     return float(1 / sample[keep].pow(2).sum(1).mean().sqrt())
 
 
-def build_sae(cfg: TrainConfig, d_in: int):
+def build_sae(cfg: TrainConfig, d_in: int, latent_group: Comms | None = None):
+    """The SAE `cfg` describes; with a latent-parallel group of several ranks, this rank's slice of it."""
     if cfg.architecture not in ARCHITECTURES:
         raise SaescopeError(f"unknown architecture {cfg.architecture!r}: choose from {', '.join(ARCHITECTURES)}")
     if cfg.architecture == "topk":
@@ -72,6 +76,12 @@ def build_sae(cfg: TrainConfig, d_in: int):
         )
     else:
         arch_cfg = ARCHITECTURES["relu"][0](d_in=d_in, n_latents=cfg.n_latents, l1_coef=cfg.l1_coef)
+    if latent_group is not None and latent_group.size > 1:
+        if cfg.architecture != "topk":
+            raise SaescopeError("--latent-parallel splits TopK SAEs only; train the relu baseline data-parallel")
+        from .distributed.latent_parallel import LatentShardedTopKSAE
+
+        return LatentShardedTopKSAE(arch_cfg, latent_group)
     return ARCHITECTURES[cfg.architecture][1](arch_cfg)
 
 
@@ -107,31 +117,39 @@ LOG_EVERY = 10
 class Trainer:
     """One training run: the SAE, its optimiser and dead-latent counters, built fresh or resumed from
     `out`'s checkpoint. `step(x)` trains on one raw batch; `checkpoint()` writes the state atomically;
-    `run()` drives the whole schedule and saves the SAE folder."""
+    `run()` drives the whole schedule and saves the SAE folder.
 
-    def __init__(self, cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False):
+    Under torchrun `grid` spreads the run (sae_core/distributed): each data-parallel rank trains on its
+    share of the activations with batch_size / dp_size rows of every global batch, each latent-parallel
+    rank holds a slice of the latents; the default is one process, whose path no reduction touches."""
+
+    def __init__(self, cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, grid: Grid | None = None):
         keep_large_buffers()  # the step's encoder blocks would otherwise be mapped afresh each time
         self.cfg, self.out = cfg, Path(out)
-        self.source = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
-        source = self.source
-        if cfg.batch_size <= 0 or cfg.batch_size > source.n_rows:
+        self.grid = grid = grid or single_process()
+        full = activations if isinstance(activations, ModelStream) else ActivationCache(activations)
+        if cfg.batch_size % grid.dp.size:
+            raise SaescopeError(f"--batch-size {cfg.batch_size} must be a multiple of the {grid.dp.size} data-parallel ranks")
+        self.batch_size = cfg.batch_size // grid.dp.size  # this rank's rows of each global batch
+        self.source = source = full if grid.dp.size == 1 else full.share(grid.dp.rank, grid.dp.size)
+        if self.batch_size <= 0 or self.batch_size > source.n_rows:
             raise SaescopeError(f"--batch-size must be between 1 and the cache's {source.n_rows} rows")
-        total_tokens = cfg.tokens or source.batches_per_pass(cfg.batch_size) * cfg.batch_size  # default: one pass
+        total_tokens = cfg.tokens or source.batches_per_pass(self.batch_size) * cfg.batch_size  # default: one pass
         self.total_steps = max(1, total_tokens // cfg.batch_size)
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(total_tokens // 10, cfg.batch_size))
         self.ckpt_path = self.out / CHECKPOINT
-        self.device = device = resolve_device(cfg.device)
+        self.device = device = resolve_device(device_for(cfg.device, grid))
         torch.manual_seed(cfg.seed)
-        self.sae = sae = build_sae(cfg, source.d_model).to(device)
+        self.sae = sae = build_sae(cfg, source.d_model, grid.lp).to(device)
         self.lr = cfg.lr or sae.lr_default()
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
         self.step_no = self.start_step = 0
-        self.tokens_since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
+        self.tokens_since_fired = torch.zeros(len(sae.b_enc), dtype=torch.long, device=device)  # this rank's latents
         self.ema_state: dict | None = None
         self.meta = {
-            "activations": "streamed from the model" if source is activations else str(Path(str(activations)).resolve()),
-            "cache": source.config,
-            "cache_windows": source.n_windows,
+            "activations": "streamed from the model" if full is activations else str(Path(str(activations)).resolve()),
+            "cache": full.config,
+            "cache_windows": full.n_windows,
             "d_in": source.d_model,
         }
         if resume and self.ckpt_path.exists():
@@ -140,6 +158,7 @@ class Trainer:
             if self.out.exists() and any(self.out.iterdir()) and not resume:
                 raise SaescopeError(f"{self.out} is not empty; pass --resume to continue its run, or choose another --out")
             self._initialise()
+        grid.world.barrier()  # every rank has looked at --out before any writes into it
         self.out.mkdir(parents=True, exist_ok=True)
 
     def _initialise(self) -> None:
@@ -147,7 +166,8 @@ class Trainer:
         sample = self.source.sample(min(16384, self.source.n_rows), seed=cfg.seed)
         sample = sample[torch.isfinite(sample).all(1)]  # bad rows are reported by the batch that holds them
         self.scale = estimate_scale(sample)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # a latent-parallel rank draws its own slice (so no rank ever holds the whole dictionary)
+        gen = torch.Generator().manual_seed(cfg.seed if self.grid.lp.size == 1 else cfg.seed * 1_000_003 + self.grid.lp.rank)
         with torch.no_grad():
             if cfg.tied_init:
                 sae.reset_parameters(gen)
@@ -156,6 +176,11 @@ class Trainer:
                 sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / self.source.d_model**0.5)
             if cfg.geometric_median_init:
                 sae.b_pre.copy_(geometric_median(sample[:4096] * self.scale))
+        if self.grid.distributed:  # every rank starts from rank 0's scale and b_pre, and its group's slice
+            self.scale = float(self.grid.world.broadcast_(torch.tensor([self.scale], dtype=torch.float64, device=self.device)).item())
+            self.grid.world.broadcast_(sae.b_pre.data)
+            for p in (sae.W_enc, sae.b_enc, sae.W_dec):
+                self.grid.dp.broadcast_(p.data)
         if cfg.ema:
             self.ema_state = {k: v.clone() for k, v in sae.state_dict().items()}
 
@@ -170,37 +195,46 @@ class Trainer:
                 f"{self.ckpt_path} is a checkpoint of another configuration ({', '.join(diff)}); "
                 f"resume with the same options or choose another --out"
             )
-        self.sae.load_state_dict(state["sae"])  # load_state_dict copies onto the SAE's device
-        self.opt.load_state_dict(state["opt"])
-        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
-        self.ema_state = None if state["ema"] is None else {k: v.to(self.device) for k, v in state["ema"].items()}
+        was, now = state.get("world", {"world_size": 1, "latent_parallel": 1}), self.grid.layout()
+        if was != now:
+            raise SaescopeError(
+                f"{self.ckpt_path} was written by {was['world_size']} rank(s) with --latent-parallel {was['latent_parallel']}, "
+                f"this run has {now['world_size']} with --latent-parallel {now['latent_parallel']}; resume with the same "
+                f"torchrun --nnodes x --nproc-per-node and --latent-parallel"
+            )
+        part = state if "slices" not in state else load_slice(self.out, state, self.grid)
+        self.sae.load_state_dict(part["sae"])  # load_state_dict copies onto the SAE's device
+        self.opt.load_state_dict(part["opt"])
+        self.tokens_since_fired = part["tokens_since_fired"].to(self.device)
+        self.ema_state = None if part["ema"] is None else {k: v.to(self.device) for k, v in part["ema"].items()}
         self.scale = state["scale"]
         self.step_no = self.start_step = state["step"]
         log = self.out / LOG
-        if log.exists():  # drop log lines written after the checkpoint by the interrupted run
+        if log.exists() and self.grid.is_main:  # drop log lines written after the checkpoint by the interrupted run
             kept = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.step_no]
             log.write_text("".join(ln + "\n" for ln in kept))
 
     def checkpoint(self) -> None:
-        _save_checkpoint(
-            self.ckpt_path,
-            {
-                "config": self.cfg.identity(),
-                "d_in": self.source.d_model,
-                "sae": self.sae.state_dict(),
-                "opt": self.opt.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired.cpu(),
-                "ema": self.ema_state,
-                "scale": self.scale,
-                "step": self.step_no,
-            },
-        )
+        """Rank 0 writes the checkpoint; with latent parallelism each slice's state goes to a file of its
+        own first, and the checkpoint names the slices once all are written (distributed/checkpoint.py)."""
+        part = {
+            "sae": self.sae.state_dict(),
+            "opt": self.opt.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired.cpu(),
+            "ema": self.ema_state,
+        }
+        meta = {"config": self.cfg.identity(), "d_in": self.source.d_model, "scale": self.scale, "step": self.step_no}
+        if self.grid.lp.size > 1:
+            save_sliced(self.ckpt_path, {**meta, "world": self.grid.layout()}, part, self.grid, self.step_no, _save_checkpoint)
+        elif self.grid.is_main:
+            _save_checkpoint(self.ckpt_path, {**meta, **part, "world": self.grid.layout()})
 
     def step(self, raw: torch.Tensor, where: str = "") -> StepResult:
         """One optimiser step on a batch of raw activations; `where` names the batch in errors."""
         cfg, sae = self.cfg, self.sae
         x = raw * self.scale
-        stats = sae.loss_and_grads(x, self.tokens_since_fired >= self.dead_tokens, autocast_bf16=cfg.bf16)
+        stats = sae.loss_and_grads(x, self.tokens_since_fired >= self.dead_tokens, autocast_bf16=cfg.bf16, group_sum=self.grid.dp.group_sum)
+        stats = reduce_step(list(sae.parameters()), stats, self.grid.dp)  # one process: as it is
         if not math.isfinite(stats["loss"]):  # a NaN or Inf in the batch always shows here (FVU's denominator)
             if not torch.isfinite(x).all():
                 raise SaescopeError(
@@ -214,7 +248,7 @@ class Trainer:
         sae.remove_parallel_grads()
         self.opt.step()
         sae.normalize_decoder()
-        self.tokens_since_fired += len(x)
+        self.tokens_since_fired += len(x) * self.grid.dp.size  # the global batch's tokens
         self.tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
         if self.ema_state is not None and cfg.ema is not None:
             with torch.no_grad():
@@ -223,15 +257,21 @@ class Trainer:
         self.step_no += 1
         result = StepResult(self.step_no, stats["loss"], stats["fvu"], stats["aux_fvu"], stats["l0"], stats["n_dead"])
         if self.step_no % LOG_EVERY == 0 or self.step_no == self.total_steps:
-            result.dead_fraction = float((self.tokens_since_fired >= self.dead_tokens).float().mean())
+            result.dead_fraction = self._dead_fraction()
         return result
+
+    def _dead_fraction(self) -> float:
+        dead = self.tokens_since_fired >= self.dead_tokens
+        if self.grid.lp.size == 1:
+            return float(dead.float().mean())
+        return float(self.grid.lp.sum(dead.sum().reshape(1)).item()) / self.cfg.n_latents
 
     def run(self, progress: bool = True) -> TrainResult:
         """Train to the end of the schedule, logging and checkpointing; then save the SAE folder."""
         from .interchange import save_sae
 
         cfg = self.cfg
-        steps_per_epoch = self.source.batches_per_pass(cfg.batch_size)
+        steps_per_epoch = self.source.batches_per_pass(self.batch_size)
         if steps_per_epoch == 0:
             raise SaescopeError(f"--batch-size {cfg.batch_size} leaves no whole batch in one pass over the activations")
         bar = tqdm(
@@ -240,24 +280,24 @@ class Trainer:
             unit="tok",
             unit_scale=True,
             desc=f"training {cfg.architecture} n={cfg.n_latents}",
-            disable=not progress,
+            disable=not progress or not self.grid.is_main,
             dynamic_ncols=True,
         )
         stats: dict = {}
         log: list[dict] = []
         t0, trained = time.perf_counter(), 0
-        with open(self.out / LOG, "a") as log_fh:
+        with open(self.out / LOG if self.grid.is_main else os.devnull, "a") as log_fh:
             while self.step_no < self.total_steps:
                 epoch, skip = divmod(self.step_no, steps_per_epoch)
                 # resuming inside an epoch: the order is seeded, so the source skips what was done
-                batches = self.source.batches(cfg.batch_size, seed=cfg.seed + epoch, skip=skip, device=self.device)
+                batches = self.source.batches(self.batch_size, seed=cfg.seed + epoch, skip=skip, device=self.device)
                 for batch_no, x in enumerate(batches, start=skip):
                     if self.step_no >= self.total_steps:
                         break
                     result = self.step(x, where=f"batch {batch_no} of epoch {epoch} ")
                     stats = result.stats()
-                    trained += len(x)
-                    bar.update(len(x))
+                    trained += len(x) * self.grid.dp.size
+                    bar.update(len(x) * self.grid.dp.size)
                     if result.dead_fraction is not None:
                         bar.set_postfix(fvu=f"{result.fvu:.3f}", l0=f"{result.l0:.1f}", dead=f"{result.dead_fraction:.1%}")
                         entry = {"step": result.step, "tokens": result.step * cfg.batch_size, **{k: round(v, 6) for k, v in stats.items()}}
@@ -279,13 +319,17 @@ class Trainer:
             "tokens_trained": self.step_no * cfg.batch_size,
             "final": stats,
         }
-        save_sae(self.sae, self.out, scale=self.scale, metadata=self.meta)
+        whole = self.sae if self.grid.lp.size == 1 else self.sae.gather()
+        if self.grid.is_main:
+            save_sae(whole, self.out, scale=self.scale, metadata=self.meta)
         return TrainResult(
             self.out, self.step_no, self.step_no * cfg.batch_size, stats, trained / elapsed if elapsed else 0.0, self.start_step, log
         )
 
 
-def train(cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, progress: bool = True, grid: Grid | None = None
+) -> TrainResult:
     """Train on the cache folder `activations` (or a ModelStream), writing checkpoints and the final
-    SAE folder to `out`."""
-    return Trainer(cfg, activations, out, resume).run(progress)
+    SAE folder to `out`; `grid`: this process's place among torchrun's ranks."""
+    return Trainer(cfg, activations, out, resume, grid).run(progress)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import DictionarySAE, bf16_gemm, gemm_operand
-from .topk import fvu
+from .topk import GroupSum, fvu, variance_sum
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ReluSAE(DictionarySAE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x) @ self.W_dec + self.b_pre
 
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False) -> dict:
+    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
         for p in self.parameters():
             p.grad = None
         kind = bf16_gemm(autocast_bf16, x.device.type)
@@ -43,8 +43,13 @@ class ReluSAE(DictionarySAE):
             pre = torch.addmm(gemm_operand(self.b_enc, kind), gemm_operand(x - self.b_pre, kind), gemm_operand(self.W_enc, kind).T)
             z = (pre if kind is None else pre.bfloat16().float()).relu()
             x_hat = z @ self.W_dec + self.b_pre
-            recon = fvu(x, x_hat)
-            loss = recon + self.cfg.l1_coef * z.sum(1).mean()
+            if group_sum is None:
+                recon = fvu(x, x_hat)
+                loss = recon + self.cfg.l1_coef * z.sum(1).mean()
+            else:  # data parallel: this rank's share of the global batch's loss (topk.variance_sum)
+                recon = (x - x_hat).pow(2).sum() / variance_sum(x, group_sum)
+                n_global = group_sum(torch.tensor([float(len(x))], device=x.device))
+                loss = recon + self.cfg.l1_coef * z.sum() / n_global
             loss.backward()
         active = z.detach() > 0
         loss, recon, l0, n_dead = torch.stack(

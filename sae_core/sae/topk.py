@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -54,6 +55,20 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+GroupSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+def variance_sum(x: torch.Tensor, group_sum: GroupSum | None = None) -> torch.Tensor:
+    """sum ||x - mean(x)||^2, FVU's denominator. With `group_sum` (the sum over data-parallel ranks) it is
+    that of the whole group's batch, so each rank's loss is its share of the global batch's loss and the
+    ranks' gradients add up to the global batch's gradient."""
+    if group_sum is None:
+        return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    count = group_sum(torch.tensor([float(len(x))], dtype=x.dtype, device=x.device))
+    mean = group_sum(x.sum(0)) / count
+    return group_sum((x - mean).pow(2).sum()).clamp_min(1e-12)
+
+
 class TopKSAE(DictionarySAE):
     architecture = "topk"
     ENCODE_BLOCK = 1024  # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
@@ -87,13 +102,14 @@ class TopKSAE(DictionarySAE):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False) -> dict:
+    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
         """Compute the loss of batch x, set every parameter's .grad, and report statistics.
 
         `dead` is a bool mask [n_latents] of latents that have not fired for the dead threshold.
         Returns floats: loss, fvu, aux_fvu, l0, n_dead, plus `fired` (bool mask [n_latents] of latents
         active in x, on x's device). On a GPU the step waits for the device twice: for the number of dead
-        latents (it sets AuxK's shapes) and for the statistics at the end.
+        latents (it sets AuxK's shapes) and for the statistics at the end. `group_sum`: data parallel, x is
+        this rank's part of the batch (see `variance_sum`); loss, fvu and aux_fvu are this rank's share.
         """
         cfg = self.cfg
         B = x.shape[0]
@@ -124,7 +140,7 @@ class TopKSAE(DictionarySAE):
             if n_dead:
                 torch.index_select(block, 1, dead_idx, out=pre_dead[s : s + len(rows)])
         vals_all, idx_all = (torch.cat(vals_parts), torch.cat(idx_parts)) if len(vals_parts) > 1 else (vals_parts[0], idx_parts[0])
-        denom = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = variance_sum(x, group_sum)
 
         grads: tuple[torch.Tensor, ...] | None = None  # (W_enc, W_dec, b_enc, b_pre): the first term's products, to which later terms add
         terms = [(cfg.k, 1.0)] + ([(4 * cfg.k, 1 / 8)] if cfg.multi_topk else [])
@@ -154,7 +170,7 @@ class TopKSAE(DictionarySAE):
             k_aux = min(cfg.k_aux, n_dead)
             aux_vals, aux_local = pre_dead.topk(k_aux, dim=1, sorted=False)
             del pre_dead
-            e_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+            e_var = variance_sum(residual, group_sum)
             # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
             Z = torch.zeros(B, n_dead, dtype=aux_vals.dtype, device=x.device).scatter_(1, aux_local, aux_vals.relu())
             W_dead = gemm_operand(self.W_dec[dead_idx], operand)

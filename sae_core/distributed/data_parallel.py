@@ -1,0 +1,32 @@
+"""Data-parallel gradient reduction for SAEs whose backward is hand-written (DDP's autograd hooks never
+see it): after each rank's `loss_and_grads` over its part of the batch, with the loss denominators of
+the whole batch (`group_sum`), the gradients are summed over the data-parallel group, which gives the
+global batch's gradient; the fired masks and the statistics go along in one more buffer.
+
+All the reductions are in flight at once (one wait for the lot). Overlapping them with the backward
+itself does not pay on the CPU, where the collectives run on the same cores as the products; on GPUs
+(NCCL) W_dec's reduction could start while W_enc's gradient is computed: bench/distributed.py
+measures what the reduction costs first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .comms import Comms
+
+STATS = ("loss", "fvu", "aux_fvu", "l0")
+
+
+def reduce_step(params: list[torch.nn.Parameter], stats: dict, dp: Comms) -> dict:
+    """Sum the gradients of `params` over `dp` in place and reduce `stats` (loss, fvu and aux_fvu are
+    shares of the global sums, l0 a mean over equal parts, `fired` an OR); a group of one returns them as they are."""
+    if dp.size == 1:
+        return stats
+    fired = stats["fired"]
+    summary = torch.cat([fired.float(), torch.tensor([stats[k] for k in STATS], device=fired.device)])
+    dp.sum_all_([p.grad for p in params if p.grad is not None] + [summary])
+    totals = summary[len(fired) :].tolist()
+    out = {**stats, **dict(zip(STATS, totals)), "fired": summary[: len(fired)] > 0}
+    out["l0"] = totals[3] / dp.size
+    return out
