@@ -121,7 +121,7 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
 @app.command("eval")
 @with_signature([sae_folder(), *command_options(EvalConfig)])
 def eval_(sae: Path, **values) -> None:
-    """L0, FVU, dead/rare fractions and downstream loss (delta CE, CE score, KL); writes eval.json."""
+    """L0, FVU, dead/rare fractions, downstream loss (delta CE, CE score, KL), probe loss and ablation sparsity; writes eval.json."""
     from dataclasses import asdict
 
     from rich.table import Table
@@ -133,7 +133,13 @@ def eval_(sae: Path, **values) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in asdict(result).items():
-        table.add_row(name, f"{value:.4%}" if "fraction" in name else f"{value:,.4f}" if isinstance(value, float) else f"{value:,}")
+        if name == "probe_tasks":
+            for task in value:
+                table.add_row(f"  probe {task['name']}", f"{task['loss']:.4f} (latent {task['latent']}, {task['per_class']:,} per class)")
+        elif value is None:
+            table.add_row(name, "–")
+        else:
+            table.add_row(name, f"{value:.4%}" if "fraction" in name else f"{value:,.4f}" if isinstance(value, float) else f"{value:,}")
     Console().print(table)
 
 

@@ -98,6 +98,18 @@ class TrainConfig:
 class EvalConfig:
     tokens: int = option(65536, "Held-out tokens (the corpus windows after the training cache).")
     batch_size: int = option(8, "Windows per forward pass (full logits are [batch, context, vocab]).")
+    probe_per_class: int = option(
+        2048, "Probe loss: held-out tokens per class of each task (balanced; fewer where the corpus has fewer); 0 skips it.", min=0
+    )
+    probe_candidates: int = option(
+        128, "Probe loss: latents fitted per task, those most correlated with its labels; 0 fits every latent (the paper's way).", min=0
+    )
+    ablation_positions: int = option(
+        32, "Ablation sparsity: token positions whose active latents are ablated one at a time; 0 skips it.", min=0
+    )
+    ablation_horizon: int = option(
+        16, "Ablation sparsity: positions, from the ablated one on, whose logits are compared (the paper's T).", min=1
+    )
     device: str = device_option()
     model_dtype: str = model_dtype_option()
 

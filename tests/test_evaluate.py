@@ -94,7 +94,10 @@ def test_shared_prefix_gives_exactly_the_plain_algorithms_results(sae_copy, tiny
     cfg = EvalConfig(tokens=32 * 12, batch_size=5, device="cpu", model_dtype="float32")   # a short last batch too
     new = evaluate(sae_copy, cfg, lm=tiny_lm, progress=False)
     old = reference_evaluate(sae_copy, cfg, tiny_lm)
-    assert asdict(new) == asdict(old)        # bitwise: the same layers see the same inputs
+    # bitwise: the same layers see the same inputs (the §4 metrics, computed beside them, are tested in test_metrics.py)
+    quality = ("probe_loss", "probe_tasks", "ablation_sparsity", "ablations")
+    assert {k: v for k, v in asdict(new).items() if k not in quality} == {k: v for k, v in asdict(old).items() if k not in quality}
+    assert new.ablation_sparsity is not None and new.probe_loss is None   # on by default; the tiny corpus has no labels
     assert new.ce_zero > new.ce_clean and new.kl > 0
     # the model is left as it was: a plain forward is unaffected
     ids = torch.arange(2 * 16).view(2, 16) % 200
