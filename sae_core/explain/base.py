@@ -51,6 +51,9 @@ class Scored:
 class Explainer(Protocol):
     method: str
 
+    def prepare(self, batch: list[FeatureContexts]) -> None:
+        """Called with each batch's contexts before its features are explained (e.g. to draw negatives)."""
+
     def explain(self, feature: FeatureContexts, build: np.ndarray) -> Explained: ...
 
 

@@ -125,6 +125,9 @@ class N2GExplainer:
     def __init__(self, settings: N2GSettings | None = None):
         self.settings = settings or N2GSettings()
 
+    def prepare(self, batch: list[FeatureContexts]) -> None:
+        """N2G needs nothing beyond each feature's own contexts."""
+
     def fires(self, feature: FeatureContexts) -> np.ndarray:
         return feature.acts > self.settings.fire_fraction * feature.max_act
 

@@ -23,6 +23,7 @@ from .contexts import read_contexts
 from .n2g import N2GExplainer, N2GSettings
 
 METHODS = ("n2g", "llm")
+BATCH_FEATURES = {"n2g": 256, "llm": 4}  # features per committed batch: an LLM batch costs minutes, N2G's a second
 
 
 @dataclass
@@ -83,14 +84,14 @@ def _peaks(conn: Connection, run_id: int, indices: list[int], vocab: list[str], 
     return out
 
 
-def make_method(cfg: ExplainConfig) -> tuple[Explainer, Scorer]:
+def make_method(cfg: ExplainConfig, vocab: list[str]) -> tuple[Explainer, Scorer]:
     if cfg.method == "n2g":
         n2g = N2GExplainer(N2GSettings(cfg.fire_fraction, cfg.max_pattern_len, cfg.min_precision, cfg.max_patterns))
         return n2g, n2g
     if cfg.method == "llm":
         from .llm import LLMExplainer
 
-        llm = LLMExplainer.from_config(cfg)
+        llm = LLMExplainer.from_config(cfg, vocab)
         return llm, llm
     raise SaescopeError(f"unknown explanation method {cfg.method!r}: use one of {', '.join(METHODS)}")
 
@@ -150,18 +151,20 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
             fired = fired[: cfg.features]
         done = set(conn.scalars(select(Explanation.feature_index).where(Explanation.run_id == run_id, Explanation.method == cfg.method)))
     todo = [i for i in fired if i not in done]
-    explainer, scorer = make_method(cfg)
+    explainer, scorer = make_method(cfg, vocab)
+    batch_size = cfg.batch_features or BATCH_FEATURES[cfg.method]
     embed = None
     if cfg.embed:
         from .embed import embedder
 
         embed = embedder()
     bar = tqdm(total=len(todo), desc=f"explaining ({cfg.method})", unit="feature", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), cfg.batch_features):
-        batch = todo[start : start + cfg.batch_features]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
         with engine.connect() as conn:
             contexts = read_contexts(conn, run_id, batch)
             peaks = _peaks(conn, run_id, batch, vocab)
+        explainer.prepare(contexts)
         rows = []
         for feature in contexts:
             explained, scored = explain_one(explainer, scorer, feature)
@@ -197,7 +200,7 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         current = conn.scalar(select(SAE.metrics).where(SAE.id == sae_id)) or {}
         conn.execute(update(SAE).where(SAE.id == sae_id).values(metrics={**current, **metrics}))
         mark_changed(conn, sae_id)
-    usage = getattr(scorer, "usage", None)
+    usage = getattr(explainer, "usage", None)
     return ExplainResult(
         sae_name,
         run_id,
