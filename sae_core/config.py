@@ -165,7 +165,9 @@ class ExplainConfig:
     )
     max_patterns: int = option(10, "N2G: patterns kept per feature (the most supported).", min=1)
     features: int | None = option(None, "Explain only the first this-many fired features (a quick look).", min=1)
-    batch_features: int = option(256, "Features per committed batch: the unit a killed run resumes from.", min=1)
+    batch_features: int | None = option(
+        None, "Features per committed batch: the unit a killed run resumes from.", min=1, show_default="256 for n2g, 4 for llm"
+    )
     embed: bool = option(True, "Store each explanation's sentence embedding for semantic search (all-MiniLM-L6-v2).")
     force: bool = option(False, "Explain again the features that already hold an explanation of this method.")
     api_base: str | None = option(None, "LLM: base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8080/v1.")
