@@ -15,7 +15,11 @@ class SAESummary(BaseModel):
     d_in: int
     n_latents: int
     k: int | None
-    metrics: dict = Field(description="eval.json of the SAE: l0, fvu, ce_score, delta_ce, kl, dead_fraction, ...")
+    metrics: dict = Field(
+        description="eval.json of the SAE: l0, fvu, ce_score, delta_ce, kl, dead_fraction, ...; the feature-quality metrics of "
+        "Gao et al. 2024 §4: probe_loss (nats, the mean over probe_tasks, each with name, per_class, loss and latent) and "
+        "ablation_sparsity (mean (L1/L2)^2 / (V T) over `ablations` one-latent ablations); docs/concepts.md"
+    )
     mined_tokens: int | None = Field(description="activation positions of the live mining run")
     alive: int | None = Field(description="features that fired at least once in the mining run")
 

@@ -262,3 +262,20 @@ def test_eval_writes_the_metrics(demo_corpus, tiny_sae_dir, tiny_lm, tmp_path):
     assert off.probe_loss is None and off.ablation_sparsity is None and off.probe_tasks == []
     metrics = ("probe_loss", "probe_tasks", "ablation_sparsity", "ablations")
     assert {k: v for k, v in asdict(off).items() if k not in metrics} == {k: v for k, v in asdict(result).items() if k not in metrics}
+    # mined into a store, the SAE page and the API show them
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from conftest import mine_tiny
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    (sae_dir / "eval.json").write_text(json.dumps(asdict(result)))
+    mine_tiny(sae_dir, tiny_lm, url, windows=32)
+    with TestClient(create_app(url)) as client:
+        api = client.get("/api/v1/saes/sae").json()["metrics"]
+        assert api["probe_loss"] == written["probe_loss"] and api["probe_tasks"] == written["probe_tasks"]
+        assert api["ablation_sparsity"] == written["ablation_sparsity"]
+        page = client.get("/saes/sae").text
+        assert "Feature quality" in page and "pos: noun" in page and "ablation sparsity" in page
+        task = written["probe_tasks"][0]
+        assert f'<a href="/saes/sae/features/{task["latent"]}">#{task["latent"]}</a>' in page
