@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # venv or run `make TORCH=torch demo`; an importable torch is never replaced.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test bench docs clean-venv
+.PHONY: venv demo test test-llm bench docs clean-venv
 
 # Swagger UI for /docs, served locally (the site works offline); fetched from npm, not committed.
 SWAGGER := static/vendor/swagger-ui/swagger-ui-bundle.js
@@ -40,6 +40,15 @@ test: venv
 	$(BIN)/ruff format --check sae_core app
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
+
+# The LLM explainer end to end against llama.cpp's OpenAI-compatible server serving the bundled SmolLM2
+# (tests/test_explain_llm.py; skipped by `make test`). llama-cpp-python has no binary wheel here and builds
+# from source (cmake and a C++ compiler), over half an hour on 2 busy cores: hence its own venv and target.
+LLAMA_VENV ?= .venv-llama
+test-llm: venv
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -c "import llama_cpp.server" 2>/dev/null || $(LLAMA_VENV)/bin/pip install -q "llama-cpp-python[server]==0.3.36"
+	SAESCOPE_LLAMA_PYTHON=$(LLAMA_VENV)/bin/python $(BIN)/python -m pytest -q tests/test_explain_llm.py
 
 # Peers run from their own venvs under bench/out (train_throughput.py --install creates them).
 bench: venv

@@ -145,9 +145,9 @@ def parse_labels(reply: str, n: int) -> list[int] | None:
 
 
 def one_line(reply: str) -> str:
-    lines = [ln.strip().strip('"') for ln in reply.strip().splitlines() if ln.strip()]
-    line = lines[0] if lines else ""
-    return re.sub(r"^(explanation|answer)\s*:\s*", "", line, flags=re.I)[:300]
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    line = re.sub(r"^(explanation|answer)\s*:\s*", "", lines[0] if lines else "", flags=re.I)
+    return line.strip().strip('"').strip()[:300]
 
 
 def balanced_accuracy(labels: list[int], truth: list[int]) -> tuple[float | None, float | None, float | None]:
