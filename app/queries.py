@@ -79,12 +79,14 @@ _ALIVE: dict[tuple[Engine, int], int | None] = {}  # runs never change once comp
 
 
 def _alive(s: Session, run_id: int | None) -> int | None:
-    """Features of a mining run that fired at least once (a scan of the run's features, done once per process)."""
+    """Features of a mining run that fired at least once (stored with the run's checkpoints; older runs:
+    a count, once per process)."""
     if run_id is None:
         return None
     key = (s.get_bind().engine, run_id)
     if key not in _ALIVE:
-        _ALIVE[key] = s.scalar(select(func.count()).select_from(Feature).where(Feature.run_id == run_id, Feature.n_fired > 0))
+        first = s.connection().execute(_CHECKPOINT, {"run_id": run_id, "sort": "index", "filter": "alive", "position": 0}).first()
+        _ALIVE[key] = first.total if first else s.scalar(select(func.count()).select_from(Feature).where(*_filtered(run_id, "alive")))
     return _ALIVE[key]
 
 

@@ -21,6 +21,12 @@ def pack_acts(acts) -> bytes:
     return np.asarray(acts, dtype=ACT_DTYPE).tobytes()
 
 
+def pack_rows(ids: np.ndarray, acts: np.ndarray) -> tuple[list[bytes], list[bytes]]:
+    """`pack_ids` and `pack_acts` of every row of two [rows, tokens] arrays, converted in one pass."""
+    id_rows, act_rows = np.ascontiguousarray(ids, dtype=ID_DTYPE), np.ascontiguousarray(acts, dtype=ACT_DTYPE)
+    return [r.tobytes() for r in id_rows], [r.tobytes() for r in act_rows]
+
+
 def unpack_ids(blob: bytes) -> list[int]:
     return np.frombuffer(blob, dtype=ID_DTYPE).tolist()
 

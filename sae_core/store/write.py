@@ -4,7 +4,7 @@ switch leaves an invisible 'writing' run, removed by the next `mine` of the same
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -12,18 +12,16 @@ import numpy as np
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
-from tqdm import tqdm
 
+from . import codec
+from .bulk import BATCH, load_rows
 from .changes import mark_changed
-from .codec import pack_acts, pack_ids
 from .order import checkpoint_rows
 from .schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab, utcnow
 from .weights import store_weights
 
 if TYPE_CHECKING:
     from ..feature_stats import FeatureTables
-
-BATCH = 5000  # rows per executemany
 
 
 @dataclass
@@ -115,80 +113,89 @@ def _ensure_model(s: Session, m: ModelRecord) -> int:
     return model.id
 
 
+FEATURE_COLUMNS = ("run_id", "feature_index", "n_fired", "density", "max_act", "mean_act", "histogram", "intervals", "logits", "neighbours")
+EXAMPLE_COLUMNS = ("run_id", "feature_index", "kind", "interval", "rank", "doc_id", "doc_offset", "token_ids", "acts", "max_act", "max_pos")
+TOKEN_FEATURE_COLUMNS = ("run_id", "token_id", "feature_index", "n_examples", "max_act")
+ORDER_COLUMNS = ("run_id", "sort", "filter", "position", "feature_index", "value", "total")
+
+
+def _pairs(ids: np.ndarray, values: np.ndarray) -> list[str]:
+    """Per row, the JSON text of [[id, value], ...], values rounded to 4 decimals by Python's round."""
+    return [json.dumps([[int(a), round(b, 4)] for a, b in zip(i, v)]) for i, v in zip(ids.tolist(), values.astype(np.float64).tolist())]
+
+
 def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
-    top_ids, top_vals, bot_ids, bot_vals = logits.top_ids, logits.top_values, logits.bottom_ids, logits.bottom_values
-    nb_ids, nb_sims = neighbours.ids, neighbours.cosines
+    """Feature rows in FEATURE_COLUMNS order, the JSON columns encoded here a batch at a time (the
+    vectorised np.linspace computes exactly what it computes per row)."""
     n, bins = t.hist_counts.shape
-    for i in range(n):
-        fired = int(t.n_fired[i])
-        lo, hi = float(t.act_min[i]), float(t.act_max[i])
-        yield {
-            "run_id": run_id,
-            "feature_index": i,
-            "n_fired": fired,
-            "density": fired / max(t.positions, 1),
-            "max_act": hi,
-            "mean_act": float(t.act_sum[i] / fired) if fired else 0.0,
-            "histogram": {"edges": np.linspace(lo, hi, bins + 1).round(5).tolist(), "counts": t.hist_counts[i].tolist()},
-            "intervals": {
-                "edges": np.linspace(0, hi, t.interval_counts.shape[1] + 1).round(5).tolist(),
-                "shares": (t.interval_counts[i] / max(fired, 1)).round(6).tolist(),
-            },
-            "logits": {
-                "top": [[int(a), round(float(b), 4)] for a, b in zip(top_ids[i], top_vals[i])],
-                "bottom": [[int(a), round(float(b), 4)] for a, b in zip(bot_ids[i], bot_vals[i])],
-            },
-            "neighbours": [[int(a), round(float(b), 4)] for a, b in zip(nb_ids[i], nb_sims[i])],
-            "explanation": None,
-        }
+    n_iv = t.interval_counts.shape[1]
+    for start in range(0, n, BATCH):
+        sl = slice(start, min(start + BATCH, n))
+        fired, lo, hi = t.n_fired[sl], t.act_min[sl].astype(np.float64), t.act_max[sl].astype(np.float64)
+        hist_edges = np.linspace(lo, hi, bins + 1, axis=1).round(5).tolist()
+        iv_edges = np.linspace(np.zeros_like(hi), hi, n_iv + 1, axis=1).round(5).tolist()
+        shares = (t.interval_counts[sl] / np.maximum(fired, 1)[:, None]).round(6).tolist()
+        top = _pairs(logits.top_ids[sl], logits.top_values[sl])
+        bottom = _pairs(logits.bottom_ids[sl], logits.bottom_values[sl])
+        near = _pairs(neighbours.ids[sl], neighbours.cosines[sl])
+        counts = t.hist_counts[sl].tolist()
+        for j, (f, mx, total) in enumerate(zip(fired.tolist(), hi.tolist(), t.act_sum[sl].tolist())):
+            yield (
+                run_id,
+                start + j,
+                f,
+                f / max(t.positions, 1),
+                mx,
+                total / f if f else 0.0,
+                json.dumps({"edges": hist_edges[j], "counts": counts[j]}),
+                json.dumps({"edges": iv_edges[j], "shares": shares[j]}),
+                f'{{"top": {top[j]}, "bottom": {bottom[j]}}}',
+                near[j],
+            )
 
 
 def _examples(run_id: int, t, doc_ids: list[str]):
-    for e in range(len(t.ex_feature)):
-        top = t.ex_kind[e] == 0
-        yield {
-            "run_id": run_id,
-            "feature_index": int(t.ex_feature[e]),
-            "kind": "top" if top else "interval",
-            "interval": None if top else int(t.ex_interval[e]),
-            "rank": int(t.ex_rank[e]),
-            "doc_id": doc_ids[int(t.ex_doc_index[e])],
-            "doc_offset": int(t.ex_doc_offset[e]),
-            "token_ids": pack_ids(t.ex_tokens[e]),
-            "acts": pack_acts(t.ex_acts[e]),
-            "max_act": float(t.ex_max_act[e]),
-            "max_pos": int(t.ex_max_pos[e]),
-        }
+    """Example rows in EXAMPLE_COLUMNS order; tokens and activations packed by store/codec.py."""
+    for start in range(0, len(t.ex_feature), BATCH):
+        sl = slice(start, start + BATCH)
+        ids, acts = codec.pack_rows(t.ex_tokens[sl], t.ex_acts[sl])
+        top = (t.ex_kind[sl] == 0).tolist()
+        cols = zip(
+            t.ex_feature[sl].tolist(), top, t.ex_interval[sl].tolist(), t.ex_rank[sl].tolist(), t.ex_doc_index[sl].tolist(),
+            t.ex_doc_offset[sl].tolist(), ids, acts, t.ex_max_act[sl].tolist(), t.ex_max_pos[sl].tolist(),
+        )  # fmt: skip
+        for feature, is_top, interval, rank, doc, offset, tok, act, mx, pos in cols:
+            yield (
+                run_id,
+                feature,
+                "top" if is_top else "interval",
+                None if is_top else interval,
+                rank,
+                doc_ids[doc],
+                offset,
+                tok,
+                act,
+                mx,
+                pos,
+            )
 
 
 def _token_features(run_id: int, t):
-    """Search index rows: for each feature, the tokens its top contexts peak on."""
-    agg: dict[tuple[int, int], list] = defaultdict(lambda: [0, 0.0])
+    """Search index rows (TOKEN_FEATURE_COLUMNS): for each feature, the tokens its top contexts peak on."""
     tops = np.nonzero(t.ex_kind == 0)[0]
-    peak_tokens = t.ex_tokens[tops, t.ex_max_pos[tops]]
-    for e, tok in zip(tops, peak_tokens):
-        a = agg[(int(tok), int(t.ex_feature[e]))]
-        a[0] += 1
-        a[1] = max(a[1], float(t.ex_max_act[e]))
-    for (tok, feat), (count, mx) in agg.items():
-        yield {"run_id": run_id, "token_id": tok, "feature_index": feat, "n_examples": count, "max_act": mx}
+    if len(tops) == 0:
+        return
+    peak = t.ex_tokens[tops, t.ex_max_pos[tops]].astype(np.int64)
+    feature, act = t.ex_feature[tops].astype(np.int64), t.ex_max_act[tops].astype(np.float64)
+    pairs, inverse, counts = np.unique(np.stack([peak, feature], axis=1), axis=0, return_inverse=True, return_counts=True)
+    best = np.full(len(pairs), -np.inf)
+    np.maximum.at(best, inverse.reshape(-1), act)
+    for (tok, feat), count, mx in zip(pairs.tolist(), counts.tolist(), best.tolist()):
+        yield (run_id, tok, feat, count, mx)
 
 
-def _insert_all(s: Session, model, rows, total: int, desc: str, progress: bool) -> None:
-    """Core executemany on the table (the ORM's bulk path costs ~2x more per row)."""
-    table = model.__table__
-    bar = tqdm(total=total, desc=desc, unit="row", unit_scale=True, disable=not progress, dynamic_ncols=True)
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == BATCH:
-            s.execute(insert(table), batch)
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        s.execute(insert(table), batch)
-        bar.update(len(batch))
-    bar.close()
+def _insert_all(s: Session, model, columns, rows, total: int, desc: str, progress: bool) -> None:
+    load_rows(s, model.__table__, columns, rows, total, desc, progress)
 
 
 def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
@@ -211,11 +218,14 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         s.flush()
         sae_id, run_id = sae.id, mining_run.id
     with Session(engine) as s, s.begin():
-        _insert_all(s, Feature, _features(run_id, tables, run.logits, run.neighbours), len(tables.n_fired), "storing features", progress)
-        _insert_all(s, Example, _examples(run_id, tables, run.doc_ids), len(tables.ex_feature), "storing examples", progress)
-        _insert_all(s, TokenFeature, _token_features(run_id, tables), 0, "storing search index", False)
+        features = _features(run_id, tables, run.logits, run.neighbours)
+        _insert_all(s, Feature, FEATURE_COLUMNS, features, len(tables.n_fired), "storing features", progress)
+        examples = _examples(run_id, tables, run.doc_ids)
+        _insert_all(s, Example, EXAMPLE_COLUMNS, examples, len(tables.ex_feature), "storing examples", progress)
+        _insert_all(s, TokenFeature, TOKEN_FEATURE_COLUMNS, _token_features(run_id, tables), 0, "storing search index", False)
         density = tables.n_fired / max(tables.positions, 1)  # as _features stores it
-        _insert_all(s, FeatureOrder, checkpoint_rows(run_id, density, tables.act_max), 0, "storing table order", False)
+        order = (tuple(row[c] for c in ORDER_COLUMNS) for row in checkpoint_rows(run_id, density, tables.act_max))
+        _insert_all(s, FeatureOrder, ORDER_COLUMNS, order, 0, "storing table order", False)
         if run.weights is not None:
             store_weights(s, run_id, run.weights)
     with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
