@@ -15,6 +15,7 @@ from rich.console import Console
 from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
+from .live.commands import register as register_live
 from .options import cli_fields, command_options, from_options, parameter, with_signature
 
 app = typer.Typer(
@@ -256,6 +257,9 @@ def fetch_corpus() -> None:
     from .corpus import fetch_demo
 
     console.print(f"demo corpus in {fetch_demo()}")
+
+
+register_live(app, console)  # saescope activations, saescope steer (sae_core/live/commands.py)
 
 
 def main() -> None:

@@ -215,6 +215,12 @@ class LiveConfig:
         show_default="half the CPU cores, at least 1",
         min=1,
     )
+    live_nice: int = option(
+        10,
+        "Niceness of the model process: above 0 the page workers get the CPU first (0 on a machine busy with other work).",
+        min=0,
+        max=19,
+    )
     live_queue: int = option(4, "Requests that may wait for the model beyond the one it runs; more get 503 with Retry-After.", min=0)
     live_time_limit: float = option(30.0, "Seconds a generation may run (it stops there and says so).", min=0.1)
     max_text_tokens: int = option(1024, "Longest text the activations endpoint reads, in tokens.", min=1)

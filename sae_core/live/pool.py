@@ -45,7 +45,6 @@ from .errors import LiveError, NotFound, Unavailable
 log = logging.getLogger("saescope.live")
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 16 << 20
-NICE = 10  # below the page workers: the kernel gives them the CPU first
 
 
 # ---------------------------------------------------------------------- framing
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     cfg = LiveConfig(**json.loads(args.config))
-    os.nice(NICE)
+    os.nice(cfg.live_nice)
     import torch
 
     from ..store import db
