@@ -160,13 +160,22 @@ def import_(
 @app.command()
 @with_signature([sae_folder(), *command_options(MineConfig)])
 def mine(sae: Path, **values) -> None:
-    """Mine every feature's top contexts, interval samples, histogram, logit effects and neighbours into the store (resumable)."""
+    """Mine every feature's top contexts, interval samples, histogram, logit effects and neighbours into the store (resumable).
+    Sharded with --shard / --merge-shards, or under torchrun (docs/deployment.md)."""
+    from dataclasses import replace
+
+    from .distributed import comms
     from .mine import mine as run_mine
 
-    result = run_mine(sae, from_options(MineConfig, values))
+    cfg = from_options(MineConfig, values)
+    grid = comms.from_environment(1, cfg.device, timeout_s=comms.LONG_WAIT_S)  # a rank waits for the slowest part
+    try:
+        result = run_mine(sae, replace(cfg, device=comms.device_for(cfg.device, grid)), grid=grid)
+    finally:
+        grid.close()
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
-    if not result.skipped:
+    if not result.skipped and result.published:
         console.print(
             f"mined {result.sae_name}: {result.positions:,} positions, {result.alive:,} of {result.n_latents:,} features fired "
             f"({result.seconds:.0f} s); run {result.run_id} is live"

@@ -144,6 +144,14 @@ class MineConfig:
     max_active: int = option(256, "ReLU SAEs: positions keep their largest this-many activations.")
     batch_size: int = option(16, "Windows per forward pass.")
     windows_per_chunk: int = option(256, "Windows per work chunk: the unit a killed run resumes from.")
+    shard: str | None = option(
+        None,
+        "Mine only part I/N of the windows, e.g. 0/4 (whole chunks, into the SAE folder), and stop; "
+        "--merge-shards N then publishes the parts. Under torchrun each rank mines its part and rank 0 publishes.",
+    )
+    merge_shards: int | None = option(
+        None, "Publish the N parts mined with --shard as one run: exactly what one process over the same windows stores.", min=1
+    )
     name: str | None = option(None, "The SAE's name in the store and its URLs (default: the folder name).")
     db: str | None = db_option()
     force: bool = option(False, "Re-mine even when the store already holds a run with these settings.")

@@ -55,8 +55,9 @@ class FeatureTables:
 class CodeChunks:
     """The chunk files of a mining work folder, read one at a time."""
 
-    def __init__(self, paths: list[Path], skip: int):
+    def __init__(self, paths: list[Path], skip: int, first_windows: list[int] | None = None):
         self.paths, self.skip = paths, skip
+        self.first_windows = first_windows  # a merge of mining parts: each chunk's first window in the whole run
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,7 +65,7 @@ class CodeChunks:
     def load(self, i: int, names=("vals", "idx")) -> dict[str, torch.Tensor]:
         with safe_open(str(self.paths[i]), "pt") as f:
             out = {name: f.get_tensor(name) for name in names}
-            out["first_window"] = int(f.metadata()["first_window"])
+            out["first_window"] = int(f.metadata()["first_window"]) if self.first_windows is None else self.first_windows[i]
         return out
 
     def coo(self, chunk: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -22,7 +22,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,9 @@ from . import corpus as corpus_mod
 from . import feature_stats
 from .cache import CacheConfig, check_config, reusable_cache
 from .config import MineConfig
+from .distributed.comms import Grid, single_process
+from .distributed.shards import part_chunks
+from .distributed.shards import plan as shard_plan
 from .errors import SaescopeError
 from .interchange import load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
@@ -49,6 +52,7 @@ class MineResult:
     n_latents: int
     seconds: float
     skipped: bool = False  # the store already held this run
+    published: bool = True  # False for a part mined with --shard (the merge publishes)
     notes: list[str] = field(default_factory=list)
 
 
@@ -108,8 +112,15 @@ def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.
     return np.concatenate(ids), np.concatenate(sims)
 
 
-def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True) -> MineResult:
+def mine(
+    sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True, grid: Grid | None = None
+) -> MineResult:
+    """Mine the SAE in `sae_dir` into the store. Sharded (distributed/shards.py): with cfg.shard this
+    process mines one part of the windows and stops, with cfg.merge_shards it publishes the parts, and
+    under torchrun (`grid`) every rank mines its part and rank 0 publishes them."""
     t0 = time.perf_counter()
+    grid = grid or single_process()
+    mine_part, merge_count = shard_plan(cfg.shard, cfg.merge_shards, grid)
     sae_dir = Path(sae_dir)
     loaded = load_sae(sae_dir)
     sae, prov = loaded.sae, loaded.provenance
@@ -155,8 +166,9 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     run_config = {"cache": asdict(cache), **identity}
 
     engine = db.make_engine(cfg.db)
-    if db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
+    if grid.is_main and db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
         db.upgrade(engine)
+    grid.world.barrier()  # under torchrun the other ranks wait for rank 0's schema
     db.check_schema(engine)
     if not cfg.force:
         existing = write.find_complete_run(engine, name, run_config)
@@ -181,28 +193,44 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
     encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
     work = sae_dir / "mining"
-    old, done = finished(cache, work, encoder)
-    if done is None:
-        corpus_docs = corpus_mod.open_corpus(corpus)
-        done = fill_shards(
-            cache,
-            work,
-            old,
-            lm,
-            corpus_docs.doc_ids,
-            lambda start: WindowSource(lm, corpus_docs, cache, start, from_cache),
-            encoder,
-            progress,
-            desc="mining",
-        )
-    cached = done
+    if mine_part is not None or merge_count is None:  # phase 1 here: all the windows, or this process's part
+        folder, first, part_cache = work, 0, cache
+        if mine_part is not None:
+            first, last = mine_part.windows(cache.n_windows, cfg.windows_per_chunk)
+            folder, part_cache = mine_part.folder(work), replace(cache, tokens=(last - first) * context)
+            encoder.identity = {**identity, "part": [mine_part.index, mine_part.count, first, last]}
+        old, done = finished(part_cache, folder, encoder)
+        if done is None:
+            corpus_docs = corpus_mod.open_corpus(corpus)
+            done = fill_shards(
+                part_cache,
+                folder,
+                old,
+                lm,
+                corpus_docs.doc_ids,
+                lambda start: WindowSource(lm, corpus_docs, part_cache, first + start, from_cache),
+                encoder,
+                progress,
+                desc="mining" if mine_part is None else f"mining part {mine_part}",
+            )
+        notes += done.notes
+    grid.world.barrier()  # under torchrun: every part is mined before rank 0 merges them
+    if merge_count is None and mine_part is not None and done is not None:
+        note = f"part {mine_part} mined ({done.n_rows:,} positions); publish the parts with --merge-shards {mine_part.count}"
+        return MineResult(name, 0, done.n_rows, 0, sae.cfg.n_latents, time.perf_counter() - t0, published=False, notes=[*notes, note])
 
-    chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
+    if merge_count is None:
+        chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
+        documents = work / "documents.json"
+    else:
+        paths, first_windows, documents_folder = part_chunks(work, merge_count, cache.n_windows, cfg.windows_per_chunk)
+        chunks = feature_stats.CodeChunks(paths, skip, first_windows)
+        documents = documents_folder / "documents.json"
     tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
     W_dec = sae.W_dec.detach().float().cpu()
     logits = write.LogitEffects(*lm.logit_effects(W_dec, cfg.n_logits))
     neighbours = write.Neighbours(*_neighbours(W_dec, cfg.n_neighbours))
-    doc_ids = json.loads((work / "documents.json").read_text())
+    doc_ids = json.loads(documents.read_text())
     eval_path = sae_dir / "eval.json"
     model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, lm.vocab_size, lambda: write.token_strings(lm.tokenizer, lm.vocab_size))
     sae_record = write.SAERecord(
@@ -220,7 +248,6 @@ def mine(sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, 
     run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, weights=sae_bytes(loaded))
     run_id = write.write_run(engine, run, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
-    notes += cached.notes
     return MineResult(
         name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents, time.perf_counter() - t0, notes=notes
     )

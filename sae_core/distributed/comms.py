@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..errors import SaescopeError
 
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LONG_WAIT_S = 7 * 24 * 3600.0  # mining: the ranks done first wait for the slowest part at the merge
 
 
 @dataclass
@@ -74,10 +74,9 @@ class Comms:
         """[size, *t.shape]: every rank's `t`, in rank order."""
         if self.size == 1:
             return t.unsqueeze(0)
-        flat = t.contiguous().reshape(1, -1)
-        out = flat.new_empty((self.size, flat.shape[1]))  # gathered along dim 0, as Gloo and NCCL both take it
-        self._timed(dist.all_gather_into_tensor, out, flat, group=self.group)
-        return out.view(self.size, *t.shape)
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._timed(dist.all_gather, parts, t.contiguous(), group=self.group)
+        return torch.stack(parts)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `t` with the copy of the group's rank `src`."""
