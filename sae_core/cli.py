@@ -105,10 +105,8 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
     else:
         source = ModelStream(CacheConfig(**streaming, tokens=cfg.tokens, device=comms.device_for(cfg.device, grid)))
         cfg.tokens = None  # one pass over the stream
-    try:
+    with grid.joined():
         result = run_train(cfg, source, out, resume=resume, grid=grid)
-    finally:
-        grid.close()
     if not grid.is_main:
         return
     f = result.final
@@ -169,10 +167,8 @@ def mine(sae: Path, **values) -> None:
 
     cfg = from_options(MineConfig, values)
     grid = comms.from_environment(1, cfg.device, timeout_s=comms.LONG_WAIT_S)  # a rank waits for the slowest part
-    try:
+    with grid.joined():
         result = run_mine(sae, replace(cfg, device=comms.device_for(cfg.device, grid)), grid=grid)
-    finally:
-        grid.close()
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     if not result.skipped and result.published:

@@ -16,12 +16,19 @@ as an error of order 1).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from sae_core.cache import ActivationCache, CacheConfig, build_cache
 from sae_core.train import TrainConfig, Trainer
@@ -51,8 +58,18 @@ def spawn(fn, world: int, *args) -> None:
 @pytest.fixture(scope="module")
 def cache_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist-cache") / "c"
-    cfg = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.1.hook_resid_post", context_size=32,
-                      tokens=32 * 64, batch_size=8, windows_per_shard=16, dtype="float32", device="cpu", model_dtype="float32")
+    cfg = CacheConfig(
+        model=str(tiny_model),
+        corpus=str(tiny_corpus),
+        hook="blocks.1.hook_resid_post",
+        context_size=32,
+        tokens=32 * 64,
+        batch_size=8,
+        windows_per_shard=16,
+        dtype="float32",
+        device="cpu",
+        model_dtype="float32",
+    )
     build_cache(cfg, out, lm=tiny_lm, progress=False)
     return out
 
@@ -144,3 +161,101 @@ def test_latent_parallel_step_matches_the_unsharded_sae(cache_dir, tmp_path, mul
     ref, ref_log, got = run_both(cache_dir, tmp_path, 2, 2, config(multi_topk=multi_topk))
     assert max(got["one_step"].values()) < 1e-5, got["one_step"]
     check_same_run(ref, ref_log, got)
+
+
+def torchrun_train(cache_dir, out, *extra: str) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    return [
+        str(bin_dir / "torchrun"),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(bin_dir / "saescope"),
+        "train",
+        "--activations",
+        str(cache_dir),
+        "--out",
+        str(out),
+        "--n-latents",
+        "256",
+        "--k",
+        "8",
+        "--batch-size",
+        "128",
+        "--tokens",
+        str(128 * 400),
+        "--dead-tokens",
+        "1280",
+        "--checkpoint-every",
+        "25",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def checkpoint_step(out: Path) -> int:
+    try:
+        return torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    except (FileNotFoundError, EOFError, RuntimeError):  # not written yet
+        return 0
+
+
+def workers_of(pid: int) -> list[int]:
+    """The ranks torchrun started (its child processes)."""
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("layout", [[], ["--latent-parallel", "2"]], ids=["data-parallel", "latent-parallel"])
+def test_a_killed_rank_fails_the_job_and_the_same_command_resumes_it(cache_dir, tmp_path, layout):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut = tmp_path / "cut"
+    job = subprocess.Popen(torchrun_train(cache_dir, cut, *layout), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while checkpoint_step(cut) < 100 and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the run ended before it could be killed"
+    os.kill(workers_of(job.pid)[1], signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    # torchrun stops the other rank and names the one that died as the root cause (across nodes, where no
+    # agent stops it, the surviving rank's collective fails with RankLost: test_a_lost_rank_is_a_clear_error)
+    root_cause = err.split("Root Cause")[-1]
+    assert "rank      : 1" in root_cause and "SIGKILL" in root_cause, err[-2000:]
+    assert checkpoint_step(cut) < 400
+    # the same command with --resume continues from the last checkpoint and ends where an uninterrupted run ends
+    resumed = subprocess.run(torchrun_train(cache_dir, cut, *layout, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = subprocess.run(torchrun_train(cache_dir, tmp_path / "whole", *layout), capture_output=True, text=True, env=env, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_file(cut / "sae_weights.safetensors"), load_file(tmp_path / "whole" / "sae_weights.safetensors")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bitwise: Gloo's sums and the resumed batch order are deterministic
+    log = [json.loads(line)["step"] for line in (cut / "train_log.jsonl").read_text().splitlines()]
+    assert log == sorted(set(log)) and log[-1] == 400  # the lines after the checkpoint were dropped, none repeated
+    # another layout refuses the checkpoint and names the difference
+    other = ["--latent-parallel", "2"] if not layout else []
+    again = subprocess.run(torchrun_train(cache_dir, cut, *other, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "resume with the same" in again.stderr and "--latent-parallel" in again.stderr
+
+
+def _lose_a_rank(rank: int, world: int, port: int, folder: str) -> None:
+    from sae_core.distributed.comms import RankLost
+
+    grid = join_group(rank, world, port, 1)
+    if rank == 1:
+        os._exit(3)  # gone without a word, as a crashed process or a lost node
+    try:
+        grid.dp.sum(torch.ones(4))
+        grid.dp.sum(torch.ones(4))
+    except RankLost as exc:
+        Path(folder, "error.txt").write_text(str(exc))
+
+
+def test_a_lost_rank_is_a_clear_error(tmp_path):
+    ctx = mp.start_processes(_lose_a_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=False)
+    for p in ctx.processes:
+        p.join(timeout=120)
+    message = (tmp_path / "error.txt").read_text()
+    assert message.startswith("rank 0 lost the other ranks (") and "run the same command again (train: with --resume)" in message

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
@@ -32,6 +33,17 @@ class Timer:
     calls: int = 0
 
 
+class RankLost(SaescopeError):
+    """A collective failed: another rank of the job has stopped (killed, crashed, or its node gone)."""
+
+    def __init__(self, exc: BaseException):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        super().__init__(
+            f"rank {dist.get_rank() if dist.is_initialized() else '?'} lost the other ranks ({first[:200]}); "
+            "whole checkpoints and mined chunks are kept: run the same command again (train: with --resume) to continue"
+        )
+
+
 class Comms:
     """A group of `size` ranks; this process is `rank` in it. With size 1 every operation returns its input."""
 
@@ -46,7 +58,10 @@ class Comms:
 
     def _timed(self, fn, *args, **kwargs):
         t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
+        try:
+            out = fn(*args, **kwargs)
+        except (RuntimeError, dist.DistError) as exc:
+            raise RankLost(exc) from exc
         self.timer.seconds += time.perf_counter() - t0
         self.timer.calls += 1
         return out
@@ -63,12 +78,12 @@ class Comms:
         """Sum each tensor over the group in place, all in flight at once (one wait for the lot)."""
         if self.size == 1:
             return
-        t0 = time.perf_counter()
-        works = [dist.all_reduce(t, group=self.group, async_op=True) for t in tensors]
-        for w in works:
-            w.wait()
-        self.timer.seconds += time.perf_counter() - t0
-        self.timer.calls += 1
+
+        def reduce_all() -> None:
+            for w in [dist.all_reduce(t, group=self.group, async_op=True) for t in tensors]:
+                w.wait()
+
+        self._timed(reduce_all)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`, in rank order."""
@@ -111,12 +126,23 @@ class Grid:
         """What a checkpoint records: a resume must find the same."""
         return {"world_size": self.world.size, "latent_parallel": self.lp.size}
 
-    def close(self) -> None:
-        """Leave the process group once every rank is done with it (a rank tearing its connections down
-        while another still uses them aborts that one)."""
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group, once every rank is done with it (a rank tearing its connections down
+        while another still uses them aborts that one); after a failure at once, waiting for no one."""
         if dist.is_initialized():
-            self.world.barrier()
+            if not failed:
+                self.world.barrier()
             dist.destroy_process_group()
+
+    @contextmanager
+    def joined(self):
+        """The grid for a `with` block: closed at its end, or at once when it raises."""
+        try:
+            yield self
+        except BaseException:
+            self.close(failed=True)
+            raise
+        self.close()
 
 
 def under_torchrun() -> bool:
