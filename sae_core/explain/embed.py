@@ -21,7 +21,7 @@ from ..errors import SaescopeError
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "all_minilm_l6_v2"
 DIM = 384
-MAX_TOKENS = 128  # explanations are short; the model was trained on up to 128 word pieces
+MAX_TOKENS = 64  # explanations are short (stage.embedding_text); the model was trained on up to 128 word pieces
 
 
 def model_dir() -> Path:

@@ -6,6 +6,7 @@ explainability metric of Gao et al. 2024 §4.4) go into the SAE's metrics."""
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class ExplainResult:
     seconds: float
     metrics: dict = field(default_factory=dict)  # what went into saes.metrics
     usage: dict = field(default_factory=dict)  # LLM: requests and tokens
+    timings: dict = field(default_factory=dict)  # seconds reading, explaining, embedding, writing
 
 
 def visible(token: str) -> str:
@@ -61,6 +63,15 @@ def search_text(text: str, token_lists: list[list[int | None]], peak_tokens: lis
     words += [t.strip() for t in peak_tokens]
     seen = dict.fromkeys(w for w in words if w)
     return " ".join([text, *[w for w in seen if w not in text]]).strip()
+
+
+def embedding_text(method: str, text: str, search: str, max_words: int = 24) -> str:
+    """What gets embedded: an LLM's sentence as it is; for token patterns the distinct words of the search
+    text (separators and repeats only lengthen the input, and the encoder's cost grows with it)."""
+    if method == "llm":
+        return text
+    distinct = dict.fromkeys(w.lower() for w in re.findall(r"\w+", search))
+    return " ".join(list(distinct)[:max_words]) or text
 
 
 def _vocab(conn: Connection, model_id: int) -> list[str]:
@@ -158,12 +169,16 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         from .embed import embedder
 
         embed = embedder()
+    timings = dict.fromkeys(("read", "explain", "embed", "write"), 0.0)
     bar = tqdm(total=len(todo), desc=f"explaining ({cfg.method})", unit="feature", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
+        t = time.perf_counter()
         with engine.connect() as conn:
             contexts = read_contexts(conn, run_id, batch)
             peaks = _peaks(conn, run_id, batch, vocab)
+        timings["read"] += time.perf_counter() - t
+        t = time.perf_counter()
         explainer.prepare(contexts)
         rows = []
         for feature in contexts:
@@ -184,15 +199,21 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
                     embedding=None,
                 )
             )
+        timings["explain"] += time.perf_counter() - t
+        t = time.perf_counter()
         if embed is not None and rows:
             from .embed import pack
 
-            for r, blob in zip(rows, pack(embed.encode([r["search_text"] for r in rows]))):
+            texts = [embedding_text(cfg.method, r["text"], r["search_text"]) for r in rows]
+            for r, blob in zip(rows, pack(embed.encode(texts))):
                 r["embedding"] = blob
+        timings["embed"] += time.perf_counter() - t
+        t = time.perf_counter()
         with engine.begin() as conn:  # one batch, one transaction: a kill loses at most this batch
             if rows:
                 conn.execute(insert(Explanation), rows)
             mark_changed(conn, sae_id)
+        timings["write"] += time.perf_counter() - t
         bar.update(len(batch))
     bar.close()
     metrics = aggregate(engine, run_id, cfg.method)
@@ -210,4 +231,5 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         time.perf_counter() - t0,
         metrics,
         dict(usage) if isinstance(usage, dict) else {},
+        timings,
     )
