@@ -16,7 +16,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, AsyncIterator
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Form, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,7 +24,7 @@ from sqlalchemy import Connection, select
 
 from sae_core.config import GenerationConfig, LiveConfig
 from sae_core.live.errors import LiveError, Unavailable
-from sae_core.live.interventions import MODES, Intervention, Mode
+from sae_core.live.interventions import MODES, Intervention, Mode, steer_permalink
 from sae_core.live.pool import ClientGone, LiveClient, ModelPool
 from sae_core.store.schema import SAE, Feature
 
@@ -191,14 +190,6 @@ async def activations(request: Request, sae: str, body: ActivationsRequest) -> d
     return await request.app.state.live.call(request, payload)
 
 
-def permalink(sae: str, interventions: list[InterventionModel], s: GenerationConfig, prompt: str) -> str:
-    query: list[tuple[str, Any]] = [("prompt", prompt)]
-    for iv in interventions:
-        query += [("feature", iv.feature), ("mode", iv.mode), ("value", f"{iv.value:g}")]
-    query += [("max_new_tokens", s.max_new_tokens), ("temperature", f"{s.temperature:g}"), ("top_p", f"{s.top_p:g}"), ("seed", s.seed)]
-    return f"/saes/{sae}/steer?{urlencode(query)}"
-
-
 async def steer(request: Request, body: SteerRequest) -> dict:
     await read_connection(request, _check, body.sae, [iv.feature for iv in body.interventions])
     payload = {
@@ -209,7 +200,8 @@ async def steer(request: Request, body: SteerRequest) -> dict:
         "settings": asdict(body.settings()),
     }
     result = await request.app.state.live.call(request, payload)
-    return {**result, "permalink": permalink(body.sae, body.interventions, body.settings(), body.prompt)}
+    interventions = [Intervention(iv.feature, iv.mode, iv.value) for iv in body.interventions]
+    return {**result, "permalink": steer_permalink(body.sae, body.prompt, interventions, body.settings())}
 
 
 async def _or_gone(work) -> Any:

@@ -83,26 +83,51 @@ def main() -> None:
     ap.add_argument("--mine-tokens", type=int, default=8192)
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--live-nice", type=int, default=LiveConfig().live_nice, help="the server's --live-nice")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as the server's model process (--live-threads 1)
     tmp = Path(tempfile.mkdtemp(prefix="live-bench-"))
     url, sae = args.db, args.sae
+    lm = None
     if url is None:
         from sae_core.config import MineConfig, StatsConfig
         from sae_core.mine import mine
+        from sae_core.model import load_model
 
         url = f"sqlite:///{tmp / 'store.db'}"
-        sae = mine(args.sae_dir, MineConfig(tokens=args.mine_tokens, stats=StatsConfig(top_n=8), db=url), progress=False).sae_name
+        lm = load_model()
+        cfg = MineConfig(tokens=args.mine_tokens, stats=StatsConfig(top_n=8), db=url)
+        sae = mine(args.sae_dir, cfg, lm=lm, progress=False).sae_name
     engine = store_db.open_store(url)
-    runtime = LiveRuntime(LiveConfig(), engine=engine)
+    runtime = LiveRuntime(LiveConfig(), engine=engine, lm=lm)
     held = runtime.sae(sae)
     lm = runtime.lm
-    assert lm is not None
-    print(f"model {lm.name} ({lm.dtype}), SAE {sae}, torch threads 1, {os.cpu_count()} cores")
+    assert lm is not None and sae is not None
+    load = os.getloadavg()[0]
+    print(
+        f"model {lm.name} ({lm.dtype}), SAE {sae}, torch threads 1, {os.cpu_count()} cores, "
+        f"load average {load:.1f}, live nice {args.live_nice}"
+    )
 
     env = {**os.environ, "SAESCOPE_DATABASE_URL": url}
-    cmd = [sys.executable, "-c", "from sae_core.cli import main; main()", "serve", "--port", str(args.port), "--workers", "1",
-           "--live-threads", "1", "--response-cache-mb", "0", "--live-queue", "16", "--live-model-dtype", str(lm.dtype).split(".")[-1]]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from sae_core.cli import main; main()",
+        "serve",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+        "--live-threads",
+        "1",
+        "--response-cache-mb",
+        "0",
+        "--live-queue",
+        "16",
+        "--live-model-dtype",
+        str(lm.dtype).split(".")[-1],
+    ]
     server = subprocess.Popen(cmd, env=env, cwd=ROOT)
     base = f"http://127.0.0.1:{args.port}"
     try:
@@ -120,7 +145,7 @@ def main() -> None:
         for n in (64, 512):
             text = text_of(lm.tokenizer, n)
 
-            def bare():
+            def bare(text=text):
                 t = time.perf_counter()
                 with torch.inference_mode():
                     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -130,14 +155,17 @@ def main() -> None:
             bare()
             bare_times = [bare() for _ in range(args.requests)]
             post = lambda c: c.post(f"{base}/api/v1/saes/{sae}/activations", json={"text": text})  # noqa: B023
-            post(httpx.Client())
+            with httpx.Client(timeout=120) as warm:
+                post(warm)
             one = timed_requests(post, 1, args.requests)
             eight = timed_requests(post, 8, max(2, args.requests // 8))
             b50 = statistics.median(bare_times)
-            print(f"  {n:4d} tokens: bare p50 {b50 * 1e3:7.1f} ms p99 {pct(bare_times, .99) * 1e3:7.1f} | "
-                  f"1 client p50 {statistics.median(one) * 1e3:7.1f} p99 {pct(one, .99) * 1e3:7.1f} | "
-                  f"8 clients p50 {statistics.median(eight) * 1e3:7.1f} p99 {pct(eight, .99) * 1e3:7.1f} ms | "
-                  f"1-client p50 / bare p50 = {statistics.median(one) / b50:.2f}x (goal <= 1.25x)")
+            print(
+                f"  {n:4d} tokens: bare p50 {b50 * 1e3:7.1f} ms p99 {pct(bare_times, 0.99) * 1e3:7.1f} | "
+                f"1 client p50 {statistics.median(one) * 1e3:7.1f} p99 {pct(one, 0.99) * 1e3:7.1f} | "
+                f"8 clients p50 {statistics.median(eight) * 1e3:7.1f} p99 {pct(eight, 0.99) * 1e3:7.1f} ms | "
+                f"1-client p50 / bare p50 = {statistics.median(one) / b50:.2f}x (goal <= 1.25x)"
+            )
 
         print("\n(b) steered generate vs plain generate, 64 new tokens, greedy")
         prompt = "The ship sailed out of the harbour and"
@@ -165,8 +193,15 @@ def main() -> None:
         def steerer():
             with httpx.Client(timeout=300) as c:
                 while not stop.is_set():
-                    c.post(f"{base}/api/v1/steer", json={"sae": sae, "prompt": prompt, "max_new_tokens": 32,
-                                                         "interventions": [{"feature": feature, "mode": "clamp", "value": 5}]})
+                    c.post(
+                        f"{base}/api/v1/steer",
+                        json={
+                            "sae": sae,
+                            "prompt": prompt,
+                            "max_new_tokens": 32,
+                            "interventions": [{"feature": feature, "mode": "clamp", "value": 5}],
+                        },
+                    )
 
         steerers = [threading.Thread(target=steerer) for _ in range(2)]
         for th in steerers:
@@ -177,9 +212,12 @@ def main() -> None:
         for th in steerers:
             th.join()
         status = httpx.get(f"{base}/api/v1/live").json()
-        print(f"  idle p50 {statistics.median(idle) * 1e3:.1f} ms p99 {pct(idle, .99) * 1e3:.1f} ms | while steering "
-              f"p50 {statistics.median(busy) * 1e3:.1f} ms p99 {pct(busy, .99) * 1e3:.1f} ms: "
-              f"{pct(busy, .99) / pct(idle, .99):.2f}x (goal < 2x); generations completed meanwhile: {status['completed']}")
+        print(
+            f"  idle p50 {statistics.median(idle) * 1e3:.1f} ms p99 {pct(idle, 0.99) * 1e3:.1f} ms | while steering "
+            f"p50 {statistics.median(busy) * 1e3:.1f} ms p99 {pct(busy, 0.99) * 1e3:.1f} ms: "
+            f"{pct(busy, 0.99) / pct(idle, 0.99):.2f}x (goal < 2x); generations completed meanwhile: {status['completed']}"
+        )
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         server.terminate()
         server.wait(20)

@@ -96,4 +96,25 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         f"      {explained.explained:,} explained ({explained.skipped:,} already were); "
         f"mean held-out precision {m.get('n2g_precision') or 0:.3f}, recall {m.get('n2g_recall') or 0:.3f}"
     )
+    _steering_example(console, store_db.make_engine(cfg.db), cfg.name, lm)
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))
+
+
+def _steering_example(console: Console, engine, name: str, lm) -> None:
+    """The live pages, and a steering example of this SAE with its permalink (sae_core/live/example.py)."""
+    from .errors import SaescopeError
+    from .live.example import steering_example
+
+    console.print(f"      live pages: /saes/{name}/inference (features on your text), /saes/{name}/steer")
+    try:
+        example = steering_example(engine, name, lm)
+    except SaescopeError as exc:  # the atlas is complete without it
+        console.print(f"      no steering example: {exc}")
+        return
+    if example is None:
+        return
+    r, iv = example.result, example.intervention
+    console.print(f"      steering example: feature #{iv.feature} (its top contexts peak on {example.word!r}) clamped to {iv.value:g}")
+    console.print(f"        default: {''.join(r.prompt_tokens)}{r.default.text}", markup=False, highlight=False)
+    console.print(f"        steered: {''.join(r.prompt_tokens)}{r.steered.text}", markup=False, highlight=False)
+    console.print(f"        permalink: {example.permalink}", markup=False, highlight=False)

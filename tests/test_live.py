@@ -147,3 +147,24 @@ def test_weights_round_trip_through_bytes(tiny_sae_dir):
     assert again.provenance == loaded.provenance and again.sae.cfg.k == loaded.sae.cfg.k
     with pytest.raises(Exception, match="safetensors"):
         load_sae_bytes(b"not a file at all")
+
+
+def test_the_demo_steering_example_is_found_from_the_store(mined_store, tiny_lm):
+    from sqlalchemy import create_engine, text
+
+    from sae_core.live.example import WORDS, find_feature, steering_example
+
+    engine = create_engine(mined_store)
+    assert find_feature(engine, "tiny-sae") is None  # no single token of the tiny vocabulary is one of the demo's words
+    with engine.connect() as conn:  # the tiny store's most frequent peak token, and its strongest feature there
+        (peak,) = conn.execute(text(
+            "SELECT v.text FROM token_features t JOIN vocab v ON v.token_id = t.token_id "
+            "ORDER BY t.n_examples DESC, t.max_act DESC LIMIT 1")).one()
+    words = ("no such word", peak, *WORDS)
+    feature, word, max_act = find_feature(engine, "tiny-sae", words)
+    assert word == peak and max_act > 0
+    example = steering_example(engine, "tiny-sae", tiny_lm, max_new_tokens=6, words=words)
+    assert example.feature == feature and example.intervention == Intervention(feature, "clamp", round(4 * max_act, 1))
+    assert example.permalink.startswith("/saes/tiny-sae/steer?prompt=My+favourite+thing+to+talk+about+is&feature=")
+    assert f"feature={feature}&mode=clamp&value={example.intervention.value:g}" in example.permalink
+    assert example.result.default.token_ids

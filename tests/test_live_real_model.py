@@ -1,7 +1,7 @@
 """The causal check on the bundled SmolLM2-135M with a really trained SAE: steering features whose logit
 effects promote a token raises that token's probability (measured, asserted). The SAE is trained here on
 the demo corpus at layer 26 of 30, where a feature's direct logit effect (W_dec @ W_U, what the feature
-page lists) is most of its effect on the output (~2 min on 2 CPU cores)."""
+page lists) is most of its effect on the output (a few minutes on 2 CPU cores)."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ PROMPTS = ["I went to the store and bought some", "The weather today is", "He sa
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("real-sae")
     lm = load_model("smollm2-135m", "cpu", "auto")
-    cfg = CacheConfig(hook=HOOK, tokens=48_000, batch_size=16, windows_per_shard=64, dtype="bfloat16")
+    cfg = CacheConfig(hook=HOOK, tokens=32_000, batch_size=16, windows_per_shard=64, dtype="bfloat16")
     build_cache(cfg, root / "cache", lm=lm, progress=False)
-    train(TrainConfig(n_latents=1024, k=32, batch_size=1024, tokens=150_000, bf16=True), root / "cache", root / "sae", progress=False)
+    train(TrainConfig(n_latents=1024, k=32, batch_size=1024, tokens=100_000, bf16=True), root / "cache", root / "sae", progress=False)
     loaded = load_sae(root / "sae")
     run = RunSAE("real", 1, lm.name, HOOK, 1024, str(root / "sae"))
     return lm, loaded, LiveRuntime(LiveConfig(), lm=lm, sae_source=lambda name: (run, loaded))
@@ -71,7 +71,7 @@ def test_steering_a_feature_raises_the_probability_of_the_token_it_promotes(trai
 
 def test_steering_changes_the_real_continuation_and_empty_steering_does_not(trained):
     lm, loaded, runtime = trained
-    settings = GenerationConfig(max_new_tokens=16)
+    settings = GenerationConfig(max_new_tokens=8)
     plain = runtime.generate("real", PROMPTS[0], [], settings)
     assert plain.steered.token_ids == plain.default.token_ids and plain.diverges_at is None
     f = int(lm.unembed_directions(loaded.sae.W_dec.detach()).max(1).values.argmax())

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import quote, urlencode
 
 import torch
 
 from .errors import LiveError, NotFound
+
+if TYPE_CHECKING:
+    from ..config import GenerationConfig
 
 Mode = Literal["clamp", "add", "scale"]
 MODES: tuple[Mode, ...] = ("clamp", "add", "scale")
@@ -89,3 +93,14 @@ class SteeringHook:
             dim=-1,
         )
         return (x + (target - z) @ self.directions.to(x.device)).to(h.dtype)
+
+
+def steer_permalink(sae: str, prompt: str, interventions: list[Intervention], settings: GenerationConfig) -> str:
+    """The steering page's URL for this request: prompt, interventions, seed and settings in the query, so
+    whoever opens it gets the same result (for a given seed, model dtype and machine kind)."""
+    query: list[tuple[str, object]] = [("prompt", prompt)]
+    for iv in interventions:
+        query += [("feature", iv.feature), ("mode", iv.mode), ("value", f"{iv.value:g}")]
+    s = settings
+    query += [("max_new_tokens", s.max_new_tokens), ("temperature", f"{s.temperature:g}"), ("top_p", f"{s.top_p:g}"), ("seed", s.seed)]
+    return f"/saes/{quote(sae, safe='')}/steer?{urlencode(query)}"

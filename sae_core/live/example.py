@@ -1,0 +1,61 @@
+"""A steering example for a mined SAE, found from the store rather than hard-coded (feature indices
+differ from one training run to the next): the feature whose top contexts peak most often on a
+content word (Moby-Dick's whale, when the corpus has it), clamped to a multiple of its max activation on a neutral prompt. `saescope demo`
+ends with it, printing both continuations and the permalink that shows them on the steering page."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, select
+
+from ..config import GenerationConfig, LiveConfig
+from ..model import LanguageModel
+from ..store.schema import SAE, Feature, TokenFeature, Vocab
+from .interventions import Intervention, steer_permalink
+from .runtime import GenerateResult, LiveRuntime
+
+WORDS = (" whale", " sea", " ship", " war", " money")  # in order of preference: words the demo corpus is full of
+PROMPT = "My favourite thing to talk about is"
+MULTIPLE = 4.0  # times the feature's max activation over the mined tokens
+
+
+@dataclass
+class SteeringExample:
+    feature: int
+    word: str
+    intervention: Intervention
+    result: GenerateResult
+    permalink: str
+
+
+def find_feature(engine: Engine, sae: str, words: tuple[str, ...] = WORDS) -> tuple[int, str, float] | None:
+    """(feature, word, max activation): for the first of `words` any top context peaks on, the feature whose top
+    contexts peak on it most often."""
+    with engine.connect() as conn:
+        for word in words:
+            row = conn.execute(
+                select(TokenFeature.feature_index, Feature.max_act)
+                .join(SAE, SAE.active_run_id == TokenFeature.run_id)
+                .join(Vocab, (Vocab.model_id == SAE.model_id) & (Vocab.token_id == TokenFeature.token_id))
+                .join(Feature, (Feature.run_id == TokenFeature.run_id) & (Feature.index == TokenFeature.feature_index))
+                .where(SAE.name == sae, Vocab.text == word)
+                .order_by(TokenFeature.n_examples.desc(), Feature.max_act.desc())
+                .limit(1)
+            ).first()
+            if row is not None:
+                return int(row[0]), word, float(row[1])
+    return None
+
+
+def steering_example(
+    engine: Engine, sae: str, lm: LanguageModel | None = None, max_new_tokens: int = 24, words: tuple[str, ...] = WORDS
+) -> SteeringExample | None:
+    found = find_feature(engine, sae, words)
+    if found is None:
+        return None
+    feature, word, max_act = found
+    intervention = Intervention(feature, "clamp", round(MULTIPLE * max_act, 1))
+    settings = GenerationConfig(max_new_tokens=max_new_tokens)
+    result = LiveRuntime(LiveConfig(), engine=engine, lm=lm).generate(sae, PROMPT, [intervention], settings)
+    return SteeringExample(feature, word, intervention, result, steer_permalink(sae, PROMPT, [intervention], settings))
