@@ -24,6 +24,7 @@ from .contexts import read_contexts
 from .n2g import N2GExplainer, N2GSettings
 
 METHODS = ("n2g", "llm")
+NO_PATTERN = "(no pattern)"  # N2G found no suffix that predicts any of the feature's build activations
 BATCH_FEATURES = {"n2g": 256, "llm": 4}  # features per committed batch: an LLM batch costs minutes, N2G's a second
 
 
@@ -183,7 +184,7 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         rows = []
         for feature in contexts:
             explained, scored = explain_one(explainer, scorer, feature)
-            text = explained.text or render_patterns(explained.patterns, vocab)
+            text = explained.text or render_patterns(explained.patterns, vocab) or NO_PATTERN
             rows.append(
                 dict(
                     run_id=run_id,
