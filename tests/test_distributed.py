@@ -163,6 +163,13 @@ def test_latent_parallel_step_matches_the_unsharded_sae(cache_dir, tmp_path, mul
     check_same_run(ref, ref_log, got)
 
 
+def test_a_two_by_two_grid_matches_the_unsharded_sae(cache_dir, tmp_path):
+    """4 ranks: 2 data-parallel groups of 2 latent-parallel ranks (each pair splits the latents and sees
+    one half of the global batch; the pairs sum their gradients)."""
+    ref, ref_log, got = run_both(cache_dir, tmp_path, 4, 2, config())
+    check_same_run(ref, ref_log, got)
+
+
 def torchrun_train(cache_dir, out, *extra: str) -> list[str]:
     bin_dir = Path(sys.executable).parent
     return [

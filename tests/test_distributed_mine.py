@@ -88,10 +88,41 @@ def test_a_part_resumes_and_the_merge_names_what_is_missing(tiny_sae_dir, tiny_l
 def test_torchrun_ranks_mine_parts_and_rank_0_publishes(tiny_sae_dir, tmp_path, reference):
     url = f"sqlite:///{tmp_path / 'store.db'}"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(Path(sys.executable).with_name("saescope")),
-           "mine", "--sae", str(tiny_sae_dir), "--db", url, "--tokens", str(CONTEXT * WINDOWS), "--batch-size", "8",
-           "--windows-per-chunk", "16", "--top-n", "8", "--n-intervals", "4", "--per-interval", "3", "--histogram-bins", "10",
-           "--context-before", "5", "--context-after", "3", "--device", "cpu", "--model-dtype", "float32"]
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--no-python",
+        str(Path(sys.executable).with_name("saescope")),
+        "mine",
+        "--sae",
+        str(tiny_sae_dir),
+        "--db",
+        url,
+        "--tokens",
+        str(CONTEXT * WINDOWS),
+        "--batch-size",
+        "8",
+        "--windows-per-chunk",
+        "16",
+        "--top-n",
+        "8",
+        "--n-intervals",
+        "4",
+        "--per-interval",
+        "3",
+        "--histogram-bins",
+        "10",
+        "--context-before",
+        "5",
+        "--context-after",
+        "3",
+        "--device",
+        "cpu",
+        "--model-dtype",
+        "float32",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "is live" in done.stderr
