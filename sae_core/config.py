@@ -105,7 +105,7 @@ class EvalConfig:
         128, "Probe loss: latents fitted per task, those most correlated with its labels; 0 fits every latent (the paper's way).", min=0
     )
     ablation_positions: int = option(
-        32, "Ablation sparsity: token positions whose active latents are ablated one at a time; 0 skips it.", min=0
+        16, "Ablation sparsity: token positions whose active latents are ablated one at a time; 0 skips it.", min=0
     )
     ablation_horizon: int = option(
         16, "Ablation sparsity: positions, from the ablated one on, whose logits are compared (the paper's T).", min=1
