@@ -6,9 +6,13 @@ explainability metric of Gao et al. 2024 §4.4) go into the SAE's metrics."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.engine import Engine
@@ -139,6 +143,33 @@ def aggregate(engine: Engine, run_id: int, method: str) -> dict:
     }
 
 
+def _explain_batch(
+    method: str, explainer: Explainer, scorer: Scorer, contexts: list[FeatureContexts], peaks: dict, vocab: list[str], run_id: int
+) -> list[dict]:
+    """The explanation rows of one batch of features, embeddings still to come."""
+    explainer.prepare(contexts)
+    rows = []
+    for feature in contexts:
+        explained, scored = explain_one(explainer, scorer, feature)
+        text = explained.text or render_patterns(explained.patterns, vocab) or NO_PATTERN
+        rows.append(
+            dict(
+                run_id=run_id,
+                feature_index=feature.index,
+                method=method,
+                text=text,
+                patterns=explained.patterns,
+                precision=scored.precision,
+                recall=scored.recall,
+                score=scored.score,
+                scores={**scored.scores, **({"usage": explained.usage} if explained.usage else {})},
+                search_text=search_text(text, [q["tokens"] for q in explained.patterns], peaks.get(feature.index, []), vocab),
+                embedding=None,
+            )
+        )
+    return rows
+
+
 def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> ExplainResult:
     t0 = time.perf_counter()
     if cfg.method not in METHODS:
@@ -170,53 +201,8 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         from .embed import embedder
 
         embed = embedder()
-    timings = dict.fromkeys(("read", "explain", "embed", "write"), 0.0)
-    bar = tqdm(total=len(todo), desc=f"explaining ({cfg.method})", unit="feature", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        t = time.perf_counter()
-        with engine.connect() as conn:
-            contexts = read_contexts(conn, run_id, batch)
-            peaks = _peaks(conn, run_id, batch, vocab)
-        timings["read"] += time.perf_counter() - t
-        t = time.perf_counter()
-        explainer.prepare(contexts)
-        rows = []
-        for feature in contexts:
-            explained, scored = explain_one(explainer, scorer, feature)
-            text = explained.text or render_patterns(explained.patterns, vocab) or NO_PATTERN
-            rows.append(
-                dict(
-                    run_id=run_id,
-                    feature_index=feature.index,
-                    method=cfg.method,
-                    text=text,
-                    patterns=explained.patterns,
-                    precision=scored.precision,
-                    recall=scored.recall,
-                    score=scored.score,
-                    scores={**scored.scores, **({"usage": explained.usage} if explained.usage else {})},
-                    search_text=search_text(text, [q["tokens"] for q in explained.patterns], peaks.get(feature.index, []), vocab),
-                    embedding=None,
-                )
-            )
-        timings["explain"] += time.perf_counter() - t
-        t = time.perf_counter()
-        if embed is not None and rows:
-            from .embed import pack
-
-            texts = [embedding_text(cfg.method, r["text"], r["search_text"]) for r in rows]
-            for r, blob in zip(rows, pack(embed.encode(texts))):
-                r["embedding"] = blob
-        timings["embed"] += time.perf_counter() - t
-        t = time.perf_counter()
-        with engine.begin() as conn:  # one batch, one transaction: a kill loses at most this batch
-            if rows:
-                conn.execute(insert(Explanation), rows)
-            mark_changed(conn, sae_id)
-        timings["write"] += time.perf_counter() - t
-        bar.update(len(batch))
-    bar.close()
+    with _torch_threads(max(1, (os.cpu_count() or 1) - 1)):  # one core stays with the explainer
+        timings = _run(cfg, engine, sae_id, run_id, todo, explainer, scorer, embed, vocab, batch_size, progress)
     metrics = aggregate(engine, run_id, cfg.method)
     with engine.begin() as conn:
         current = conn.scalar(select(SAE.metrics).where(SAE.id == sae_id)) or {}
@@ -234,3 +220,72 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         dict(usage) if isinstance(usage, dict) else {},
         timings,
     )
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(
+    cfg: ExplainConfig,
+    engine: Engine,
+    sae_id: int,
+    run_id: int,
+    todo: list[int],
+    explainer: Explainer,
+    scorer: Scorer,
+    embed,
+    vocab: list[str],
+    batch_size: int,
+    progress: bool,
+) -> dict:
+    """Explain, embed and write `todo` in batches; returns the seconds spent in each part."""
+    timings = dict.fromkeys(("read", "explain", "embed", "write"), 0.0)
+    bar = tqdm(total=len(todo), desc=f"explaining ({cfg.method})", unit="feature", disable=not progress, dynamic_ncols=True)
+
+    def embed_and_write(rows: list[dict], n_features: int) -> None:
+        t = time.perf_counter()
+        if embed is not None and rows:
+            from .embed import pack
+
+            texts = [embedding_text(cfg.method, r["text"], r["search_text"]) for r in rows]
+            for r, blob in zip(rows, pack(embed.encode(texts))):
+                r["embedding"] = blob
+        timings["embed"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with engine.begin() as conn:  # one batch, one transaction: a kill loses at most the batches in flight
+            if rows:
+                conn.execute(insert(Explanation), rows)
+            mark_changed(conn, sae_id)
+        timings["write"] += time.perf_counter() - t
+        bar.update(n_features)
+
+    # Two stages in step: while one thread embeds and writes batch i (torch's kernels release the GIL),
+    # this one explains batch i + 1; batches are written in order, at most one waits.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            t = time.perf_counter()
+            with engine.connect() as conn:
+                contexts = read_contexts(conn, run_id, batch)
+                peaks = _peaks(conn, run_id, batch, vocab)
+            timings["read"] += time.perf_counter() - t
+            t = time.perf_counter()
+            rows = _explain_batch(cfg.method, explainer, scorer, contexts, peaks, vocab, run_id)
+            timings["explain"] += time.perf_counter() - t
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(embed_and_write, rows, len(batch))
+        if pending is not None:
+            pending.result()
+    bar.close()
+    return timings
