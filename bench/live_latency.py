@@ -215,7 +215,7 @@ def main() -> None:
         print(
             f"  idle p50 {statistics.median(idle) * 1e3:.1f} ms p99 {pct(idle, 0.99) * 1e3:.1f} ms | while steering "
             f"p50 {statistics.median(busy) * 1e3:.1f} ms p99 {pct(busy, 0.99) * 1e3:.1f} ms: "
-            f"{pct(busy, 0.99) / pct(idle, 0.99):.2f}x (goal < 2x); generations completed meanwhile: {status['completed']}"
+            f"{pct(busy, 0.99) / pct(idle, 0.99):.2f}x (goal < 2x); model requests completed in the run: {status['completed']}"
         )
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:

@@ -190,3 +190,23 @@ def test_a_model_that_cannot_load_is_reported_and_pages_keep_working(mined_store
         assert r.status_code == 503 and "could not be loaded" in r.json()["detail"]
         assert "could not be loaded" in client.get("/live/status").text
         assert client.get("/saes/tiny-sae/features/3").status_code == 200
+
+
+def test_postgres_store_serves_the_live_sae_without_its_folder(pg_url, tiny_sae_dir, tiny_lm, tmp_path):
+    """As in docker-compose: the server has the database only, not the folder the SAE was mined from."""
+    import shutil
+
+    from conftest import mine_tiny
+    from sae_core.live.runtime import LiveRuntime
+    from sae_core.store import db
+    from sae_core.store.weights import load_run_sae
+
+    folder = shutil.copytree(tiny_sae_dir, tmp_path / "elsewhere")
+    mine_tiny(folder, tiny_lm, pg_url, windows=32)
+    shutil.rmtree(folder)  # the training machine's disk is gone
+    engine = db.open_store(pg_url)
+    with engine.connect() as conn:
+        run, loaded = load_run_sae(conn, "elsewhere")
+    assert run.source == "store" and loaded.sae.cfg.n_latents == 128
+    result = LiveRuntime(LIMITS, engine=engine, lm=tiny_lm).encode("elsewhere", TEXT, feature=3)
+    assert result.run_id == run.run_id and len(result.feature_acts) == len(result.tokens)
