@@ -213,7 +213,7 @@ class LiveConfig:
     """The live features (sae_core/live): running the model on the user's text and steering it. One model
     process per server, apart from the page handlers; its limits are what the API answers 422 or 503 beyond."""
 
-    live_device: str = option("cpu", "Where the live model runs: cpu, cuda, cuda:N or auto.")
+    live_device: str = device_option()
     live_model_dtype: str = option(
         "auto", "dtype of the live model: auto (bf16 where the hardware computes it natively), float32, bfloat16."
     )
