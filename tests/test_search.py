@@ -117,3 +117,26 @@ def test_fuse_adds_reciprocal_ranks():
     fused = dict(search.fuse(a, b))
     assert fused[7] == pytest.approx(1 / 62 + 1 / 61) and fused[5] == pytest.approx(1 / 61) and fused[9] == pytest.approx(1 / 62)
     assert [i for i, _ in search.fuse(a, b)] == [7, 5, 9]
+
+
+def test_explain_and_search_on_postgres(pg_url, tiny_sae_dir, tiny_lm):
+    """The whole path on PostgreSQL: explain writes (JSON patterns, embeddings, the GIN-indexed text), the
+    SAE's metrics take the means, and search finds a feature by a word of its explanation."""
+    from sae_core.config import ExplainConfig
+    from sae_core.explain.stage import NO_PATTERN, explain
+
+    mine_tiny(tiny_sae_dir, tiny_lm, pg_url, windows=16)
+    result = explain("tiny-sae", ExplainConfig(db=pg_url), progress=False)
+    assert result.explained > 0 and result.metrics["n2g_features"] == result.explained
+    engine = db.open_store(pg_url)
+    with engine.connect() as conn:
+        index, words = conn.execute(
+            select(Explanation.feature_index, Explanation.search_text).where(Explanation.text != NO_PATTERN)
+            .order_by(Explanation.feature_index).limit(1)
+        ).one()
+        run_id = conn.scalar(select(SAE.active_run_id))
+        word = next(w for w in search.words(words) if len(w) > 2)
+        assert index in [m.feature_index for m in search.full_text(conn, run_id, word, limit=500)]
+        nearest = search.semantic(conn, run_id, embedder().encode([words])[0], limit=5)
+        assert index in [m.feature_index for m in nearest]
+    engine.dispose()
