@@ -85,7 +85,7 @@ def context_html(ex: dict, max_value: float) -> Markup:
         cls = "tok peak" if i == peak else "tok"
         if a > 0:
             cls += " " + heat(a, max_value)
-        parts.append(f'<span class="{cls}" title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}" data-act="{a}">{visible(tok)}</span>')
+        parts.append(f'<span class="{cls}" title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}">{visible(tok)}</span>')
     parts.append("</div>")
     return Markup("".join(parts))
 
