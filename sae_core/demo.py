@@ -101,20 +101,24 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
 
 
 def _steering_example(console: Console, engine, name: str, lm) -> None:
-    """The live pages, and a steering example of this SAE with its permalink (sae_core/live/example.py)."""
+    """The live pages, and a steering example of this SAE with its permalink (sae_core/live/example.py): run
+    here when the model is loaded anyway (a stage ran), else only linked (a re-run stays quick)."""
     from .errors import SaescopeError
-    from .live.example import steering_example
+    from .live.example import example_request, steering_example
 
     console.print(f"      live pages: /saes/{name}/inference (features on your text), /saes/{name}/steer")
     try:
-        example = steering_example(engine, name, lm)
+        request = example_request(engine, name)
+        example = steering_example(engine, name, lm) if request is not None and lm is not None else None
     except SaescopeError as exc:  # the atlas is complete without it
         console.print(f"      no steering example: {exc}")
         return
-    if example is None:
+    if request is None:
         return
-    r, iv = example.result, example.intervention
-    console.print(f"      steering example: feature #{iv.feature} (its top contexts peak on {example.word!r}) clamped to {iv.value:g}")
-    console.print(f"        default: {''.join(r.prompt_tokens)}{r.default.text}", markup=False, highlight=False)
-    console.print(f"        steered: {''.join(r.prompt_tokens)}{r.steered.text}", markup=False, highlight=False)
-    console.print(f"        permalink: {example.permalink}", markup=False, highlight=False)
+    iv = request.intervention
+    console.print(f"      steering example: feature #{iv.feature} (its top contexts peak on {request.word!r}) clamped to {iv.value:g}")
+    if example is not None:
+        r = example.result
+        console.print(f"        default: {''.join(r.prompt_tokens)}{r.default.text}", markup=False, highlight=False)
+        console.print(f"        steered: {''.join(r.prompt_tokens)}{r.steered.text}", markup=False, highlight=False)
+    console.print(f"        permalink: {request.permalink}", markup=False, highlight=False)

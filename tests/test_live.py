@@ -164,7 +164,9 @@ def test_the_demo_steering_example_is_found_from_the_store(mined_store, tiny_lm)
     feature, word, max_act = find_feature(engine, "tiny-sae", words)
     assert word == peak and max_act > 0
     example = steering_example(engine, "tiny-sae", tiny_lm, max_new_tokens=6, words=words)
-    assert example.feature == feature and example.intervention == Intervention(feature, "clamp", round(4 * max_act, 1))
-    assert example.permalink.startswith("/saes/tiny-sae/steer?prompt=My+favourite+thing+to+talk+about+is&feature=")
-    assert f"feature={feature}&mode=clamp&value={example.intervention.value:g}" in example.permalink
+    request = example.request
+    assert request.feature == feature and request.intervention == Intervention(feature, "clamp", round(4 * max_act, 1))
+    assert request.permalink.startswith("/saes/tiny-sae/steer?prompt=My+favourite+thing+to+talk+about+is&feature=")
+    assert f"feature={feature}&mode=clamp&value={request.intervention.value:g}" in request.permalink
+    assert (example.result.diverges_at is None) == (example.result.steered.token_ids == example.result.default.token_ids)
     assert example.result.default.token_ids

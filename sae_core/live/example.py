@@ -21,12 +21,18 @@ MULTIPLE = 4.0  # times the feature's max activation over the mined tokens
 
 
 @dataclass
-class SteeringExample:
+class SteeringRequest:
     feature: int
-    word: str
+    word: str  # the word its top contexts peak on
     intervention: Intervention
+    settings: GenerationConfig
+    permalink: str  # the steering page that runs it
+
+
+@dataclass
+class SteeringExample:
+    request: SteeringRequest
     result: GenerateResult
-    permalink: str
 
 
 def find_feature(engine: Engine, sae: str, words: tuple[str, ...] = WORDS) -> tuple[int, str, float] | None:
@@ -48,14 +54,23 @@ def find_feature(engine: Engine, sae: str, words: tuple[str, ...] = WORDS) -> tu
     return None
 
 
-def steering_example(
-    engine: Engine, sae: str, lm: LanguageModel | None = None, max_new_tokens: int = 24, words: tuple[str, ...] = WORDS
-) -> SteeringExample | None:
+def example_request(engine: Engine, sae: str, words: tuple[str, ...] = WORDS, max_new_tokens: int = 24) -> SteeringRequest | None:
+    """The example for `sae` (no model needed), or None when no top context peaks on any of `words`."""
     found = find_feature(engine, sae, words)
     if found is None:
         return None
     feature, word, max_act = found
     intervention = Intervention(feature, "clamp", round(MULTIPLE * max_act, 1))
     settings = GenerationConfig(max_new_tokens=max_new_tokens)
-    result = LiveRuntime(LiveConfig(), engine=engine, lm=lm).generate(sae, PROMPT, [intervention], settings)
-    return SteeringExample(feature, word, intervention, result, steer_permalink(sae, PROMPT, [intervention], settings))
+    return SteeringRequest(feature, word, intervention, settings, steer_permalink(sae, PROMPT, [intervention], settings))
+
+
+def steering_example(
+    engine: Engine, sae: str, lm: LanguageModel | None = None, max_new_tokens: int = 24, words: tuple[str, ...] = WORDS
+) -> SteeringExample | None:
+    """The example, run: both continuations."""
+    request = example_request(engine, sae, words, max_new_tokens)
+    if request is None:
+        return None
+    result = LiveRuntime(LiveConfig(), engine=engine, lm=lm).generate(sae, PROMPT, [request.intervention], request.settings)
+    return SteeringExample(request, result)

@@ -28,6 +28,7 @@ import os
 import queue
 import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     cfg = LiveConfig(**json.loads(args.config))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us (SIGTERM) itself
     os.nice(cfg.live_nice)
     import torch
 
