@@ -236,6 +236,27 @@ def test_a_random_direction_in_the_middle_of_the_model_has_a_dense_effect(tiny_l
         assert torch.equal(tiny_lm.logits_and_residual(ids, 1)[1], h)
 
 
+def test_ablations_run_in_float32_whatever_the_models_dtype(tiny_lm):
+    """bf16 rounds the ablated and the reference forward differently at every logit: dense noise. The meter
+    runs a float32 copy, so a bf16 model's ablations measure what the float32 model's do."""
+    bf16 = LanguageModel(name="tiny-bf16", model=copy.deepcopy(tiny_lm.model).to(torch.bfloat16), tokenizer=tiny_lm.tokenizer,
+                         device=tiny_lm.device, dtype=torch.bfloat16)
+    ids = torch.randint(3, 250, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        h = bf16.residuals(ids, 1)
+    direction = torch.randn(tiny_lm.d_model, generator=torch.Generator().manual_seed(0))
+    sae = planted_sae(tiny_lm.d_model, direction)
+    with torch.no_grad():
+        sae.b_enc[3] = 0.05  # a small activation: a small effect, which bf16's rounding would drown
+    values = []
+    for model in (bf16, tiny_lm):
+        meter = AblationMeter(model, sae, 1, skip=1, positions=3, horizon=8)
+        assert meter.lm.dtype == torch.float32 and model.model.dtype == model.dtype   # the model itself is left as it was
+        meter.add(ids, h)
+        values.append(meter.report().sparsity)
+    assert values[0] == pytest.approx(values[1], rel=1e-3)  # computing in bf16 misses by 6%
+
+
 # ---------------------------------------------------------------- saescope eval
 
 
