@@ -43,7 +43,8 @@ def float32_model(lm: LanguageModel) -> LanguageModel:
     """`lm` itself when it computes in float32, else a float32 copy of it (SmolLM2-135M: 0.5 GB)."""
     if lm.dtype == torch.float32:
         return lm
-    return replace(lm, model=copy.deepcopy(lm.model).float(), dtype=torch.float32)
+    # .to, not .float(): transformers refuses .float() on a model loaded from a GGUF file
+    return replace(lm, model=copy.deepcopy(lm.model).to(torch.float32), dtype=torch.float32)
 
 
 @dataclass
