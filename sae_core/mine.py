@@ -166,11 +166,14 @@ def mine(
     run_config = {"cache": asdict(cache), **identity}
 
     engine = db.make_engine(cfg.db)
-    if grid.is_main and db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
+    part_only = mine_part is not None and merge_count is None  # only reads the store (parts may start together: one creates it)
+    if not part_only and db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
         db.upgrade(engine)
     grid.world.barrier()  # under torchrun the other ranks wait for rank 0's schema
-    db.check_schema(engine)
-    if not cfg.force:
+    empty = db.current_revision(engine) is None
+    if not empty:
+        db.check_schema(engine)
+    if not cfg.force and not empty:
         existing = write.find_complete_run(engine, name, run_config)
         if existing is not None:
             return MineResult(
@@ -215,9 +218,10 @@ def mine(
             )
         notes += done.notes
     grid.world.barrier()  # under torchrun: every part is mined before rank 0 merges them
-    if merge_count is None and mine_part is not None and done is not None:
-        note = f"part {mine_part} mined ({done.n_rows:,} positions); publish the parts with --merge-shards {mine_part.count}"
-        return MineResult(name, 0, done.n_rows, 0, sae.cfg.n_latents, time.perf_counter() - t0, published=False, notes=[*notes, note])
+    if part_only and mine_part is not None and done is not None:
+        if not grid.distributed:
+            notes.append(f"part {mine_part} mined ({done.n_rows:,} positions); publish the parts with --merge-shards {mine_part.count}")
+        return MineResult(name, 0, done.n_rows, 0, sae.cfg.n_latents, time.perf_counter() - t0, published=False, notes=notes)
 
     if merge_count is None:
         chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)

@@ -31,6 +31,7 @@ class Timer:
 
     seconds: float = 0.0
     calls: int = 0
+    bytes: int = 0  # payload this rank contributed (all-reduce and broadcast: the tensor; all-gather: its own part)
 
 
 class RankLost(SaescopeError):
@@ -56,7 +57,8 @@ class Comms:
         """`sum` for a group of several ranks, None for one: what the SAEs' loss takes to use the whole group's batch."""
         return self.sum if self.size > 1 else None
 
-    def _timed(self, fn, *args, **kwargs):
+    def _timed(self, fn, *args, nbytes: int = 0, **kwargs):
+        self.timer.bytes += nbytes
         t0 = time.perf_counter()
         try:
             out = fn(*args, **kwargs)
@@ -71,7 +73,7 @@ class Comms:
         if self.size == 1:
             return t
         out = t.clone()
-        self._timed(dist.all_reduce, out, group=self.group)
+        self._timed(dist.all_reduce, out, group=self.group, nbytes=out.nbytes)
         return out
 
     def sum_all_(self, tensors: list[torch.Tensor]) -> None:
@@ -83,20 +85,20 @@ class Comms:
             for w in [dist.all_reduce(t, group=self.group, async_op=True) for t in tensors]:
                 w.wait()
 
-        self._timed(reduce_all)
+        self._timed(reduce_all, nbytes=sum(t.nbytes for t in tensors))
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[size, *t.shape]: every rank's `t`, in rank order."""
         if self.size == 1:
             return t.unsqueeze(0)
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        self._timed(dist.all_gather, parts, t.contiguous(), group=self.group)
+        self._timed(dist.all_gather, parts, t.contiguous(), group=self.group, nbytes=t.nbytes)
         return torch.stack(parts)
 
     def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite `t` with the copy of the group's rank `src`."""
         if self.size > 1:
-            self._timed(dist.broadcast, t, group_src=src, group=self.group)
+            self._timed(dist.broadcast, t, group_src=src, group=self.group, nbytes=t.nbytes)
         return t
 
     def barrier(self) -> None:
