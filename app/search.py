@@ -20,8 +20,15 @@ CANDIDATES = 100  # per ranking, before fusion
 
 @lru_cache(maxsize=1024)
 def query_vector(query: str) -> np.ndarray:
+    import torch
+
     from sae_core.explain.embed import embedder
 
+    # One short query gains nothing from a second thread and loses a lot when the cores are busy
+    # (bench/RESULTS.md: p50 582 ms with 2 threads at load 12, ~10 ms with 1). Torch in a page worker
+    # serves only this: the live model runs in its own process.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
     return embedder().encode([query])[0]
 
 
