@@ -36,7 +36,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 OUT = ROOT / "bench" / "out"
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 VOCAB = 49152
-TABLE_VIEWS = [("index", "all", "asc"), ("density", "alive", "desc"), ("max_act", "all", "desc"), ("index", "rare", "asc"), ("density", "rare", "asc")]
+TABLE_VIEWS = [
+    ("index", "all", "asc"), ("density", "alive", "desc"), ("max_act", "all", "desc"), ("index", "rare", "asc"),
+    ("density", "rare", "asc"), ("max_act", "rare", "desc"), ("index", "dead", "asc"),
+]  # fmt: skip
 SEARCH_WORDS = ["whale", "ship", "said", "the", "nation", "sea", "war", "ing", "money", "God"]
 
 
