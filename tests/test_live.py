@@ -152,7 +152,7 @@ def test_weights_round_trip_through_bytes(tiny_sae_dir):
 def test_the_demo_steering_example_is_found_from_the_store(mined_store, tiny_lm):
     from sqlalchemy import create_engine, text
 
-    from sae_core.live.example import WORDS, find_feature, steering_example
+    from sae_core.live.example import MULTIPLE, WORDS, find_feature, steering_example
 
     engine = create_engine(mined_store)
     assert find_feature(engine, "tiny-sae") is None  # no single token of the tiny vocabulary is one of the demo's words
@@ -165,7 +165,7 @@ def test_the_demo_steering_example_is_found_from_the_store(mined_store, tiny_lm)
     assert word == peak and max_act > 0
     example = steering_example(engine, "tiny-sae", tiny_lm, max_new_tokens=6, words=words)
     request = example.request
-    assert request.feature == feature and request.intervention == Intervention(feature, "clamp", round(4 * max_act, 1))
+    assert request.feature == feature and request.intervention == Intervention(feature, "clamp", round(MULTIPLE * max_act, 1))
     assert request.permalink.startswith("/saes/tiny-sae/steer?prompt=My+favourite+thing+to+talk+about+is&feature=")
     assert f"feature={feature}&mode=clamp&value={request.intervention.value:g}" in request.permalink
     assert (example.result.diverges_at is None) == (example.result.steered.token_ids == example.result.default.token_ids)

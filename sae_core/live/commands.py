@@ -80,7 +80,8 @@ def register(app: typer.Typer, console: Console) -> None:
         result = _runtime(db, live_device, live_model_dtype).generate(sae, prompt, interventions, settings)
         console.print(f"[bold]default[/]  ({result.default.stopped})", highlight=False)
         print(prompt + result.default.text)
-        console.print(f"[bold]steered[/]  {' '.join(iv.spec() for iv in interventions) or '(no interventions)'} ({result.steered.stopped})")
+        specs = " ".join(iv.spec() for iv in interventions) or "(no interventions)"
+        console.print(f"[bold]steered[/]  {specs} ({result.steered.stopped})", emoji=False, highlight=False)
         print(prompt + result.steered.text)
         if result.diverges_at is not None:
             console.print(f"[dim]diverge at generated token {result.diverges_at}[/]")

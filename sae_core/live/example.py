@@ -1,7 +1,8 @@
 """A steering example for a mined SAE, found from the store rather than hard-coded (feature indices
 differ from one training run to the next): the feature whose top contexts peak most often on a
-content word (Moby-Dick's whale, when the corpus has it), clamped to a multiple of its max activation on a neutral prompt. `saescope demo`
-ends with it, printing both continuations and the permalink that shows them on the steering page."""
+content word (the State of the Union's war, when the corpus has it), clamped to a multiple of its
+max activation on a neutral prompt. `saescope demo` ends with it, printing both continuations and
+the permalink that shows them on the steering page."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from ..store.schema import SAE, Feature, TokenFeature, Vocab
 from .interventions import Intervention, steer_permalink
 from .runtime import GenerateResult, LiveRuntime
 
-WORDS = (" whale", " sea", " ship", " war", " money")  # in order of preference: words the demo corpus is full of
+WORDS = (" war", " whale", " sea", " ship", " money")  # in order of preference: words the demo corpus is full of
 PROMPT = "My favourite thing to talk about is"
-MULTIPLE = 4.0  # times the feature's max activation over the mined tokens
+MULTIPLE = 2.0  # times the feature's max activation over the mined tokens: at 3x and more the demo SAE's text breaks up
 
 
 @dataclass
