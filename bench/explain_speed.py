@@ -96,8 +96,9 @@ def copy_store(url: str, folder: Path) -> str:
     return f"sqlite:///{folder / 'bench.db'}"
 
 
-def model_pruning_seconds_per_feature(url: str, sae_name: str, sample: int, max_len: int) -> tuple[float, int]:
-    """Seconds per feature that N2G's model-based pruning needs at least, measured on `sample` features."""
+def model_pruning_seconds_per_feature(url: str, sae_name: str, sample: int, max_len: int) -> dict:
+    """Seconds per feature (wall and CPU) that N2G's model-based pruning needs at least, and that ours
+    takes (store-only pruning, wildcards and scoring), both measured on the same `sample` features."""
     import torch
     from sqlalchemy import select
 
@@ -117,8 +118,16 @@ def model_pruning_seconds_per_feature(url: str, sae_name: str, sample: int, max_
     sae = load_sae(path).sae.eval()
     lm = load_model("smollm2-135m", "cpu", "auto")
     layer = parse_hook(hook)
+    from sae_core.explain.n2g import N2GExplainer
+    from sae_core.explain.stage import explain_one
+
+    n2g = N2GExplainer()
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for feature in contexts:  # ours on the same features, same moment, for the ratio
+        explain_one(n2g, n2g, feature)
+    ours_wall, ours_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     passes = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     with torch.inference_mode():
         for feature in contexts:
             build, _ = feature.split()
@@ -136,7 +145,15 @@ def model_pruning_seconds_per_feature(url: str, sae_name: str, sample: int, max_
                 x = lm.residuals(ids, layer)[:, -1].float()
                 sae.encode(x)[:, feature.index]
                 passes += len(batch)
-    return (time.perf_counter() - t0) / max(len(contexts), 1), passes
+    n = max(len(contexts), 1)
+    model_wall, model_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {
+        "model_wall": model_wall / n,
+        "model_cpu": model_cpu / n,
+        "ours_wall": ours_wall / n,
+        "ours_cpu": ours_cpu / n,
+        "passes": passes,
+    }
 
 
 def bench_search(url: str, n_queries: int) -> dict:
@@ -212,6 +229,17 @@ def report_search(url: str, n_queries: int) -> None:
     )
 
 
+def report_reference(url: str, sae: str, sample: int, n: int) -> None:
+    r = model_pruning_seconds_per_feature(url, sae, sample, 24)
+    print(
+        f"reference, model-based pruning (N2G's forward per suffix length, a lower bound) on {sample} features "
+        f"({r['passes']:,} suffix passes): {r['model_wall'] * 1000:,.0f} ms per feature wall, {r['model_cpu'] * 1000:,.0f} ms CPU "
+        f"-> {r['model_cpu'] * n / 60:,.1f} CPU-minutes for {n:,} features; ours on the same features "
+        f"{r['ours_wall'] * 1000:,.1f} ms wall, {r['ours_cpu'] * 1000:,.1f} ms CPU: "
+        f"{r['model_cpu'] / max(r['ours_cpu'], 1e-9):,.0f}x less CPU"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--db", required=True, help="a mined SQLite store (copied, never written)")
@@ -219,6 +247,7 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=24, help="features timed with model-based pruning (the reference)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--reference-only", action="store_true", help="time the reference and ours on --sample features only")
     ap.add_argument("--search-only", action="store_true", help="--db is already explained: time search (and the reference) only")
     args = ap.parse_args()
 
@@ -230,6 +259,9 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}")
     if args.search_only:
         report_search(args.db, args.queries)
+        return
+    if args.reference_only:
+        report_reference(args.db, args.sae, args.sample, 16_384)
         return
     with tempfile.TemporaryDirectory() as tmp:
         url = copy_store(args.db, Path(tmp))
@@ -256,13 +288,7 @@ def main() -> None:
         report_search(url, args.queries)
 
         if not args.skip_reference:
-            per_feature, passes = model_pruning_seconds_per_feature(url, args.sae, args.sample, 24)
-            model_all = per_feature * n
-            print(
-                f"reference, model-based pruning (N2G's forward per suffix length, lower bound): {per_feature * 1000:.0f} ms per feature "
-                f"on {args.sample} features ({passes:,} suffix passes) -> {model_all / 60:,.1f} min for {n:,} features; "
-                f"store-only pruning is {model_all / wall:,.0f}x faster"
-            )
+            report_reference(url, args.sae, args.sample, n)
         print(f"peak RSS {peak_rss_mb():,.0f} MB")
 
 
