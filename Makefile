@@ -43,7 +43,7 @@ test: venv
 
 # The LLM explainer end to end against llama.cpp's OpenAI-compatible server serving the bundled SmolLM2
 # (tests/test_explain_llm.py; skipped by `make test`). llama-cpp-python has no binary wheel here and builds
-# from source (cmake and a C++ compiler), over half an hour on 2 busy cores: hence its own venv and target.
+# from source (cmake and a C++ compiler): 87 min on 2 busy cores (bench/RESULTS.md), hence its own venv and target.
 LLAMA_VENV ?= .venv-llama
 test-llm: venv
 	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
