@@ -166,6 +166,7 @@ class LLMExplainer:
     def __init__(self, client: ChatClient, vocab: list[str], n_examples: int = 10, fire_fraction: float = 0.5, seed: int = 0):
         self.client, self.vocab, self.n_examples, self.fire_fraction = client, vocab, n_examples, fire_fraction
         self.rng = np.random.default_rng(seed)
+        self._usage_before: dict = {}
         self.negatives: list[tuple[int, np.ndarray]] = []  # (feature, tokens) of other features' contexts, for detection
 
     @property
@@ -190,6 +191,7 @@ class LLMExplainer:
         return rows if len(rows) <= n else np.sort(self.rng.choice(rows, size=n, replace=False))
 
     def explain(self, feature: FeatureContexts, build: np.ndarray) -> Explained:
+        self._usage_before = self.client.usage.as_dict()  # this feature's tokens: explanation and both scorers
         fires = self._fires(feature)
         rows = np.flatnonzero(build & fires.any(axis=1))
         top = [r for r in rows if feature.kinds[r] == "top"]
@@ -236,5 +238,11 @@ class LLMExplainer:
             precision,
             recall,
             sum(known) / len(known) if known else None,
-            {"detection": detection, "fuzzing": fuzzing, "detection_items": len(items), "fuzzing_items": len(fuzz_items)},
+            {
+                "detection": detection,
+                "fuzzing": fuzzing,
+                "detection_items": len(items),
+                "fuzzing_items": len(fuzz_items),
+                "usage": {k: v - self._usage_before.get(k, 0) for k, v in self.client.usage.as_dict().items()},
+            },
         )
