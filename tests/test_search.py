@@ -86,7 +86,7 @@ def test_full_text_postgres(pg_url, tiny_sae_dir, tiny_lm):
     _check_full_text(pg_url)
     engine = db.open_store(pg_url)
     with engine.connect() as conn:  # the GIN index over the tsvector is there, and the query can use it
-        assert conn.scalar(text("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_explanations_fts'")) == 1
+        assert conn.scalar(text("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_explanations_fts' AND schemaname = current_schema()")) == 1
     engine.dispose()
 
 
