@@ -83,8 +83,8 @@ class AblationMeter:
         active = z.nonzero().squeeze(1)
         end = t + self.horizon  # later positions cannot change the logits of 0..end-1
         for chunk in active.split(self.rows_per_pass):
-            hidden = h[:end].float().unsqueeze(0).repeat(len(chunk) + 1, 1, 1)  # row 0 unablated: the reference
-            hidden[1:, t] = x - z[chunk, None] * self.sae.W_dec[chunk].float()
+            hidden = h[:end].to(self.lm.dtype).unsqueeze(0).repeat(len(chunk) + 1, 1, 1)  # row 0 unablated: the reference
+            hidden[1:, t] = (x - z[chunk, None] * self.sae.W_dec[chunk].float()).to(self.lm.dtype)
             with self.lm.start_after(self.layer, hidden):
                 out = self.lm.model(input_ids=ids[:end].expand(len(hidden), -1), use_cache=False, logits_to_keep=self.horizon)
             logits = out.logits.float()
