@@ -103,3 +103,40 @@ def test_search_ranks_a_feature_by_its_own_explanation(client, explained):
 def test_search_that_matches_nothing_says_so(client):
     r = client.get("/api/v1/search", params={"q": "zzqx"}).json()
     assert r["hits"] == [] and all(h["full_text_rank"] is None for h in r["features"])
+
+
+def test_explanations_and_search_in_a_browser(explained):
+    """Chromium on a live server: the explanations block, the table's explanation sort and the search page
+    render with no script run, no CSP violation and the XSS token shown as text."""
+    from test_browser import ARTIFACTS, CHROMIUM
+
+    from conftest import LiveServer
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt)")
+    from playwright.sync_api import sync_playwright
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAESCOPE_HOME", str(explained["home"]))
+        live = LiveServer(create_app(explained["url"]))
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+                page = browser.new_page()
+                errors, dialogs = [], []
+                page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+                page.goto(f"{live.url}/saes/tiny-sae/features/{explained['feature']}")
+                patterns = page.locator(".explanations table.patterns td.pattern")
+                assert patterns.count() >= 1 and XSS.replace(" ", "·") in patterns.first.inner_text()  # spaces drawn visibly
+                page.goto(f"{live.url}/saes/tiny-sae?sort=explanation&order=desc")
+                assert page.locator("td.explanation").first.inner_text().strip()
+                page.goto(f"{live.url}/search?q=" + explained["text"].split(" | ")[0].replace("*", ""))
+                assert page.locator("table.search-meaning a.hit").count() >= 1
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "explanations_search.png"), full_page=True)
+                browser.close()
+        finally:
+            live.stop()
+    assert not dialogs and not errors, (dialogs, errors)
