@@ -31,6 +31,7 @@ from sae_core.store.schema import SAE, Feature
 from . import queries
 from .deps import read_connection
 from .render import heat, templates
+from .schemas import Problem
 
 ENV_LIVE = "SAESCOPE_LIVE"  # set by `saescope serve` for its workers: {"socket": ..., "limits": {...}} or {"off": reason}
 OFF_HERE = "the live features run under `saescope serve` (this app was built without them)"
@@ -214,7 +215,28 @@ async def _or_gone(work) -> Any:
 # ---------------------------------------------------------------------- API
 
 
-@router.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"])
+class LiveProblem(BaseModel):
+    """A 422: FastAPI's list of validation errors, or the live limit the request is over, in words."""
+
+    detail: str | list[dict[str, Any]]
+
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds after which the queue has likely drained (when busy)", "schema": {"type": "integer"}}
+}
+LIVE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body is not JSON (FastAPI could not parse it)"},
+    404: {"model": Problem, "description": "No such SAE or feature, or the SAE has not been mined yet"},
+    422: {"model": LiveProblem, "description": "Invalid input: the field and the reason, or the live limit exceeded"},
+    503: {
+        "model": Problem,
+        "description": "The model is busy (Retry-After), off (serve --no-live), loading, or could not be loaded: the reason",
+        "headers": RETRY_AFTER,
+    },
+}
+
+
+@router.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"], responses=LIVE_ERRORS)
 async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName):
     """The SAE's strongest features on each token of `text` (and one feature's activation on every token)."""
     result = await _or_gone(activations(request, sae, body))
@@ -225,7 +247,7 @@ async def activations_api(request: Request, body: ActivationsRequest, sae: str =
     return result
 
 
-@router.post("/api/v1/steer", response_model=SteerResponse, tags=["live"])
+@router.post("/api/v1/steer", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)
 async def steer_api(request: Request, body: SteerRequest):
     """The default and the steered continuation of `prompt`, with the interventions applied at the SAE's hook."""
     return await _or_gone(steer(request, body))
