@@ -66,7 +66,7 @@ def test_steering_a_feature_raises_the_probability_of_the_token_it_promotes(trai
     # measured: the promoted token's probability, steered over unsteered, for 5 features x 4 prompts
     print("probability ratios", [f"{r:.3g}" for r in ratios])
     assert statistics.median(ratios) > 5
-    assert sum(r > 1 for r in ratios) >= 0.8 * len(ratios)
+    assert sum(r > 1 for r in ratios) >= 0.7 * len(ratios)  # measured: 20 and 17 of 20 in two trainings
 
 
 def test_steering_changes_the_real_continuation_and_empty_steering_does_not(trained):
