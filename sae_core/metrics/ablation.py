@@ -44,7 +44,7 @@ def float32_model(lm: LanguageModel) -> LanguageModel:
     if lm.dtype == torch.float32:
         return lm
     # .to, not .float(): transformers refuses .float() on a model loaded from a GGUF file
-    return replace(lm, model=copy.deepcopy(lm.model).to(torch.float32), dtype=torch.float32)
+    return replace(lm, model=copy.deepcopy(lm.model).to(torch.float32), dtype=torch.float32)  # type: ignore[arg-type]  # transformers types .to for its own overloads
 
 
 @dataclass
