@@ -210,7 +210,6 @@ class ModelServer:
         listener.listen(64)
         threading.Thread(target=self.run_jobs, name="live-model", daemon=True).start()
         threading.Thread(target=self.load, name="live-load", daemon=True).start()
-        threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
         while True:
             conn, _ = listener.accept()
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
@@ -229,7 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--parent", type=int, required=True, help="the server's pid: exit when it is gone")
     args = parser.parse_args(argv)
+    # Watched from the first moment: a server killed while this process still imports torch left it
+    # running for good when the watch started after the imports (it then took init as its parent).
+    threading.Thread(target=_exit_with_parent, args=(args.parent,), daemon=True).start()
     cfg = LiveConfig(**json.loads(args.config))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us (SIGTERM) itself
     os.nice(cfg.live_nice)
@@ -257,7 +260,10 @@ class ModelPool:
 
     def start(self) -> ModelPool:
         config = json.dumps(asdict(self.cfg))
-        cmd = [sys.executable, "-m", "sae_core.live.pool", "--socket", self.socket, "--db", self.db_url, "--config", config]
+        cmd = [
+            sys.executable, "-m", "sae_core.live.pool", "--socket", self.socket, "--db", self.db_url, "--config", config,
+            "--parent", str(os.getpid()),
+        ]  # fmt: skip
         self.process = subprocess.Popen(cmd)
         return self
 
