@@ -179,15 +179,6 @@ def mine(sae: Path, **values) -> None:
 
 
 @app.command()
-@with_signature(command_options(ServeConfig))
-def serve(**values) -> None:
-    """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
-    from .serve import serve as run_serve
-
-    run_serve(from_options(ServeConfig, values), console)
-
-
-@app.command()
 @with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(ExplainConfig)])
 def explain(sae: str, **values) -> None:
     """Explain and score every fired feature of a mined SAE (N2G patterns, or an LLM); resumable, skips explained features."""
@@ -203,6 +194,15 @@ def explain(sae: str, **values) -> None:
     if r.usage:
         line += f"; {r.usage.get('requests', 0):,} requests, {r.usage.get('total_tokens', 0):,} tokens"
     console.print(line)
+
+
+@app.command()
+@with_signature(command_options(ServeConfig))
+def serve(**values) -> None:
+    """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
+    from .serve import serve as run_serve
+
+    run_serve(from_options(ServeConfig, values), console)
 
 
 @app.command()
