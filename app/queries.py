@@ -19,7 +19,7 @@ from .prepared import Prepared
 
 RARE_DENSITY = order.RARE_DENSITY
 SortKey = Literal["index", "density", "max_act", "explanation"]  # explanation: its N2G score
-Filter = Literal["all", "alive", "dead", "rare"]
+Filter = order.Filter
 
 
 class NotFound(LookupError):

@@ -11,17 +11,18 @@ from __future__ import annotations
 from itertools import islice
 from typing import Iterable, Sequence
 
-from sqlalchemy import Table
 from sqlalchemy.orm import Session
 from tqdm import tqdm
+
+from .schema import Base
 
 BATCH = 5000  # rows per executemany on SQLite, and between progress updates
 
 
 def load_rows(
-    s: Session, table: Table, columns: Sequence[str], rows: Iterable[tuple], total: int = 0, desc: str = "", progress: bool = False
+    s: Session, model: type[Base], columns: Sequence[str], rows: Iterable[tuple], total: int = 0, desc: str = "", progress: bool = False
 ) -> int:
-    """Append `rows` to `table` inside the session's transaction; returns the number of rows."""
+    """Append `rows` to `model`'s table inside the session's transaction; returns the number of rows."""
     conn = s.connection()
     quote = conn.dialect.identifier_preparer.quote
     names = ", ".join(quote(c) for c in columns)
@@ -31,7 +32,7 @@ def load_rows(
         if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
             raw = conn.connection.driver_connection
             assert raw is not None
-            with raw.cursor() as cur, cur.copy(f"COPY {quote(table.name)} ({names}) FROM STDIN") as copy:
+            with raw.cursor() as cur, cur.copy(f"COPY {quote(model.__tablename__)} ({names}) FROM STDIN") as copy:
                 while batch := list(islice(it, BATCH)):
                     for row in batch:
                         copy.write_row(row)
@@ -40,7 +41,7 @@ def load_rows(
         else:
             marks = ", ".join("?" if conn.dialect.paramstyle == "qmark" else "%s" for _ in columns)
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            sql = f"INSERT INTO {quote(table.name)} ({names}) VALUES ({marks})"
+            sql = f"INSERT INTO {quote(model.__tablename__)} ({names}) VALUES ({marks})"
             while batch := list(islice(it, BATCH)):
                 cursor.executemany(sql, batch)
                 n += len(batch)

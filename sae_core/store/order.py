@@ -17,8 +17,8 @@ EVERY = 128  # rows between checkpoints: 12 * n / 128 checkpoint rows per run; a
 RARE_DENSITY = 1e-4  # the "rare" filter: fires, but on fewer than 1 in 10,000 positions
 SORTS = ("index", "density", "max_act")
 FILTERS = ("all", "alive", "dead", "rare")
-SortKey = Literal["index", "density", "max_act"]
-Filter = Literal["all", "alive", "dead", "rare"]
+Filter = Literal["all", "alive", "dead", "rare"]  # the values of FILTERS, for type checks and the API
+COLUMNS = ("run_id", "sort", "filter", "position", "feature_index", "value", "total")  # checkpoint_rows' tuples
 
 
 def filter_mask(flt: str, density: np.ndarray) -> np.ndarray:
@@ -35,9 +35,9 @@ def filter_mask(flt: str, density: np.ndarray) -> np.ndarray:
 
 
 def checkpoint_rows(run_id: int, density: np.ndarray, max_act: np.ndarray, every: int | None = None):
-    """Rows of `feature_order` for a run: per (sort, filter), one every `every` positions of the
-    ascending order (value, then index), each carrying the list's length; an empty list gets one row
-    with feature_index -1, so that its length is stored too."""
+    """Rows of `feature_order` for a run, as COLUMNS tuples: per (sort, filter), one every `every`
+    positions of the ascending order (value, then index), each carrying the list's length; an empty
+    list gets one row with feature_index -1, so that its length is stored too."""
     every = every or EVERY
     values = {
         "index": np.arange(len(density), dtype=np.float64),
@@ -51,23 +51,15 @@ def checkpoint_rows(run_id: int, density: np.ndarray, max_act: np.ndarray, every
             ordered = kept[np.lexsort((kept, v))]  # by value, ties by index
             total = len(ordered)
             if total == 0:
-                yield {"run_id": run_id, "sort": sort, "filter": flt, "position": 0, "feature_index": -1, "value": 0.0, "total": 0}
+                yield (run_id, sort, flt, 0, -1, 0.0, 0)
             for pos in range(0, total, every):
                 i = int(ordered[pos])
-                yield {
-                    "run_id": run_id,
-                    "sort": sort,
-                    "filter": flt,
-                    "position": pos,
-                    "feature_index": i,
-                    "value": float(values[sort][i]),
-                    "total": total,
-                }
+                yield (run_id, sort, flt, pos, i, float(values[sort][i]), total)
 
 
 class PagePlan(NamedTuple):
-    """Where an ascending read starts for a page: from (value, feature_index) inclusive, skipping `skip`
-    rows, taking `take`; `reverse`: the page is that read backwards (descending order)."""
+    """The ascending positions a page covers: `take` rows from `start`; `reverse`: the page is that
+    range read backwards (descending order)."""
 
     start: int  # ascending position of the first row read
     take: int

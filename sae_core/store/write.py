@@ -13,10 +13,9 @@ from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import codec
+from . import codec, order
 from .bulk import BATCH, load_rows
 from .changes import mark_changed
-from .order import checkpoint_rows
 from .schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab, utcnow
 from .weights import store_weights
 
@@ -116,7 +115,6 @@ def _ensure_model(s: Session, m: ModelRecord) -> int:
 FEATURE_COLUMNS = ("run_id", "feature_index", "n_fired", "density", "max_act", "mean_act", "histogram", "intervals", "logits", "neighbours")
 EXAMPLE_COLUMNS = ("run_id", "feature_index", "kind", "interval", "rank", "doc_id", "doc_offset", "token_ids", "acts", "max_act", "max_pos")
 TOKEN_FEATURE_COLUMNS = ("run_id", "token_id", "feature_index", "n_examples", "max_act")
-ORDER_COLUMNS = ("run_id", "sort", "filter", "position", "feature_index", "value", "total")
 
 
 def _pairs(ids: np.ndarray, values: np.ndarray) -> list[str]:
@@ -194,10 +192,6 @@ def _token_features(run_id: int, t):
         yield (run_id, tok, feat, count, mx)
 
 
-def _insert_all(s: Session, model, columns, rows, total: int, desc: str, progress: bool) -> None:
-    load_rows(s, model.__table__, columns, rows, total, desc, progress)
-
-
 def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
     """Insert a complete mining run and make it the SAE's visible one; returns the run id."""
     tables, record = run.tables, dict(vars(run.sae))
@@ -219,13 +213,12 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         sae_id, run_id = sae.id, mining_run.id
     with Session(engine) as s, s.begin():
         features = _features(run_id, tables, run.logits, run.neighbours)
-        _insert_all(s, Feature, FEATURE_COLUMNS, features, len(tables.n_fired), "storing features", progress)
+        load_rows(s, Feature, FEATURE_COLUMNS, features, len(tables.n_fired), "storing features", progress)
         examples = _examples(run_id, tables, run.doc_ids)
-        _insert_all(s, Example, EXAMPLE_COLUMNS, examples, len(tables.ex_feature), "storing examples", progress)
-        _insert_all(s, TokenFeature, TOKEN_FEATURE_COLUMNS, _token_features(run_id, tables), 0, "storing search index", False)
+        load_rows(s, Example, EXAMPLE_COLUMNS, examples, len(tables.ex_feature), "storing examples", progress)
+        load_rows(s, TokenFeature, TOKEN_FEATURE_COLUMNS, _token_features(run_id, tables))
         density = tables.n_fired / max(tables.positions, 1)  # as _features stores it
-        order = (tuple(row[c] for c in ORDER_COLUMNS) for row in checkpoint_rows(run_id, density, tables.act_max))
-        _insert_all(s, FeatureOrder, ORDER_COLUMNS, order, 0, "storing table order", False)
+        load_rows(s, FeatureOrder, order.COLUMNS, order.checkpoint_rows(run_id, density, tables.act_max))
         if run.weights is not None:
             store_weights(s, run_id, run.weights)
     with Session(engine) as s, s.begin():  # the switch: readers see the old run or the new one, never a mix
