@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
@@ -272,7 +273,7 @@ def main() -> None:
     try:
         app()
     except SaescopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)  # the message may hold [brackets]
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: whole shards and checkpoints are kept; re-run the same command to resume")

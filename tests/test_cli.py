@@ -35,6 +35,9 @@ def test_bad_input_is_one_clear_line():
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
     r = saescope("serve", "--port", "0")
     assert r.returncode == 2 and "--port must be between 1 and 65535" in r.stderr
+    # a message holding rich markup (Gloo's errors name "[/path/pair.cc:553]") is printed as it is
+    r = saescope("mine", "--sae", "/no/such/[/sae]", "--db", "sqlite:////tmp/unused.db")
+    assert r.returncode == 2 and "[/sae]" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_pipeline_commands(tiny_model, tiny_corpus, tmp_path):
