@@ -83,7 +83,7 @@ async def features(
     responses={**NOT_MODIFIED, **NOT_FOUND},
 )
 async def feature(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    return await read(request, queries.feature_detail, sae, index)
+    return await read_connection(request, queries.feature_detail, sae, index)
 
 
 @router.get(

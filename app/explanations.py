@@ -9,10 +9,11 @@ from sqlalchemy.orm import Session
 from sae_core.store.schema import Explanation
 
 from . import schemas
+from .prepared import Prepared, json_value
 
 TABLE_METHOD = "n2g"  # the SAE table's explanation column and its sort key
 
-_FOR_FEATURE = (
+_FOR_FEATURE = Prepared(
     select(
         Explanation.method,
         Explanation.text,
@@ -40,7 +41,8 @@ def _token(vocab: list[str], t: int | None) -> str | None:
 
 def for_feature(conn: Connection, run_id: int, index: int, vocab: list[str]) -> list[schemas.ExplanationOut]:
     out = []
-    for method, text, patterns, precision, recall, score, scores in conn.execute(_FOR_FEATURE, {"run_id": run_id, "index": index}):
+    for method, text, patterns, precision, recall, score, scores in _FOR_FEATURE.rows(conn, {"run_id": run_id, "index": index}):
+        patterns, scores = json_value(patterns), json_value(scores)
         pats = [
             schemas.ExplanationPattern(
                 tokens=[_token(vocab, t) for t in q["tokens"]],

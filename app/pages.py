@@ -7,6 +7,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import RedirectResponse
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from . import queries, schemas
@@ -58,13 +59,15 @@ async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=
 
 @router.get("/saes/{sae}/features/{index}")
 async def feature_page(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    def render(s: Session):
-        view = queries.feature_view(s, sae, index, schemas.ExampleKind.top, 0, FIRST_EXAMPLES)
+    def render(conn: Connection):
+        view = queries.feature_view(conn, sae, index, schemas.ExampleKind.top, 0, FIRST_EXAMPLES)
         return templates.TemplateResponse(
-            request, "feature.html", {"f": view.feature, "top": view.examples, "sae": sae, "mined_tokens": view.mined_tokens}
+            request,
+            "feature.html",
+            {"f": view.feature, "top": view.examples, "sae": sae, "mined_tokens": view.mined_tokens, "vocab": view.vocab},
         )
 
-    return await read(request, render)
+    return await read_connection(request, render)
 
 
 @router.get("/saes/{sae}/features/{index}/examples")
@@ -76,11 +79,12 @@ async def examples_fragment(
     offset: int = Query(0, ge=0, le=10**6),
     limit: int = Query(FIRST_EXAMPLES, ge=1, le=500),
 ):
-    def render(s: Session):
-        view = queries.feature_view(s, sae, index, kind, offset, limit)
-        return templates.TemplateResponse(request, "_examples.html", {"page": view.examples, "sae": sae, "index": index, "f": view.feature})
+    def render(conn: Connection):
+        view = queries.feature_view(conn, sae, index, kind, offset, limit)
+        ctx = {"page": view.examples, "sae": sae, "index": index, "f": view.feature, "vocab": view.vocab}
+        return templates.TemplateResponse(request, "_examples.html", ctx)
 
-    return await read(request, render)
+    return await read_connection(request, render)
 
 
 @router.get("/search")

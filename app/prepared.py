@@ -4,13 +4,15 @@ A select() is built with SQLAlchemy as usual, compiled once per dialect, and exe
 (sqlite3 or psycopg) inside the caller's SQLAlchemy transaction. For the indexed reads behind the
 examples endpoint, SQLAlchemy's execution path (cache lookup, parameter processing, result
 metadata, Row objects) cost more CPU than SQLite spent running the statement. The price: no type
-processing, so only plain columns (numbers, text, bytes) belong in these statements.
+processing, so only plain columns (numbers, text, bytes) belong in these statements, and JSON
+columns, read through `json_value`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection
 from sqlalchemy.sql import Select
 
@@ -37,3 +39,8 @@ class Prepared:
             return cursor.fetchall()
         finally:
             cursor.close()
+
+
+def json_value(value: Any) -> Any:
+    """A JSON column as the driver returns it: text from sqlite3, already parsed by psycopg."""
+    return orjson.loads(value) if isinstance(value, str) else value

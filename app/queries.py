@@ -15,7 +15,7 @@ from sae_core.store.schema import SAE, Example, Feature, FeatureOrder, MiningRun
 
 from . import explanations, schemas
 from . import search as search_by_meaning
-from .prepared import Prepared
+from .prepared import Prepared, json_value
 
 RARE_DENSITY = order.RARE_DENSITY
 SortKey = Literal["index", "density", "max_act", "explanation"]  # explanation: its N2G score
@@ -164,7 +164,7 @@ def _from(column, value: float, index: int):
     return (column >= value) & ((column > value) | (Feature.index >= index))
 
 
-_TABLE_COLUMNS = (Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired)
+_TABLE_COLUMNS = (Feature.index, Feature.density, Feature.max_act, Feature.mean_act, Feature.n_fired, Feature.top_token_id)
 _SORT_COLUMNS = {"index": Feature.index, "density": Feature.density, "max_act": Feature.max_act}
 _CHECKPOINT = (
     select(FeatureOrder.position, FeatureOrder.feature_index, FeatureOrder.value, FeatureOrder.total)
@@ -215,7 +215,6 @@ def feature_page(
         return schemas.FeaturePage(sae=name, total=0, offset=offset, limit=limit, features=[])
     total, rows = _table_rows(s, run.id, offset, limit, sort, order_ == "desc", flt)
     vocab = VOCAB.get(s.connection(), sae.model_id)
-    peaks = _peak_tokens(s, run.id, [r[0] for r in rows], vocab)
     explained = explanations.for_table(s.connection(), run.id, [r[0] for r in rows])
     feats = [
         schemas.FeatureSummary(
@@ -224,29 +223,13 @@ def feature_page(
             max_act=max_act,
             mean_act=mean_act,
             n_fired=n_fired,
-            top_token=peaks.get(i),
+            top_token=None if top is None else token_text(vocab, top),
             explanation=explained.get(i, (None, None))[0],
             explanation_score=explained.get(i, (None, None))[1],
         )
-        for i, density, max_act, mean_act, n_fired in rows
+        for i, density, max_act, mean_act, n_fired, top in rows
     ]
     return schemas.FeaturePage(sae=name, total=total, offset=offset, limit=limit, features=feats)
-
-
-_PEAKS = select(Example.feature_index, Example.token_ids, Example.max_pos).where(
-    Example.run_id == bindparam("run_id"),
-    Example.kind == "top",
-    Example.rank == 0,
-    Example.feature_index.in_(bindparam("indices", expanding=True)),
-)
-
-
-def _peak_tokens(s: Session, run_id: int, indices: list[int], vocab: list[str]) -> dict[int, str]:
-    """The token each feature's strongest context peaks on."""
-    if not indices:
-        return {}
-    rows = s.connection().execute(_PEAKS, {"run_id": run_id, "indices": indices}).all()
-    return {i: token_text(vocab, codec.id_at(ids, pos)) for i, ids, pos in rows}
 
 
 class FeatureRef(NamedTuple):
@@ -268,12 +251,14 @@ _REF = (
     .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
     .where(SAE.name == bindparam("name"))
 )
-_FEATURE = (
+_FEATURE = Prepared(
     select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens, *Feature.__table__.c)
     .join(MiningRun, SAE.active_run_id == MiningRun.id)
     .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
     .where(SAE.name == bindparam("name"))
 )
+_FEATURE_KEYS = tuple(Feature.__table__.c.keys())
+_FEATURE_JSON = ("histogram", "intervals", "logits", "neighbours")
 _EXAMPLE_WHERE = (SAE.name == bindparam("name"), Example.feature_index == bindparam("index"), Example.kind == bindparam("kind"))
 _EXAMPLES = {
     kind: Prepared(
@@ -337,24 +322,30 @@ def feature_ref(conn: Connection, name: str, index: int) -> FeatureRef:
     return ref
 
 
-def get_feature(s: Session, name: str, index: int) -> tuple[FeatureRef, dict]:
-    row = s.connection().execute(_FEATURE, {"name": name, "index": index}).first()
-    if row is None:  # find out what is missing, for the message
-        feature_ref(s.connection(), name, index)
+def get_feature(conn: Connection, name: str, index: int) -> tuple[FeatureRef, dict]:
+    """The SAE's live run and feature `index`'s row of it (one statement; NotFound names what is missing)."""
+    rows = _FEATURE.rows(conn, {"name": name, "index": index})
+    if not rows:  # find out what is missing, for the message
+        feature_ref(conn, name, index)
         raise NotFound(f"feature {index} of {name} is missing from its mining run")
     ref_len = len(FeatureRef._fields)
-    return FeatureRef(*row[:ref_len]), dict(zip(Feature.__table__.c.keys(), row[ref_len:]))
+    f = dict(zip(_FEATURE_KEYS, rows[0][ref_len:]))
+    for key in _FEATURE_JSON:
+        f[key] = json_value(f[key])
+    return FeatureRef(*rows[0][:ref_len]), f
 
 
-def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
-    vocab = VOCAB.get(s.connection(), ref.model_id)
+def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
+    vocab = VOCAB.get(conn, ref.model_id)
 
     def tv(pairs):
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
+    def token(t: int | None) -> str | None:
+        return None if t is None else token_text(vocab, t)
+
     index = f["feature_index"]
     assert ref.run_id is not None  # get_feature joins the live run
-    peaks = _peak_tokens(s, ref.run_id, [index] + [i for i, _ in f["neighbours"]], vocab)
     return schemas.FeatureDetail(
         sae=ref.sae,
         n_latents=ref.n_latents,
@@ -363,14 +354,14 @@ def _detail(s: Session, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
         max_act=f["max_act"],
         mean_act=f["mean_act"],
         n_fired=f["n_fired"],
-        top_token=peaks.get(index),
+        top_token=token(f["top_token_id"]),
         histogram=f["histogram"],
         intervals=f["intervals"],
         logits_top=tv(f["logits"]["top"]),
         logits_bottom=tv(f["logits"]["bottom"]),
-        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=peaks.get(i)) for i, c in f["neighbours"]],
+        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=token(t)) for i, c, t in f["neighbours"]],
         explanation=f["explanation"],
-        explanations=explanations.for_feature(s.connection(), ref.run_id, index, vocab),
+        explanations=explanations.for_feature(conn, ref.run_id, index, vocab),
     )
 
 
@@ -408,8 +399,8 @@ def examples(conn: Connection, name: str, index: int, kind: schemas.ExampleKind,
     return {"sae": name, "index": index, "kind": kind.value, "total": total, "offset": offset, "limit": limit, "examples": out}
 
 
-def feature_detail(s: Session, name: str, index: int) -> schemas.FeatureDetail:
-    return _detail(s, *get_feature(s, name, index))
+def feature_detail(conn: Connection, name: str, index: int) -> schemas.FeatureDetail:
+    return _detail(conn, *get_feature(conn, name, index))
 
 
 class FeatureView(NamedTuple):
@@ -418,11 +409,13 @@ class FeatureView(NamedTuple):
     feature: schemas.FeatureDetail
     examples: dict  # schemas.ExamplePage's JSON shape (see examples())
     mined_tokens: int
+    vocab: list[str]  # the model's token strings (render.context_html draws tokens from it)
 
 
-def feature_view(s: Session, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> FeatureView:
-    ref, f = get_feature(s, name, index)
-    return FeatureView(_detail(s, ref, f), examples(s.connection(), name, index, kind, offset, limit), ref.mined_tokens or 0)
+def feature_view(conn: Connection, name: str, index: int, kind: schemas.ExampleKind, offset: int, limit: int) -> FeatureView:
+    ref, f = get_feature(conn, name, index)
+    detail = _detail(conn, ref, f)
+    return FeatureView(detail, examples(conn, name, index, kind, offset, limit), ref.mined_tokens or 0, VOCAB.get(conn, ref.model_id))
 
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:

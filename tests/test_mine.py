@@ -98,6 +98,7 @@ def check_against_brute_force(url, lm, sae_dir):
                             .order_by(Example.rank)).all()
             expect = window_max[window_max > 0][:8]
             assert [e.max_act for e in top] == pytest.approx([float(v) for v in expect], rel=1e-4)   # one per window, best first
+            assert f.top_token_id == unpack_ids(top[0].token_ids)[top[0].max_pos]   # the strongest context's peak token
             for e in top:
                 ids, acts = unpack_ids(e.token_ids), unpack_acts(e.acts)
                 assert len(ids) == len(acts) == 9 and 0 <= e.max_pos < 9
@@ -118,6 +119,9 @@ def check_against_brute_force(url, lm, sae_dir):
             assert len(samples) == expected_samples
         assert s.scalar(select(func.count()).select_from(TokenFeature).where(TokenFeature.run_id == run)) > 0
         assert all(len(f.neighbours) == 10 and len(f.logits["top"]) == 10 for f in feats.values())
+        assert all(f.top_token_id is None for f in feats.values() if f.n_fired == 0)
+        for f in feats.values():   # each neighbour carries its own top token, for the page
+            assert [t for _, _, t in f.neighbours] == [feats[j].top_token_id for j, _, _ in f.neighbours]
     engine.dispose()
 
 

@@ -1,6 +1,6 @@
 """The one encoding of an example's tokens and activations in the store: packed little-endian arrays,
 int32 token ids and float16 activations (6 bytes per token instead of a row per token). The miner
-writes through `pack_*`, the app reads through `unpack_*`, `decode_rows` and `id_at`."""
+writes through `pack_*`, the app reads through `unpack_*`, and `decode_rows`."""
 
 from __future__ import annotations
 
@@ -33,12 +33,6 @@ def unpack_ids(blob: bytes) -> list[int]:
 
 def unpack_acts(blob: bytes) -> list[float]:
     return np.frombuffer(blob, dtype=ACT_DTYPE).astype(np.float32).tolist()
-
-
-def id_at(blob: bytes, position: int) -> int:
-    """The token id at `position` of a packed id array, without unpacking the rest."""
-    size = ID_DTYPE.itemsize
-    return int.from_bytes(blob[size * position : size * (position + 1)], "little", signed=True)
 
 
 def decode_rows(id_blobs: Sequence[bytes], act_blobs: Sequence[bytes]) -> list[tuple[list[int], list[float]]]:

@@ -106,8 +106,11 @@ class Feature(Base):
     histogram: Mapped[dict] = mapped_column(JSON)  # {"edges": [51 floats], "counts": [50 ints]}
     intervals: Mapped[dict] = mapped_column(JSON)  # {"edges": [11 floats], "shares": [10 floats]}
     logits: Mapped[dict] = mapped_column(JSON)  # {"top": [[token_id, value]...], "bottom": [...]}
-    neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, decoder cosine], ...]
+    # [[feature_index, decoder cosine, that feature's top_token_id], ...]: the page names each neighbour's
+    # strongest token without a second query (a run never changes, so the copy cannot go stale)
+    neighbours: Mapped[list] = mapped_column(JSON)
     explanation: Mapped[str | None] = mapped_column(Text)
+    top_token_id: Mapped[int | None]  # the token its strongest top context peaks on; None: never fired
 
     # With the index as tie-break, a sorted page is one range of an index (store/order.py starts it)
     __table_args__ = (

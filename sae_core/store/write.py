@@ -112,7 +112,10 @@ def _ensure_model(s: Session, m: ModelRecord) -> int:
     return model.id
 
 
-FEATURE_COLUMNS = ("run_id", "feature_index", "n_fired", "density", "max_act", "mean_act", "histogram", "intervals", "logits", "neighbours")
+FEATURE_COLUMNS = (
+    "run_id", "feature_index", "n_fired", "density", "max_act", "mean_act",
+    "histogram", "intervals", "logits", "neighbours", "top_token_id",
+)  # fmt: skip
 EXAMPLE_COLUMNS = ("run_id", "feature_index", "kind", "interval", "rank", "doc_id", "doc_offset", "token_ids", "acts", "max_act", "max_pos")
 TOKEN_FEATURE_COLUMNS = ("run_id", "token_id", "feature_index", "n_examples", "max_act")
 
@@ -122,11 +125,31 @@ def _pairs(ids: np.ndarray, values: np.ndarray) -> list[str]:
     return [json.dumps([[int(a), round(b, 4)] for a, b in zip(i, v)]) for i, v in zip(ids.tolist(), values.astype(np.float64).tolist())]
 
 
+def top_token_ids(t) -> list[int | None]:
+    """Per feature, the token its strongest top context (rank 0) peaks on; None for a feature that
+    never fired. What features.top_token_id stores, for the pages and the table."""
+    out: list[int | None] = [None] * len(t.n_fired)
+    first = np.nonzero((t.ex_kind == 0) & (t.ex_rank == 0))[0]
+    peaks = t.ex_tokens[first, t.ex_max_pos[first]].tolist() if len(first) else []
+    for feature, token in zip(t.ex_feature[first].tolist(), peaks):
+        out[feature] = int(token)
+    return out
+
+
+def neighbour_rows(ids: np.ndarray, cosines: np.ndarray, top_tokens: list[int | None]) -> list[str]:
+    """Per row, the JSON text of [[index, cosine, its top token id], ...] (cosines rounded as _pairs)."""
+    return [
+        json.dumps([[int(a), round(b, 4), top_tokens[a]] for a, b in zip(i, v)])
+        for i, v in zip(ids.tolist(), cosines.astype(np.float64).tolist())
+    ]
+
+
 def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
     """Feature rows in FEATURE_COLUMNS order, the JSON columns encoded here a batch at a time (the
     vectorised np.linspace computes exactly what it computes per row)."""
     n, bins = t.hist_counts.shape
     n_iv = t.interval_counts.shape[1]
+    top_tokens = top_token_ids(t)
     for start in range(0, n, BATCH):
         sl = slice(start, min(start + BATCH, n))
         fired, lo, hi = t.n_fired[sl], t.act_min[sl].astype(np.float64), t.act_max[sl].astype(np.float64)
@@ -135,7 +158,7 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
         shares = (t.interval_counts[sl] / np.maximum(fired, 1)[:, None]).round(6).tolist()
         top = _pairs(logits.top_ids[sl], logits.top_values[sl])
         bottom = _pairs(logits.bottom_ids[sl], logits.bottom_values[sl])
-        near = _pairs(neighbours.ids[sl], neighbours.cosines[sl])
+        near = neighbour_rows(neighbours.ids[sl], neighbours.cosines[sl], top_tokens)
         counts = t.hist_counts[sl].tolist()
         for j, (f, mx, total) in enumerate(zip(fired.tolist(), hi.tolist(), t.act_sum[sl].tolist())):
             yield (
@@ -149,6 +172,7 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
                 json.dumps({"edges": iv_edges[j], "shares": shares[j]}),
                 f'{{"top": {top[j]}, "bottom": {bottom[j]}}}',
                 near[j],
+                top_tokens[start + j],
             )
 
 
