@@ -49,15 +49,28 @@ def heat(value: float, max_value: float) -> str:
     return f"h{max(1, min(HEAT_LEVELS, math.ceil(HEAT_LEVELS * value / max_value)))}"
 
 
-@lru_cache(maxsize=65536)  # per-token tooltips format float16 values: few distinct ones
 def fmt(value: float | None, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A number as the pages print it: `digits` decimals without trailing zeros, thousands separators
+    from 1,000, significant digits below 10^-digits, "–" for a missing value. Its output is digits,
+    signs, '.', ',', 'e' or "–": safe in HTML as it is."""
+    if value is None or value != value:  # None or NaN
         return "–"
     if value == 0:
         return "0"
-    if abs(value) >= 1000 or abs(value) < 10**-(digits):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    size = abs(value)
+    if size >= 1000:
+        return f"{value:,.0f}"
+    if size < 10**-digits:
+        return f"{value:.{digits}g}"
     return f"{value:.{digits}f}".rstrip("0").rstrip(".")
+
+
+@lru_cache(maxsize=65536)
+def _act_text(value: float) -> str:
+    """A context token's activation for its tooltip. Activations are stored as float16 (store/codec.py),
+    so there are few distinct values and they are cached; `fmt` is not, because histogram edges and
+    statistics are nearly all distinct and would evict these."""
+    return fmt(value, 4)
 
 
 def pct(value: float | None, digits: int = 2) -> str:
@@ -69,7 +82,44 @@ def _token_repr(text: str) -> str:
     return str(escape(repr(text)))
 
 
-def context_html(ex: dict, max_value: float) -> Markup:
+@lru_cache(maxsize=65536)
+def tok(text: str) -> Markup:
+    """A token as the pages show it outside contexts (the `tok` filter): its visible text in a span."""
+    return Markup(f'<span class="tok">{visible(text)}</span>')
+
+
+def _quiet_token(text: str, token_id: int) -> str:
+    """A context token where the feature is zero: a pure function of the token."""
+    return f'<span class="tok" title="0 · token {token_id} {_token_repr(text)}">{visible(text)}</span>'
+
+
+class QuietTokens:
+    """Per vocabulary, each token's `_quiet_token` span, built the first time the token is drawn. Nearly
+    every token of a context is quiet (1.5 of 64 fire on the demo's features), and a list lookup by
+    token id cost a tenth of a cached call: the contexts were a third of a page's rendering."""
+
+    def __init__(self):
+        self._by_vocab: dict[int, tuple[list[str], list[str | None]]] = {}
+
+    def spans(self, vocab: list[str], ids: list[int]) -> list[str]:
+        entry = self._by_vocab.get(id(vocab))
+        if entry is None or entry[0] is not vocab:  # holding the vocabulary keeps its id from being reused
+            entry = self._by_vocab[id(vocab)] = (vocab, [None] * len(vocab))
+        table = entry[1]
+        if ids and not (0 <= min(ids) and max(ids) < len(table)):  # an id the vocabulary lacks (token_text's "<id>")
+            return [_quiet_token(vocab[i] if 0 <= i < len(vocab) else f"<{i}>", i) for i in ids]
+        out = [table[i] for i in ids]
+        if None in out:  # tokens drawn for the first time
+            for j, span in enumerate(out):
+                if span is None:
+                    out[j] = table[ids[j]] = _quiet_token(vocab[ids[j]], ids[j])
+        return out  # type: ignore[return-value]  # no None left
+
+
+QUIET = QuietTokens()
+
+
+def context_html(ex: dict, max_value: float, vocab: list[str]) -> Markup:
     """One context (an example dict of queries.examples): each token escaped with visible whitespace,
     highlighted by its activation, the peak outlined; the tooltip gives the value, token id and the
     token's repr. Python rather than a Jinja macro: a page draws 320-1,600 tokens, and the macro was
@@ -81,13 +131,38 @@ def context_html(ex: dict, max_value: float) -> Markup:
         f'<div class="context" data-doc="{doc}"><span class="meta" title="document {doc}, token {ex["doc_offset"]}">'
         f"{fmt(ex['max_act'])} · {short}</span>"
     ]
-    for i, (tok, token_id, a) in enumerate(zip(ex["tokens"], ex["token_ids"], ex["acts"])):
+    texts, ids, acts = ex["tokens"], ex["token_ids"], ex["acts"]
+    spans = QUIET.spans(vocab, ids)  # then the few tokens that fire, and the peak
+    for i in {peak, *[i for i, a in enumerate(acts) if a != 0]}:
+        if not 0 <= i < len(spans):
+            continue
+        a = acts[i]
         cls = "tok peak" if i == peak else "tok"
         if a > 0:
             cls += " " + heat(a, max_value)
-        parts.append(f'<span class="{cls}" title="{fmt(a, 4)} · token {token_id} {_token_repr(tok)}">{visible(tok)}</span>')
+        spans[i] = f'<span class="{cls}" title="{_act_text(a)} · token {ids[i]} {_token_repr(texts[i])}">{visible(texts[i])}</span>'
+    parts += spans
     parts.append("</div>")
     return Markup("".join(parts))
+
+
+def token_value_rows(rows: list, value_class: str) -> Markup:
+    """Table rows of (token, value) pairs (schemas.TokenValue): the logit effects."""
+    return Markup("".join(f'<tr><td>{tok(t.token)}</td><td class="num {value_class}">{fmt(t.value, 2)}</td></tr>' for t in rows))
+
+
+def neighbour_rows(neighbours: list, base: str) -> Markup:
+    """Table rows of nearest features (schemas.Neighbour): a link, the cosine and the strongest token.
+    Python like context_html: as a Jinja loop, these two tables cost as much as the ten contexts."""
+    base = escape(base)
+    never = Markup('<span class="muted">never fired</span>')
+    return Markup(
+        "".join(
+            f'<tr><td><a class="neighbour" href="{base}/features/{n.index}">#{n.index}</a></td><td class="num">{fmt(n.cosine)}</td>'
+            f"<td>{never if n.top_token is None else tok(n.top_token)}</td></tr>"
+            for n in neighbours
+        )
+    )
 
 
 def histogram_svg(edges: list[float], counts: list[int], width: int = 560, height: int = 200) -> Markup:
@@ -105,14 +180,15 @@ def histogram_svg(edges: list[float], counts: list[int], width: int = 560, heigh
     parts = [
         f'<svg class="hist" role="img" aria-label="activation histogram" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
     ]
-    for i, c in enumerate(counts):
-        if c == 0:
-            continue
-        h = plot_h * math.log10(c + 1) / log_peak
-        x, y = left + i * bar_w, top + plot_h - h
+    bars = [(i, c) for i, c in enumerate(counts) if c]
+    labels = {i: fmt(edges[i]) for j, _ in bars for i in (j, j + 1)}  # each inner edge bounds two bars
+    width_attr = f'width="{max(bar_w - 1, 1):.1f}"'
+    scale = plot_h / log_peak
+    for i, c in bars:
+        h = scale * math.log10(c + 1)
         parts.append(
-            f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{max(bar_w - 1, 1):.1f}" height="{h:.1f}">'
-            f"<title>{fmt(edges[i])} – {fmt(edges[i + 1])}: {c:,}</title></rect>"
+            f'<rect class="bar" x="{left + i * bar_w:.1f}" y="{top + plot_h - h:.1f}" {width_attr} height="{h:.1f}">'
+            f"<title>{labels[i]} – {labels[i + 1]}: {c:,}</title></rect>"
         )
     axis_y = top + plot_h
     parts.append(f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}"/>')
@@ -130,5 +206,7 @@ def histogram_svg(edges: list[float], counts: list[int], width: int = 560, heigh
     return Markup("".join(parts))
 
 
-templates.env.filters.update(visible=visible, fmt=fmt, pct=pct)
-templates.env.globals.update(heat=heat, histogram_svg=histogram_svg, context=context_html)
+templates.env.filters.update(visible=visible, fmt=fmt, pct=pct, tok=tok)  # filters: Jinja calls them directly, globals through Context.call
+templates.env.globals.update(
+    heat=heat, histogram_svg=histogram_svg, context=context_html, token_value_rows=token_value_rows, neighbour_rows=neighbour_rows
+)
