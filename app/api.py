@@ -115,4 +115,4 @@ async def search(
     sae: str | None = Query(None, max_length=200),
     limit: int = Query(50, ge=1, le=500),
 ):
-    return await read(request, queries.search, q, sae, limit)
+    return DictJSON(await read(request, queries.search, q, sae, limit))

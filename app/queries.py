@@ -426,28 +426,40 @@ def feature_view(conn: Connection, name: str, index: int, kind: schemas.ExampleK
     return FeatureView(detail, examples(conn, name, index, kind, offset, limit), ref.mined_tokens or 0, VOCAB.get(conn, ref.model_id))
 
 
-def search(s: Session, query: str, sae_name: str | None, limit: int) -> schemas.SearchResult:
+def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
     """Features whose top contexts peak on a token containing `query` (case-insensitive), and features
-    whose explanations match it by meaning (app/search.py)."""
+    whose explanations match it by meaning (app/search.py), as schemas.SearchResult's JSON shape.
+
+    Plain dicts, as in examples(): at a million features a common token has a full page of hits, and
+    building and validating a model per hit made the answer grow with the store. The token's features
+    are sorted and cut to `limit` before their densities are joined, so that only the hits shown are
+    looked up (a token peaks in ~125 features at 1M)."""
     needle = query.lower()
     stmt = select(SAE.name, SAE.active_run_id, SAE.model_id).where(SAE.active_run_id.is_not(None)).order_by(SAE.name)
     if sae_name is not None:
         stmt = stmt.where(SAE.name == sae_name)
     saes = s.execute(stmt).all()
-    hits: list[schemas.SearchHit] = []
+    hits: list[dict] = []
     for name, run_id, model_id in saes:
         vocab = VOCAB.get(s.connection(), model_id)
         token_ids = [i for i, t in enumerate(VOCAB.lowered(s.connection(), model_id)) if needle in t][:5000]
         if not token_ids:
             continue
-        rows = s.execute(
-            select(TokenFeature.feature_index, TokenFeature.token_id, TokenFeature.n_examples, TokenFeature.max_act, Feature.density)
-            .join(Feature, (Feature.run_id == TokenFeature.run_id) & (Feature.index == TokenFeature.feature_index))
+        best = (
+            select(TokenFeature.feature_index, TokenFeature.token_id, TokenFeature.n_examples, TokenFeature.max_act)
             .where(TokenFeature.run_id == run_id, TokenFeature.token_id.in_(token_ids))
-            .order_by(TokenFeature.n_examples.desc(), TokenFeature.max_act.desc())
+            .order_by(TokenFeature.n_examples.desc(), TokenFeature.max_act.desc(), TokenFeature.feature_index)
             .limit(limit)
+            .subquery()
+        )
+        rows = s.execute(
+            select(best, Feature.density)
+            .join(Feature, (Feature.run_id == run_id) & (Feature.index == best.c.feature_index))
+            .order_by(best.c.n_examples.desc(), best.c.max_act.desc(), best.c.feature_index)
         ).all()
-        hits += [schemas.SearchHit(sae=name, index=f, token=vocab[t], n_examples=n, max_act=m, density=d) for f, t, n, m, d in rows]
-    hits.sort(key=lambda h: (-h.n_examples, -h.max_act))
+        hits += [
+            {"sae": name, "index": f, "token": token_text(vocab, t), "n_examples": n, "max_act": m, "density": d} for f, t, n, m, d in rows
+        ]
+    hits.sort(key=lambda h: (-h["n_examples"], -h["max_act"]))
     features, notes = search_by_meaning.by_meaning(s, query, sae_name, limit)  # explanations: full text + semantic
-    return schemas.SearchResult(query=query, hits=hits[:limit], features=features, notes=notes)
+    return {"query": query, "hits": hits[:limit], "features": [h.model_dump() for h in features], "notes": notes}
