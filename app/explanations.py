@@ -9,23 +9,22 @@ from sqlalchemy.orm import Session
 from sae_core.store.schema import Explanation
 
 from . import schemas
-from .prepared import Prepared, json_value
+from .prepared import json_value
 
 TABLE_METHOD = "n2g"  # the SAE table's explanation column and its sort key
 
-_FOR_FEATURE = Prepared(
-    select(
-        Explanation.method,
-        Explanation.text,
-        Explanation.patterns,
-        Explanation.precision,
-        Explanation.recall,
-        Explanation.score,
-        Explanation.scores,
-    )
-    .where(Explanation.run_id == bindparam("run_id"), Explanation.feature_index == bindparam("index"))
-    .order_by(Explanation.score.desc(), Explanation.method)
+# A feature's explanations, best first: app/queries.py joins these columns to the feature's own row
+# (one statement for both; a feature has one row per method, usually one)
+COLUMNS = (
+    Explanation.method,
+    Explanation.text,
+    Explanation.patterns,
+    Explanation.precision,
+    Explanation.recall,
+    Explanation.score,
+    Explanation.scores,
 )
+ORDER = (Explanation.score.desc(), Explanation.method)
 _FOR_TABLE = select(Explanation.feature_index, Explanation.text, Explanation.score).where(
     Explanation.run_id == bindparam("run_id"),
     Explanation.method == TABLE_METHOD,
@@ -39,10 +38,12 @@ def _token(vocab: list[str], t: int | None) -> str | None:
     return vocab[t] if 0 <= t < len(vocab) else f"<{t}>"
 
 
-def for_feature(conn: Connection, run_id: int, index: int, vocab: list[str]) -> list[schemas.ExplanationOut]:
+def from_rows(rows: list[tuple], vocab: list[str]) -> list[schemas.ExplanationOut]:
+    """The explanations of COLUMNS' rows (method None: the feature has none, from the outer join)."""
     out = []
-    for method, text, patterns, precision, recall, score, scores in _FOR_FEATURE.rows(conn, {"run_id": run_id, "index": index}):
-        patterns, scores = json_value(patterns), json_value(scores)
+    for method, text, patterns, precision, recall, score, scores in rows:
+        if method is None:
+            continue
         pats = [
             schemas.ExplanationPattern(
                 tokens=[_token(vocab, t) for t in q["tokens"]],
@@ -51,11 +52,11 @@ def for_feature(conn: Connection, run_id: int, index: int, vocab: list[str]) -> 
                 matches=q.get("matches", 0),
                 fired=q.get("fired", 0),
             )
-            for q in patterns or []
+            for q in json_value(patterns) or []
         ]
         out.append(
             schemas.ExplanationOut(
-                method=method, text=text, patterns=pats, precision=precision, recall=recall, score=score, scores=scores or {}
+                method=method, text=text, patterns=pats, precision=precision, recall=recall, score=score, scores=json_value(scores) or {}
             )
         )
     return out

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, Integer, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from sae_core.store import codec, order
-from sae_core.store.schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab
+from sae_core.store.schema import SAE, Example, Explanation, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab
 
 from . import explanations, schemas
 from . import search as search_by_meaning
@@ -254,16 +254,15 @@ class FeatureRef(NamedTuple):
 # The hot paths (feature page, examples) run statements built once with bound parameters, each
 # joining from the SAE's name so that a request costs two or three round trips; building a select()
 # per request cost more than running it on SQLite.
-_REF = (
-    select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens)
-    .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
-    .where(SAE.name == bindparam("name"))
-)
-_FEATURE = Prepared(
-    select(SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens, *Feature.__table__.c)
+_REF_COLUMNS = (SAE.name, SAE.model_id, SAE.n_latents, SAE.path, SAE.active_run_id, MiningRun.tokens)  # FeatureRef's fields
+_REF = select(*_REF_COLUMNS).outerjoin(MiningRun, SAE.active_run_id == MiningRun.id).where(SAE.name == bindparam("name"))
+_FEATURE = Prepared(  # the feature's row once per explanation it has (once with nulls when it has none)
+    select(*_REF_COLUMNS, *Feature.__table__.c, *explanations.COLUMNS)
     .join(MiningRun, SAE.active_run_id == MiningRun.id)
     .join(Feature, (Feature.run_id == SAE.active_run_id) & (Feature.index == bindparam("index")))
+    .outerjoin(Explanation, (Explanation.run_id == Feature.run_id) & (Explanation.feature_index == Feature.index))
     .where(SAE.name == bindparam("name"))
+    .order_by(*explanations.ORDER)
 )
 _FEATURE_KEYS = tuple(Feature.__table__.c.keys())
 _FEATURE_JSON = ("histogram", "intervals", "logits", "neighbours")
@@ -331,15 +330,17 @@ def feature_ref(conn: Connection, name: str, index: int) -> FeatureRef:
 
 
 def get_feature(conn: Connection, name: str, index: int) -> tuple[FeatureRef, dict]:
-    """The SAE's live run and feature `index`'s row of it (one statement; NotFound names what is missing)."""
+    """The SAE's live run and feature `index`'s row of it, its explanations' rows under "explanation_rows"
+    (one statement; NotFound names what is missing)."""
     rows = _FEATURE.rows(conn, {"name": name, "index": index})
     if not rows:  # find out what is missing, for the message
         feature_ref(conn, name, index)
         raise NotFound(f"feature {index} of {name} is missing from its mining run")
-    ref_len = len(FeatureRef._fields)
-    f = dict(zip(_FEATURE_KEYS, rows[0][ref_len:]))
+    ref_len, end = len(FeatureRef._fields), len(FeatureRef._fields) + len(_FEATURE_KEYS)
+    f = dict(zip(_FEATURE_KEYS, rows[0][ref_len:end]))
     for key in _FEATURE_JSON:
         f[key] = json_value(f[key])
+    f["explanation_rows"] = [r[end:] for r in rows]
     return FeatureRef(*rows[0][:ref_len]), f
 
 
@@ -369,7 +370,7 @@ def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail
         logits_bottom=tv(f["logits"]["bottom"]),
         neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=token(t)) for i, c, t in f["neighbours"]],
         explanation=f["explanation"],
-        explanations=explanations.for_feature(conn, ref.run_id, index, vocab),
+        explanations=explanations.from_rows(f["explanation_rows"], vocab),
     )
 
 
