@@ -145,8 +145,8 @@ def endpoints(c: httpx.Client, sae: str, repeats: int, rng: random.Random) -> di
 
 
 def measure(urls: dict[int, str], repeats: int) -> dict[str, dict[int, list[float]]]:
-    """Both stores served at once, each measurement run on one store then the other, so that both
-    see the same machine (other load on it moves both)."""
+    """Both stores served at once, each view's requests alternating between them, so that both see the
+    same machine (other load on it moves both)."""
     from serve_latency import serve
 
     os.environ["SAESCOPE_RESPONSE_CACHE_MB"] = "0"  # every request renders
@@ -158,9 +158,10 @@ def measure(urls: dict[int, str], repeats: int) -> dict[str, dict[int, list[floa
         for n, c in clients.items():  # warm-up: vocabulary, connections, the page cache
             timed(c, plans[n]["feature page"][0][:20])
         for name in plans[next(iter(plans))]:
-            for n, c in clients.items():
-                paths, headers = plans[n][name]
-                out.setdefault(name, {})[n] = timed(c, paths, headers)
+            for r in range(repeats):  # one request on each store in turn: a slow spell of the machine hits both
+                for n, c in clients.items():
+                    paths, headers = plans[n][name]
+                    out.setdefault(name, {}).setdefault(n, []).extend(timed(c, paths[r : r + 1], headers))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
