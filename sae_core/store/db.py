@@ -16,6 +16,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import orjson
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -80,6 +81,7 @@ def make_engine(url: str | None = None) -> Engine:
             pool_pre_ping=True,
             isolation_level="REPEATABLE READ",
             connect_args={"connect_timeout": 10, "application_name": APPLICATION_NAME},
+            json_deserializer=orjson.loads,  # psycopg's own loader is the stdlib's: 4 JSON columns per feature page
         )
     else:
         raise SaescopeError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:///path or postgresql://...")
