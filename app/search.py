@@ -44,7 +44,7 @@ def by_meaning(s: Session, query: str, sae_name: str | None, limit: int) -> tupl
         assert run_id is not None  # selected for a live run
         text_hits = store_search.full_text(conn, run_id, query, CANDIDATES)
         semantic_hits: list[store_search.Match] = []
-        if store_search.EMBEDDINGS.get(conn, run_id)[1]:
+        if store_search.EMBEDDINGS.get(conn, run_id).keys:
             try:
                 vector = query_vector(query) if vector is None else vector
                 semantic_hits = store_search.semantic(conn, run_id, vector, CANDIDATES)

@@ -171,7 +171,7 @@ def bench_search(url: str, n_queries: int) -> dict:
     app_search.query_vector("warm up")  # as the server embeds a query (one torch thread)
     with Session(engine) as s:
         run_id = s.scalar(select(SAE.active_run_id))
-        n = len(store_search.EMBEDDINGS.get(s.connection(), run_id)[1])
+        n = len(store_search.EMBEDDINGS.get(s.connection(), run_id).keys)
         app_search.by_meaning(s, "warm up", None, 20)
         total, semantic, embed_only, reference, semantic_cpu = [], [], [], [], []
         for q in queries:

@@ -10,6 +10,7 @@ in-memory matrix per run, rebuilt when the SAE's revision changes (explanations 
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -62,14 +63,63 @@ def full_text(conn: Connection, run_id: int, query: str, limit: int = 50) -> lis
     return [Match(i, m, -float(r)) for i, m, r in rows]
 
 
+EXACT_MAX = 50_000  # a run with more embeddings than this is searched through an inverted-file index
+SCAN_ROWS = 16_384  # embeddings an indexed query compares: what an exact search of a 16k-feature SAE does
+
+
+@dataclass
+class RunEmbeddings:
+    """One run's explanation embeddings, searchable by cosine similarity: exactly (a matrix product)
+    up to EXACT_MAX, above it through faiss's inverted-file index (sqrt(n) k-means lists, as many of the
+    nearest lists scanned as hold about SCAN_ROWS embeddings), so that a query costs about the same at a
+    million explanations as at 16k. The price is recall: on clustered data 0.94 of the exact top 50 at
+    1M (RESULTS, Session 11); the nearest lists are where similar explanations gather."""
+
+    keys: list[tuple[int, str]]  # (feature_index, method) of each row
+    matrix: np.ndarray | None  # exact search: [n, DIM] float32 unit vectors
+    ivf: object | None = None  # faiss.IndexIVFFlat over the same vectors (then matrix is None)
+
+    def nearest(self, query_vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(row, cosine) of the k nearest rows, best first."""
+        k = min(k, len(self.keys))
+        if k == 0:
+            return []
+        if self.ivf is not None:
+            scores, rows = self.ivf.search(np.asarray(query_vector, dtype=np.float32)[None, :], k)  # type: ignore[attr-defined]
+            return [(int(r), float(v)) for r, v in zip(rows[0], scores[0]) if r >= 0]
+        assert self.matrix is not None
+        sims = self.matrix @ query_vector
+        top = np.argpartition(-sims, k - 1)[:k]
+        top = top[np.argsort(-sims[top], kind="stable")]
+        return [(int(i), float(sims[i])) for i in top]
+
+
+def build_ivf(matrix: np.ndarray, seed: int = 0):
+    """faiss IndexIVFFlat (inner product, i.e. cosine on unit vectors) over `matrix`: sqrt(n) lists
+    trained by k-means on 64 samples per list, all rows added; about 25 s for 1M explanations on 2 cores,
+    once per server process and run revision."""
+    import faiss
+
+    n, dim = matrix.shape
+    n_lists = max(1, int(math.sqrt(n)))
+    sample = matrix[np.random.default_rng(seed).choice(n, size=min(n, 64 * n_lists), replace=False)]
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n_lists, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.train(sample)
+    index.add(matrix)
+    index.nprobe = min(n_lists, max(1, math.ceil(SCAN_ROWS * n_lists / n)))
+    faiss.omp_set_num_threads(1)  # queries are one vector each: a page worker's thread, not every core
+    return index
+
+
 class EmbeddingIndex:
-    """Per (store, run, SAE revision) the matrix of its explanations' embeddings, loaded once per process."""
+    """Per (store, run, SAE revision) the run's RunEmbeddings, loaded (and indexed) once per process."""
 
     def __init__(self):
-        self._by_key: dict[tuple, tuple[np.ndarray, list[tuple[int, str]]]] = {}
+        self._by_key: dict[tuple, RunEmbeddings] = {}
         self._lock = threading.Lock()
 
-    def get(self, conn: Connection, run_id: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    def get(self, conn: Connection, run_id: int) -> RunEmbeddings:
         from ..explain.embed import unpack
 
         revision = conn.scalar(select(SAE.revision).where(SAE.active_run_id == run_id))
@@ -83,9 +133,14 @@ class EmbeddingIndex:
                         .order_by(Explanation.feature_index, Explanation.method)
                     ).all()
                     matrix = unpack([r[2] or b"" for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)
+                    keys = [(r[0], r[1]) for r in rows]
+                    del rows
                     for old in [k for k in self._by_key if k[:2] == key[:2]]:  # an older revision of the run
                         del self._by_key[old]
-                    self._by_key[key] = (matrix, [(r[0], r[1]) for r in rows])
+                    if len(keys) > EXACT_MAX:
+                        self._by_key[key] = RunEmbeddings(keys, None, build_ivf(matrix))
+                    else:
+                        self._by_key[key] = RunEmbeddings(keys, matrix)
         return self._by_key[key]
 
 
@@ -94,14 +149,8 @@ EMBEDDINGS = EmbeddingIndex()
 
 def semantic(conn: Connection, run_id: int, query_vector: np.ndarray, limit: int = 50) -> list[Match]:
     """Explanations of run `run_id` nearest to `query_vector` (unit norm) by cosine similarity."""
-    matrix, keys = EMBEDDINGS.get(conn, run_id)
-    if not keys:
-        return []
-    sims = matrix @ query_vector
-    k = min(limit, len(keys))
-    top = np.argpartition(-sims, k - 1)[:k]
-    top = top[np.argsort(-sims[top], kind="stable")]
-    return [Match(keys[i][0], keys[i][1], float(sims[i])) for i in top]
+    run = EMBEDDINGS.get(conn, run_id)
+    return [Match(run.keys[i][0], run.keys[i][1], score) for i, score in run.nearest(query_vector, limit)]
 
 
 def fuse(*rankings: list[Match], limit: int = 50) -> list[tuple[int, float]]:
