@@ -5,14 +5,16 @@
 Each store holds one synthetic SAE written by the real writer (`store.write.write_run`, so the rows,
 indexes and checkpoints are exactly what `saescope mine` stores): per feature, statistics, histogram,
 interval shares, logit effects and neighbours, plus --top top contexts and --intervals interval
-samples of --context tokens (every feature that fired has them), and the peak-token search index.
+samples of --context tokens (every feature that fired has them), the peak-token search index, and
+an explanation per fired feature with its full-text entry and embedding (`explain_synthetic`).
 Densities are log-uniform over 1e-7..3e-2 with 2% dead features, so the table's filters (alive,
 dead, rare) all have rows. The stores are kept in bench/out and reused.
 
 The server is `saescope serve` with one worker and the response cache off, so each request renders;
 one client sends the requests one after another (this measures the cost of a request as the store
 grows, not throughput). Per store: the feature page of random features; the SAE page's table
-sorted and filtered several ways, at its first, middle and last page; the search API. It prints
+sorted and filtered several ways, at its first, middle and last page; the search API (by peak token,
+by full text and by embedding: exact below 50k explanations, faiss's IVF index above). It prints
 p50/p99 per size and the ratio of the large store's p50 to the small one's (goal: at most 1.25),
 then the rows and bytes of each table and index (for docs/deployment.md's extrapolation).
 """
@@ -117,7 +119,48 @@ def build(url: str, n: int, args) -> None:
         t0 = time.perf_counter()
         write_run(engine, run, progress=True)
         print(f"  wrote {n:,} features, {len(run.tables.ex_feature):,} examples in {time.perf_counter() - t0:.0f} s", flush=True)
+    explain_synthetic(engine, run.sae.name, run.tables.n_fired)
     engine.dispose()
+
+
+EMBED_CLUSTERS = 1024  # topics the synthetic explanations' embeddings gather around
+
+
+def explain_synthetic(engine, sae_name: str, n_fired: np.ndarray, batch: int = 20_000) -> None:
+    """One N2G-shaped explanation per fired feature, written as `saescope explain` writes them (the
+    explanations table, its full-text index kept by the store's triggers or GIN index): a text of two
+    synthetic words (the search words among them), and a float16 embedding near one of EMBED_CLUSTERS
+    random directions, so that search by meaning has a million rows to rank."""
+    from sqlalchemy import func, insert, select
+
+    from sae_core.explain.embed import DIM, pack
+    from sae_core.store.changes import mark_changed
+    from sae_core.store.schema import SAE, Explanation
+
+    with engine.connect() as conn:
+        sae_id, run_id = conn.execute(select(SAE.id, SAE.active_run_id).where(SAE.name == sae_name)).one()
+        if conn.scalar(select(func.count()).select_from(Explanation).where(Explanation.run_id == run_id)):
+            return
+    rng = np.random.default_rng(1)
+    words = synthetic_words(2000)
+    centres = rng.standard_normal((EMBED_CLUSTERS, DIM)).astype(np.float32)
+    fired = np.nonzero(n_fired)[0]
+    t0 = time.perf_counter()
+    for start in range(0, len(fired), batch):
+        part = fired[start : start + batch]
+        vectors = centres[rng.integers(0, EMBED_CLUSTERS, len(part))] + 0.05 * rng.standard_normal((len(part), DIM)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        scores = rng.uniform(0.2, 1.0, (len(part), 2))
+        rows = []
+        for f, blob, (p, r) in zip(part.tolist(), pack(vectors), scores.tolist()):
+            text = f"{words[f % len(words)].strip()} {words[(f * 7 + 3) % len(words)].strip()}"
+            rows.append({"run_id": run_id, "feature_index": f, "method": "n2g", "text": text, "patterns": [], "precision": p,
+                         "recall": r, "score": 2 * p * r / (p + r), "scores": {}, "search_text": text, "embedding": blob})
+        with engine.begin() as conn:
+            conn.execute(insert(Explanation), rows)
+            mark_changed(conn, sae_id)
+        print(f"\r  explained {min(start + batch, len(fired)):,} / {len(fired):,} features", end="", flush=True)
+    print(f" in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def timed(client: httpx.Client, paths: list[str], headers=None) -> list[float]:
@@ -153,10 +196,13 @@ def measure(urls: dict[int, str], repeats: int) -> dict[str, dict[int, list[floa
     servers = {n: serve(url, workers=1) for n, url in urls.items()}
     out: dict[str, dict[int, list[float]]] = {}
     try:
-        clients = {n: httpx.Client(base_url=base, timeout=60) for n, (_, base) in servers.items()}
+        clients = {n: httpx.Client(base_url=base, timeout=600) for n, (_, base) in servers.items()}
         plans = {n: endpoints(c, f"synthetic-{n}", repeats, random.Random(1)) for n, c in clients.items()}
-        for n, c in clients.items():  # warm-up: vocabulary, connections, the page cache
-            timed(c, plans[n]["feature page"][0][:20])
+        for n, c in clients.items():  # warm-up: vocabulary, connections, the page cache; the first search by
+            timed(c, plans[n]["feature page"][0][:20])  # meaning also loads the run's embeddings and, above
+            t0 = time.perf_counter()  # store.search.EXACT_MAX, builds their inverted-file index
+            timed(c, plans[n]["search API"][0][:3])
+            print(f"  {n:,} features: the first searches (embedding model, the run's embeddings) took {time.perf_counter() - t0:.1f} s", flush=True)
         for name in plans[next(iter(plans))]:
             for r in range(repeats):  # one request on each store in turn: a slow spell of the machine hits both
                 for n, c in clients.items():
