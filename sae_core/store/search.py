@@ -72,8 +72,8 @@ class RunEmbeddings:
     """One run's explanation embeddings, searchable by cosine similarity: exactly (a matrix product)
     up to EXACT_MAX, above it through faiss's inverted-file index (sqrt(n) k-means lists, as many of the
     nearest lists scanned as hold about SCAN_ROWS embeddings), so that a query costs about the same at a
-    million explanations as at 16k. The price is recall: on clustered data 0.94 of the exact top 50 at
-    1M (RESULTS, Session 11); the nearest lists are where similar explanations gather."""
+    million explanations as at 16k. The price is recall: 0.999 of the exact top 50 at 1M on clustered
+    vectors (bench/semantic_index.py); the nearest lists are where similar explanations gather."""
 
     keys: list[tuple[int, str]]  # (feature_index, method) of each row
     matrix: np.ndarray | None  # exact search: [n, DIM] float32 unit vectors
