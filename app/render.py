@@ -193,9 +193,9 @@ def histogram_svg(edges: list[float], counts: list[int], width: int = 560, heigh
     axis_y = top + plot_h
     parts.append(f'<line class="axis" x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}"/>')
     parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}"/>')
-    for frac in (0, 0.5, 1):
+    for frac, anchor in ((0, "middle"), (0.5, "middle"), (1, "end")):  # the last label ends at the axis: not cut off
         value = edges[0] + frac * (edges[-1] - edges[0])
-        parts.append(f'<text class="tick" x="{left + frac * plot_w:.1f}" y="{axis_y + 14}" text-anchor="middle">{fmt(value)}</text>')
+        parts.append(f'<text class="tick" x="{left + frac * plot_w:.1f}" y="{axis_y + 14}" text-anchor="{anchor}">{fmt(value)}</text>')
     for c in sorted({1, peak} | ({10 ** int(math.log10(peak))} if peak >= 10 else set())):
         y = top + plot_h - plot_h * math.log10(c + 1) / log_peak
         parts.append(f'<text class="tick" x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{c:,}</text>')
