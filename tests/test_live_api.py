@@ -143,7 +143,7 @@ def test_a_client_that_goes_away_cancels_its_generation(live):
         with pytest.raises(Exception, match="ClientGone|^$"):
             await LiveClient(socket_path, poll=0.05).call(request, gone)
 
-    asyncio.run(leave_after(0.3))
+    asyncio.run(leave_after(0.05))  # well inside the ~0.4 s two 400-token continuations take on a quiet machine
     deadline = time.time() + 10
     while (now := live.get("/api/v1/live").json())["pending"] and time.time() < deadline:
         time.sleep(0.05)
@@ -151,7 +151,7 @@ def test_a_client_that_goes_away_cancels_its_generation(live):
 
 
 def test_a_generation_stops_at_the_time_limit(mined_store):
-    limits = LiveConfig(**{**LIMITS.__dict__, "live_time_limit": 0.3})
+    limits = LiveConfig(**{**LIMITS.__dict__, "live_time_limit": 0.1})  # well under the ~0.4 s the request needs
     with TestClient(create_app(mined_store, live_config=limits)) as client:
         wait_ready(client)
         req = {"sae": "tiny-sae", "prompt": "the cat", "interventions": [{"feature": 3, "mode": "add", "value": 40}], "max_new_tokens": 400}
