@@ -62,6 +62,11 @@ def token_text(vocab: list[str], token_id: int) -> str:
     return vocab[token_id] if 0 <= token_id < len(vocab) else f"<{token_id}>"
 
 
+def token_or_none(vocab: list[str], token_id: int | None) -> str | None:
+    """token_text, or None where the store has no token (a feature that never fired)."""
+    return None if token_id is None else token_text(vocab, token_id)
+
+
 def token_texts(vocab: list[str], ids: list[int]) -> list[str]:
     if ids and 0 <= min(ids) and max(ids) < len(vocab):
         return [vocab[t] for t in ids]  # the common case, without a call per token
@@ -231,7 +236,7 @@ def feature_page(
             max_act=max_act,
             mean_act=mean_act,
             n_fired=n_fired,
-            top_token=None if top is None else token_text(vocab, top),
+            top_token=token_or_none(vocab, top),
             explanation=explained.get(i, (None, None))[0],
             explanation_score=explained.get(i, (None, None))[1],
         )
@@ -350,9 +355,6 @@ def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail
     def tv(pairs):
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
-    def token(t: int | None) -> str | None:
-        return None if t is None else token_text(vocab, t)
-
     index = f["feature_index"]
     assert ref.run_id is not None  # get_feature joins the live run
     return schemas.FeatureDetail(
@@ -363,12 +365,12 @@ def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail
         max_act=f["max_act"],
         mean_act=f["mean_act"],
         n_fired=f["n_fired"],
-        top_token=token(f["top_token_id"]),
+        top_token=token_or_none(vocab, f["top_token_id"]),
         histogram=f["histogram"],
         intervals=f["intervals"],
         logits_top=tv(f["logits"]["top"]),
         logits_bottom=tv(f["logits"]["bottom"]),
-        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=token(t)) for i, c, t in f["neighbours"]],
+        neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=token_or_none(vocab, t)) for i, c, t in f["neighbours"]],
         explanation=f["explanation"],
         explanations=explanations.from_rows(f["explanation_rows"], vocab),
     )

@@ -101,18 +101,19 @@ class QuietTokens:
     def __init__(self):
         self._by_vocab: dict[int, tuple[list[str], list[str | None]]] = {}
 
-    def spans(self, vocab: list[str], ids: list[int]) -> list[str]:
+    def spans(self, vocab: list[str], texts: list[str], ids: list[int]) -> list[str]:
+        """The quiet spans of a context's tokens (`texts` their strings in `vocab`, `ids` their ids)."""
         entry = self._by_vocab.get(id(vocab))
         if entry is None or entry[0] is not vocab:  # holding the vocabulary keeps its id from being reused
             entry = self._by_vocab[id(vocab)] = (vocab, [None] * len(vocab))
         table = entry[1]
-        if ids and not (0 <= min(ids) and max(ids) < len(table)):  # an id the vocabulary lacks (token_text's "<id>")
-            return [_quiet_token(vocab[i] if 0 <= i < len(vocab) else f"<{i}>", i) for i in ids]
+        if ids and not (0 <= min(ids) and max(ids) < len(table)):  # an id the vocabulary lacks: not tabled
+            return [_quiet_token(t, i) for t, i in zip(texts, ids)]
         out = [table[i] for i in ids]
         if None in out:  # tokens drawn for the first time
             for j, span in enumerate(out):
                 if span is None:
-                    out[j] = table[ids[j]] = _quiet_token(vocab[ids[j]], ids[j])
+                    out[j] = table[ids[j]] = _quiet_token(texts[j], ids[j])
         return out  # type: ignore[return-value]  # no None left
 
 
@@ -132,7 +133,7 @@ def context_html(ex: dict, max_value: float, vocab: list[str]) -> Markup:
         f"{fmt(ex['max_act'])} · {short}</span>"
     ]
     texts, ids, acts = ex["tokens"], ex["token_ids"], ex["acts"]
-    spans = QUIET.spans(vocab, ids)  # then the few tokens that fire, and the peak
+    spans = QUIET.spans(vocab, texts, ids)  # then the few tokens that fire, and the peak
     for i in {peak, *[i for i, a in enumerate(acts) if a != 0]}:
         if not 0 <= i < len(spans):
             continue
