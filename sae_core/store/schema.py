@@ -6,7 +6,8 @@
                                     ├─< token_features   search index: peak tokens of top contexts
                                     ├── run_weights      the SAE weights the run was mined with
                                     ├─< feature_order    checkpoints of the sorted feature table
-                                    └─< explanations     per feature and method (N2G, LLM), scored
+                                    ├─< explanations     per feature and method (N2G, LLM), scored
+                                    └── feature_maps ─< feature_map_points   2-D map of alive features
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -212,6 +213,31 @@ class Explanation(Base):
     )
 
 
+class FeatureMap(Base):
+    """How a run's map was made (sae_core/relations/map.py): a 2-D UMAP of its alive features' decoder
+    rows (cosine) with a fixed seed, clustered; the run's points are in feature_map_points."""
+
+    __tablename__ = "feature_maps"
+    run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"), primary_key=True)
+    seed: Mapped[int]
+    n_points: Mapped[int]  # alive features mapped
+    n_clusters: Mapped[int]
+    config: Mapped[dict] = mapped_column(JSON, default=dict)  # UMAP and clustering parameters
+    seconds: Mapped[float] = mapped_column(Float)  # how long the map took to compute
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FeatureMapPoint(Base):
+    """One alive feature's place on its run's map and its cluster (-1: in no cluster)."""
+
+    __tablename__ = "feature_map_points"
+    run_id: Mapped[int] = mapped_column(ForeignKey("feature_maps.run_id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column("feature_index", Integer, primary_key=True)
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    cluster: Mapped[int]
+
+
 __all__ = [
     "Base",
     "Model",
@@ -224,6 +250,8 @@ __all__ = [
     "RunWeights",
     "FeatureOrder",
     "Explanation",
+    "FeatureMap",
+    "FeatureMapPoint",
     "pack_ids",
     "unpack_ids",
     "pack_acts",
