@@ -1,7 +1,9 @@
 """feature_maps and feature_map_points: a 2-D map (UMAP of decoder rows, cosine) of a mining run's alive
-features. One feature_maps row per run says how the map was made (seed, parameters, when); one
-feature_map_points row per alive feature holds its coordinates and its cluster (-1: noise). Keyed by
-the run, so a map always describes the run whose pages it links to, and goes with it.
+features. One feature_maps row per run says how the map was made (seed, parameters, when) and holds a
+coarse density grid of the points (what a feature page's inset draws); one feature_map_points row per
+alive feature holds its coordinates, its cluster (-1: noise) and its nearest features on the map (the
+page's map neighbourhood, computed once with the map instead of a spatial query per page view). Keyed
+by the run, so a map always describes the run whose pages link to, and goes with it.
 
 Revision ID: 0005
 Revises: 0004
@@ -25,6 +27,7 @@ def upgrade() -> None:
     sa.Column('n_clusters', sa.Integer(), nullable=False),
     sa.Column('config', sa.JSON(), nullable=False),
     sa.Column('seconds', sa.Float(), nullable=False),
+    sa.Column('grid', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['mining_runs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id')
@@ -35,6 +38,7 @@ def upgrade() -> None:
     sa.Column('x', sa.Float(), nullable=False),
     sa.Column('y', sa.Float(), nullable=False),
     sa.Column('cluster', sa.Integer(), nullable=False),
+    sa.Column('neighbours', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['feature_maps.run_id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', 'feature_index')
     )

@@ -224,11 +224,15 @@ class FeatureMap(Base):
     n_clusters: Mapped[int]
     config: Mapped[dict] = mapped_column(JSON, default=dict)  # UMAP and clustering parameters
     seconds: Mapped[float] = mapped_column(Float)  # how long the map took to compute
+    # {"x": [lo, hi], "y": [lo, hi], "size": n, "counts": [n*n ints, row-major from the top-left]}: a
+    # coarse picture of the map for the feature page's inset
+    grid: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class FeatureMapPoint(Base):
-    """One alive feature's place on its run's map and its cluster (-1: in no cluster)."""
+    """One alive feature's place on its run's map, its cluster (-1: in no cluster) and its nearest
+    features on the map (stored with the map, so the feature page needs no spatial query)."""
 
     __tablename__ = "feature_map_points"
     run_id: Mapped[int] = mapped_column(ForeignKey("feature_maps.run_id", ondelete="CASCADE"), primary_key=True)
@@ -236,6 +240,7 @@ class FeatureMapPoint(Base):
     x: Mapped[float] = mapped_column(Float)
     y: Mapped[float] = mapped_column(Float)
     cluster: Mapped[int]
+    neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, map distance], ...] nearest first
 
 
 __all__ = [
