@@ -141,6 +141,9 @@ class MineConfig:
     stats: StatsConfig = field(default_factory=StatsConfig)
     n_logits: int = option(10, "Top and bottom tokens of a feature's decoder row through the unembedding (W_dec @ W_U) kept per feature.")
     n_neighbours: int = option(10, "Nearest features by decoder cosine kept per feature.")
+    coactivation: int = option(
+        16, "Co-firing features kept per feature (by Jaccard index), counted from the mined codes in the statistics sweep; 0 skips it.", min=0
+    )
     max_active: int = option(256, "ReLU SAEs: positions keep their largest this-many activations.")
     batch_size: int = option(16, "Windows per forward pass.")
     windows_per_chunk: int = option(256, "Windows per work chunk: the unit a killed run resumes from.")

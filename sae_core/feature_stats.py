@@ -27,6 +27,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import StatsConfig
+from .relations.coactivation import CoactivationCounter
 
 
 @dataclass
@@ -84,8 +85,15 @@ def _bottom_k_merge(keys: torch.Tensor, refs: torch.Tensor, new_keys: torch.Tens
 
 
 def compute(
-    chunks: CodeChunks, n_latents: int, rows_per_window: int, context_size: int, cfg: StatsConfig, progress: bool = True
+    chunks: CodeChunks,
+    n_latents: int,
+    rows_per_window: int,
+    context_size: int,
+    cfg: StatsConfig,
+    progress: bool = True,
+    coactivation: CoactivationCounter | None = None,
 ) -> FeatureTables:
+    """`coactivation`: a counter fed every chunk's codes in sweep A (relations/coactivation.py)."""
     n, T1, skip = n_latents, rows_per_window, chunks.skip
     bar = tqdm(total=3 * len(chunks), desc="feature statistics", unit="chunk", disable=not progress, dynamic_ncols=True)
 
@@ -98,7 +106,9 @@ def compute(
     for c in range(len(chunks)):
         chunk = chunks.load(c)
         positions += len(chunk["vals"])
-        _, f, v = chunks.coo(chunk)
+        r, f, v = chunks.coo(chunk)
+        if coactivation is not None:  # the same codes, read once: no second pass over the tokens
+            coactivation.add(r, f)
         n_fired += torch.bincount(f, minlength=n)
         act_sum.index_add_(0, f, v.double())
         act_min.scatter_reduce_(0, f, v, "amin")

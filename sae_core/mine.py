@@ -38,6 +38,7 @@ from .distributed.shards import plan as shard_plan
 from .errors import SaescopeError
 from .interchange import load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
+from .relations.coactivation import CoactivationCounter
 from .shards import ShardEncoder, fill_shards, finished
 from .store import db, write
 from .windows import WindowSource
@@ -151,6 +152,7 @@ def mine(
         "n_logits": cfg.n_logits,
         "n_neighbours": cfg.n_neighbours,
         "max_active": cfg.max_active if sae.architecture != "topk" else None,
+        "coactivation": cfg.coactivation,
     }
     from_cache, notes = None, []
     if prov.activations and corpus == prov.corpus:
@@ -230,7 +232,9 @@ def mine(
         paths, first_windows, documents_folder = part_chunks(work, merge_count, cache.n_windows, cfg.windows_per_chunk)
         chunks = feature_stats.CodeChunks(paths, skip, first_windows)
         documents = documents_folder / "documents.json"
-    tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress)
+    counter = CoactivationCounter(sae.cfg.n_latents) if cfg.coactivation else None  # fed by the statistics sweep
+    tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress, coactivation=counter)
+    coactivation = counter.top_partners(cfg.coactivation) if counter is not None else None
     W_dec = sae.W_dec.detach().float().cpu()
     logits = write.LogitEffects(*lm.logit_effects(W_dec, cfg.n_logits))
     neighbours = write.Neighbours(*_neighbours(W_dec, cfg.n_neighbours))
@@ -249,7 +253,9 @@ def mine(
         metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {},
     )
     # the weights go with the run, so the live features run exactly the SAE these pages describe (store/weights.py)
-    run = write.MinedRun(model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, weights=sae_bytes(loaded))
+    run = write.MinedRun(
+        model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, weights=sae_bytes(loaded), coactivation=coactivation
+    )
     run_id = write.write_run(engine, run, progress=progress)
     shutil.rmtree(work, ignore_errors=True)
     return MineResult(

@@ -7,7 +7,8 @@
                                     ├── run_weights      the SAE weights the run was mined with
                                     ├─< feature_order    checkpoints of the sorted feature table
                                     ├─< explanations     per feature and method (N2G, LLM), scored
-                                    └── feature_maps ─< feature_map_points   2-D map of alive features
+                                    ├── feature_maps ─< feature_map_points   2-D map of alive features
+                                    └─< feature_relations  families across widths, matches across seeds
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -112,6 +113,9 @@ class Feature(Base):
     neighbours: Mapped[list] = mapped_column(JSON)
     explanation: Mapped[str | None] = mapped_column(Text)
     top_token_id: Mapped[int | None]  # the token its strongest top context peaks on; None: never fired
+    # [[partner index, co-fired positions, P(partner | this), Jaccard, partner's top_token_id], ...] strongest
+    # first (relations/coactivation.py); None for a run mined without co-activation
+    coactivation: Mapped[list | None] = mapped_column(JSON)
 
     # With the index as tie-break, a sorted page is one range of an index (store/order.py starts it)
     __table_args__ = (
@@ -243,6 +247,31 @@ class FeatureMapPoint(Base):
     neighbours: Mapped[list] = mapped_column(JSON)  # [[feature_index, map distance], ...] nearest first
 
 
+class FeatureRelation(Base):
+    """One feature of one run related to a feature of another run of the same model and hook
+    (sae_core/relations/families.py). kind "split": the source is a parent in a narrower SAE, the target
+    one of the finer features it splits into in a wider SAE; kind "match": the same feature in an SAE of
+    the same width (another seed), stored in both directions. `cosine` is their decoder cosine;
+    `coactivation` how often the source fires where the target fires, on a shared sample of tokens
+    (P(source | target)); `co_fired` the positions where both fired. Deleted with either run."""
+
+    __tablename__ = "feature_relations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    source_run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
+    source_feature: Mapped[int] = mapped_column(Integer)
+    target_run_id: Mapped[int] = mapped_column(ForeignKey("mining_runs.id", ondelete="CASCADE"))
+    target_feature: Mapped[int] = mapped_column(Integer)
+    cosine: Mapped[float] = mapped_column(Float)
+    coactivation: Mapped[float] = mapped_column(Float)
+    co_fired: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        Index("ix_feature_relations_source", "source_run_id", "source_feature"),
+        Index("ix_feature_relations_target", "target_run_id", "target_feature"),
+    )
+
+
 __all__ = [
     "Base",
     "Model",
@@ -257,6 +286,7 @@ __all__ = [
     "Explanation",
     "FeatureMap",
     "FeatureMapPoint",
+    "FeatureRelation",
     "pack_ids",
     "unpack_ids",
     "pack_acts",

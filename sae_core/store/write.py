@@ -21,6 +21,7 @@ from .weights import store_weights
 
 if TYPE_CHECKING:
     from ..feature_stats import FeatureTables
+    from ..relations.coactivation import Coactivation
 
 
 @dataclass
@@ -78,6 +79,7 @@ class MinedRun:
     neighbours: Neighbours
     doc_ids: list[str]  # what the examples' doc_index values index
     weights: bytes | None = None  # the SAE as interchange.sae_bytes writes it: what the live features run (store/weights.py)
+    coactivation: Coactivation | None = None  # each feature's top co-firing features (relations/coactivation.py)
 
 
 def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:
@@ -114,7 +116,7 @@ def _ensure_model(s: Session, m: ModelRecord) -> int:
 
 FEATURE_COLUMNS = (
     "run_id", "feature_index", "n_fired", "density", "max_act", "mean_act",
-    "histogram", "intervals", "logits", "neighbours", "top_token_id",
+    "histogram", "intervals", "logits", "neighbours", "top_token_id", "coactivation",
 )  # fmt: skip
 EXAMPLE_COLUMNS = ("run_id", "feature_index", "kind", "interval", "rank", "doc_id", "doc_offset", "token_ids", "acts", "max_act", "max_pos")
 TOKEN_FEATURE_COLUMNS = ("run_id", "token_id", "feature_index", "n_examples", "max_act")
@@ -144,7 +146,12 @@ def neighbour_rows(ids: np.ndarray, cosines: np.ndarray, top_tokens: list[int | 
     ]
 
 
-def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
+def coactivation_rows(c: Coactivation, top_tokens: list[int | None], features: range) -> list[str]:
+    """Per feature, the JSON text of [[partner, count, P(partner | feature), Jaccard, partner's top token], ...]."""
+    return [json.dumps([[p, n, round(pg, 4), round(j, 4), top_tokens[p]] for p, n, pg, j in c.rows(i)]) for i in features]
+
+
+def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours, coactivation: Coactivation | None = None):
     """Feature rows in FEATURE_COLUMNS order, the JSON columns encoded here a batch at a time (the
     vectorised np.linspace computes exactly what it computes per row)."""
     n, bins = t.hist_counts.shape
@@ -159,6 +166,8 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
         top = _pairs(logits.top_ids[sl], logits.top_values[sl])
         bottom = _pairs(logits.bottom_ids[sl], logits.bottom_values[sl])
         near = neighbour_rows(neighbours.ids[sl], neighbours.cosines[sl], top_tokens)
+        rows = range(sl.start, sl.stop)
+        coact = coactivation_rows(coactivation, top_tokens, rows) if coactivation is not None else [None] * len(rows)
         counts = t.hist_counts[sl].tolist()
         for j, (f, mx, total) in enumerate(zip(fired.tolist(), hi.tolist(), t.act_sum[sl].tolist())):
             yield (
@@ -173,6 +182,7 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours):
                 f'{{"top": {top[j]}, "bottom": {bottom[j]}}}',
                 near[j],
                 top_tokens[start + j],
+                coact[j],
             )
 
 
@@ -236,7 +246,7 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         s.flush()
         sae_id, run_id = sae.id, mining_run.id
     with Session(engine) as s, s.begin():
-        features = _features(run_id, tables, run.logits, run.neighbours)
+        features = _features(run_id, tables, run.logits, run.neighbours, run.coactivation)
         load_rows(s, Feature, FEATURE_COLUMNS, features, len(tables.n_fired), "storing features", progress)
         examples = _examples(run_id, tables, run.doc_ids)
         load_rows(s, Example, EXAMPLE_COLUMNS, examples, len(tables.ex_feature), "storing examples", progress)
