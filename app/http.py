@@ -98,7 +98,7 @@ class HTTPPolicy:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        cacheable, sae_name = _scope_of(path) if scope["method"] in ("GET", "HEAD") else (False, None)
+        cacheable, sae_name = _scope_of(path) if scope["method"] == "GET" else (False, None)  # HEAD arrives as GET (HeadAsGet)
         if not cacheable:
             return await self.app(scope, receive, self._with_headers(send, path))
         headers = Headers(scope=scope)
@@ -109,7 +109,7 @@ class HTTPPolicy:
             await send({"type": "http.response.start", "status": 304, "headers": self._validators(_gzip_tag(tag) if gz else tag)})
             await send({"type": "http.response.body", "body": b""})
             return
-        if scope["method"] == "HEAD" or self.cache is None and not gz:
+        if self.cache is None and not gz:
             return await self.app(scope, receive, self._with_headers(send, path, tag))
         key = (tag, gz)
         entry = self.cache.get(key) if self.cache is not None else None
@@ -161,3 +161,46 @@ class HTTPPolicy:
             await send(message)
 
         return send_with_headers
+
+
+class HeadAsGet:
+    """ASGI middleware, outermost: HEAD is answered on every path that answers GET (RFC 9110 §9.3.2),
+    with the very status and headers the GET gets (ETag, Content-Length, Content-Encoding, caching) and
+    no body. Link checkers, proxies and chat apps' link previews send HEAD; FastAPI's routes accept only
+    the methods they were declared with, so the request runs as a GET and its body is dropped here: a
+    route added later gets HEAD without saying so. 405 answers name HEAD wherever they name GET."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["method"] != "HEAD":
+            return await self.app(scope, receive, _allow_head_on_405(send))
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if not message.get("more_body", False):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await _allow_head_on_405(send)(message)
+
+        # A copy: the server keeps its own scope saying HEAD, and so writes no body after these headers.
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _allow_head_on_405(send: Send) -> Send:
+    async def send_with_head(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 405:
+            message["headers"] = [(k, _with_head(v) if k.lower() == b"allow" else v) for k, v in message.get("headers", [])]
+        await send(message)
+
+    return send_with_head
+
+
+def _with_head(allow: bytes) -> bytes:
+    methods = [m.strip() for m in allow.decode("latin-1").split(",") if m.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.insert(methods.index("GET") + 1, "HEAD")
+    return ", ".join(methods).encode("latin-1")

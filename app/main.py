@@ -21,7 +21,7 @@ from sae_core.config import LiveConfig
 from sae_core.store import db
 
 from . import api, deps, live, pages, queries
-from .http import HTTPPolicy
+from .http import HeadAsGet, HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
 from .store_watch import StoreWatch
@@ -109,9 +109,11 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
     app.state.response_cache = ResponseCache(limit) if limit else None  # rendered store reads (app/response_cache.py)
     app.state.store_watch = StoreWatch(app.state.reader)  # the live runs ETags are made of, kept in process
     app.add_middleware(HTTPPolicy, watch=app.state.store_watch, schema_revision=app.state.schema_revision, cache=app.state.response_cache)
-    # Outermost: gzip for what HTTPPolicy does not cache (static files, /docs, the OpenAPI document, errors);
+    # gzip for what HTTPPolicy does not cache (static files, /docs, the OpenAPI document, errors);
     # it leaves alone a response that already carries a Content-Encoding.
     app.add_middleware(GZipMiddleware, minimum_size=MIN_COMPRESS, compresslevel=GZIP_LEVEL)
+    # Outermost: HEAD runs as GET through everything above, so its headers are exactly the GET's.
+    app.add_middleware(HeadAsGet)
 
     # Objects that live as long as the process (modules, templates, the app; later each vocabulary, see
     # queries.VocabCache) go to the collector's permanent generation: otherwise every full collection

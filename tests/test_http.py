@@ -50,6 +50,50 @@ def test_405_names_the_allowed_methods(client):
     for path in ("/api/v1/saes/tiny-sae", "/saes/tiny-sae/features/3"):
         r = client.post(path)
         assert r.status_code == 405 and "GET" in r.headers["allow"], (path, r.headers)
+        assert [m.strip() for m in r.headers["allow"].split(",")].count("HEAD") == 1, r.headers
+    r = client.head("/api/v1/steer")  # a POST-only route: no GET, so no HEAD either
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+
+
+# A value for each path parameter of the routes, so that the walk below reaches real pages; a route
+# added later with another parameter gets "1" (its 404 must then answer HEAD like GET all the same).
+PATH_VALUES = {"sae": "tiny-sae", "index": "3"}
+QUERIES = {"/saes/{sae}/jump": "?index=3", "/search": "?q=e", "/api/v1/search": "?q=e"}
+
+
+def get_routes(app) -> list[str]:
+    """Every GET route's path, filled in; routers included into the app are walked (FastAPI >= 0.16x
+    keeps them as included routers, older ones as flat routes)."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # older FastAPI: app.routes is already flat
+        routes = list(app.routes)
+    else:
+        routes = list(iter_route_contexts(app.routes))
+    paths = []
+    for route in routes:
+        if "GET" not in (route.methods or ()) or route.path is None:
+            continue
+        filled = re.sub(r"{(\w+)(?::\w+)?}", lambda m: PATH_VALUES.get(m[1], "1"), route.path)
+        paths.append(filled + QUERIES.get(route.path, ""))
+    return paths
+
+
+def test_every_get_route_answers_head_like_get(client):
+    """RFC 9110: HEAD gets the GET's status and headers (ETag, Content-Length, caching) and no body."""
+    paths = get_routes(client.app) + ["/static/style.css", "/saes/nope", "/no/such/page/here"]
+    assert {"/", "/saes/tiny-sae/features/3", "/api/v1/saes/tiny-sae/features/3", "/openapi.json"} <= set(paths)
+    for path in paths:
+        first = client.get(path, follow_redirects=False)  # fills the response cache, so GET and HEAD both hit it
+        head = client.head(path, follow_redirects=False)
+        get = client.get(path, follow_redirects=False)
+        assert head.status_code == get.status_code == first.status_code, (path, head.status_code, get.status_code)
+        assert sorted(head.headers.multi_items()) == sorted(get.headers.multi_items()), path
+        assert head.content == b"" and (get.content or get.status_code != 200), path  # same Content-Length, above
+    etagged = client.head("/saes/tiny-sae/features/3")
+    assert etagged.status_code == 200 and etagged.headers["etag"] and int(etagged.headers["content-length"]) > 1000
+    again = client.head("/saes/tiny-sae/features/3", headers={"If-None-Match": etagged.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
 
 
 def test_422_matches_fastapis_documented_validation_error(client):
@@ -108,3 +152,25 @@ def first_stats():
     from sae_core.feature_stats import StatsConfig
 
     return StatsConfig(top_n=8, n_intervals=4, per_interval=3, histogram_bins=10, context_before=5, context_after=3)
+
+
+def test_head_over_a_real_server_sends_no_body(mined_store):
+    """As `curl -I` sees it through uvicorn: HEAD then GET on one keep-alive connection; a body after the
+    HEAD's headers would be read as the GET's answer."""
+    import http.client
+
+    from conftest import LiveServer
+
+    server = LiveServer(create_app(mined_store))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("HEAD", "/saes/tiny-sae/features/3")
+        head = conn.getresponse()
+        assert head.status == 200 and head.read() == b"" and int(head.getheader("content-length")) > 1000
+        conn.request("GET", "/saes/tiny-sae/features/3")
+        get = conn.getresponse()
+        body = get.read()
+        assert get.status == 200 and len(body) == int(head.getheader("content-length")) and get.getheader("etag") == head.getheader("etag")
+        conn.close()
+    finally:
+        server.stop()
