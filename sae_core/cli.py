@@ -17,9 +17,10 @@ from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MineConf
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .live.commands import register as register_live
-from .options import cli_fields, command_options, from_options, parameter, with_signature
+from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
 
 app = typer.Typer(
+    cls=LiteralHelpGroup,  # help texts as written: rich markup would drop "[bracketed words]"
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,

@@ -151,3 +151,30 @@ def hook_option() -> Any:
 
 def corpus_option() -> Any:
     return option("demo", "demo, demo:<part>, a .txt/.jsonl file, a folder of .txt files, or hf:<dataset>.")
+
+
+class LiteralHelpGroup(typer.core.TyperGroup):
+    """The CLI's root group: every help text is printed as written. Typer renders help as rich markup,
+    which read "[batch, context, vocab]" as a style tag and dropped it ("full logits are )."); the
+    texts of the whole tree (commands, sub-groups, options, arguments) are escaped once, when typer
+    builds the group, so a command added anywhere is covered. `typer utils docs` (docs/cli.md) renders
+    the same markup and gets the same texts."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _escape_help(self)
+
+
+def _escape_help(command: Any) -> None:
+    from rich.markup import escape
+
+    # Only where rich renders the help: plain click help (TYPER_USE_RICH=0) would show the backslashes.
+    if getattr(command, "rich_markup_mode", None) != "rich" or not typer.core.HAS_RICH or getattr(command, "_help_escaped", False):
+        return
+    command._help_escaped = True
+    for owner in (command, *command.params):
+        for attr in ("help", "short_help", "epilog"):
+            if isinstance(text := getattr(owner, attr, None), str):
+                setattr(owner, attr, escape(text))
+    for sub in getattr(command, "commands", {}).values():
+        _escape_help(sub)

@@ -30,6 +30,40 @@ def test_help(command):
     assert r.returncode == 0 and "Usage: saescope" in r.stdout, r.stderr
 
 
+def help_sources(typer_app, path: tuple[str, ...] = ()):
+    """(command path, help texts as written in the source) for every command and sub-group of the CLI:
+    the group's help, each command's docstring or help=, and each option's and argument's help."""
+    import inspect
+
+    yield path, [typer_app.info.help or ""]
+    for info in typer_app.registered_commands:
+        name = info.name or info.callback.__name__.replace("_", "-")
+        texts = [info.help or inspect.getdoc(info.callback) or ""]
+        texts += [getattr(p.default, "help", None) or "" for p in inspect.signature(info.callback).parameters.values()]
+        yield (*path, name), texts
+    for group in typer_app.registered_groups:
+        yield from help_sources(group.typer_instance, (*path, group.name))
+
+
+def test_no_help_text_loses_bracketed_words():
+    """Rich reads "[batch, context, vocab]" as markup; every bracketed phrase of every help text must be printed."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from sae_core.cli import app
+
+    runner, checked = CliRunner(), 0
+    for path, texts in help_sources(app):
+        r = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "2000"})  # wide: no phrase split across lines
+        assert r.exit_code == 0, (path, r.output)
+        printed = " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split())
+        for phrase in (p for text in texts for p in re.findall(r"\[[^\[\]]+\]", " ".join(text.split()))):
+            assert phrase in printed, f"`saescope {' '.join(path)} --help` lost {phrase!r}"
+            checked += 1
+    assert checked >= 2  # eval's [batch, context, vocab] and mine's [0, max] at least
+
+
 def test_bad_input_is_one_clear_line():
     r = saescope("mine", "--sae", "/no/such/sae", "--db", "sqlite:////tmp/unused.db")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
