@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MineConfig, ServeConfig, TrainConfig
+from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MapConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .live.commands import register as register_live
@@ -196,6 +196,20 @@ def explain(sae: str, **values) -> None:
     if r.usage:
         line += f"; {r.usage.get('requests', 0):,} requests, {r.usage.get('total_tokens', 0):,} tokens"
     console.print(line)
+
+
+@app.command("map")
+@with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(MapConfig)])
+def map_(sae: str, **values) -> None:
+    """Lay out every alive feature on a 2-D map (UMAP of decoder rows, cosine; seeded) and cluster it; resumable,
+    a no-op when the live run has this map."""
+    from .relations.map import build_map, tqdm_progress
+
+    r = build_map(sae, from_options(MapConfig, values), tqdm_progress())
+    if r.skipped:
+        console.print(f"run {r.run_id} of {sae} already has this map (seed {r.seed}, {r.n_points:,} features): --force to compute it again")
+    else:
+        console.print(f"mapped {r.n_points:,} features of {sae} into {r.n_clusters} clusters ({r.seconds:.0f} s): /saes/{sae}/map")
 
 
 @app.command()

@@ -190,6 +190,22 @@ class ExplainConfig:
 
 
 @dataclass
+class MapConfig:
+    """Everything `saescope map` takes (sae_core/relations/map.py): a 2-D UMAP of the alive features' decoder rows."""
+
+    seed: int = option(0, "UMAP's random_state: the same seed, store and SAE give the same map.")
+    n_neighbors: int = option(
+        15, "UMAP: nearest features (decoder cosine) each feature is tied to; more keeps more global shape.", min=2, max=200
+    )
+    min_dist: float = option(0.1, "UMAP: how tightly points may pack on the map.", min=0.0, max=1.0)
+    min_cluster_size: int | None = option(
+        None, "HDBSCAN on the map: the fewest features a cluster holds.", min=2, show_default="alive features / 400, at least 10"
+    )
+    force: bool = option(False, "Compute the map again even though the SAE's live run has one.")
+    db: str | None = db_option()
+
+
+@dataclass
 class DemoConfig:
     """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
 
@@ -291,6 +307,7 @@ SECTIONS = [
     (MineConfig, "saescope mine"),
     (StatsConfig, "saescope mine: feature statistics"),
     (ExplainConfig, "saescope explain"),
+    (MapConfig, "saescope map"),
     (ServeConfig, "saescope serve"),
     (LiveConfig, "saescope serve: live features"),
     (GenerationConfig, "saescope steer: generation settings"),
