@@ -20,7 +20,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from sae_core.config import LiveConfig
 from sae_core.store import db
 
-from . import api, deps, live, pages, queries
+from . import api, deps, feature_map, live, pages, queries
 from .http import HeadAsGet, HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
@@ -56,6 +56,8 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
     app.include_router(api.router)
     live.install(app, db.database_url(url), live_config)
     app.include_router(live.router)  # before pages.router and its /{sae}/{index} catch-all
+    app.include_router(feature_map.api_router)  # the map: /api/v1/saes/{sae}/map
+    app.include_router(feature_map.router)  # /saes/{sae}/map and its data, the feature page's inset
 
     @app.get("/docs", include_in_schema=False)
     def docs():
