@@ -74,6 +74,12 @@ class TrainConfig:
         "with AVX512-BF16; elsewhere an fp32 GEMM over bf16-rounded operands gives the same numbers as fast "
         "as fp32; bench/RESULTS.md).",
     )
+    compile: bool = option(
+        False,
+        "TopK in one process: run the loss and gradients as one torch.compile graph (on CUDA replayed as a CUDA graph: "
+        "one launch instead of ~110). Same results up to the order of float sums, so resume is no longer bitwise; "
+        "the first steps compile (up to a minute). For CUDA: on the CPU the eager step is faster (bench/RESULTS.md).",
+    )
     seed: int = option(0, "Seed of the initialisation and the batch order.")
     checkpoint_every: int = option(200, "Steps between checkpoints.")
     device: str = option(
@@ -88,7 +94,7 @@ class TrainConfig:
         min=1,
     )
 
-    NOT_IDENTITY = ("checkpoint_every", "device", "latent_parallel")  # the layout is checked on resume, with the world size
+    NOT_IDENTITY = ("checkpoint_every", "device", "latent_parallel", "compile")  # the layout is checked on resume, with the world size
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_IDENTITY}

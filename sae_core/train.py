@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class Trainer:
         self.sae = sae = build_sae(cfg, source.d_model, grid.lp).to(device)
         self.lr = cfg.lr or sae.lr_default()
         self.opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=cfg.adam_eps, fused=True)  # fused: 5x faster step on CPU
+        self.loss_and_grads = self._loss_and_grads(cfg, grid)
         self.step_no = self.start_step = 0
         self.tokens_since_fired = torch.zeros(len(sae.b_enc), dtype=torch.long, device=device)  # this rank's latents
         self.ema_state: dict | None = None
@@ -160,6 +162,16 @@ class Trainer:
             self._initialise()
         grid.world.barrier()  # every rank has looked at --out before any writes into it
         self.out.mkdir(parents=True, exist_ok=True)
+
+    def _loss_and_grads(self, cfg: TrainConfig, grid: Grid) -> Callable[..., dict]:
+        """The SAE's own loss_and_grads, or with --compile the same step as one compiled graph (sae/compiled.py)."""
+        if not cfg.compile:
+            return self.sae.loss_and_grads
+        if cfg.architecture != "topk" or grid.distributed:
+            raise SaescopeError("--compile compiles the TopK step of a single process; leave it off for relu or under torchrun")
+        from .sae.compiled import CompiledTopK
+
+        return CompiledTopK(self.sae).loss_and_grads
 
     def _initialise(self) -> None:
         cfg, sae = self.cfg, self.sae
@@ -233,7 +245,8 @@ class Trainer:
         """One optimiser step on a batch of raw activations; `where` names the batch in errors."""
         cfg, sae = self.cfg, self.sae
         x = raw * self.scale
-        stats = sae.loss_and_grads(x, self.tokens_since_fired >= self.dead_tokens, autocast_bf16=cfg.bf16, group_sum=self.grid.dp.group_sum)
+        dead = self.tokens_since_fired >= self.dead_tokens
+        stats = self.loss_and_grads(x, dead, autocast_bf16=cfg.bf16, group_sum=self.grid.dp.group_sum)
         stats = reduce_step(list(sae.parameters()), stats, self.grid.dp)  # one process: as it is
         if not math.isfinite(stats["loss"]):  # a NaN or Inf in the batch always shows here (FVU's denominator)
             if not torch.isfinite(x).all():
