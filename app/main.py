@@ -20,7 +20,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from sae_core.config import LiveConfig
 from sae_core.store import db
 
-from . import api, deps, feature_map, live, pages, queries
+from . import api, deps, families, feature_map, live, pages, queries
 from .http import HeadAsGet, HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
@@ -70,6 +70,8 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
 
     app.include_router(pages.router)
 
+    app.include_router(families.api_router)  # a feature's relatives across SAEs (saescope family)
+    app.include_router(families.router)
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/api/")
 

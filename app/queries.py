@@ -270,7 +270,7 @@ _FEATURE = Prepared(  # the feature's row once per explanation it has (once with
     .order_by(*explanations.ORDER)
 )
 _FEATURE_KEYS = tuple(Feature.__table__.c.keys())
-_FEATURE_JSON = ("histogram", "intervals", "logits", "neighbours")
+_FEATURE_JSON = ("histogram", "intervals", "logits", "neighbours", "coactivation")
 _EXAMPLE_WHERE = (SAE.name == bindparam("name"), Example.feature_index == bindparam("index"), Example.kind == bindparam("kind"))
 _EXAMPLES = {
     kind: Prepared(
@@ -371,6 +371,12 @@ def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail
         logits_top=tv(f["logits"]["top"]),
         logits_bottom=tv(f["logits"]["bottom"]),
         neighbours=[schemas.Neighbour(index=i, cosine=c, top_token=token_or_none(vocab, t)) for i, c, t in f["neighbours"]],
+        coactivation=None
+        if f["coactivation"] is None
+        else [
+            schemas.CoFiring(index=i, count=n, p_given=p, jaccard=j, top_token=token_or_none(vocab, t))
+            for i, n, p, j, t in f["coactivation"]
+        ],
         explanation=f["explanation"],
         explanations=explanations.from_rows(f["explanation_rows"], vocab),
     )

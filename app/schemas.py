@@ -68,6 +68,14 @@ class Neighbour(BaseModel):
     top_token: str | None = Field(None, description="token its strongest context peaks on")
 
 
+class CoFiring(BaseModel):
+    index: int
+    count: int = Field(description="mined positions where both features fire")
+    p_given: float = Field(description="P(this partner fires | the feature fires)")
+    jaccard: float = Field(description="positions where both fire / positions where either fires")
+    top_token: str | None = Field(None, description="token the partner's strongest context peaks on")
+
+
 class FeatureDetail(FeatureSummary):
     sae: str
     n_latents: int
@@ -78,6 +86,9 @@ class FeatureDetail(FeatureSummary):
     logits_top: list[TokenValue] = Field(description="tokens W_dec[i] @ W_U promotes most")
     logits_bottom: list[TokenValue] = Field(description="tokens it suppresses most")
     neighbours: list[Neighbour] = Field(description="nearest features by decoder cosine")
+    coactivation: list[CoFiring] | None = Field(
+        None, description="features that fire on the same mined tokens, strongest by Jaccard first; null: mined without co-activation"
+    )
     explanation: str | None
     explanations: list[ExplanationOut] = Field([], description="one per method, best first (saescope explain)")
 

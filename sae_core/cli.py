@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, MapConfig, MineConfig, ServeConfig, TrainConfig
+from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, FamilyConfig, MapConfig, MineConfig, ServeConfig, TrainConfig
 from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .live.commands import register as register_live
@@ -210,6 +210,33 @@ def map_(sae: str, **values) -> None:
         console.print(f"run {r.run_id} of {sae} already has this map (seed {r.seed}, {r.n_points:,} features): --force to compute it again")
     else:
         console.print(f"mapped {r.n_points:,} features of {sae} into {r.n_clusters} clusters ({r.seconds:.0f} s): /saes/{sae}/map")
+
+
+@app.command()
+@with_signature(
+    [
+        arg("saes", list[str], typer.Option(..., "--saes", metavar="NAME", help="Mined SAEs of one model and hook (two or more).")),
+        arg("more", list[str] | None, typer.Argument(None, metavar="NAME", help="`--saes A B C` is `--saes A --saes B --saes C`.")),
+        *command_options(FamilyConfig),
+    ]
+)
+def family(saes: list[str], more: list[str] | None, **values) -> None:
+    """Match features across mined SAEs of one model and hook: parents and the finer features they split into
+    across widths, the same feature across SAEs of one width (universality, stability), by decoder cosine
+    confirmed by co-activation on shared tokens; stored for the pages and the API."""
+    from .relations.families import build_families
+
+    r = build_families([*saes, *(more or [])], from_options(FamilyConfig, values))
+    console.print(
+        f"families of {', '.join(r.saes)}: {r.splits:,} parent -> child relations, {r.matches:,} same-feature matches, "
+        f"confirmed on {r.sample_positions:,} positions from {r.sample_source} ({r.seconds:.0f} s)"
+    )
+    for u in r.universality:
+        share = u.matched / u.fired if u.fired else 0.0
+        console.print(
+            f"  universality: {u.matched:,} of {u.fired:,} fired features of {u.a} ({share:.1%}) have a match in {u.b}, "
+            f"mean cosine {u.mean_cosine:.3f}"
+        )
 
 
 @app.command()
