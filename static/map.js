@@ -125,9 +125,10 @@
       return s;
     };
     if (map.mode === "density" && map.densityRange) {
-      add("", "firing density 10^" + map.densityRange[0].toFixed(1));
+      const pct = (v) => (100 * Math.pow(10, v)).toPrecision(2) + "%";
+      add("", "firing density " + pct(map.densityRange[0]));
       add("ramp");
-      add("", "10^" + map.densityRange[1].toFixed(1));
+      add("", pct(map.densityRange[1]) + " (log scale)");
     } else if (map.mode === "cluster") {
       add("", map.nClusters + " clusters (HDBSCAN on the map), grey: in none");
     } else {
@@ -184,7 +185,9 @@
     const px = map.pixels, W = canvas.width, H = canvas.height, dpr = map.dpr;
     const s = map.scale * dpr, tx = map.tx * dpr, ty = map.ty * dpr;
     const zoom = map.fitScale ? map.scale / map.fitScale : 1;
-    const size = Math.max(1, Math.round(dpr * (zoom > 6 ? 4 : zoom > 2 ? 3 : 2)));
+    // a few pixels a point: more where the map has room for them (few points), and more when zoomed in
+    const base = Math.min(6, Math.max(2, Math.round(Math.sqrt((map.width * map.height) / Math.max(map.n, 1)) / 10)));
+    const size = Math.max(1, Math.round(dpr * (base + (zoom > 6 ? 2 : zoom > 2 ? 1 : 0))));
     px.fill(BG);
     const square = (i, size) => {
       const cx = Math.round(map.x[i] * s + tx), cy = Math.round(-map.y[i] * s + ty);
