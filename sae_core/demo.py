@@ -1,7 +1,7 @@
 """`saescope demo`: from nothing to a browsable atlas of the bundled model, every stage skipping work
 whose output already exists (so a re-run, or a run after a crash, picks up where it stopped).
 
-    fetch corpus -> cache activations -> train TopK SAE -> evaluate -> mine into the store -> explain -> serve
+    fetch corpus -> cache activations -> train TopK SAE -> evaluate -> mine into the store -> explain -> map -> serve
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         f"      {explained.explained:,} explained ({explained.skipped:,} already were); "
         f"mean held-out precision {m.get('n2g_precision') or 0:.3f}, recall {m.get('n2g_recall') or 0:.3f}"
     )
+    from .relations.map import MapConfig, build_map
+
+    mapped = build_map(cfg.name, MapConfig(db=cfg.db))  # a no-op once the live run has its map
+    took = "already built" if mapped.skipped else f"{mapped.seconds:.0f} s"
+    console.print(f"      map of the {mapped.n_points:,} fired features, {mapped.n_clusters} clusters ({took}): /saes/{cfg.name}/map")
     _steering_example(console, store_db.make_engine(cfg.db), cfg.name, lm)
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))
 
