@@ -19,11 +19,11 @@ from typing import Annotated, Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Form, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from sqlalchemy import Connection, select
 
 from sae_core.config import GenerationConfig, LiveConfig
-from sae_core.live.errors import LiveError, Unavailable
+from sae_core.live.errors import LiveError, Loading, Unavailable
 from sae_core.live.interventions import MODES, Intervention, Mode, steer_permalink
 from sae_core.live.pool import ClientGone, LiveClient, ModelPool
 from sae_core.store.schema import SAE, Feature
@@ -37,7 +37,8 @@ ENV_LIVE = "SAESCOPE_LIVE"  # set by `saescope serve` for its workers: {"socket"
 OFF_HERE = "the live features run under `saescope serve` (this app was built without them)"
 router = APIRouter()
 SaeName = Path(max_length=200)
-MAX_TEXT_CHARS = 20_000  # before tokenizing; the token caps are LiveConfig's
+MAX_TEXT_CHARS = 20_000  # before tokenizing; past LiveConfig's token caps a text is cut (the answer says by how much)
+MAX_INDEX = 2**31 - 1  # a feature index, as the store keeps it
 DETERMINISM = "deterministic for a given seed, model dtype and machine kind"
 
 
@@ -96,8 +97,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def install(app: FastAPI, db_url: str, live: LiveConfig | None) -> None:
-    """Attach the gateway and map live errors to statuses (503 with Retry-After when it will pass)."""
+    """Attach the gateway, the API endpoints with this server's caps, and map live errors to statuses
+    (503 with Retry-After when it will pass)."""
     app.state.live = Gateway.configure(db_url, live)
+    app.include_router(api_router(app.state.live.limits))
 
     @app.exception_handler(LiveError)
     async def live_error(request: Request, exc: LiveError):
@@ -109,8 +112,10 @@ def install(app: FastAPI, db_url: str, live: LiveConfig | None) -> None:
 
 
 class ActivationsRequest(BaseModel):
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="the text to read (capped in tokens by the server)")
-    feature: int | None = Field(None, ge=0, description="also return this feature's activation on every token")
+    text: str = Field(
+        min_length=1, max_length=MAX_TEXT_CHARS, description="the text to read; past the server's max_text_tokens its beginning is read"
+    )
+    feature: int | None = Field(None, ge=0, le=MAX_INDEX, description="also return this feature's activation on every token")
     top: int = Field(8, ge=1, le=64, description="strongest features listed per token")
 
 
@@ -132,18 +137,23 @@ class ActivationsResponse(BaseModel):
     tokens: list[TokenActivations]
     feature: int | None
     feature_acts: list[float] | None
+    truncated: int = Field(0, description="tokens past the server's max_text_tokens, left out (0: the whole text was read)")
 
 
 class InterventionModel(BaseModel):
-    feature: int = Field(ge=0)
+    feature: int = Field(ge=0, le=MAX_INDEX)
     mode: Mode = Field(description="clamp: set the latent to value; add: add value x the decoder direction; scale: multiply it")
-    value: float = Field(ge=-1e6, le=1e6)
+    value: float = Field(gt=-1e6, lt=1e6)
 
 
 class SteerRequest(BaseModel):
+    """What the steering page's form gives; the API's model is `limited_steer_request`'s, with this server's caps."""
+
     sae: str = Field(max_length=200)
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    interventions: list[InterventionModel] = Field(default_factory=list, max_length=64)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="past the server's max_prompt_tokens its end is continued")
+    interventions: list[InterventionModel] = Field(
+        default_factory=list, max_length=64, description="applied in order; several on one feature compose"
+    )
     max_new_tokens: int = Field(32, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -167,7 +177,25 @@ class SteerResponse(BaseModel):
     default: ContinuationModel
     steered: ContinuationModel
     diverges_at: int | None = Field(description="first generated position where the continuations differ")
+    prompt_truncated: int = Field(
+        0, description="tokens cut from the prompt's start (past max_prompt_tokens): prompt_tokens were continued"
+    )
     permalink: str = Field(description=f"the steering page of this request: {DETERMINISM}")
+
+
+def limited_steer_request(limits: LiveConfig) -> type[SteerRequest]:
+    """SteerRequest with this server's caps in its schema (maximum, maxItems), so that the OpenAPI document
+    states them and every request it admits is answered."""
+    default = min(GenerationConfig().max_new_tokens, limits.max_new_tokens_limit)
+    interventions: Any = Field(
+        default_factory=list, max_length=limits.max_interventions, description="applied in order; several on one feature compose"
+    )
+    return create_model(
+        "SteerRequest",
+        __base__=SteerRequest,
+        interventions=(list[InterventionModel], interventions),
+        max_new_tokens=(int, Field(default, ge=1, le=limits.max_new_tokens_limit)),
+    )
 
 
 # ---------------------------------------------------------------------- the work
@@ -236,21 +264,28 @@ LIVE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"], responses=LIVE_ERRORS)
-async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName):
-    """The SAE's strongest features on each token of `text` (and one feature's activation on every token)."""
-    result = await _or_gone(activations(request, sae, body))
-    if isinstance(result, Response):
+def api_router(limits: LiveConfig) -> APIRouter:
+    """The live API endpoints, their request models carrying this server's caps (create_app knows them)."""
+    api = APIRouter()
+    steer_request = limited_steer_request(limits)
+
+    @api.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"], responses=LIVE_ERRORS)
+    async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName):
+        """The SAE's strongest features on each token of `text` (and one feature's activation on every token)."""
+        result = await _or_gone(activations(request, sae, body))
+        if isinstance(result, Response):
+            return result
+        for tok in result["tokens"]:
+            tok["features"] = [{"index": i, "activation": a} for i, a in tok["features"]]
         return result
-    for tok in result["tokens"]:
-        tok["features"] = [{"index": i, "activation": a} for i, a in tok["features"]]
-    return result
 
+    async def steer_api(request: Request, body):
+        """The default and the steered continuation of `prompt`, with the interventions applied at the SAE's hook."""
+        return await _or_gone(steer(request, body))
 
-@router.post("/api/v1/steer", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)
-async def steer_api(request: Request, body: SteerRequest):
-    """The default and the steered continuation of `prompt`, with the interventions applied at the SAE's hook."""
-    return await _or_gone(steer(request, body))
+    steer_api.__annotations__ = {"request": Request, "body": steer_request}  # a class of this call: no string annotation
+    api.post("/api/v1/steer", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)(steer_api)
+    return api
 
 
 @router.get("/api/v1/live", tags=["live"])
@@ -287,7 +322,12 @@ async def inference_page(request: Request, sae: str = SaeName):
     return templates.TemplateResponse(request, "inference.html", {"sae": sae, "max_chars": MAX_TEXT_CHARS})
 
 
-def _error(request: Request, exc: Exception):
+def _error(request: Request, exc: Exception, form: str = "", vals: dict | None = None):
+    """The fragment for a live result that failed. While the model loads, a card that says so and posts
+    `form` again by itself after the Retry-After, replacing itself with the result."""
+    if isinstance(exc, Loading):
+        ctx = {"reason": str(exc), "retry": max(1, round(exc.retry_after or 2)), "form": form, "vals": json.dumps(vals or {})}
+        return templates.TemplateResponse(request, "_live_loading.html", ctx)
     status = getattr(exc, "status", 422 if isinstance(exc, (LiveError, queries.NotFound)) else 500)
     if isinstance(exc, queries.NotFound):
         status = 404
@@ -310,7 +350,7 @@ async def inference_result(
     except ClientGone:
         return Response(status_code=499)
     except (LiveError, queries.NotFound, ValueError) as exc:
-        return _error(request, exc)
+        return _error(request, exc, "#inference-form", {"feature": feature})
     return templates.TemplateResponse(request, "_live_tokens.html", _tokens_view(request, sae, result))
 
 
@@ -338,7 +378,7 @@ async def feature_try(request: Request, sae: str = SaeName, index: int = Path(ge
     except ClientGone:
         return Response(status_code=499)
     except (LiveError, queries.NotFound) as exc:
-        return _error(request, exc)
+        return _error(request, exc, "#try-form")
     mined_max = maxima.get(index, 0.0)
     scale = mined_max if mined_max > 0 else max(result["feature_acts"], default=0.0)
     view = {"sae": sae, "index": index, "result": result, "heats": [heat(a, scale) for a in result["feature_acts"]], "mined_max": mined_max}
@@ -425,7 +465,7 @@ async def steer_result(
     except ClientGone:
         return Response(status_code=499)
     except (LiveError, queries.NotFound) as exc:
-        return _error(request, exc)
+        return _error(request, exc, "#steer-form")
     diverge = result["diverges_at"]
     ctx = {
         "sae": sae,

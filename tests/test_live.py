@@ -47,10 +47,26 @@ def test_encode_lists_each_tokens_strongest_features_and_a_features_activation(r
 def test_encode_rejects_bad_input(runtime):
     with pytest.raises(NotFound):
         runtime.encode("tiny", TEXT, feature=128)
-    with pytest.raises(LiveError, match="at most 200"):
-        runtime.encode("tiny", "the cat " * 300)
     with pytest.raises(LiveError, match="empty"):
         runtime.encode("tiny", "")
+
+
+def test_a_text_past_the_token_cap_is_read_up_to_it(runtime):
+    whole = runtime.lm.tokenizer("the cat " * 300, add_special_tokens=False)["input_ids"]
+    result = runtime.encode("tiny", "the cat " * 300, feature=3)
+    assert len(result.tokens) == 200 and result.truncated == len(whole) - 200 > 0
+    assert [t.id for t in result.tokens] == whole[:200]
+    assert result.feature_acts is not None and len(result.feature_acts) == 200
+    assert runtime.encode("tiny", TEXT).truncated == 0
+
+
+def test_a_prompt_past_the_token_cap_is_continued_from_its_end(tiny_lm, runtime):
+    short = LiveRuntime(LiveConfig(max_prompt_tokens=6), lm=tiny_lm, sae_source=runtime._source)
+    prompt = "the king said that the whale ran over the big red house"
+    ids = tiny_lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    result = short.generate("tiny", prompt, [], GREEDY)
+    assert result.prompt_truncated == len(ids) - 6 > 0 and len(result.prompt_tokens) == 6
+    assert result.default.token_ids == short.continue_(tiny_lm, ids[-6:], GREEDY, None, 1).token_ids
 
 
 GREEDY = GenerationConfig(max_new_tokens=24)
@@ -131,12 +147,32 @@ def test_generate_validates_limits(runtime):
         runtime.generate("tiny", "the cat", [], GenerationConfig(max_new_tokens=65))
     with pytest.raises(NotFound):
         runtime.generate("tiny", "the cat", [Intervention(999, "clamp", 1.0)], GREEDY)
-    with pytest.raises(LiveError, match="twice"):
-        runtime.generate("tiny", "the cat", [Intervention(3, "clamp", 1.0), Intervention(3, "add", 1.0)], GREEDY)
+    with pytest.raises(LiveError, match="out of range"):
+        runtime.generate("tiny", "the cat", [Intervention(3, "clamp", 1e6)], GREEDY)
     with pytest.raises(LiveError, match="FEATURE:MODE:VALUE"):
         Intervention.parse("3:boost:1")
     assert Intervention.parse("5475:clamp:40") == Intervention(5475, "clamp", 40.0)
     assert Intervention.parse(" 7:scale:-0.5 ").spec() == "7:scale:-0.5"
+
+
+def test_interventions_on_one_feature_compose_in_order(runtime):
+    """clamp 2 then add 40 is clamp 42; add 40 then clamp 2 is clamp 2: the order given is the order applied."""
+    held = runtime.sae("tiny")
+    sae = held.loaded.sae
+    h = runtime.lm.residuals(torch.tensor([runtime.lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]]), held.layer)[0]
+
+    def steer(*ivs):
+        return SteeringHook(sae, list(ivs))(h)
+
+    clamp42, clamp2 = steer(Intervention(3, "clamp", 42.0)), steer(Intervention(3, "clamp", 2.0))
+    torch.testing.assert_close(steer(Intervention(3, "clamp", 2.0), Intervention(3, "add", 40.0)), clamp42)
+    torch.testing.assert_close(steer(Intervention(3, "add", 40.0), Intervention(3, "clamp", 2.0)), clamp2)
+    assert not torch.allclose(clamp2, clamp42)
+    both = steer(Intervention(3, "clamp", 42.0), Intervention(5, "scale", 0.0))  # other features keep their own slot
+    torch.testing.assert_close(both, steer(Intervention(5, "scale", 0.0), Intervention(3, "clamp", 42.0)))
+    assert runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 2.0), Intervention(3, "add", 40.0)], GREEDY).steered.token_ids == (
+        runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 42.0)], GREEDY).steered.token_ids
+    )
 
 
 def test_weights_round_trip_through_bytes(tiny_sae_dir):
@@ -170,3 +206,39 @@ def test_the_demo_steering_example_is_found_from_the_store(mined_store, tiny_lm)
     assert f"feature={feature}&mode=clamp&value={request.intervention.value:g}" in request.permalink
     assert (example.result.diverges_at is None) == (example.result.steered.token_ids == example.result.default.token_ids)
     assert example.result.default.token_ids
+
+
+def test_the_model_process_answers_loading_until_its_model_is_ready(runtime, tmp_path):
+    """While it loads, the model process refuses at once with a loading 503 and a Retry-After (the client
+    raises Loading) instead of holding the request for the whole load; once loaded it answers."""
+    import asyncio
+    import socket
+    import threading
+
+    from sae_core.live.errors import Loading
+    from sae_core.live.pool import LOADING_RETRY_AFTER, LiveClient, ModelServer
+
+    server = ModelServer(runtime, LiveConfig(live_queue=2))
+    path = str(tmp_path / "model.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+
+    def accept():
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=server.handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    threading.Thread(target=server.run_jobs, daemon=True).start()
+    client = LiveClient(path)
+    request = {"op": "encode", "sae": "tiny", "text": TEXT, "feature": None, "top": 3}
+    assert server.state == "loading" and asyncio.run(client.call({"op": "status"}))["state"] == "loading"
+    with pytest.raises(Loading, match="the model is loading") as refused:
+        asyncio.run(client.call(request))
+    assert refused.value.status == 503 and refused.value.retry_after == LOADING_RETRY_AFTER
+    server.load()  # what the model process's load thread does at start
+    assert server.state == "ready" and asyncio.run(client.call(request))["tokens"]
+    with pytest.raises(Loading, match="starting"):  # no model process listening yet
+        asyncio.run(LiveClient(str(tmp_path / "not-yet.sock")).call(request))
+    listener.close()

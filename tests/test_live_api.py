@@ -51,6 +51,24 @@ def live(mined_store):
         yield client
 
 
+def test_start_up_loads_the_model_and_meanwhile_live_answers_say_loading(mined_store):
+    """The app starts its model process with itself; until the model is loaded the API answers 503 with
+    Retry-After and says so, the live pages say "loading" and ask again by themselves, other pages answer."""
+    with TestClient(create_app(mined_store, live_config=LIMITS)) as client:
+        r = client.post("/api/v1/saes/tiny-sae/activations", json={"text": TEXT})  # the process is still importing torch
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert "starting" in r.json()["detail"] or "loading" in r.json()["detail"]
+        assert client.get("/api/v1/live").json()["state"] in ("starting", "loading")
+        assert "The model is loading" in client.get("/live/status").text
+        card = client.post("/saes/tiny-sae/inference/result", data={"text": TEXT, "feature": "3"})
+        assert card.status_code == 200 and "The model is loading" in card.text and 'hx-trigger="load delay:' in card.text
+        assert 'hx-post="/saes/tiny-sae/inference/result"' in card.text and 'hx-include="#inference-form"' in card.text
+        assert client.get("/saes/tiny-sae/features/3").status_code == 200 and client.get("/saes/tiny-sae/steer").status_code == 200
+        wait_ready(client)
+        assert client.post("/api/v1/saes/tiny-sae/activations", json={"text": TEXT}).status_code == 200
+        assert "Feature" in client.post("/saes/tiny-sae/inference/result", data={"text": TEXT, "feature": "3"}).text
+
+
 def test_the_store_holds_the_weights_the_run_was_mined_with(mined_store, tiny_sae_dir):
     from sae_core.interchange import load_sae, load_sae_bytes
 
@@ -92,12 +110,12 @@ def test_steer_endpoint_and_its_permalink(live):
         ("/api/v1/saes/nope/activations", {"text": "hi"}, 404, "no SAE named 'nope'"),
         ("/api/v1/saes/tiny-sae/activations", {"text": "hi", "feature": 128}, 404, "there is no feature 128"),
         ("/api/v1/saes/tiny-sae/activations", {"text": ""}, 422, "at least 1 character"),
-        ("/api/v1/saes/tiny-sae/activations", {"text": "the cat " * 200}, 422, "at most 100 are allowed"),
         ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "interventions": [{"feature": 999, "mode": "clamp", "value": 1}]}, 404, "no feature 999"),
         ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "interventions": [{"feature": 1, "mode": "boost", "value": 1}]}, 422, "clamp"),
-        ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "max_new_tokens": 401}, 422, "max_new_tokens must be between 1 and 400"),
+        ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "max_new_tokens": 401}, 422, "less than or equal to 400"),
         ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "interventions": [{"feature": i, "mode": "add", "value": 1} for i in range(4)]},
-         422, "at most 3 interventions"),
+         422, "at most 3 items"),
+        ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "interventions": [{"feature": 1, "mode": "add", "value": 1e6}]}, 422, "less than"),
         ("/api/v1/steer", {"sae": "tiny-sae", "prompt": "x", "top_p": 0}, 422, "greater than 0"),
     ],
 )
@@ -105,6 +123,30 @@ def test_bad_input_gets_404_or_422_with_the_reason(live, path, body, status, rea
     r = live.post(path, json=body)
     assert r.status_code == status, r.text
     assert reason in json.dumps(r.json()["detail"])
+
+
+def test_the_openapi_document_states_this_servers_caps(live):
+    """Every request the schema admits is answered: the caps that LiveConfig sets per server are in it."""
+    schemas = live.get("/openapi.json").json()["components"]["schemas"]
+    steer = schemas["SteerRequest"]["properties"]
+    assert steer["max_new_tokens"]["maximum"] == LIMITS.max_new_tokens_limit == 400
+    assert steer["interventions"]["maxItems"] == LIMITS.max_interventions == 3
+    assert schemas["ActivationsRequest"]["properties"]["text"]["maxLength"] >= 1000
+    at_the_caps = {"sae": "tiny-sae", "prompt": "the cat " * 60, "max_new_tokens": 400, "temperature": 1e-300,
+                   "interventions": [{"feature": 3, "mode": "clamp", "value": 5}, {"feature": 3, "mode": "add", "value": -999999.5},
+                                     {"feature": 127, "mode": "scale", "value": 0}]}
+    r = live.post("/api/v1/steer", json=at_the_caps)
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt_truncated"] > 0 and len(r.json()["prompt_tokens"]) == LIMITS.max_prompt_tokens
+
+
+def test_a_text_past_the_token_cap_is_read_up_to_it(live):
+    r = live.post("/api/v1/saes/tiny-sae/activations", json={"text": "the cat " * 200})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["tokens"]) == LIMITS.max_text_tokens and r.json()["truncated"] > 0
+    assert live.post("/api/v1/saes/tiny-sae/activations", json={"text": TEXT}).json()["truncated"] == 0
+    page = live.post("/saes/tiny-sae/inference/result", data={"text": "the cat " * 200, "feature": ""})
+    assert f"{LIMITS.max_text_tokens} tokens (the text's first: " in page.text
 
 
 def long_generation(live, results):

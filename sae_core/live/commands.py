@@ -53,6 +53,9 @@ def register(app: typer.Typer, console: Console) -> None:
             feats = "(not encoded: first position)" if tok.skipped else "  ".join(f"#{i} {a:.2f}" for i, a in tok.features)
             extra = f"  [#{feature}: {result.feature_acts[pos]:.3f}]" if result.feature_acts is not None else ""
             console.print(f"{pos:4d} {tok.text!r:>16}  {feats}{extra}", highlight=False, markup=False)
+        if result.truncated:
+            note = f"note: read the text's first {len(result.tokens)} tokens; {result.truncated} more are past the limit"
+            console.print(note, markup=False)
 
     @app.command()
     @with_signature(
@@ -78,6 +81,9 @@ def register(app: typer.Typer, console: Console) -> None:
         interventions = [Intervention.parse(spec) for spec in feature]
         settings = from_options(GenerationConfig, values)
         result = _runtime(db, live_device, live_model_dtype).generate(sae, prompt, interventions, settings)
+        if result.prompt_truncated:
+            note = f"note: continued the prompt's last {len(result.prompt_tokens)} tokens; its first {result.prompt_truncated} were cut"
+            console.print(note, markup=False)
         console.print(f"[bold]default[/]  ({result.default.stopped})", highlight=False)
         print(prompt + result.default.text)
         specs = " ".join(iv.spec() for iv in interventions) or "(no interventions)"

@@ -26,3 +26,7 @@ class Unavailable(LiveError):
     def __init__(self, detail: str, retry_after: float | None = None):
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class Loading(Unavailable):
+    """The model process is starting or loading the model (HTTP 503 with Retry-After): it answers in a moment."""

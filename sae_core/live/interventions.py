@@ -10,6 +10,7 @@ Modes, applied on every position (prompt and generated):
     clamp v   z'_f = v           (Anthropic's clamping; v often a multiple of the feature's max activation)
     add v     z'_f = z_f + v     i.e. x + v W_dec[f]: a multiple of the unit-norm decoder direction (Neuronpedia)
     scale s   z'_f = s z_f
+Interventions on one feature apply in the order given (clamp 5 then add 3 sets it to 8).
 """
 
 from __future__ import annotations
@@ -50,20 +51,16 @@ class Intervention:
 
 
 def check_interventions(interventions: list[Intervention], n_latents: int, limit: int) -> None:
-    """Reject what the hook cannot apply: too many, an index out of range, a feature twice, a non-finite value."""
+    """Reject what the hook cannot apply: too many, an index out of range, a non-finite value."""
     if len(interventions) > limit:
         raise LiveError(f"at most {limit} interventions per request (got {len(interventions)})")
-    seen: set[int] = set()
     for iv in interventions:
         if iv.mode not in MODES:
             raise LiveError(f"unknown mode {iv.mode!r}: use clamp, add or scale")
         if not 0 <= iv.feature < n_latents:
             raise NotFound(f"feature {iv.feature} does not exist: this SAE has features 0..{n_latents - 1}")
-        if iv.feature in seen:
-            raise LiveError(f"feature {iv.feature} is listed twice: give one intervention per feature")
         if not abs(iv.value) < 1e6:
             raise LiveError(f"value {iv.value} of feature {iv.feature} is out of range (|value| < 1e6)")
-        seen.add(iv.feature)
 
 
 class SteeringHook:
@@ -73,25 +70,24 @@ class SteeringHook:
         self.sae = sae
         self.interventions = list(interventions)
         if self.interventions:
-            self.features = torch.tensor([iv.feature for iv in self.interventions])
+            unique = list(dict.fromkeys(iv.feature for iv in self.interventions))  # each changed feature once, in order
+            self.slot = [unique.index(iv.feature) for iv in self.interventions]
+            self.features = torch.tensor(unique)
             self.values = torch.tensor([iv.value for iv in self.interventions], dtype=torch.float32)
             self.modes = [iv.mode for iv in self.interventions]
-            self.directions = sae.W_dec.detach()[self.features].float()  # [m, d]
+            self.directions = sae.W_dec.detach()[self.features].float()  # [u, d]
 
     @torch.no_grad()
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if not self.interventions:
             return h
         x = h.float()
-        z = self.sae.encode(x)[..., self.features.to(x.device)]  # [..., m]: each changed feature's current code
+        z = self.sae.encode(x)[..., self.features.to(x.device)]  # [..., u]: each changed feature's current code
         values = self.values.to(x.device)
-        target = torch.stack(
-            [
-                values[i].expand_as(z[..., i]) if mode == "clamp" else z[..., i] + values[i] if mode == "add" else z[..., i] * values[i]
-                for i, mode in enumerate(self.modes)
-            ],
-            dim=-1,
-        )
+        code = list(z.unbind(-1))
+        for i, (mode, j) in enumerate(zip(self.modes, self.slot)):  # in the order given, so one feature's changes compose
+            code[j] = values[i].expand_as(code[j]) if mode == "clamp" else code[j] + values[i] if mode == "add" else code[j] * values[i]
+        target = torch.stack(code, dim=-1)
         return (x + (target - z) @ self.directions.to(x.device)).to(h.dtype)
 
 

@@ -6,6 +6,12 @@ Why a process: a generation holds the CPU (and, in Python, the GIL) for seconds;
 would stall every page request queued behind it. The model process runs with fewer torch threads and
 a lower priority (nice), so the page workers keep their cores while generations run.
 
+The model process starts loading the model at once (the server starts it with itself), and refuses
+requests until the model is loaded and has answered a first request of its own: 503 with a short
+Retry-After and a detail saying it is loading (a page shows "loading" and asks again by itself). A
+request that waited behind the load would hold its connection for the whole load (24 s measured for
+the first steering request after a start); a quick, clear answer lets the client decide.
+
 The model process runs one request at a time. A request arriving when `live_queue` are already
 waiting is refused at once with 503 and a Retry-After estimated from recent requests' durations: the
 queue never piles up. Each request has its own connection; when the client goes away (the HTTP
@@ -41,11 +47,12 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..config import GenerationConfig, LiveConfig
-from .errors import LiveError, NotFound, Unavailable
+from .errors import LiveError, Loading, NotFound, Unavailable
 
 log = logging.getLogger("saescope.live")
 HEADER = struct.Struct(">I")
 MAX_MESSAGE = 16 << 20
+LOADING_RETRY_AFTER = 2  # seconds: a model loads in seconds to tens of seconds; a client asks again soon
 
 
 # ---------------------------------------------------------------------- framing
@@ -94,13 +101,19 @@ class ModelServer:
         self.lock = threading.Lock()
         self.pending = 0  # admitted and not finished: queued plus running
         self.state, self.detail = "loading", "the model is loading"
+        self.started = time.monotonic()
         self.counts = {"completed": 0, "failed": 0, "cancelled": 0, "timed_out": 0, "rejected": 0}
         self.recent: list[float] = []  # seconds of the last requests, for Retry-After
 
     def load(self) -> None:
+        """Load the model (and the store's first SAE) and run it once, so the first user finds it warm."""
         try:
-            self.runtime.preload()
+            first = self.runtime.preload()
+            if first is not None:
+                self.runtime.encode(first, "Hello")
+                self.runtime.generate(first, "Hello", [], GenerationConfig(max_new_tokens=2))
             self.state, self.detail = "ready", "ready"
+            log.info("the live model is ready after %.1f s", time.monotonic() - self.started)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported to the pages, not raised
             self.state, self.detail = "error", f"the model could not be loaded: {exc}"
             log.error(self.detail)
@@ -129,6 +142,10 @@ class ModelServer:
                 return
             if request.get("op") == "status":
                 _send(conn, {"ok": True, "result": self.status()})
+                return
+            if self.state == "loading":
+                detail = f"the model is loading ({time.monotonic() - self.started:.0f} s so far)"
+                _send(conn, {"ok": False, "status": 503, "loading": True, "detail": detail, "retry_after": LOADING_RETRY_AFTER})
                 return
             with self.lock:
                 if self.pending > self.cfg.live_queue:  # one running plus live_queue waiting
@@ -300,7 +317,7 @@ class LiveClient:
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_MESSAGE)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Unavailable("the model process is not running yet", retry_after=2) from exc
+            raise Loading("the model process is starting", retry_after=LOADING_RETRY_AFTER) from exc
         try:
             data = json.dumps(request).encode()
             writer.write(HEADER.pack(len(data)) + data)
@@ -322,7 +339,7 @@ class LiveClient:
             return message["result"]
         status, detail = message.get("status"), message.get("detail", "the model process failed")
         if status == 503:
-            raise Unavailable(detail, message.get("retry_after"))
+            raise (Loading if message.get("loading") else Unavailable)(detail, message.get("retry_after"))
         if status == 404:
             raise NotFound(detail)
         if status == 422:

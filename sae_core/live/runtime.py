@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 ShouldStop = Callable[[], str | None]  # a reason to stop now ("cancelled", "time_limit"), or None
 MAX_TOP_FEATURES = 64
+MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -56,6 +57,7 @@ class EncodeResult:
     tokens: list[TokenFeatures]
     feature: int | None = None
     feature_acts: list[float] | None = None  # the chosen feature's activation per token (0 on skipped positions)
+    truncated: int = 0  # tokens past max_text_tokens, left out: the text's first max_text_tokens were read
 
 
 @dataclass
@@ -76,6 +78,7 @@ class GenerateResult:
     diverges_at: int | None  # first generated position where the two differ; None when identical
     interventions: list[Intervention] = field(default_factory=list)
     settings: GenerationConfig = field(default_factory=GenerationConfig)
+    prompt_truncated: int = 0  # tokens cut from the prompt's start: its last max_prompt_tokens were continued
 
 
 @dataclass
@@ -175,27 +178,29 @@ class LiveRuntime:
             raise Unavailable(f"the model {name} could not be loaded: {exc}") from exc
         return self.lm
 
-    def preload(self) -> None:
-        """Load the model of the store's first mined SAE now rather than on the first request."""
+    def preload(self) -> str | None:
+        """Load the model of the store's first mined SAE now rather than on the first request; that SAE's name."""
         from sqlalchemy import select
 
         from ..store.schema import SAE
 
         if self.engine is None:
-            return
+            return None
         with self.engine.connect() as conn:
             first = conn.scalar(select(SAE.name).where(SAE.active_run_id.is_not(None)).order_by(SAE.name).limit(1))
         if first is not None:
             self.sae(first)
+        return first
 
     # ------------------------------------------------------------------ questions
 
-    def _tokenize(self, lm: LanguageModel, text: str, limit: int, what: str) -> list[int]:
+    def _tokenize(self, lm: LanguageModel, text: str, what: str) -> list[int]:
+        """All of `text`'s tokens. Past the token caps a text is cut, not refused (see encode and
+        generate): the API's schema can state a length in characters, not in tokens, and every request
+        it admits is answered."""
         if not text:
             raise LiveError(f"the {what} is empty")
         ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # as the corpus windows are tokenized
-        if len(ids) > limit:
-            raise LiveError(f"the {what} has {len(ids)} tokens; at most {limit} are allowed")
         if not ids:
             raise LiveError(f"the {what} has no tokens")
         return ids
@@ -208,7 +213,9 @@ class LiveRuntime:
             raise NotFound(f"feature {feature} does not exist: {sae_name} has features 0..{sae.cfg.n_latents - 1}")
         if not 1 <= top <= MAX_TOP_FEATURES:
             raise LiveError(f"top must be between 1 and {MAX_TOP_FEATURES}")
-        ids = self._tokenize(lm, text, self.cfg.max_text_tokens, "text")
+        ids = self._tokenize(lm, text, "text")
+        truncated = max(0, len(ids) - self.cfg.max_text_tokens)
+        ids = ids[: self.cfg.max_text_tokens]  # the text's beginning, as a reader starts
         x = lm.residuals(torch.tensor([ids]), held.layer)[0].float()
         z = sae.encode(x)  # [seq, n_latents]
         vals, idx = z.topk(min(top, z.shape[-1]), dim=-1)
@@ -221,7 +228,7 @@ class LiveRuntime:
         acts = None
         if feature is not None:
             acts = [0.0 if pos < held.skip else float(a) for pos, a in enumerate(z[:, feature].tolist())]
-        return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts)
+        return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts, truncated)
 
     def generate(
         self,
@@ -238,7 +245,9 @@ class LiveRuntime:
             raise LiveError(f"max_new_tokens must be between 1 and {self.cfg.max_new_tokens_limit}")
         if settings.temperature < 0 or not 0 < settings.top_p <= 1:
             raise LiveError("temperature must be >= 0 and top_p in (0, 1]")
-        ids = self._tokenize(lm, prompt, self.cfg.max_prompt_tokens, "prompt")
+        ids = self._tokenize(lm, prompt, "prompt")
+        prompt_truncated = max(0, len(ids) - self.cfg.max_prompt_tokens)
+        ids = ids[prompt_truncated:]  # the prompt's end, which the continuation follows
         key = (lm.name, str(lm.dtype), tuple(ids), settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
         default = self._defaults.get(key)
         if default is None:
@@ -253,8 +262,9 @@ class LiveRuntime:
         diverges = next((i for i, (a, b) in enumerate(zip(default.token_ids, steered.token_ids)) if a != b), None)
         if diverges is None and len(default.token_ids) != len(steered.token_ids):
             diverges = min(len(default.token_ids), len(steered.token_ids))
+        prompt_tokens = token_texts(lm.tokenizer, ids)
         return GenerateResult(
-            sae_name, held.run.run_id, token_texts(lm.tokenizer, ids), default, steered, diverges, list(interventions), settings
+            sae_name, held.run.run_id, prompt_tokens, default, steered, diverges, list(interventions), settings, prompt_truncated
         )
 
     @torch.inference_mode()
@@ -268,7 +278,9 @@ class LiveRuntime:
         should_stop: ShouldStop = lambda: None,
     ) -> Continuation:
         """One continuation of `ids` through transformers' generate, with `hook` at `layer` (None: no hook at all)."""
-        sampling = settings.temperature > 0
+        # Sampling tends to greedy decoding as the temperature falls, and below this logits / temperature
+        # overflow to inf (NaN probabilities): such temperatures decode greedily.
+        sampling = settings.temperature >= MIN_SAMPLING_TEMPERATURE
         eos = lm.eos_token_id
         gen = HFGenerationConfig(
             max_new_tokens=settings.max_new_tokens,
