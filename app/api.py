@@ -115,4 +115,5 @@ async def search(
     sae: str | None = Query(None, max_length=200),
     limit: int = Query(50, ge=1, le=500),
 ):
+    await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
     return DictJSON(await read(request, queries.search, q, sae, limit))

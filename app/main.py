@@ -6,8 +6,10 @@ The app only reads the store. It refuses to start on a database whose schema is 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from pathlib import Path
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +26,7 @@ from . import api, deps, families, feature_map, live, pages, queries
 from .http import HeadAsGet, HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
+from .search import MeaningWarmUp
 from .store_watch import StoreWatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +36,16 @@ SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><ti
 <link rel="icon" href="/static/favicon.svg"><link rel="stylesheet" href="/static/vendor/swagger-ui/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div><script src="/static/vendor/swagger-ui/swagger-ui-bundle.js"></script>
 <script src="/static/swagger-init.js"></script></body></html>"""
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At start-up, what the first users would otherwise wait for starts loading in the background: the
+    embedding model of search by meaning (app/search.py) and the live model (the model process this app
+    owns, if any; `saescope serve` starts its one before the workers). Pages answer meanwhile."""
+    app.state.meaning.start(app.state.engine)
+    async with live.lifespan(app):  # starts and stops the model process this app owns, if any
+        yield
 
 
 def create_app(url: str | None = None, live_config: LiveConfig | None = None) -> FastAPI:
@@ -46,12 +59,13 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
         description="Browse sparse-autoencoder features: pages and a REST API under /api/v1.",
         docs_url=None,
         redoc_url=None,
-        lifespan=live.lifespan,  # starts and stops the model process this app owns, if any
+        lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.session_factory = factory
     app.state.reader = deps.Reader(engine, deps.db_threads(engine))  # where reads run: see deps.db_threads
     app.state.schema_revision = db.head_revision()
+    app.state.meaning = MeaningWarmUp()
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(api.router)
     live.install(app, db.database_url(url), live_config)
@@ -72,6 +86,7 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
 
     app.include_router(families.api_router)  # a feature's relatives across SAEs (saescope family)
     app.include_router(families.router)
+
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/api/")
 

@@ -89,6 +89,9 @@ async def examples_fragment(
 
 @router.get("/search")
 async def search_page(request: Request, q: str = Query("", max_length=100), sae: str | None = Query(None, max_length=200)):
+    if q:
+        await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
+
     def render(s: Session):
         result = queries.search(s, q, sae, 100) if q else None
         return templates.TemplateResponse(

@@ -177,3 +177,39 @@ def test_a_large_run_is_searched_through_the_index(sqlite_store, monkeypatch):
         assert search.EMBEDDINGS.get(conn, run_id).ivf is not None
         assert search.semantic(conn, run_id, embedder().encode(["whaling"])[0])[0].feature_index == 1
     engine.dispose()
+
+
+def test_start_up_loads_search_by_meaning_in_the_background_while_pages_answer(sqlite_store, monkeypatch):
+    """The app's start-up loads the run's embeddings and the embedding model in a thread; pages answer
+    while it loads, and a search by meaning that arrives meanwhile waits for it, then ranks by meaning."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from sae_core.explain import embed
+
+    run_id = _fill(sqlite_store, embed=True)
+    monkeypatch.setattr(embed, "_loaded", None)  # as in a fresh server process: the model is not loaded yet
+    embed._loading.acquire()  # hold the model's load where it starts, to look at the server during it
+    try:
+        app = create_app(sqlite_store)
+        with TestClient(app) as client:
+            warm_up = app.state.meaning
+            assert warm_up.thread is not None and warm_up.thread.is_alive() and not warm_up.done.is_set()
+            assert client.get("/").status_code == 200 and client.get("/saes/tiny-sae/features/3").status_code == 200
+            answers: list = []
+            searcher = threading.Thread(target=lambda: answers.append(client.get("/api/v1/search", params={"q": "ocean animals"})))
+            searcher.start()
+            searcher.join(0.5)
+            assert searcher.is_alive() and not answers  # waiting for the model, without holding the event loop:
+            assert client.get("/api/v1/saes/tiny-sae").status_code == 200  # another request is served meanwhile
+            embed._loading.release()
+            searcher.join(60)
+            assert warm_up.done.is_set() and warm_up.error is None and embed.embedder_loaded()
+            assert any(key[1] == run_id for key in search.EMBEDDINGS._by_key)  # the run's index was built at start-up
+            hits = answers[0].json()["features"]
+            assert answers[0].status_code == 200 and hits[0]["index"] == 1 and hits[0]["semantic_rank"] == 1
+    finally:
+        if embed._loading.locked() and not embed.embedder_loaded():
+            embed._loading.release()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import threading
 import zipfile
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +69,23 @@ class Embedder:
         return out
 
 
-@lru_cache(maxsize=1)
+_loaded: Embedder | None = None
+_loading = threading.Lock()
+
+
 def embedder() -> Embedder:
-    return Embedder()
+    """The process's one Embedder, loaded on first use. A caller arriving while another thread loads it
+    (the server's start-up warm-up, app/search.py) waits for that load instead of starting a second one."""
+    global _loaded
+    if _loaded is None:
+        with _loading:
+            if _loaded is None:
+                _loaded = Embedder()
+    return _loaded
+
+
+def embedder_loaded() -> bool:
+    return _loaded is not None
 
 
 def pack(vectors: np.ndarray) -> list[bytes]:
