@@ -104,6 +104,12 @@ class TrainConfig:
 class EvalConfig:
     tokens: int = option(65536, "Held-out tokens (the corpus windows after the training cache).")
     batch_size: int = option(8, "Windows per forward pass (full logits are [batch, context, vocab]).")
+    window_stride: int = option(
+        16,
+        "One held-out window in every N, so that they come from many documents and sources (consecutive "
+        "windows can all fall in one long document); smaller where the corpus has fewer left.",
+        min=1,
+    )
     probe_per_class: int = option(
         2048, "Probe loss: held-out tokens per class of each task (balanced; fewer where the corpus has fewer); 0 skips it.", min=0
     )

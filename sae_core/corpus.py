@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
 import json
 import random
 import re
@@ -257,6 +258,13 @@ class Windows:
     doc_index: np.ndarray
     doc_offset: np.ndarray
 
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def cat(parts: list[Windows]) -> Windows:
+        return Windows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "doc_index", "doc_offset")))
+
 
 def document_order(n_docs: int, seed: int) -> list[int]:
     order = list(range(n_docs))
@@ -294,3 +302,16 @@ def iter_windows(
         rest = stream[:, n_full * context_size :]
     if produced == 0:
         raise SaescopeError(f"corpus {corpus.spec!r} has fewer than {context_size} tokens: nothing to fill one window")
+
+
+def spread_windows(corpus: Corpus, tokenizer, context_size: int, seed: int, start: int, n: int, stride: int) -> Iterator[Windows]:
+    """`n` windows from window `start` on, one in every `stride`: spread over many documents, where `n`
+    consecutive windows can all fall in one long one (a State of the Union address is ~260 windows of 128
+    tokens). Where fewer than `n * stride` windows follow `start`, the stride shrinks to fit the `n` in what
+    there is (all of it when that is fewer than `n`); counting them costs a pass of the tokenizer only."""
+    if stride < 1:
+        raise SaescopeError(f"the window stride must be at least 1, not {stride}")
+    if stride > 1:
+        there = sum(1 for _ in itertools.islice(iter_windows(corpus, tokenizer, context_size, seed, skip_windows=start), n * stride))
+        stride = max(1, min(stride, there // max(n, 1)))
+    return itertools.islice(iter_windows(corpus, tokenizer, context_size, seed, skip_windows=start), 0, n * stride, stride)

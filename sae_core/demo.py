@@ -80,6 +80,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         lm = lm or load_model(DEFAULT_MODEL, cfg.device, cfg.model_dtype)
         ev = evaluate(sae_dir, EvalConfig(tokens=cfg.eval_tokens, device=cfg.device, model_dtype=cfg.model_dtype), lm=lm)
         console.print(f"      L0 {ev.l0:.1f}, FVU {ev.fvu:.3f}, CE loss recovered {ev.ce_score:.1%}, delta CE {ev.delta_ce:.3f}")
+        if ev.probe_loss is not None:
+            console.print(f"      probe loss {ev.probe_loss:.3f} nats, mean over {len(ev.probe_tasks)} tasks")
 
     stage(5, f"mining {cfg.mine_tokens:,} tokens into {store_db.redact(store_db.database_url(cfg.db))}")
     mined = mine(

@@ -1,7 +1,9 @@
 """Evaluate a saved SAE on held-out text: `saescope eval` (metric definitions: docs/concepts.md and the README).
 
-Held-out tokens are the corpus windows that come after the ones the training cache holds, in the
-same document order, so no evaluation token was trained on. Per batch of windows the clean full
+Held-out tokens are corpus windows that come after the ones the training cache holds, in the same
+document order, so no evaluation token was trained on; one window in every `window_stride`, so that they
+come from many documents and sources, not the one or two that consecutive windows can fall in (the
+probe tasks need labelled tokens of several: `corpus.spread_windows`). Per batch of windows the clean full
 forward gives the hook's output (for the reconstruction metrics) and the clean logits; then only the
 layers after the hook run twice more for the downstream metrics, from the SAE's reconstruction spliced
 in at the hook and from the hook's output zeroed (`LanguageModel.start_after`: the layers up to the
@@ -11,6 +13,7 @@ attention sink) untouched, the same positions the SAE never trained on.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,14 +22,13 @@ import torch
 from tqdm import tqdm
 
 from . import corpus as corpus_mod
-from .config import CacheConfig, EvalConfig
+from .config import EvalConfig
 from .errors import SaescopeError
 from .interchange import load_sae
 from .metrics.ablation import AblationMeter
 from .metrics.labels import TokenLabeller
 from .metrics.probe import ProbeCollector
 from .model import LanguageModel, load_model, parse_hook
-from .windows import WindowSource
 
 RESULT = "eval.json"
 
@@ -79,21 +81,22 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     sae = sae.to(lm.device)
     context, skip = prov.context_size, prov.skip_positions
     corpus = corpus_mod.open_corpus(prov.corpus)
-    windowing = CacheConfig(model=model_name, hook=hook, corpus=prov.corpus, context_size=context, skip_positions=skip, seed=prov.seed)
-    source = WindowSource(lm, corpus, windowing, prov.trained_windows, residuals=False)  # held out: after the trained windows
+    n_windows = -(-cfg.tokens // context)
+    # held out: after the trained windows
+    windows = corpus_mod.spread_windows(corpus, lm.tokenizer, context, prov.seed, prov.trained_windows, n_windows, cfg.window_stride)
     probes = ProbeCollector(TokenLabeller(corpus, lm.tokenizer), cfg.probe_per_class, prov.seed) if cfg.probe_per_class else None
     ablations = AblationMeter(lm, sae, layer, skip, cfg.ablation_positions, cfg.ablation_horizon) if cfg.ablation_positions else None
 
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=lm.device)
     sums = _Sums(sum_x=torch.zeros(lm.d_model, dtype=torch.float64))
-    n_windows = -(-cfg.tokens // context)
     bar = tqdm(total=n_windows * context, unit="tok", unit_scale=True, desc="evaluating", disable=not progress, dynamic_ncols=True)
     done = 0
     with torch.inference_mode():
         while done < n_windows:
-            batch = source.take(min(cfg.batch_size, n_windows - done))
-            if batch is None:
+            parts = list(itertools.islice(windows, min(cfg.batch_size, n_windows - done)))
+            if not parts:
                 break
+            batch = corpus_mod.Windows.cat(parts)
             ids = torch.from_numpy(batch.tokens).long().to(lm.device)
             logits, h = lm.logits_and_residual(ids, layer)
             clean = _logprobs(logits, skip)

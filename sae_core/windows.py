@@ -52,9 +52,7 @@ class WindowSource:
     """Windows in the corpus's fixed order from window `start` on, with their residuals at the hook: read
     from the shards of `from_cache` (a cache of the same windows: see `reusable_cache`) while it holds
     them, computed by the model after that. Batches are cut exactly as asked whatever their
-    source, so the rows an encoder sees together do not depend on where they came from. With
-    `residuals=False` the batches carry the windows alone (acts empty) for a caller that runs its own
-    forward pass, as evaluation does (it needs the logits too)."""
+    source, so the rows an encoder sees together do not depend on where they came from."""
 
     def __init__(
         self,
@@ -63,10 +61,8 @@ class WindowSource:
         cfg: CacheConfig,
         start: int,
         from_cache: ActivationCache | None = None,
-        residuals: bool = True,
     ):
         self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook(cfg.hook), start
-        self.residuals = residuals
         self.cached = from_cache
         self.n_cached = from_cache.whole_windows if from_cache is not None else 0
         self.windows: Iterator[corpus_mod.Windows] | None = None  # opened at the first window past the cache
@@ -110,9 +106,6 @@ class WindowSource:
         if not batch:
             return None
         tokens = np.concatenate([w.tokens for w in batch])
-        if self.residuals:
-            acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions :]
-        else:
-            acts = torch.empty(len(batch), 0)
+        acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions :]
         self.pos += len(batch)
         return WindowBatch(tokens, np.concatenate([w.doc_index for w in batch]), np.concatenate([w.doc_offset for w in batch]), acts)

