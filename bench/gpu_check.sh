@@ -1,27 +1,97 @@
 #!/usr/bin/env bash
-# The checks and timings of a GPU machine in one command (bench/RESULTS.md, "TopK training on a GPU").
+# The GPU checks and timings of issue 26 in one command, for a lent GPU machine (bench/RESULTS.md,
+# "TopK training on a GPU"). Two steps:
 #
-#   bash bench/gpu_check.sh CACHE [SHARD_COPIES]
+#   bash bench/gpu_check.sh --fetch-wheels     here, once: eai-sparsify and its packages that the GPU
+#                                              image lacks, as wheels in .whl/ (git ignores it)
+#   bash bench/gpu_check.sh [CACHE]            there, with .whl carried: device run, timeout_s 600
 #
-# CACHE: an activation cache made elsewhere (`saescope cache --out CACHE --tokens 24000` fits the
-# 64 MiB a session can carry to a lent GPU machine); its first shard is copied SHARD_COPIES times
-# (default 32) into /tmp so that training reads several shuffle groups, as from a real cache.
-# Runs: the tests (their CUDA cases included), `saescope train` on CUDA in fp32 and bf16, and
-# bench/train_throughput.py --device cuda against eai-sparsify. Where the machine's Python has no
-# peers or packages of ours, put their wheels in .whl/ (pip download there, as the device notes say).
+# There, in order, each stage under a time limit so that the whole ends within ~9 minutes and what
+# finished is kept:
+#   1. the CUDA tests (about 2 min): the compiled step against the eager one (tests/test_compiled_step.py)
+#      and the CUDA cases of tests/test_sae.py                                         -> $OUT/tests.log
+#   2. bench/train_throughput.py --device cuda --compiled against eai-sparsify, all five cells, eager
+#      and compiled side by side (about 5 min, mostly compiling)                      -> $OUT/throughput.md
+#   3. where time is left: the compiled step of config A fp32 under torch.profiler    -> $OUT/profile.txt
+#   4. with CACHE (an activation cache made here: `saescope cache --out CACHE --tokens 24000` fits what a
+#      call carries) and time left: `saescope train` on CUDA, eager and --compile, fp32 and bf16; the
+#      cache's first shard is copied 32 times so that training reads several shuffle groups -> $OUT/train.log
+# $OUT is the device tool's folder of files that come back; elsewhere they go to bench/out/gpu_check.
 set -o pipefail
 export PYTHONUNBUFFERED=1
-cache=${1:?usage: bash bench/gpu_check.sh CACHE [SHARD_COPIES]}
-copies=${2:-32}
-[ -f "$cache/cache.json" ] && [ -f "$cache/shard_00000.safetensors" ] || { echo "$cache is not an activation cache with a first shard (make one with saescope cache)" >&2; exit 2; }
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  # The versions are pinned because --no-deps installs them unchecked (the image has torch, transformers,
+  # accelerate, einops, safetensors, huggingface-hub, pyarrow, pandas, xxhash, fsspec).
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude; }
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+    eai-sparsify==1.3.3 datasets==3.6.0 dill==0.3.8 multiprocess==0.70.16 natsort==8.4.0 schedulefree==1.4.1 \
+    simple-parsing==0.1.7 docstring-parser==0.16
+fi
+
+cache=${1:-}
+if [ -n "$cache" ] && ! { [ -f "$cache/cache.json" ] && [ -f "$cache/shard_00000.safetensors" ]; }; then
+  echo "$cache is not an activation cache with a first shard (make one with saescope cache)" >&2
+  exit 2
+fi
+out=${OUT:-bench/out/gpu_check}
+mkdir -p "$out"
+budget=540   # seconds for all stages: a device run may take 600, and the machine's start is not counted in it
+left() { echo $((budget - SECONDS)); }
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+python3 -c 'import torch; assert torch.cuda.is_available(), "this torch sees no CUDA GPU"; print("torch", torch.__version__, torch.cuda.get_device_name())' || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -m pytest -q -p no:cacheprovider tests/test_sae.py tests/test_train.py tests/test_cache.py tests/test_stream.py 2>&1 | tail -3
-python3 - "$cache" "$copies" <<'PY'
+
+echo "== 1. CUDA tests"
+timeout 170 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_compiled_step.py tests/test_sae.py 2>&1 | tee "$out/tests.log" | tail -5
+
+echo "== 2. throughput, eager and compiled against eai-sparsify ($(left) s left)"
+timeout $(($(left) - 30)) python3 bench/train_throughput.py --device cuda --peers eai-sparsify --peers-here --steps 50 --compiled 2>&1 \
+  | tee "$out/throughput.md"
+
+if [ "$(left)" -gt 60 ]; then
+  echo "== 3. profile of the compiled step, A fp32 AuxK on; the two kernels every trainer runs ($(left) s left)"
+  timeout $(($(left) - 10)) python3 bench/peers/saescope_step.py --device cuda --config A --dtype fp32 --auxk on --steps 20 --compile --profile 10 \
+    > "$out/profile.txt" 2>&1
+  head -1 "$out/profile.txt"
+  # The floor of any step: the encoder GEMM and the top-k over its [batch, n] output. Two-stage top-k (the top
+  # k of each of C column chunks, then the top k of those C * k) selects the same set; is it faster here?
+  timeout 60 python3 - <<'PY' 2>&1 | tee -a "$out/profile.txt"
+import torch
+def ms(fn, reps=50):
+    fn(); torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps): fn()
+    end.record(); torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+def two_stage(pre, k, chunks):
+    v, i = pre.view(len(pre), chunks, -1).topk(k, dim=2, sorted=False)
+    v2, j = v.flatten(1).topk(k, dim=1, sorted=False)
+    return v2, (i + torch.arange(chunks, device=pre.device)[:, None] * (pre.shape[1] // chunks)).flatten(1).gather(1, j)
+for name, d, n in (("A", 576, 16384), ("B", 768, 32768)):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, W = torch.randn(4096, d, device="cuda", dtype=dtype), torch.randn(d, n, device="cuda", dtype=dtype)
+        pre = x @ W
+        row = [f"{name} {str(dtype)[6:]}: GEMM {ms(lambda: x @ W):.3f} ms, topk {ms(lambda: pre.topk(32, dim=1, sorted=False)):.3f}"]
+        want = pre.topk(32, dim=1, sorted=False)[1].sort(1)[0]
+        for chunks in (8, 16, 32, 64):
+            same = torch.equal(two_stage(pre, 32, chunks)[1].sort(1)[0], want)
+            row.append(f"two-stage/{chunks} {ms(lambda: two_stage(pre, 32, chunks)):.3f}{'' if same else ' (other set: ties)'}")
+        print(", ".join(row))
+PY
+fi
+
+if [ -n "$cache" ] && [ "$(left)" -gt 90 ]; then
+  echo "== 4. saescope train on CUDA ($(left) s left)"
+  python3 - "$cache" 32 <<'PY'
 import json, shutil, sys
 from pathlib import Path
 src, copies, dst = Path(sys.argv[1]), int(sys.argv[2]), Path("/tmp/gpu-check-cache")
@@ -36,9 +106,12 @@ with safe_open(str(src / "shard_00000.safetensors"), "pt") as f:
     manifest["n_windows"] = copies * f.get_slice("activations").get_shape()[0] // rows
 (dst / "cache.json").write_text(json.dumps(manifest))
 PY
-for extra in "" "--bf16"; do
-  rm -rf /tmp/gpu-check-sae
-  python3 -c 'from sae_core.cli import main; main()' train --activations /tmp/gpu-check-cache --out /tmp/gpu-check-sae \
-    --n-latents 16384 --k 32 --batch-size 4096 --tokens 8000000 --device cuda $extra 2>&1 | tr '\r' '\n' | tail -1
-done
-python3 bench/train_throughput.py --device cuda --peers eai-sparsify --peers-here --steps 50
+  for extra in "" "--bf16" "--compile" "--compile --bf16"; do
+    [ "$(left)" -gt 40 ] || break
+    rm -rf /tmp/gpu-check-sae
+    echo "train $extra" | tee -a "$out/train.log"
+    timeout $(($(left) - 10)) python3 -c 'from sae_core.cli import main; main()' train --activations /tmp/gpu-check-cache --out /tmp/gpu-check-sae \
+      --n-latents 16384 --k 32 --batch-size 4096 --tokens 8000000 --device cuda $extra 2>&1 | tr '\r' '\n' | tail -1 | tee -a "$out/train.log"
+  done
+fi
+echo "== done in ${SECONDS} s; figures in $out"

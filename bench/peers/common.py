@@ -18,7 +18,7 @@ CONFIGS = {"A": dict(d=576, n=16384, k=32, batch=4096), "B": dict(d=768, n=32768
 
 def parse_args(add_arguments=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    if add_arguments:       # a driver's own options
+    if add_arguments:  # a driver's own options
         add_arguments(ap)
     ap.add_argument("--config", choices=CONFIGS, default="A")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -56,16 +56,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, batches: list[torch.Tensor], steps: int) -> float:
-    """Median tokens/s of `step(x)` over `steps` steps after 2 warm-up steps (each step waits for the device)."""
+def time_steps(step, batches: list[torch.Tensor], steps: int, warmup: int = 2) -> float:
+    """Median tokens/s of `step(x)` over `steps` steps after `warmup` untimed ones (each step waits for the device)."""
     times = []
     device = str(batches[0].device)
     synchronize(device)
-    for i in range(steps + 2):
+    for i in range(steps + warmup):
         t0 = time.perf_counter()
         step(batches[i % len(batches)])
         synchronize(device)
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
     return len(batches[0]) / times[len(times) // 2]

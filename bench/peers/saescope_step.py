@@ -1,6 +1,9 @@
 """saescope: one full trainer step (sparse loss and gradients, parallel-gradient removal, fused Adam,
 decoder renormalisation), exactly what `sae_core.train` runs per batch.
 
+--compile: the loss and gradients through sae_core.sae.compiled (what `saescope train --compile` runs);
+the first steps compile and, on CUDA, record the CUDA graph, so they are warm-up, untimed.
+
 --profile N: after the timing, run N more steps under torch.profiler and print where the time went
 (operators by self CPU time; with --device cuda also by self GPU time)."""
 
@@ -15,26 +18,35 @@ from common import CONFIGS, dead_mask, parse_args, report, structured_batches, s
 
 from sae_core.hardware import keep_large_buffers  # noqa: E402
 from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
+from sae_core.sae.compiled import CompiledTopK  # noqa: E402
 
-keep_large_buffers()     # as sae_core.train.train does before its first step
+keep_large_buffers()  # as sae_core.train.train does before its first step
 
-args = parse_args(lambda ap: ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps"))
+
+def add_arguments(ap):
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps")
+    ap.add_argument("--compile", action="store_true", help="the compiled step (saescope train --compile)")
+
+
+args = parse_args(add_arguments)
 c = CONFIGS[args.config]
 torch.manual_seed(0)
 sae = TopKSAE(TopKConfig(d_in=c["d"], n_latents=c["n"], k=c["k"])).to(args.device)
 opt = torch.optim.Adam(sae.parameters(), lr=2e-4, eps=6.25e-10, fused=True)
 dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
+loss_and_grads = CompiledTopK(sae).loss_and_grads if args.compile else sae.loss_and_grads
 
 
 def step(x):
-    sae.loss_and_grads(x, dead, autocast_bf16=args.dtype == "bf16")
+    loss_and_grads(x, dead, autocast_bf16=args.dtype == "bf16")
     sae.remove_parallel_grads()
     opt.step()
     sae.normalize_decoder()
 
 
 batches = structured_batches(c["d"], c["n"], c["batch"], device=args.device)
-report("saescope", "main", time_steps(step, batches, args.steps))
+# compiled: call 1 compiles, on CUDA call 2 records the graph (cudagraph trees warm up once first), later calls replay
+report("saescope", "compiled" if args.compile else "main", time_steps(step, batches, args.steps, warmup=4 if args.compile else 2))
 if args.profile:
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,5 +55,5 @@ if args.profile:
         for i in range(args.profile):
             step(batches[i % len(batches)])
         synchronize(args.device)
-    for key in (["self_cuda_time_total"] if on_gpu else []) + ["self_cpu_time_total"]:   # on a GPU: where each side spends it
+    for key in (["self_cuda_time_total"] if on_gpu else []) + ["self_cpu_time_total"]:  # on a GPU: where each side spends it
         print(prof.key_averages().table(sort_by=key, row_limit=30))
