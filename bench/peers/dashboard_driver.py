@@ -34,15 +34,31 @@ hf = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Inst
 tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 c = hf.config
 tl_cfg = HookedTransformerConfig(
-    d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads, n_heads=c.num_attention_heads,
-    n_key_value_heads=c.num_key_value_heads, d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=512,
-    d_vocab=c.vocab_size, act_fn="silu", normalization_type="RMS", positional_embedding_type="rotary",
-    rotary_dim=c.hidden_size // c.num_attention_heads, rotary_base=int(getattr(c, "rope_theta", 10000)),
-    gated_mlp=True, final_rms=True, eps=c.rms_norm_eps, original_architecture="LlamaForCausalLM",
-    default_prepend_bos=False, device="cpu", dtype=torch.float32)
+    d_model=c.hidden_size,
+    d_head=c.hidden_size // c.num_attention_heads,
+    n_heads=c.num_attention_heads,
+    n_key_value_heads=c.num_key_value_heads,
+    d_mlp=c.intermediate_size,
+    n_layers=c.num_hidden_layers,
+    n_ctx=512,
+    d_vocab=c.vocab_size,
+    act_fn="silu",
+    normalization_type="RMS",
+    positional_embedding_type="rotary",
+    rotary_dim=c.hidden_size // c.num_attention_heads,
+    rotary_base=int(getattr(c, "rope_theta", 10000)),
+    gated_mlp=True,
+    final_rms=True,
+    eps=c.rms_norm_eps,
+    original_architecture="LlamaForCausalLM",
+    default_prepend_bos=False,
+    device="cpu",
+    dtype=torch.float32,
+)
 model = HookedTransformer(tl_cfg, tokenizer=tok)
-model.load_and_process_state_dict(convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False,
-                                  center_unembed=False, fold_value_biases=False)
+model.load_and_process_state_dict(
+    convert_llama_weights(hf, tl_cfg), fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+)
 sae = SAE.load_from_disk(args.sae, device="cpu")
 # SaeVisRunner folds the decoder norm into the encoder, which SAELens refuses for TopK SAEs; ours has
 # unit-norm decoder rows, so the fold is the identity and skipping it changes nothing.
@@ -50,8 +66,14 @@ assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.d_sae), atol=1e-
 sae.fold_W_dec_norm = lambda: None
 tokens = torch.from_numpy(__import__("numpy").load(args.tokens_file)).long()
 n_windows = len(tokens)
-cfg = SaeVisConfig(hook_point=f"blocks.{args.layer}.hook_resid_post", features=list(range(sae.cfg.d_sae)), minibatch_size_features=256,
-                   minibatch_size_tokens=16, device="cpu", dtype="float32")
+cfg = SaeVisConfig(
+    hook_point=f"blocks.{args.layer}.hook_resid_post",
+    features=list(range(sae.cfg.d_sae)),
+    minibatch_size_features=256,
+    minibatch_size_tokens=16,
+    device="cpu",
+    dtype="float32",
+)
 t0 = time.perf_counter()
 SaeVisRunner(cfg).run(encoder=sae, model=model, tokens=tokens)
 print(json.dumps({"tokens_per_s": n_windows * 128 / (time.perf_counter() - t0)}))

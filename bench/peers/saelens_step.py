@@ -13,7 +13,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, dead_mask, parse_args, report, structured_batches, time_steps  # noqa: E402
-
 from sae_lens.config import SAETrainerConfig  # noqa: E402
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
@@ -22,8 +21,15 @@ args = parse_args()
 c = CONFIGS[args.config]
 torch.manual_seed(0)
 sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=c["d"], d_sae=c["n"], k=c["k"], aux_loss_coefficient=1 / 32, device=args.device))
-cfg = SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=c["batch"], lr=2e-4, lr_end=2e-4, device=args.device,
-                       autocast=args.dtype == "bf16", dead_feature_window=1000)
+cfg = SAETrainerConfig(
+    total_training_samples=10**9,
+    train_batch_size_samples=c["batch"],
+    lr=2e-4,
+    lr_end=2e-4,
+    device=args.device,
+    autocast=args.dtype == "bf16",
+    dead_feature_window=1000,
+)
 trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
 

@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, dead_mask, parse_args, report, structured_batches, time_steps  # noqa: E402
-
 from sparsify import SparseCoder, SparseCoderConfig  # noqa: E402
 
 args = parse_args()
@@ -24,7 +23,9 @@ torch.manual_seed(0)
 sae = SparseCoder(c["d"], SparseCoderConfig(num_latents=c["n"], k=c["k"]), device=args.device)
 opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (c["n"] / 2**14) ** 0.5)
 dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
-autocast = (lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+autocast = (
+    (lambda: torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)) if args.dtype == "bf16" else contextlib.nullcontext
+)
 
 
 def step(x):
@@ -38,4 +39,8 @@ def step(x):
     opt.zero_grad()
 
 
-report("eai-sparsify", version("eai-sparsify"), time_steps(step, structured_batches(c["d"], c["n"], c["batch"], device=args.device), args.steps))
+report(
+    "eai-sparsify",
+    version("eai-sparsify"),
+    time_steps(step, structured_batches(c["d"], c["n"], c["batch"], device=args.device), args.steps),
+)
