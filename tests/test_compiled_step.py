@@ -20,6 +20,7 @@ import copy
 import pytest
 import torch
 from conftest import DEVICES
+from torch._dynamo.utils import counters
 
 from sae_core.cache import CacheConfig, build_cache
 from sae_core.errors import SaescopeError
@@ -90,6 +91,7 @@ def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_t
     dead[torch.randperm(96, generator=gen)[:n_dead]] = True
     dead = dead.to(device)
     tol = 1e-5 if device == "cpu" else 1e-4
+    graphs = counters["stats"]["unique_graphs"]
     for i in range(4):
         x = torch.randn(50, 24, generator=gen).to(device)
         want = eager.loss_and_grads(x, dead, autocast_bf16=bf16)
@@ -104,6 +106,7 @@ def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_t
             assert relative_error(p.grad, q.grad) < tol, f"gradient of {name} at step {i}"
         adam_step(eager, opt_eager)
         adam_step(compiled, opt_compiled)
+    assert counters["stats"]["unique_graphs"] > graphs, "the step ran uncompiled: the comparison tested nothing"
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, atol=tol / 10, rtol=0, msg=f"{name} after 4 steps")
 

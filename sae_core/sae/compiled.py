@@ -135,8 +135,8 @@ class CompiledTopK:
     CUDA) compiles or records, which takes seconds to a minute; every later one is a replay."""
 
     def __init__(self, sae: TopKSAE):
-        if not isinstance(sae, TopKSAE) or type(sae) is not TopKSAE:
-            raise TypeError("CompiledTopK compiles the single-process TopKSAE step (the latent-parallel slice has its own)")
+        if type(sae) is not TopKSAE:  # a subclass such as the latent-parallel slice has a step of its own
+            raise TypeError(f"CompiledTopK compiles the single-process TopKSAE step, not {type(sae).__name__}'s")
         self.sae = sae
         self._on_cuda: bool | None = None
         self._fn: Callable | None = None
