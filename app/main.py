@@ -72,6 +72,8 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
     app.include_router(live.router)  # before pages.router and its /{sae}/{index} catch-all
     app.include_router(feature_map.api_router)  # the map: /api/v1/saes/{sae}/map
     app.include_router(feature_map.router)  # /saes/{sae}/map and its data, the feature page's inset
+    app.include_router(families.api_router)  # a feature's relatives across SAEs (saescope family)
+    app.include_router(families.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs():
@@ -83,9 +85,6 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None) ->
         )
 
     app.include_router(pages.router)
-
-    app.include_router(families.api_router)  # a feature's relatives across SAEs (saescope family)
-    app.include_router(families.router)
 
     def wants_json(request: Request) -> bool:
         return request.url.path.startswith("/api/")

@@ -67,22 +67,25 @@ def nearest_rows(W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on
     return ids.numpy(), cos.numpy()
 
 
-def active_matrix(sae, x: torch.Tensor, block: int = 4096) -> sp.csr_matrix:
-    """[positions, n_latents] 0/1 matrix of the latents that fire on each row of `x` (raw activations)."""
+def active_matrix(sae, x: torch.Tensor, block: int = 1024) -> sp.csr_matrix:
+    """[positions, n_latents] 0/1 matrix of the latents that fire on each row of `x` (raw activations).
+    TopK codes come from the miner's encoder (one fused addmm and top-k per 512-row block)."""
+    from ..mine import CodeEncoder
+
     rows, cols = [], []
     with torch.no_grad():
-        for s in range(0, len(x), block):
-            xb = x[s : s + block].float()
-            if sae.architecture == "topk":
-                vals, idx = sae.encode_sparse(xb)
-                r, c = torch.nonzero(vals > 0, as_tuple=True)
-                rows.append((r + s).numpy())
-                cols.append(idx[r, c].numpy())
-            else:
-                r, c = torch.nonzero(sae.encode(xb) > 0, as_tuple=True)
+        if sae.architecture == "topk":
+            code = CodeEncoder(sae, sae.cfg.k, torch.float32, {})(x.float())
+            r, c = torch.nonzero(code["vals"] > 0, as_tuple=True)
+            rows.append(r.numpy())
+            cols.append(code["idx"][r, c].long().numpy())
+        else:
+            for s in range(0, len(x), block):
+                r, c = torch.nonzero(sae.encode(x[s : s + block].float()) > 0, as_tuple=True)
                 rows.append((r + s).numpy())
                 cols.append(c.numpy())
-    r_all, c_all = np.concatenate(rows) if rows else np.zeros(0, np.int64), np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    r_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c_all = np.concatenate(cols) if cols else np.zeros(0, np.int64)
     return sp.csr_matrix((np.ones(len(r_all), np.int32), (r_all, c_all)), shape=(len(x), sae.cfg.n_latents))
 
 
