@@ -177,3 +177,13 @@ def test_compile_is_refused_where_it_does_not_apply(cache_dir, tmp_path):
             tmp_path / "r",
             progress=False,
         )
+
+
+def test_a_step_that_cannot_compile_says_so(monkeypatch, tmp_path):
+    """Without a working C++ compiler (CPU) or Triton (CUDA) inductor fails: the trainer's error names --compile."""
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # a cached kernel would need no compiler
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    sae = perturbed_sae(TopKConfig(d_in=8, n_latents=32, k=2), "cpu")
+    with pytest.raises(SaescopeError, match="--compile: torch.compile could not compile"):
+        CompiledTopK(sae).loss_and_grads(torch.randn(10, 8), torch.zeros(32, dtype=torch.bool))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..errors import SaescopeError
 from .base import bf16_gemm, gemm, gemm_operand
 from .topk import GroupSum, TopKSAE
 
@@ -166,7 +167,11 @@ class CompiledTopK:
         operand = bf16_gemm(autocast_bf16, x.device.type)
         if self._on_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are free to overwrite
-        gW_enc, gW_dec, gb_enc, gb_pre, stats, fired = fn(sae, x, dead_idx, n_dead_t, operand)
+        try:
+            gW_enc, gW_dec, gb_enc, gb_pre, stats, fired = fn(sae, x, dead_idx, n_dead_t, operand)
+        except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (no C++ compiler, no Triton, a graph break)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SaescopeError(f"--compile: torch.compile could not compile the training step ({first}); train without --compile") from e
         sae.W_enc.grad, sae.W_dec.grad, sae.b_enc.grad, sae.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         loss, fvu_k, l0, aux_fvu = stats.tolist()
         return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
