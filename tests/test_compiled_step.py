@@ -119,6 +119,7 @@ def test_a_changing_dead_count_recompiles_into_the_right_bucket(device):
     step = CompiledTopK(eager)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(40, 16, generator=gen).to(device)
+    tol = 1e-5 if device == "cpu" else 1e-4
     for n_dead in (100, 300, 0, 700):  # buckets 256, 512, none, 1024
         dead = torch.zeros(1024, dtype=torch.bool)
         dead[torch.randperm(1024, generator=gen)[:n_dead]] = True
@@ -126,10 +127,10 @@ def test_a_changing_dead_count_recompiles_into_the_right_bucket(device):
         want = eager.loss_and_grads(x, dead)
         want_grads = [p.grad.clone() for p in eager.parameters()]
         got = step.loss_and_grads(x, dead)
-        assert got["aux_fvu"] == pytest.approx(want["aux_fvu"], rel=1e-5, abs=1e-7), n_dead
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), n_dead
+        assert got["aux_fvu"] == pytest.approx(want["aux_fvu"], rel=tol, abs=1e-7), n_dead
+        assert got["loss"] == pytest.approx(want["loss"], rel=tol), n_dead
         for (name, p), g in zip(eager.named_parameters(), want_grads):
-            assert relative_error(p.grad, g) < 1e-5, f"gradient of {name} with {n_dead} dead"
+            assert relative_error(p.grad, g) < tol, f"gradient of {name} with {n_dead} dead"
 
 
 @pytest.fixture(scope="module")
