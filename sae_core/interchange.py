@@ -2,18 +2,26 @@
 sparsify folders and OpenAI state dicts, with a typed record of where the SAE came from (`Provenance`).
 
 Our folder (readable by SAELens' `SAE.load_from_disk`):
-    cfg.json                  d_in, d_sae, architecture ("topk" or "standard"), k, dtype,
-                              normalize_activations "none", apply_b_dec_to_input, metadata{...},
-                              and our own training record under metadata.saescope
-    sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]
+    cfg.json                  d_in, d_sae, architecture (SAELens' name: "topk", "standard" or "jumprelu"), k,
+                              dtype, normalize_activations "none", apply_b_dec_to_input, metadata{...},
+                              and our own record under metadata.saescope: the training run, and which of our
+                              architectures it is with its settings (`architecture`, `sae_config`)
+    sae_weights.safetensors   W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in],
+                              threshold [d_sae] (JumpReLU, BatchTopK, Matryoshka)
+
+BatchTopK and Matryoshka BatchTopK are saved as SAELens saves them after training: "jumprelu" SAEs with
+every latent's threshold at the one estimated in training (SAELens registers "batchtopk" and
+"matryoshka_batchtopk" for training only). Their SAELens training folders load too (`topk_threshold`).
 
 Saved weights take raw activations: training scales inputs by s (unit mean squared norm), and
-saving folds s into the biases (b_enc / s, b_pre / s). TopK and ReLU commute with a positive
-scale, so the saved SAE gives latents z / s, i.e. in raw units, with the same unit-norm decoder.
+saving folds s into the biases (b_enc / s, b_pre / s) and thresholds (threshold / s). TopK, ReLU and
+JumpReLU commute with a positive scale, so the saved SAE gives latents z / s, i.e. in raw units, with
+the same unit-norm decoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +31,35 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from .errors import SaescopeError
-from .sae import ReluConfig, ReluSAE, TopKConfig, TopKSAE
+from .sae import ARCHITECTURES, BatchTopKSAE, JumpReLUSAE
+from .sae.base import DictionarySAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-SAELENS_ARCH = {"topk": "topk", "relu": "standard"}
+# our architecture: the name SAELens' inference SAEs have for it
+SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+
+
+def _tensors(sae: DictionarySAE, scale: float) -> dict[str, torch.Tensor]:
+    """The SAELens tensors of `sae` taking inputs divided by `scale` (1: as trained)."""
+    # the scale is folded in on the CPU: a GPU divides by multiplying with the reciprocal, one ulp off in places,
+    # and the saved file should not depend on where the SAE was trained
+    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
+    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc / scale, "b_dec": b_pre / scale}
+    thresholds = sae.activation_thresholds()
+    if thresholds is not None:
+        tensors["threshold"] = (thresholds.detach().float().cpu() / scale).contiguous()
+    return tensors
+
+
+def _architecture_record(sae: DictionarySAE) -> dict:
+    """cfg.json's fields saying which architecture `sae` is: SAELens' (architecture, k) and ours under
+    metadata.saescope (`architecture`, `sae_config`: its settings besides the shapes)."""
+    settings = {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k not in ("d_in", "n_latents")}
+    record: dict = {"architecture": SAELENS_ARCH[sae.architecture], "saescope": {"architecture": sae.architecture, "sae_config": settings}}
+    if sae.architecture == "topk":
+        record["k"] = sae.cfg.k
+    return record
 
 
 def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None) -> Path:
@@ -36,12 +68,11 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(metadata or {})
     cache_cfg = meta.get("cache", {})
-    # the scale is folded in on the CPU: a GPU divides by multiplying with the reciprocal, one ulp off in places,
-    # and the saved file should not depend on where the SAE was trained
-    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
-    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc / scale, "b_dec": b_pre / scale}
+    tensors = _tensors(sae, scale)
+    arch = _architecture_record(sae)
+    meta.update(arch.pop("saescope"))
     cfg = {
-        "architecture": SAELENS_ARCH[sae.architecture],
+        **arch,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.n_latents,
         "dtype": "float32",
@@ -59,8 +90,6 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
             "saescope": meta,
         },
     }
-    if sae.architecture == "topk":
-        cfg["k"] = sae.cfg.k
     tmp = folder / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(folder / WEIGHTS)
@@ -69,23 +98,40 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     return folder
 
 
-def _build(arch: str, d_in: int, n: int, k: int | None, W_enc_nd, W_dec_nd, b_enc, b_pre) -> TopKSAE | ReluSAE:
-    sae: TopKSAE | ReluSAE
-    if arch == "topk":
-        if k is None:
-            raise SaescopeError("a TopK SAE's checkpoint must say its k")
-        sae = TopKSAE(TopKConfig(d_in=d_in, n_latents=n, k=int(k)))
-    elif arch == "relu":
-        sae = ReluSAE(ReluConfig(d_in=d_in, n_latents=n))
-    else:
-        raise SaescopeError(f"unsupported SAE architecture {arch!r}: saescope reads topk and standard (ReLU) SAEs")
+def _build(arch: str, d_in: int, n: int, settings: dict, w: dict[str, torch.Tensor], W_enc_nd: torch.Tensor, where) -> DictionarySAE:
+    """Our SAE of architecture `arch` with these settings (its config's fields; others are ignored) and
+    weights: W_enc as [n, d], the rest by their SAELens names in `w` (threshold where the architecture has one)."""
+    if arch not in ARCHITECTURES:
+        raise SaescopeError(f"{where}: unsupported SAE architecture {arch!r}: saescope reads {', '.join(ARCHITECTURES)}")
+    config_cls, sae_cls = ARCHITECTURES[arch]
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    if "k" in names and settings.get("k") is None:
+        raise SaescopeError(f"{where}: a {arch} SAE's checkpoint must say its k")
+    sae = sae_cls(config_cls(d_in=d_in, n_latents=n, **{k: v for k, v in settings.items() if k in names - {"d_in", "n_latents"}}))
     with torch.no_grad():
-        for name, value in (("W_enc", W_enc_nd), ("W_dec", W_dec_nd), ("b_enc", b_enc), ("b_pre", b_pre)):
+        for name, value in (("W_enc", W_enc_nd), ("W_dec", w["W_dec"]), ("b_enc", w["b_enc"]), ("b_pre", w["b_dec"])):
             target = getattr(sae, name)
             if tuple(value.shape) != tuple(target.shape):
-                raise SaescopeError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                raise SaescopeError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
             target.copy_(value.float())
+        if isinstance(sae, (JumpReLUSAE, BatchTopKSAE)):
+            _set_threshold(sae, w, where)
     return sae.eval()
+
+
+def _set_threshold(sae: JumpReLUSAE | BatchTopKSAE, w: dict[str, torch.Tensor], where) -> None:
+    threshold = w.get("threshold", w.get("topk_threshold"))
+    if threshold is None:
+        raise SaescopeError(f"{where}: a {sae.architecture} SAE's weights must hold its threshold")
+    threshold = threshold.detach().double().cpu().reshape(-1)
+    if isinstance(sae, BatchTopKSAE):  # one threshold for every latent
+        if not bool((threshold == threshold[0]).all()):
+            raise SaescopeError(f"{where}: a {sae.architecture} SAE has one threshold for every latent; these differ")
+        sae.threshold.fill_(float(threshold[0]))
+    else:  # a threshold <= 0 fires above 0, as SAELens' ReLU before its mask does
+        if threshold.shape != (sae.cfg.n_latents,):
+            raise SaescopeError(f"{where}: threshold has shape {tuple(threshold.shape)}, expected ({sae.cfg.n_latents},)")
+        sae.log_threshold.copy_(threshold.clamp_min(0).log().float())
 
 
 @dataclass(frozen=True)
@@ -147,14 +193,15 @@ def provenance(cfg: dict, model: str | None = None, hook: str | None = None) -> 
         seed=int(cache.get("seed", 0)),
         trained_windows=int(ours.get("cache_windows") or 0),
         activations=None if streamed or not activations else str(activations),
-        source_format=imported or ("saescope" if ours else "saelens"),
+        # the architecture record alone (which sae_bytes adds to any SAE) does not make an SAE ours
+        source_format=imported or ("saescope" if set(ours) - {"architecture", "sae_config"} else "saelens"),
     )
 
 
 class LoadedSAE(NamedTuple):
     """What `load_sae` returns: unpacks as (sae, cfg); `.provenance` says where the SAE came from."""
 
-    sae: TopKSAE | ReluSAE
+    sae: DictionarySAE
     cfg: dict  # SAELens-style cfg.json content (built for sparsify and OpenAI checkpoints)
 
     @property
@@ -172,26 +219,47 @@ def _load_saelens(folder: Path) -> LoadedSAE:
 
 
 def _from_saelens(cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> LoadedSAE:
-    arch = {"topk": "topk", "standard": "relu"}.get(cfg.get("architecture", "standard"))
-    if arch is None:
-        raise SaescopeError(f"{where}: architecture {cfg.get('architecture')!r} is not supported (topk, standard)")
+    saelens_arch = cfg.get("architecture", "standard")
+    ours = (cfg.get("metadata") or {}).get("saescope") or {}
+    settings = dict(ours.get("sae_config") or {})
+    if ours.get("architecture") and SAELENS_ARCH.get(ours["architecture"]) == saelens_arch:
+        arch = ours["architecture"]  # saved by us: e.g. a BatchTopK SAE SAELens reads as "jumprelu"
+    elif saelens_arch in ("topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"):
+        arch = saelens_arch  # SAELens' own; its BatchTopK training folders keep k, matryoshka_widths and topk_threshold
+        if saelens_arch == "matryoshka_batchtopk":
+            settings["prefix_sizes"] = cfg.get("matryoshka_widths")
+        if saelens_arch != "jumprelu" and cfg.get("rescale_acts_by_decoder_norm") and not _unit_rows(w["W_dec"]):
+            raise SaescopeError(
+                f"{where}: a {saelens_arch} training folder with rescale_acts_by_decoder_norm and a decoder of other than "
+                f"unit norms; save it with SAELens' save_inference_model (a jumprelu SAE) and import that"
+            )
+    elif saelens_arch == "standard":
+        arch = "relu"
+    else:
+        raise SaescopeError(f"{where}: architecture {saelens_arch!r} is not supported ({', '.join(sorted(set(SAELENS_ARCH.values())))})")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SaescopeError(
             f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first"
         )
-    k = cfg.get("k") or cfg.get("activation_fn_kwargs", {}).get("k")
-    return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], k, w["W_enc"].T, w["W_dec"], w["b_enc"], w["b_dec"]), cfg)
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or settings.get("k")
+    if k is not None:
+        settings["k"] = k if arch in ("batchtopk", "matryoshka_batchtopk") else int(k)
+    return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], settings, w, w["W_enc"].T, where), cfg)
+
+
+def _unit_rows(W_dec: torch.Tensor) -> bool:
+    return bool(torch.allclose(W_dec.float().norm(dim=1), torch.ones(len(W_dec)), atol=1e-4))
 
 
 def sae_bytes(loaded: LoadedSAE) -> bytes:
     """Any loaded SAE as one self-contained safetensors file: our folder's tensors, with its cfg.json in the
     file's metadata (what the store keeps per mining run; `load_sae_bytes` reads it back)."""
     sae = loaded.sae
-    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
-    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc.contiguous(), "b_dec": b_pre.contiguous()}
-    cfg = {**loaded.cfg, "architecture": SAELENS_ARCH[sae.architecture], "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents}
-    if sae.architecture == "topk":
-        cfg["k"] = sae.cfg.k
+    tensors = {name: t.contiguous() for name, t in _tensors(sae, 1.0).items()}
+    arch = _architecture_record(sae)
+    meta = dict(loaded.cfg.get("metadata") or {})
+    meta["saescope"] = {**(meta.get("saescope") or {}), **arch.pop("saescope")}
+    cfg = {**loaded.cfg, **arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents, "metadata": meta}
     return save(tensors, metadata={CFG: json.dumps(cfg, default=str)})
 
 
@@ -207,9 +275,10 @@ def load_sae_bytes(data: bytes, where: str = "stored SAE weights") -> LoadedSAE:
 
 
 def _imported_cfg(sae, fmt: str, src: Path, extra: dict | None = None) -> dict:
-    meta = {"imported_from": {"format": fmt, "path": str(src), **(extra or {})}, "cache": {}}
+    arch = _architecture_record(sae)
+    meta = {"imported_from": {"format": fmt, "path": str(src), **(extra or {})}, "cache": {}, **arch.pop("saescope")}
     return {
-        "architecture": SAELENS_ARCH[sae.architecture],
+        **arch,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.n_latents,
         "metadata": {"saescope": meta},
@@ -223,7 +292,9 @@ def _load_sparsify(folder: Path) -> LoadedSAE:
     k = cfg.get("k")
     if k is None:
         raise SaescopeError(f"{folder}/cfg.json has no k; sparsify folders need their cfg.json")
-    sae = _build("topk", d, n, k, w["encoder.weight"], w["W_dec"], w["encoder.bias"], w["b_dec"])
+    sae = _build(
+        "topk", d, n, {"k": int(k)}, {"W_dec": w["W_dec"], "b_enc": w["encoder.bias"], "b_dec": w["b_dec"]}, w["encoder.weight"], folder
+    )
     return LoadedSAE(sae, _imported_cfg(sae, "sparsify", folder, {"cfg": cfg}))
 
 
@@ -241,7 +312,8 @@ def _load_openai(path: Path) -> LoadedSAE:
         raise SaescopeError(f"{path}: activation {act!r} is not supported (TopK, ReLU)")
     if state.get("normalize"):
         raise SaescopeError(f"{path} normalises its inputs with a layer norm, which saescope SAEs do not model")
-    sae = _build(arch, d, n, k, state["encoder.weight"], state["decoder.weight"].T, state["latent_bias"], state["pre_bias"])
+    weights = {"W_dec": state["decoder.weight"].T, "b_enc": state["latent_bias"], "b_dec": state["pre_bias"]}
+    sae = _build(arch, d, n, {"k": k}, weights, state["encoder.weight"], path)
     return LoadedSAE(sae, _imported_cfg(sae, "openai", path))
 
 
