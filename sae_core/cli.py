@@ -90,8 +90,9 @@ STREAMING = ("model", "hook", "corpus")
     ]
 )
 def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
-    """Train a TopK (or ReLU + L1) sparse autoencoder on cached activations, or streaming from the model.
-    Under torchrun, the same command trains data- and latent-parallel (docs/deployment.md)."""
+    """Train a sparse autoencoder (TopK, BatchTopK, JumpReLU, Matryoshka BatchTopK, or the ReLU + L1 baseline: --architecture)
+    on cached activations, or streaming from the model. Under torchrun, the same command trains data-parallel, and TopK
+    latent-parallel too (docs/deployment.md)."""
     from .distributed import comms
     from .stream import ModelStream
     from .train import train as run_train

@@ -49,13 +49,25 @@ class CacheConfig:
 class TrainConfig:
     """Everything `saescope train` takes. Fields marked identity must match to resume."""
 
-    architecture: str = option("topk", "topk, or relu for the ReLU + L1 baseline.")
+    architecture: str = option(
+        "topk",
+        "topk; batchtopk (k on average over the batch, a learnt threshold at inference), jumprelu (learnt per-latent "
+        "thresholds, an L0 penalty) or matryoshka_batchtopk (BatchTopK scored on nested prefixes too); "
+        "relu for the ReLU + L1 baseline.",
+    )
     n_latents: int = option(16384, "Dictionary size.")
-    k: int = option(32, "Active latents per token (TopK).")
+    k: int = option(32, "Active latents per token (TopK; batchtopk and matryoshka_batchtopk: on average over each batch).")
     k_aux: int | None = option(None, "AuxK: dead latents used to model the residual (default d_in / 2).")
     aux_coef: float = option(1 / 32, "AuxK loss weight; 0 turns AuxK off.")
     multi_topk: bool = option(False, "Add L(4k)/8 so the code also works at larger k.")
     l1_coef: float = option(1e-2, "L1 penalty of the relu baseline.")
+    l0_coef: float = option(1e-3, "JumpReLU: L0 penalty (larger: lower L0, higher FVU).")
+    l0_warmup_steps: int = option(0, "JumpReLU: steps over which the L0 penalty grows linearly from 0 (the paper: 10k).", min=0)
+    bandwidth: float = option(1e-3, "JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator.")
+    init_threshold: float = option(1e-3, "JumpReLU: every latent's threshold at the start.")
+    prefix_sizes: str | None = option(
+        None, "matryoshka_batchtopk: nested dictionary sizes scored on their own, comma-separated (default n/16,n/4; n is added)."
+    )
     tied_init: bool = option(True, "Initialise W_enc as W_dec transposed.")
     geometric_median_init: bool = option(True, "Initialise b_pre at the geometric median of a sample of inputs.")
     lr: float | None = option(None, "Adam learning rate (default 2e-4 / sqrt(n_latents / 2^14)).")
@@ -156,7 +168,11 @@ class MineConfig:
     coactivation: int = option(
         16, "Co-firing features kept per feature (by Jaccard index), counted from the mined codes in the statistics sweep; 0: none.", min=0
     )
-    max_active: int = option(256, "ReLU SAEs: positions keep their largest this-many activations.")
+    max_active: int = option(
+        256,
+        "SAEs without a fixed k per position (relu, jumprelu, batchtopk, matryoshka_batchtopk): positions keep their "
+        "largest this-many activations.",
+    )
     batch_size: int = option(16, "Windows per forward pass.")
     windows_per_chunk: int = option(256, "Windows per work chunk: the unit a killed run resumes from.")
     shard: str | None = option(

@@ -72,6 +72,8 @@ class CodeEncoder(ShardEncoder):
             W = sae.W_enc.detach().float()
             self.W_T = W.T.to(compute_dtype)  # [d, n]
             self.bias = (sae.b_enc.detach().float() - W @ sae.b_pre.detach().float()).to(compute_dtype)
+            thresholds = sae.activation_thresholds()  # JumpReLU, BatchTopK: a code fires above its latent's threshold
+            self.thresholds = None if thresholds is None else thresholds.detach().float().clamp_min(0)
         self.idx_dtype = torch.int16 if sae.cfg.n_latents <= 32767 else torch.int32
 
     def bytes_per_row(self, d_model: int) -> int:
@@ -85,7 +87,10 @@ class CodeEncoder(ShardEncoder):
             v, i = torch.addmm(self.bias, x[s : s + self.BLOCK], self.W_T).topk(self.width, dim=-1)
             vals.append(v)
             idx.append(i)
-        return {"vals": torch.cat(vals).relu().to("cpu", torch.float32), "idx": torch.cat(idx).to("cpu", self.idx_dtype)}
+        vals_all, idx_all = torch.cat(vals).float(), torch.cat(idx)
+        if self.thresholds is not None:
+            vals_all = vals_all * (vals_all > self.thresholds.to(vals_all.device)[idx_all])
+        return {"vals": vals_all.relu().to("cpu"), "idx": idx_all.to("cpu", self.idx_dtype)}
 
 
 def slug(name: str) -> str:
@@ -151,7 +156,7 @@ def mine(
         "stats": asdict(cfg.stats),
         "n_logits": cfg.n_logits,
         "n_neighbours": cfg.n_neighbours,
-        "max_active": cfg.max_active if sae.architecture != "topk" else None,
+        "max_active": cfg.max_active if sae.fixed_code_width() is None else None,
         "coactivation": cfg.coactivation,
     }
     from_cache, notes = None, []
@@ -195,7 +200,7 @@ def mine(
     if lm.d_model != sae.cfg.d_in:
         raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {model_name} at {hook} has width {lm.d_model}")
     compute_dtype = lm.dtype if lm.device.type == "cpu" else torch.float32
-    width = sae.cfg.k if sae.architecture == "topk" else min(cfg.max_active, sae.cfg.n_latents)
+    width = sae.code_width(cfg.max_active)
     encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
     work = sae_dir / "mining"
     if mine_part is not None or merge_count is None:  # phase 1 here: all the windows, or this process's part

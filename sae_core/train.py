@@ -9,6 +9,7 @@ weights, bit for bit on the CPU, as a run that was never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -69,21 +70,20 @@ def build_sae(cfg: TrainConfig, d_in: int, latent_group: Comms | None = None):
     """The SAE `cfg` describes; with a latent-parallel group of several ranks, this rank's slice of it."""
     if cfg.architecture not in ARCHITECTURES:
         raise SaescopeError(f"unknown architecture {cfg.architecture!r}: choose from {', '.join(ARCHITECTURES)}")
-    if cfg.architecture == "topk":
-        if cfg.k >= cfg.n_latents:
-            raise SaescopeError(f"k ({cfg.k}) must be smaller than n_latents ({cfg.n_latents})")
-        arch_cfg = ARCHITECTURES["topk"][0](
-            d_in=d_in, n_latents=cfg.n_latents, k=cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, multi_topk=cfg.multi_topk
-        )
-    else:
-        arch_cfg = ARCHITECTURES["relu"][0](d_in=d_in, n_latents=cfg.n_latents, l1_coef=cfg.l1_coef)
+    config_cls, sae_cls = ARCHITECTURES[cfg.architecture]
+    if any(f.name == "k" for f in dataclasses.fields(config_cls)) and cfg.k >= cfg.n_latents:
+        raise SaescopeError(f"k ({cfg.k}) must be smaller than n_latents ({cfg.n_latents})")
+    # each architecture's config takes the training options of its own field names (k, l0_coef, prefix_sizes, ...);
+    # its fields without an option keep their defaults
+    names = {f.name for f in dataclasses.fields(config_cls)} & {f.name for f in dataclasses.fields(cfg)}
+    arch_cfg = config_cls(d_in=d_in, **{name: getattr(cfg, name) for name in names})
     if latent_group is not None and latent_group.size > 1:
         if cfg.architecture != "topk":
-            raise SaescopeError("--latent-parallel splits TopK SAEs only; train the relu baseline data-parallel")
+            raise SaescopeError(f"--latent-parallel splits TopK SAEs only; train {cfg.architecture} data-parallel")
         from .distributed.latent_parallel import LatentShardedTopKSAE
 
         return LatentShardedTopKSAE(arch_cfg, latent_group)
-    return ARCHITECTURES[cfg.architecture][1](arch_cfg)
+    return sae_cls(arch_cfg)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -246,6 +246,7 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         x = raw * self.scale
         dead = self.tokens_since_fired >= self.dead_tokens
+        sae.begin_step(self.step_no)  # JumpReLU's L0 warm-up
         stats = self.loss_and_grads(x, dead, autocast_bf16=cfg.bf16, group_sum=self.grid.dp.group_sum)
         stats = reduce_step(list(sae.parameters()), stats, self.grid.dp)  # one process: as it is
         if not math.isfinite(stats["loss"]):  # a NaN or Inf in the batch always shows here (FVU's denominator)

@@ -70,6 +70,24 @@ class DictionarySAE(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    # ------------------------------------------------------------------ what the trainer, miner and loaders ask every SAE
+
+    def begin_step(self, step: int) -> None:
+        """Called by the trainer before each step's `loss_and_grads` with the steps done so far (JumpReLU's
+        L0 warm-up reads it); most architectures ignore it."""
+
+    def fixed_code_width(self) -> int | None:
+        """k when every position's code holds at most k latents by construction (TopK), else None."""
+        return int(self.cfg.k) if self.architecture == "topk" else None  # topk.py's own override belongs there
+
+    def code_width(self, max_active: int) -> int:
+        """Latents kept per position when codes are stored (mining): TopK's k, otherwise up to `max_active`."""
+        return self.fixed_code_width() or min(max_active, self.cfg.n_latents)
+
+    def activation_thresholds(self) -> torch.Tensor | None:
+        """Per-latent value a pre-activation must exceed to fire at inference ([n_latents]); None: 0 (ReLU, TopK)."""
+        return None
+
     def lr_default(self) -> float:
         """The paper's width-scaled learning rate: 2e-4 / sqrt(n_latents / 2^14)."""
         return 2e-4 / math.sqrt(self.cfg.n_latents / 2**14)
