@@ -62,6 +62,39 @@ def _cuda_available() -> bool:
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda_available(), reason="no CUDA GPU on this machine"))]
 
 
+# Thread counts the resume and reproducibility tests run at: 8 makes PyTorch and MKL split reductions
+# and GEMMs among threads as a workstation's 16 cores do, which a 2-core CI would otherwise never see
+# (issue 26). Oversubscribing 2 cores with 8 threads is slow but computes the same numbers.
+THREAD_COUNTS = [1, 8]
+
+
+@pytest.fixture(params=THREAD_COUNTS, ids=lambda n: f"{n}-threads")
+def threads(request):
+    """torch.set_num_threads(n) for the test, restored afterwards; a subprocess gets n through cli_at and threads_env."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def cli_at(threads: int, *args: str) -> list[str]:
+    """The saescope CLI in a process computing with `threads` torch threads. OMP_NUM_THREADS alone is not
+    enough: torch caps it at the CPUs it sees (8 gave 2 threads on a 2-core machine)."""
+    import sys
+
+    return [sys.executable, "-c", f"import torch; torch.set_num_threads({threads}); from sae_core.cli import main; main()", *args]
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    """The environment for `cli_at`: OpenMP threads sleep while they wait (spinning, 8 threads on 2 cores
+    made a training step 30x slower). It changes no number a run computes."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))

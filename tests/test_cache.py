@@ -137,17 +137,17 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from sae_core.cli import main; main()", *args]
 
 
-def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny_corpus):
-    from conftest import make_tiny_model
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny_corpus, threads):
+    from conftest import cli_at, make_tiny_model, threads_env
 
     # a wider model so the run lasts long enough to be killed mid-way
     model = make_tiny_model(tmp_path / "m", tiny_corpus, hidden=256, layers=4)
     args = ["--model", str(model), "--corpus", str(tiny_corpus), "--hook", "blocks.3.hook_resid_post",
             "--context-size", "64", "--tokens", str(64 * 192), "--batch-size", "4", "--windows-per-shard", "8",
             "--dtype", "float32", "--model-dtype", "float32", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = threads_env(threads)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("cache", "--out", str(killed), *args), env=env,
+    proc = subprocess.Popen(cli_at(threads, "cache", "--out", str(killed), *args), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(killed.glob("shard_*.safetensors"))) < 3:
@@ -158,9 +158,9 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny_corpus):
     assert not manifest["complete"], "the run finished before it could be killed; make it longer"
     n_before = len(list(killed.glob("shard_*.safetensors")))
     assert 3 <= n_before < 24
-    subprocess.run(_cli("cache", "--out", str(killed), *args), env=env, check=True, capture_output=True)
+    subprocess.run(cli_at(threads, "cache", "--out", str(killed), *args), env=env, check=True, capture_output=True)
     clean = tmp_path / "clean"
-    subprocess.run(_cli("cache", "--out", str(clean), *args), env=env, check=True, capture_output=True)
+    subprocess.run(cli_at(threads, "cache", "--out", str(clean), *args), env=env, check=True, capture_output=True)
     a, b = ActivationCache(killed), ActivationCache(clean)
     assert a.complete and b.complete and len(a.shards) == len(b.shards) == 24
     assert not list(killed.glob("*.tmp"))

@@ -3,10 +3,8 @@ resume, atomic re-mining, and bad input."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,6 +22,8 @@ from sae_core.mine import MineConfig, mine
 from sae_core.model import load_model
 from sae_core.store import db
 from sae_core.store.schema import SAE, Example, Feature, MiningRun, TokenFeature, unpack_acts, unpack_ids
+
+from conftest import cli_at, threads_env
 
 WINDOWS = 96
 CONTEXT = 32
@@ -139,21 +139,21 @@ def test_mining_matches_brute_force_postgres(lm, sae_dir, pg_url):
     check_against_brute_force(pg_url, lm, sae_dir)
 
 
-def _mine_cmd(sae_dir, url, tiny_model):
-    return [sys.executable, "-c", "from sae_core.cli import main; main()", "mine", "--sae", str(sae_dir), "--db", url,
+def _mine_cmd(sae_dir, url, threads: int):
+    return cli_at(threads, "mine", "--sae", str(sae_dir), "--db", url,
             "--tokens", str(CONTEXT * WINDOWS), "--batch-size", "1", "--windows-per-chunk", "2", "--top-n", "8",
             "--n-intervals", "4", "--per-interval", "3", "--histogram-bins", "10", "--context-before", "5",
-            "--context-after", "3", "--device", "cpu", "--model-dtype", "float32"]
+            "--context-after", "3", "--device", "cpu", "--model-dtype", "float32")
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_kill_9_then_rerun_equals_uninterrupted(backend, lm, sae_dir, tiny_model, tmp_path, request):
+def test_kill_9_then_rerun_equals_uninterrupted(backend, lm, sae_dir, tiny_model, tmp_path, request, threads):
     url = f"sqlite:///{tmp_path / 'killed.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     reference = f"sqlite:///{tmp_path / 'reference.db'}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(_mine_cmd(sae_dir, reference, tiny_model), env=env, capture_output=True, text=True, timeout=300)
+    env = threads_env(threads)
+    done = subprocess.run(_mine_cmd(sae_dir, reference, threads), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    proc = subprocess.Popen(_mine_cmd(sae_dir, url, tiny_model), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_mine_cmd(sae_dir, url, threads), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     work = sae_dir / "mining"
     deadline = time.time() + 120
     while len(list(work.glob("shard_*.safetensors"))) < 5 and time.time() < deadline and proc.poll() is None:
@@ -163,7 +163,7 @@ def test_kill_9_then_rerun_equals_uninterrupted(backend, lm, sae_dir, tiny_model
     proc.wait()
     kept = len(list(work.glob("shard_*.safetensors")))
     assert 5 <= kept < WINDOWS // 2
-    out = subprocess.run(_mine_cmd(sae_dir, url, tiny_model), env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(_mine_cmd(sae_dir, url, threads), env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert stored(url) == stored(reference)
 

@@ -56,10 +56,11 @@ class _CrashingStream(ModelStream):
             yield batch
 
 
-def test_streamed_training_resumes_bitwise(tiny_lm, tiny_model, tiny_corpus, tmp_path, monkeypatch):
+def test_streamed_training_resumes_bitwise(tiny_lm, tiny_model, tiny_corpus, tmp_path, monkeypatch, threads):
     monkeypatch.setattr(ModelStream, "GROUP_BATCHES", 4)          # several groups, so a resume skips whole ones
     cfg = _cfg(tiny_model, tiny_corpus, 32 * 64)
-    train_cfg = TrainConfig(n_latents=128, k=6, batch_size=64, lr=2e-3, checkpoint_every=7)
+    # bitwise is a CPU claim: with device "auto" a GPU machine trains on CUDA, whose index_add_ sums with atomics
+    train_cfg = TrainConfig(n_latents=128, k=6, batch_size=64, lr=2e-3, checkpoint_every=7, device="cpu")
     crashed = tmp_path / "crashed"
     with pytest.raises(_Crash):
         train(train_cfg, _CrashingStream(cfg, lm=tiny_lm, after=17), crashed, progress=False)
@@ -70,6 +71,26 @@ def test_streamed_training_resumes_bitwise(tiny_lm, tiny_model, tiny_corpus, tmp
     a, b = load_file(str(crashed / "sae_weights.safetensors")), load_file(str(tmp_path / "clean" / "sae_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert clean.log[-1]["fvu"] < clean.log[0]["fvu"]
+
+
+def test_a_resumed_stream_runs_the_model_on_the_same_window_batches(tiny_lm, tiny_model, tiny_corpus, monkeypatch):
+    """The model's rounding may depend on the batch's shape (MKL and oneDNN pick kernels by shape and thread
+    count), so a resumed stream must run the model on exactly the batches of windows the uninterrupted one ran
+    from its group on, not merely on the same windows."""
+    monkeypatch.setattr(ModelStream, "GROUP_BATCHES", 3)
+    cfg = _cfg(tiny_model, tiny_corpus, 32 * 64)
+    calls: list[bytes] = []
+    forward = tiny_lm.residuals
+    monkeypatch.setattr(tiny_lm, "residuals", lambda ids, layer: calls.append(ids.numpy().tobytes()) or forward(ids, layer))
+    stream = ModelStream(cfg, lm=tiny_lm)
+    assert stream._group(64) % cfg.batch_size, "a group must not be whole model batches, or any cut would do"
+    uninterrupted = list(stream.batches(64, seed=1))
+    all_calls = list(calls)
+    for skip in (4, 7, len(uninterrupted) - 1):
+        calls.clear()
+        rest = list(stream.batches(64, seed=1, skip=skip))
+        assert all(torch.equal(a, b) for a, b in zip(rest, uninterrupted[skip:], strict=True))
+        assert 0 < len(calls) < len(all_calls) and calls == all_calls[-len(calls):]
 
 
 def test_stream_needs_tokens_and_a_long_enough_corpus(tiny_lm, tiny_model, tiny_corpus):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import DEVICES
+from conftest import DEVICES, cli_at, threads_env
 from sae_core.cache import CacheConfig, build_cache
 from sae_core.errors import SaescopeError
 from sae_core.evaluate import EvalConfig, evaluate
@@ -91,11 +91,10 @@ def test_bad_input_stops_cleanly(cache_dir, tmp_path):
     assert not (tmp_path / "c" / "sae_weights.safetensors").exists(), "a failed run must not save final weights"
 
 
-def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path):
+def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path, threads):
     args = ["--activations", str(cache_dir), "--n-latents", "2048", "--k", "8", "--batch-size", "128",
             "--tokens", str(128 * 600), "--checkpoint-every", "25", "--lr", "1e-3", "--device", "cpu"]   # bitwise: a CPU claim
-    cli = [sys.executable, "-c", "from sae_core.cli import main; main()", "train"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli, env = cli_at(threads, "train"), threads_env(threads)   # bitwise at the same thread count, whatever it is
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli + ["--out", str(killed)] + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "checkpoint.pt"
@@ -117,6 +116,28 @@ def test_resume_after_kill_9_gives_bitwise_the_same_weights(cache_dir, tmp_path)
         assert torch.equal(a[name], b[name]), name
     steps = [json.loads(ln)["step"] for ln in (killed / "train_log.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "the resumed log must not repeat steps"
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL_CBWR is MKL's; this torch has no MKL")
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_training_gives_the_same_weights_at_any_thread_count_under_mkl_strict_cnr(cache_dir, tmp_path, architecture):
+    """What docs/deployment.md promises across thread counts: with MKL_CBWR=AUTO,STRICT (MKL's GEMMs then
+    sum in one order whatever the thread count) a run ends with the same weights at 1, 2 and 8 threads, so
+    one resumed under another thread count ends where an uninterrupted one would. Sized so that the
+    threads split the work: a batch's 1,024 x 64 values are twice PyTorch's grain (32,768), so a plain
+    .sum() adds two threads' partial sums (sae/reductions.py avoids it), and without MKL_CBWR MKL splits
+    AuxK's product over the dead latents at 2 threads. Either alone makes this test fail."""
+    args = ["train", "--activations", str(cache_dir), "--architecture", architecture, "--n-latents", "2048", "--k", "8",
+            "--batch-size", "1024", "--tokens", str(1024 * 5), "--lr", "1e-3", "--device", "cpu"]
+    weights = []
+    for n in (1, 2, 8):
+        out = tmp_path / str(n)
+        done = subprocess.run(cli_at(n, *args, "--out", str(out)), env={**threads_env(n), "MKL_CBWR": "AUTO,STRICT"},
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        weights.append(load_file(str(out / "sae_weights.safetensors")))
+    for name in weights[0]:
+        assert all(torch.equal(w[name], weights[0][name]) for w in weights[1:]), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import SaescopeError
 from .base import DictionarySAE, bf16_gemm, gemm, gemm_operand
+from .reductions import ordered_sum, weighted_row_sum
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -52,7 +53,7 @@ class TopKConfig:
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return ordered_sum((x - x_hat).pow(2)) / ordered_sum((x - x.mean(0)).pow(2)).clamp_min(1e-12)
 
 
 GroupSum = Callable[[torch.Tensor], torch.Tensor]
@@ -63,10 +64,10 @@ def variance_sum(x: torch.Tensor, group_sum: GroupSum | None = None) -> torch.Te
     that of the whole group's batch, so each rank's loss is its share of the global batch's loss and the
     ranks' gradients add up to the global batch's gradient."""
     if group_sum is None:
-        return (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return ordered_sum((x - x.mean(0)).pow(2)).clamp_min(1e-12)  # reductions.py: the same at any thread count
     count = group_sum(torch.tensor([float(len(x))], dtype=x.dtype, device=x.device))
     mean = group_sum(x.sum(0)) / count
-    return group_sum((x - mean).pow(2).sum()).clamp_min(1e-12)
+    return group_sum(ordered_sum((x - mean).pow(2))).clamp_min(1e-12)
 
 
 class TopKSAE(DictionarySAE):
@@ -151,7 +152,7 @@ class TopKSAE(DictionarySAE):
             z = vals.relu()
             x_hat = nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=z, mode="sum") + self.b_pre
             err = x - x_hat
-            term = err.pow(2).sum() / denom
+            term = ordered_sum(err.pow(2)) / denom
             loss = loss + weight * term
             if k == cfg.k:
                 residual = err.clone()  # e = x - x_hat, the AuxK target (no gradient flows into it)
@@ -175,7 +176,7 @@ class TopKSAE(DictionarySAE):
             Z = torch.zeros(B, n_dead, dtype=aux_vals.dtype, device=x.device).scatter_(1, aux_local, aux_vals.relu())
             W_dead = gemm_operand(self.W_dec[dead_idx], operand)
             aux_err = residual - gemm(Z, W_dead, operand)
-            aux_fvu = aux_err.pow(2).sum() / e_var
+            aux_fvu = ordered_sum(aux_err.pow(2)) / e_var
             scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
             loss = loss + scale * aux_fvu
             g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)  # dLoss/de_hat
@@ -187,7 +188,7 @@ class TopKSAE(DictionarySAE):
         del residual
 
         # b_pre enters the encoder as (x - b_pre): its gradient there is -(dL/db_enc) @ W_enc.
-        gb_pre -= gb_enc @ self.W_enc
+        gb_pre -= weighted_row_sum(gb_enc, self.W_enc)
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         loss, fvu_k, l0, aux_fvu = torch.stack([loss, fvu_k, l0.float(), aux_fvu]).tolist()
         return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
