@@ -12,8 +12,9 @@
 #                                                                                      -> $OUT/tests.log
 #   2. bench/train_throughput.py --device cuda --compiled against eai-sparsify, all five cells, eager
 #      and compiled side by side (about 5 min)                                        -> $OUT/throughput.md
-#   3. where time is left: the compiled step of config A fp32 under torch.profiler, and the floor of
-#      any step (the encoder GEMM, torch.topk and a two-stage top-k)                  -> $OUT/profile.txt
+#   3. where time is left: the floor of any step (the encoder GEMM, torch.topk and a two-stage top-k),
+#      the compiled step with the two-stage top-k (B fp32, A fp32, B bf16: compare with step 2's
+#      compiled column), and the compiled step of config A fp32 under torch.profiler  -> $OUT/profile.txt
 #   4. where time is left: the CUDA cases of tests/test_sae.py (the eager step)       -> $OUT/tests.log
 #   5. with CACHE (an activation cache made here: `saescope cache --out CACHE --tokens 24000` fits what a
 #      call carries) and time left: `saescope train` on CUDA, eager and --compile, fp32 and bf16; the
@@ -58,15 +59,13 @@ echo "== 2. throughput, eager and compiled against eai-sparsify ($(left) s left)
 timeout $(($(left) - 40)) python3 bench/train_throughput.py --device cuda --peers eai-sparsify --peers-here --steps 50 --compiled 2>&1 \
   | tee "$out/throughput.md"
 
-if [ "$(left)" -gt 60 ]; then
-  echo "== 3. profile of the compiled step, A fp32 AuxK on; the two kernels every trainer runs ($(left) s left)"
-  timeout $(($(left) - 45)) python3 bench/peers/saescope_step.py --device cuda --config A --dtype fp32 --auxk on --steps 20 --compile --profile 10 \
-    > "$out/profile.txt" 2>&1
-  head -1 "$out/profile.txt"
+if [ "$(left)" -gt 40 ]; then
   # The floor of any step: the encoder GEMM and the top-k over its [batch, n] output. Two-stage top-k (the top
-  # k of each of C column chunks, then the top k of those C * k) selects the same set; is it faster here?
-  timeout 40 python3 - <<'PY' 2>&1 | tee -a "$out/profile.txt"
+  # k of each of C column chunks, then the top k of those C * k: sae/compiled.py chunked_topk) selects the same set.
+  echo "== 3. the GEMM and top-k floor; two-stage top-k in the compiled step; its profile ($(left) s left)"
+  timeout 40 python3 - <<'PY' 2>&1 | tee "$out/profile.txt"
 import torch
+from sae_core.sae.compiled import chunked_topk
 def ms(fn, reps=50):
     fn(); torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -74,10 +73,6 @@ def ms(fn, reps=50):
     for _ in range(reps): fn()
     end.record(); torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
-def two_stage(pre, k, chunks):
-    v, i = pre.view(len(pre), chunks, -1).topk(k, dim=2, sorted=False)
-    v2, j = v.flatten(1).topk(k, dim=1, sorted=False)
-    return v2, (i + torch.arange(chunks, device=pre.device)[:, None] * (pre.shape[1] // chunks)).flatten(1).gather(1, j)
 for name, d, n in (("A", 576, 16384), ("B", 768, 32768)):
     for dtype in (torch.float32, torch.bfloat16):
         x, W = torch.randn(4096, d, device="cuda", dtype=dtype), torch.randn(d, n, device="cuda", dtype=dtype)
@@ -85,10 +80,21 @@ for name, d, n in (("A", 576, 16384), ("B", 768, 32768)):
         row = [f"{name} {str(dtype)[6:]}: GEMM {ms(lambda: x @ W):.3f} ms, topk {ms(lambda: pre.topk(32, dim=1, sorted=False)):.3f}"]
         want = pre.topk(32, dim=1, sorted=False)[1].sort(1)[0]
         for chunks in (8, 16, 32, 64):
-            same = torch.equal(two_stage(pre, 32, chunks)[1].sort(1)[0], want)
-            row.append(f"two-stage/{chunks} {ms(lambda: two_stage(pre, 32, chunks)):.3f}{'' if same else ' (other set: ties)'}")
+            same = torch.equal(chunked_topk(pre, 32, False, chunks)[1].sort(1)[0], want)
+            row.append(f"{chunks} chunks {ms(lambda: chunked_topk(pre, 32, False, chunks)):.3f}{'' if same else ' (another set: ties)'}")
         print(", ".join(row))
 PY
+  for cell in "B fp32 16" "A fp32 8" "B bf16 16"; do
+    set -- $cell
+    [ "$(left)" -gt 70 ] || break
+    echo "compiled step, $1 $2 AuxK on, top-k over $3 chunks:" | tee -a "$out/profile.txt"
+    timeout 60 python3 bench/peers/saescope_step.py --device cuda --config $1 --dtype $2 --auxk on --steps 50 --compile --topk-chunks $3 2>&1 \
+      | grep '^{' | tee -a "$out/profile.txt"
+  done
+  if [ "$(left)" -gt 60 ]; then
+    timeout $(($(left) - 30)) python3 bench/peers/saescope_step.py --device cuda --config A --dtype fp32 --auxk on --steps 20 --compile --profile 10 \
+      >> "$out/profile.txt" 2>&1
+  fi
 fi
 
 if [ "$(left)" -gt 30 ]; then

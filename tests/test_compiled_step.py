@@ -27,7 +27,7 @@ from sae_core.errors import SaescopeError
 from sae_core.interchange import load_sae
 from sae_core.model import load_model
 from sae_core.sae import TopKConfig, TopKSAE
-from sae_core.sae.compiled import MIN_DEAD_BUCKET, CompiledTopK, dead_bucket
+from sae_core.sae.compiled import MIN_DEAD_BUCKET, CompiledTopK, chunked_topk, dead_bucket
 from sae_core.train import TrainConfig, train
 
 STATS = ("loss", "fvu", "aux_fvu", "l0")
@@ -75,17 +75,17 @@ def test_dead_bucket_pads_to_powers_of_two_within_the_dictionary():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "multi_topk, n_dead, bf16",
-    [(False, 0, False), (False, 7, False), (True, 60, False), (False, 7, True)],
-    ids=["auxk-off", "auxk-on", "multi-topk", "bf16"],
+    "multi_topk, n_dead, bf16, topk_chunks",
+    [(False, 0, False, 0), (False, 7, False, 0), (True, 60, False, 0), (False, 7, True, 0), (True, 60, False, 4)],
+    ids=["auxk-off", "auxk-on", "multi-topk", "bf16", "two-stage-topk"],
 )
-def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_topk, n_dead, bf16):
+def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_topk, n_dead, bf16, topk_chunks):
     cfg = TopKConfig(d_in=24, n_latents=96, k=4, k_aux=12, multi_topk=multi_topk)
     eager = perturbed_sae(cfg, device)
     compiled = copy.deepcopy(eager)
     opt_eager = torch.optim.Adam(eager.parameters(), lr=1e-3, eps=6.25e-10, fused=True)
     opt_compiled = torch.optim.Adam(compiled.parameters(), lr=1e-3, eps=6.25e-10, fused=True)
-    step = CompiledTopK(compiled)
+    step = CompiledTopK(compiled, topk_chunks=topk_chunks)
     gen = torch.Generator().manual_seed(1)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96, generator=gen)[:n_dead]] = True
@@ -109,6 +109,26 @@ def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_t
     assert counters["stats"]["unique_graphs"] > graphs, "the step ran uncompiled: the comparison tested nothing"
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p, q, atol=tol / 10, rtol=0, msg=f"{name} after 4 steps")
+
+
+@pytest.mark.parametrize("sorted_", [False, True])
+def test_two_stage_topk_selects_what_topk_selects(sorted_):
+    block = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3))
+    want_vals, want_idx = block.topk(32, dim=1, sorted=sorted_)
+    for chunks in (1, 4, 32):
+        vals, idx = chunked_topk(block, 32, sorted_, chunks)
+        assert torch.equal(block.gather(1, idx), vals)
+        if sorted_:
+            assert torch.equal(vals, want_vals) and torch.equal(idx, want_idx), chunks
+        else:
+            assert torch.equal(idx.sort(1).values, want_idx.sort(1).values), chunks
+
+
+def test_two_stage_topk_needs_chunks_of_k_that_divide_the_dictionary():
+    sae = TopKSAE(TopKConfig(d_in=8, n_latents=96, k=4, multi_topk=True))
+    for chunks in (5, 8):  # 96 / 5 is no whole chunk; 96 / 8 = 12 < 4k
+        with pytest.raises(ValueError, match="topk_chunks"):
+            CompiledTopK(sae, topk_chunks=chunks)
 
 
 @pytest.mark.parametrize("device", DEVICES)

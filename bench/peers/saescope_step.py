@@ -26,6 +26,7 @@ keep_large_buffers()  # as sae_core.train.train does before its first step
 def add_arguments(ap):
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps")
     ap.add_argument("--compile", action="store_true", help="the compiled step (saescope train --compile)")
+    ap.add_argument("--topk-chunks", type=int, default=0, metavar="C", help="compiled: top-k in two stages over C column chunks")
 
 
 args = parse_args(add_arguments)
@@ -34,7 +35,7 @@ torch.manual_seed(0)
 sae = TopKSAE(TopKConfig(d_in=c["d"], n_latents=c["n"], k=c["k"])).to(args.device)
 opt = torch.optim.Adam(sae.parameters(), lr=2e-4, eps=6.25e-10, fused=True)
 dead = dead_mask(c["n"], args.auxk == "on", device=args.device)
-loss_and_grads = CompiledTopK(sae).loss_and_grads if args.compile else sae.loss_and_grads
+loss_and_grads = CompiledTopK(sae, topk_chunks=args.topk_chunks).loss_and_grads if args.compile else sae.loss_and_grads
 
 
 def step(x):
@@ -46,7 +47,8 @@ def step(x):
 
 batches = structured_batches(c["d"], c["n"], c["batch"], device=args.device)
 # compiled: call 1 compiles, on CUDA call 2 records the graph (cudagraph trees warm up once first), later calls replay
-report("saescope", "compiled" if args.compile else "main", time_steps(step, batches, args.steps, warmup=4 if args.compile else 2))
+variant = "main" if not args.compile else f"compiled, top-k over {args.topk_chunks} chunks" if args.topk_chunks else "compiled"
+report("saescope", variant, time_steps(step, batches, args.steps, warmup=4 if args.compile else 2))
 if args.profile:
     from torch.profiler import ProfilerActivity, profile
 

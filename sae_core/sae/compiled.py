@@ -48,8 +48,22 @@ def _per_latent_sum(flat_idx: torch.Tensor, weights: torch.Tensor, rows: torch.T
     return torch.zeros(n, d, dtype=rows.dtype, device=rows.device).index_add_(0, flat_idx.reshape(-1), contrib)
 
 
+def chunked_topk(block: torch.Tensor, k: int, sorted: bool, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """block.topk(k, dim=1) in two stages: the top k of each of `chunks` equal column chunks, then the top k
+    of those chunks * k candidates. The same selection (every row's top k lies in its chunks' top k; equal
+    values may be taken in another order), in several short selections instead of one over n columns,
+    which may be faster on a GPU (bench/gpu_check.sh times it). chunks <= 1: torch.topk as it is."""
+    if chunks <= 1:
+        return block.topk(k, dim=1, sorted=sorted)
+    rows, width = block.shape[0], block.shape[1] // chunks
+    vals, idx = block.view(rows, chunks, width).topk(k, dim=2, sorted=False)
+    idx = idx + torch.arange(0, chunks * width, width, device=block.device).unsqueeze(1)  # chunk-local -> column
+    top, pick = vals.reshape(rows, chunks * k).topk(k, dim=1, sorted=sorted)
+    return top, idx.reshape(rows, chunks * k).gather(1, pick)
+
+
 def fixed_shape_loss_and_grads(
-    sae: TopKSAE, x: torch.Tensor, dead_idx: torch.Tensor, n_dead: torch.Tensor, operand: Any
+    sae: TopKSAE, x: torch.Tensor, dead_idx: torch.Tensor, n_dead: torch.Tensor, operand: Any, topk_chunks: int = 0
 ) -> tuple[torch.Tensor, ...]:
     """The loss and gradients of TopKSAE.loss_and_grads, in shapes fixed by x and dead_idx alone.
 
@@ -71,7 +85,7 @@ def fixed_shape_loss_and_grads(
         block = torch.addmm(bias, xg[s : s + block_rows], W_T)
         if operand == "rounded":
             block = block.bfloat16().float()
-        v, i = block.topk(k_main, dim=1, sorted=cfg.multi_topk)
+        v, i = chunked_topk(block, k_main, cfg.multi_topk, topk_chunks)
         vals_parts.append(v.float())
         idx_parts.append(i)
         if P:
@@ -135,7 +149,13 @@ class CompiledTopK:
     CPU: inductor's C++ kernels, no graphs. The first call (and the first of each new dead-count bucket on
     CUDA) compiles or records, which takes seconds to a minute; every later one is a replay."""
 
-    def __init__(self, sae: TopKSAE):
+    def __init__(self, sae: TopKSAE, topk_chunks: int = 0):
+        """topk_chunks: select the top k in two stages over this many column chunks (`chunked_topk`; 0: one
+        torch.topk); it must divide n_latents into chunks of at least the k selected (4k with Multi-TopK)."""
+        k_main = 4 * sae.cfg.k if sae.cfg.multi_topk else sae.cfg.k
+        if topk_chunks > 1 and (sae.cfg.n_latents % topk_chunks or sae.cfg.n_latents // topk_chunks < k_main):
+            raise ValueError(f"topk_chunks={topk_chunks} must divide n_latents={sae.cfg.n_latents} into chunks of at least {k_main}")
+        self.topk_chunks = topk_chunks
         if type(sae) is not TopKSAE:  # a subclass such as the latent-parallel slice has a step of its own
             raise TypeError(f"CompiledTopK compiles the single-process TopKSAE step, not {type(sae).__name__}'s")
         self.sae = sae
@@ -168,7 +188,7 @@ class CompiledTopK:
         if self._on_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are free to overwrite
         try:
-            gW_enc, gW_dec, gb_enc, gb_pre, stats, fired = fn(sae, x, dead_idx, n_dead_t, operand)
+            gW_enc, gW_dec, gb_enc, gb_pre, stats, fired = fn(sae, x, dead_idx, n_dead_t, operand, self.topk_chunks)
         except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (no C++ compiler, no Triton, a graph break)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise SaescopeError(f"--compile: torch.compile could not compile the training step ({first}); train without --compile") from e
