@@ -53,7 +53,7 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "this torch sees no 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 echo "== 1. the compiled step's CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_compiled_step.py 2>&1 | tee "$out/tests.log" | tail -5
+timeout 180 python3 -m pytest -v --tb=short -p no:cacheprovider -k cuda tests/test_compiled_step.py 2>&1 | tee "$out/tests.log" | tail -5
 
 echo "== 2. throughput, eager and compiled against eai-sparsify ($(left) s left)"
 timeout $(($(left) - 40)) python3 bench/train_throughput.py --device cuda --peers eai-sparsify --peers-here --steps 50 --compiled 2>&1 \
