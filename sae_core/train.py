@@ -168,7 +168,7 @@ class Trainer:
         if not cfg.compile:
             return self.sae.loss_and_grads
         if cfg.architecture != "topk" or grid.distributed:
-            raise SaescopeError("--compile compiles the TopK step of a single process; leave it off for relu or under torchrun")
+            raise SaescopeError("--compile compiles the topk architecture's step in one process; leave it off for others and torchrun")
         from .sae.compiled import CompiledTopK
 
         return CompiledTopK(self.sae).loss_and_grads
