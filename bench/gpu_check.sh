@@ -92,8 +92,9 @@ PY
       | grep '^{' | tee -a "$out/profile.txt"
   done
   if [ "$(left)" -gt 60 ]; then
-    timeout $(($(left) - 30)) python3 bench/peers/saescope_step.py --device cuda --config A --dtype fp32 --auxk on --steps 20 --compile --profile 10 \
-      >> "$out/profile.txt" 2>&1
+    # perf_hints: inductor says there if it skipped the CUDA graph (and why), which would leave the launches in
+    TORCH_LOGS=perf_hints timeout $(($(left) - 30)) python3 bench/peers/saescope_step.py --device cuda --config A --dtype fp32 --auxk on \
+      --steps 20 --compile --profile 10 >> "$out/profile.txt" 2>&1
   fi
 fi
 
