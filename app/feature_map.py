@@ -42,6 +42,7 @@ FeatureIndex = Path(description="feature (latent) index", ge=0, le=2**31 - 1)
 POINTS_MAGIC, POINTS_VERSION = b"SMAP", 1
 SEARCH_LIMIT = 100_000  # explanation matches one map search lights up, at most
 INSET_SIZE = 220  # px, the inset's side
+INSET_SHADES = 8  # grey levels of the inset's density cells
 
 
 class MapPoint(BaseModel):
@@ -171,25 +172,26 @@ async def map_search(request: Request, sae: str = SaeName, q: str = Query(..., m
 
 
 def inset_svg(grid: dict, x: float, y: float, size: int = INSET_SIZE) -> Markup:
-    """The map's density grid as shaded cells, the feature as a ringed dot (y up, as on the map page)."""
+    """The map's density grid as shaded cells, the feature as a ringed dot (y up, as on the map page).
+    Drawn in grid units: one path per shade (INSET_SHADES of them), a cell a short `M x y h1v1h-1z`, so
+    the fragment stays a few KB gzipped whatever the SAE's size."""
     n, counts = grid["size"], grid["counts"]
     (x0, x1), (y0, y1) = grid["x"], grid["y"]
-    cell = size / n
     top = math.log1p(max(counts) or 1)
-    rects = []
+    shades: list[list[str]] = [[] for _ in range(INSET_SHADES)]
     for k, c in enumerate(counts):
         if c:
-            col, row = k % n, k // n
-            rects.append(
-                f'<rect x="{col * cell:.1f}" y="{size - (row + 1) * cell:.1f}" width="{cell + 0.3:.1f}" height="{cell + 0.3:.1f}" '
-                f'fill-opacity="{0.12 + 0.88 * math.log1p(c) / top:.2f}"/>'
-            )
-    px = (x - x0) / (x1 - x0) * size
-    py = size - (y - y0) / (y1 - y0) * size
+            shade = min(INSET_SHADES - 1, int(INSET_SHADES * math.log1p(c) / top))
+            shades[shade].append(f"M{k % n} {n - 1 - k // n}h1v1h-1z")
+    paths = "".join(
+        f'<path fill-opacity="{0.12 + 0.88 * (i + 1) / INSET_SHADES:.2f}" d="{"".join(cells)}"/>' for i, cells in enumerate(shades) if cells
+    )
+    px, py = (x - x0) / (x1 - x0) * n, n - (y - y0) / (y1 - y0) * n
     return Markup(
-        f'<svg class="map-inset" viewBox="0 0 {size} {size}" width="{size}" height="{size}" role="img" '
-        f'aria-label="where this feature sits on the map of its SAE"><g class="density">{"".join(rects)}</g>'
-        f'<circle class="here-ring" cx="{px:.1f}" cy="{py:.1f}" r="9"/><circle class="here" cx="{px:.1f}" cy="{py:.1f}" r="3.5"/></svg>'
+        f'<svg class="map-inset" viewBox="0 0 {n} {n}" width="{size}" height="{size}" role="img" '
+        f'aria-label="where this feature sits on the map of its SAE"><g class="density">{paths}</g>'
+        f'<circle class="here-ring" cx="{px:.2f}" cy="{py:.2f}" r="{n / 24:.2f}" vector-effect="non-scaling-stroke"/>'
+        f'<circle class="here" cx="{px:.2f}" cy="{py:.2f}" r="{n / 60:.2f}"/></svg>'
     )
 
 

@@ -4,7 +4,7 @@ Anthropic's "Scaling Monosemanticity" reads features through such neighbourhoods
 directions under the cosine metric. Here:
 
     decoder rows of the features that fired in mining (the live run's), normalised
-      -> exact cosine k-nearest neighbours (faiss, blocks of KNN_BLOCK rows, each kept on disk)
+      -> exact cosine k-nearest neighbours (blocks of KNN_BLOCK rows, the running result kept on disk)
       -> UMAP layout from that graph (umap-learn, random_state = seed: the same seed gives the same map)
       -> HDBSCAN clusters on the map (scikit-learn; leaf clusters), numbered by size
       -> each point's MAP_NEIGHBOURS nearest features on the map, and a coarse density grid
@@ -12,13 +12,12 @@ directions under the cosine metric. Here:
 
 Resumable: the kNN blocks and the finished layout are kept in a work folder under the data directory
 (one per store, SAE and run, checked against a digest of the decoder rows), so a killed run resumes
-at the first missing block, and one killed while clustering or writing does not lay out again. A
+at the first unfinished block row of the kNN, and one killed while clustering or writing does not lay out again. A
 run that already has a map with these settings is left alone unless `force` (which also discards
 the work folder, so a forced map is computed from nothing).
 
-The exact kNN costs n^2 d multiply-adds (65k x 576: ~2.5 TFLOP, minutes on 2 cores), so above
-EXACT_KNN_MAX features it is an IVF search that compares each row with ~IVF_SCAN others; the layout
-runs on one thread (a seeded UMAP does). docs/deployment.md says what a 1M-feature map needs.
+The exact kNN costs n^2 d / 2 multiply-adds (65k x 576: ~1.2 T, minutes on 2 cores) and the layout
+runs on one thread (a seeded UMAP does): docs/deployment.md says what a 1M-feature map needs.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import orjson
+import torch
 from sqlalchemy import Connection, Engine, Row, delete, insert, select
 from sqlalchemy.orm import Session
 
@@ -50,9 +50,7 @@ __all__ = ["MapConfig", "MapResult", "Layout", "build_map", "compute_layout", "m
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: STAGES
 STAGES = {"neighbours": "cosine neighbours", "layout": "UMAP layout (epochs)", "clusters": "clusters", "write": "store"}
-KNN_BLOCK = 4096  # query rows per kNN block: the unit a killed run resumes from
-EXACT_KNN_MAX = 32_768  # above this many features the kNN search goes through an IVF index (_knn_index)
-IVF_SCAN = 8192  # rows an IVF query compares, about
+KNN_BLOCK = 4096  # rows per kNN block; a killed run resumes at the first unfinished block row
 MAP_NEIGHBOURS = 8  # nearest features on the map, listed on each feature page
 HDBSCAN_MIN_SAMPLES = 3  # neighbours that make a point a core point of a cluster
 GRID = 48  # cells per side of the density grid the feature page's inset draws
@@ -124,59 +122,55 @@ def _unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def knn_method(n: int) -> str:
-    """Exact search up to EXACT_KNN_MAX rows; above, an inverted-file index (see `_knn_index`)."""
-    return "exact" if n <= EXACT_KNN_MAX else "ivf"
-
-
-def _knn_index(unit: np.ndarray):
-    """faiss index over the unit rows, inner product. Above EXACT_KNN_MAX rows an IVF index: 4 sqrt(n)
-    k-means lists (faiss's fixed k-means seed: the same rows give the same lists), as many of the nearest
-    scanned per query as hold about IVF_SCAN rows, so the cost grows as n * IVF_SCAN rather than n^2."""
-    import faiss
-
-    n, d = unit.shape
-    if knn_method(n) == "exact":
-        exact = faiss.IndexFlatIP(d)
-        exact.add(unit)
-        return exact
-    n_lists = int(4 * np.sqrt(n))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, n_lists, faiss.METRIC_INNER_PRODUCT)
-    ivf.train(unit)
-    ivf.nprobe = min(n_lists, int(np.ceil(IVF_SCAN / (n / n_lists))))
-    ivf.add(unit)
-    return ivf
+def _merge(best_s: torch.Tensor, best_i: torch.Tensor, rows: slice, sims: torch.Tensor, cols: int, k: int) -> None:
+    """Fold one block of similarities (its columns start at row `cols`) into `rows`' running top k."""
+    s, j = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+    s, j = torch.cat([best_s[rows], s], dim=1), torch.cat([best_i[rows], j + cols], dim=1)
+    top, at = torch.topk(s, k, dim=1)
+    best_s[rows], best_i[rows] = top, torch.gather(j, 1, at)
 
 
 def cosine_knn(unit: np.ndarray, k: int, work: Path | None, progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest rows by cosine, each row's first neighbour itself (as UMAP expects): (indices
-    [n, k] int64, cosine distances [n, k] float32). Blocks found in `work` are read, not recomputed."""
+    """The exact k nearest rows by cosine, each row's first neighbour itself (as UMAP expects): (indices
+    [n, k] int64, cosine distances [n, k] float32).
+
+    Blocks of KNN_BLOCK rows; the similarity matrix is symmetric, so each pair of blocks is multiplied
+    once and folded into both blocks' running top k (half the n^2 d multiply-adds of a plain search).
+    After each block row the running state goes to `work`, and a re-run starts from the first block
+    row not finished. (An inverted-file index was tried above 32k rows and dropped: on decoder-shaped
+    rows faiss's IVF search was slower than this, its scans being no matrix products, at recall 0.5-0.6.)"""
     n = len(unit)
-    index = None
-    ids, sims = [], []
-    for block, lo in enumerate(range(0, n, KNN_BLOCK)):
-        path = work / f"knn-{knn_method(n)}-{k}-{block:05d}.npz" if work is not None else None
-        if path is not None and path.exists():
-            with np.load(path) as saved:
-                s, i = saved["sims"], saved["ids"]
-        else:
-            index = index or _knn_index(unit)  # built only when a block is missing
-            s, i = index.search(unit[lo : lo + KNN_BLOCK], k)
-            if path is not None:
-                partial = path.with_suffix(".tmp.npz")
-                np.savez(partial, sims=s, ids=i)
-                partial.replace(path)  # whole blocks only: a kill mid-write leaves no half block
-        ids.append(i)
-        sims.append(s)
-        progress("neighbours", min(lo + KNN_BLOCK, n), n)
-    knn = np.concatenate(ids).astype(np.int64)
-    dist = np.clip(1.0 - np.concatenate(sims), 0.0, 2.0).astype(np.float32)
-    # Put each row itself first: a feature whose decoder row duplicates another's may come second in its
-    # own list, and the IVF search may miss it (or come up short: -1) where its list was not scanned.
-    for row in np.flatnonzero((knn[:, 0] != np.arange(n)) | (knn[:, -1] < 0)):
-        others = [int(j) for j in knn[row] if j != row and j >= 0][: k - 1]
-        if len(others) < k - 1:  # an IVF query short of k hits: this row exactly
-            others = [int(j) for j in np.argsort(-(unit @ unit[row]), kind="stable") if j != row][: k - 1]
+    k = min(k, n)
+    x = torch.from_numpy(unit)
+    starts = list(range(0, n, KNN_BLOCK))
+    best_s, best_i = torch.full((n, k), -np.inf), torch.full((n, k), -1, dtype=torch.int64)
+    first = 0
+    state = work / f"knn-{k}.npz" if work is not None else None
+    if state is not None and state.exists():
+        with np.load(state) as saved:
+            best_s, best_i, first = torch.from_numpy(saved["sims"]), torch.from_numpy(saved["ids"]), int(saved["next_block"])
+    pairs = len(starts) * (len(starts) + 1) // 2
+    done = sum(len(starts) - b for b in range(first))
+    with torch.inference_mode():
+        for b in range(first, len(starts)):
+            rows = slice(starts[b], min(starts[b] + KNN_BLOCK, n))
+            for c in range(b, len(starts)):
+                cols = slice(starts[c], min(starts[c] + KNN_BLOCK, n))
+                sims = x[rows] @ x[cols].T
+                _merge(best_s, best_i, rows, sims, cols.start, k)
+                if c != b:
+                    _merge(best_s, best_i, cols, sims.T, rows.start, k)
+                done += 1
+                progress("neighbours", done, pairs)
+            if state is not None:
+                partial = state.with_suffix(".tmp.npz")
+                np.savez(partial, sims=best_s.numpy(), ids=best_i.numpy(), next_block=b + 1)
+                partial.replace(state)  # whole block rows only: a kill mid-write leaves the previous state
+    knn = best_i.numpy().copy()
+    dist = np.clip(1.0 - best_s.numpy(), 0.0, 2.0).astype(np.float32)
+    # A feature whose decoder row duplicates another's may come second in its own list: put itself first.
+    for row in np.flatnonzero(knn[:, 0] != np.arange(n)):
+        others = [int(j) for j in knn[row] if j != row][: k - 1]
         knn[row] = np.array([row, *others], dtype=np.int64)
         dist[row] = [0.0, *np.clip(1.0 - unit[others] @ unit[row], 0.0, 2.0)]
     return knn, dist
@@ -309,7 +303,7 @@ def _settings(cfg: MapConfig, n: int) -> dict:
     return {
         "method": f"umap-learn {umap.__version__}",
         "metric": "cosine",
-        "knn": knn_method(n),
+        "knn": "exact",
         "n_neighbors": cfg.n_neighbors,
         "min_dist": cfg.min_dist,
         "min_cluster_size": _min_cluster_size(cfg, n),
