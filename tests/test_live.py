@@ -170,9 +170,8 @@ def test_interventions_on_one_feature_compose_in_order(runtime):
     assert not torch.allclose(clamp2, clamp42)
     both = steer(Intervention(3, "clamp", 42.0), Intervention(5, "scale", 0.0))  # other features keep their own slot
     torch.testing.assert_close(both, steer(Intervention(5, "scale", 0.0), Intervention(3, "clamp", 42.0)))
-    assert runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 2.0), Intervention(3, "add", 40.0)], GREEDY).steered.token_ids == (
-        runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 42.0)], GREEDY).steered.token_ids
-    )
+    composed = runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 2.0), Intervention(3, "add", 40.0)], GREEDY)
+    assert composed.steered.token_ids == runtime.generate("tiny", "the cat sat", [Intervention(3, "clamp", 42.0)], GREEDY).steered.token_ids
 
 
 def test_weights_round_trip_through_bytes(tiny_sae_dir):
