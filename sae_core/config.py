@@ -97,7 +97,7 @@ class TrainConfig:
     device: str = option(
         "auto",
         "auto (CUDA when present), cpu, cuda or cuda:N. A resumed run is bitwise the uninterrupted one "
-        "on the CPU; on a GPU, atomic adds may sum in another order.",
+        "on the CPU at the same thread count; on a GPU, atomic adds may sum in another order.",
     )
     latent_parallel: int = option(
         1,

@@ -7,7 +7,10 @@ Windows come in the cache's order (same corpus, seed and context), so `saescope 
 held-out windows after the streamed ones exactly as after a cache's. Rows are shuffled within groups
 of windows holding at least `GROUP_BATCHES` batches (a group's leftover rows are dropped, at most one
 batch in `GROUP_BATCHES`), so resuming at batch b re-runs the model on one group only, and the
-batches after a resume are the same, bit for bit, as those of an uninterrupted run.
+batches after a resume are the same, bit for bit, as those of an uninterrupted run. Each group's
+windows go through the model in forward batches cut from the group's first window, so a resumed
+stream runs the model on the very batches (shapes included) the uninterrupted one ran: a GEMM's
+rounding may depend on its shape and the thread count, its inputs' values alone do not fix it.
 """
 
 from __future__ import annotations

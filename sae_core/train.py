@@ -4,7 +4,8 @@ One step: scale the batch to unit mean squared norm, compute loss and gradients 
 `loss_and_grads`), drop the decoder gradients' parallel components, Adam, renormalise the decoder,
 update the dead-latent counters and the weight EMA. Checkpoints are written atomically every
 `checkpoint_every` steps; `resume=True` continues from the last one and ends with the same
-weights, bit for bit on the CPU, as a run that was never interrupted.
+weights, bit for bit on the CPU at the same thread count, as a run that was never interrupted
+(across thread counts too with MKL_CBWR=AUTO,STRICT and fp32 numerics: docs/deployment.md).
 """
 
 from __future__ import annotations
