@@ -232,6 +232,8 @@ def family(saes: list[str], more: list[str] | None, **values) -> None:
         f"families of {', '.join(r.saes)}: {r.splits:,} parent -> child relations, {r.matches:,} same-feature matches, "
         f"confirmed on {r.sample_positions:,} positions from {r.sample_source} ({r.seconds:.0f} s)"
     )
+    if r.example:
+        console.print(f"  a family to open: /saes/{r.example[0]}/features/{r.example[1]}/family")
     for u in r.universality:
         share = u.matched / u.fired if u.fired else 0.0
         console.print(

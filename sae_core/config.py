@@ -264,6 +264,9 @@ class FamilyConfig:
     eval_tokens: int = option(16_384, "Held-out tokens for the evaluation.")
     mine_tokens: int = option(200_000, "Tokens to mine feature contexts from.")
     name: str = option("smollm2-135m-L8-topk-8k", "The SAE's name in URLs.")
+    family: bool = option(
+        False, "Also train a 4x narrower and a 4x wider SAE on the same cache, mine and explain them, and build the family relations."
+    )
     db: str | None = db_option()
     device: str = device_option()
     model_dtype: str = model_dtype_option()

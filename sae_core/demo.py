@@ -103,8 +103,48 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     mapped = build_map(cfg.name, MapConfig(db=cfg.db))  # a no-op once the live run has its map
     took = "already built" if mapped.skipped else f"{mapped.seconds:.0f} s"
     console.print(f"      map of the {mapped.n_points:,} fired features, {mapped.n_clusters} clusters ({took}): /saes/{cfg.name}/map")
+    if cfg.family:
+        _family(cfg, console, cache_dir, run_dir, lm)
     _steering_example(console, store_db.make_engine(cfg.db), cfg.name, lm)
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))
+
+
+def family_names(cfg: DemoConfig) -> dict[int, str]:
+    """Width -> store name of the family's SAEs: a quarter and four times the demo's width beside it
+    (smollm2-135m-L8-topk-2k, -8k, -32k)."""
+    suffix = f"-{cfg.n_latents // 1024}k"
+    stem = cfg.name[: -len(suffix)] if cfg.name.endswith(suffix) else cfg.name
+    return {w: cfg.name if w == cfg.n_latents else f"{stem}-{w // 1024}k" for w in (cfg.n_latents // 4, cfg.n_latents, cfg.n_latents * 4)}
+
+
+def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, lm) -> None:
+    """`demo --family`: the narrower and the wider SAE trained on the same cache, mined and explained like the
+    demo's, then their family relations (sae_core/relations/families.py); each step skips finished work."""
+    from .config import FamilyConfig
+    from .relations.families import build_families
+
+    names = family_names(cfg)
+    for width, name in names.items():
+        if width == cfg.n_latents:
+            continue
+        console.print(f"[bold cyan][family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; mined and explained")
+        folder = run_dir / name
+        if not ((folder / CFG).exists() and (folder / WEIGHTS).exists()):
+            train(
+                TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device),
+                cache_dir,
+                folder,
+                resume=(folder / "checkpoint.pt").exists(),
+            )
+        mine(
+            folder,
+            MineConfig(tokens=cfg.mine_tokens, name=name, db=cfg.db, stats=StatsConfig(), device=cfg.device, model_dtype=cfg.model_dtype),
+            lm=lm,
+        )
+        explain(name, ExplainConfig(db=cfg.db))
+    built = build_families(list(names.values()), FamilyConfig(db=cfg.db, device=cfg.device, model_dtype=cfg.model_dtype))
+    example = f"; e.g. /saes/{built.example[0]}/features/{built.example[1]}/family" if built.example else ""
+    console.print(f"      family relations: {built.splits:,} parent -> child across {', '.join(built.saes)}{example}")
 
 
 def _steering_example(console: Console, engine, name: str, lm) -> None:

@@ -137,6 +137,7 @@ def test_build_families_stores_splits_and_matches(family_store):
     url, result = family_store
     assert result.saes == ["tiny-64", "tiny-128-seed1", "tiny-sae"]  # narrowest first
     assert result.splits > 0 and result.matches > 0 and "cache" in result.sample_source
+    assert result.example is not None and result.example[0] == "tiny-64"
     assert {(u.a, u.b) for u in result.universality} == {("tiny-128-seed1", "tiny-sae"), ("tiny-sae", "tiny-128-seed1")}
     engine = db.make_engine(url)
     with Session(engine) as s:
@@ -174,8 +175,8 @@ def test_pages_link_parents_children_and_matches(family_store):
     url, _ = family_store
     parent, child = _a_split(url)
     client = TestClient(create_app(url))
-    page = client.get(f"/saes/tiny-64/features/{parent}")
-    assert page.status_code == 200 and f"/saes/tiny-64/features/{parent}/relations" in page.text
+    feature = client.get(f"/saes/tiny-64/features/{parent}")
+    assert feature.status_code == 200 and f"/saes/tiny-64/features/{parent}/relations" in feature.text
     fragment = client.get(f"/saes/tiny-64/features/{parent}/relations").text
     assert f'href="/saes/tiny-sae/features/{child}"' in fragment or f'href="/saes/tiny-128-seed1/features/{child}"' in fragment
     assert f'href="/saes/tiny-64/features/{parent}/family"' in fragment
@@ -216,3 +217,88 @@ def test_feature_without_relatives_says_so(mined_store):
     assert "saescope family --saes tiny-sae" in client.get("/saes/tiny-sae/features/3/relations").text
     assert client.get("/api/v1/saes/tiny-sae/features/99999/relations").status_code == 404
     assert client.get("/saes/nope/features/1/family").status_code == 404
+
+
+def test_demo_family_names_a_narrower_and_a_wider_sae():
+    from sae_core.config import DemoConfig
+    from sae_core.demo import family_names
+
+    assert family_names(DemoConfig()) == {
+        2048: "smollm2-135m-L8-topk-2k",
+        8192: "smollm2-135m-L8-topk-8k",
+        32768: "smollm2-135m-L8-topk-32k",
+    }
+    assert family_names(DemoConfig(name="mine", n_latents=4096)) == {1024: "mine-1k", 4096: "mine", 16384: "mine-16k"}
+
+
+@pytest.fixture(scope="module")
+def family_server(family_store):
+    from conftest import LiveServer
+
+    from app.main import create_app
+
+    live = LiveServer(create_app(family_store[0]))
+    yield live.url
+    live.stop()
+
+
+def test_browser_follows_family_links_under_the_csp(family_store, family_server):
+    """Feature page -> its relatives (loaded by htmx) -> the family tree -> a child's box -> the child's page,
+    whose relatives link back to the parent; any console error (a CSP violation is one) fails the test."""
+    from test_browser import CHROMIUM
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt)")
+    from playwright.sync_api import sync_playwright
+
+    parent, child = _a_split(family_store[0])
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.goto(f"{family_server}/saes/tiny-64/features/{parent}")
+        page.click("#relations a.family-link")
+        page.wait_for_url(f"**/saes/tiny-64/features/{parent}/family")
+        assert page.locator("svg.family-tree a").count() >= 2
+        page.locator(f'svg.family-tree a[href$="/features/{child}"]').first.click()
+        page.wait_for_url(f"**/features/{child}")
+        page.wait_for_selector(f'#relations a.relative[href="/saes/tiny-64/features/{parent}"]')
+        browser.close()
+    assert not errors, f"JavaScript errors or CSP violations: {errors}"
+
+
+def test_re_mining_drops_its_relations_and_marks_relatives_changed(family_store, tiny_lm, tmp_path):
+    """A re-mined SAE's old run goes with its relations; the SAEs they linked to change revision (their
+    pages and ETags switch), and relations among the others stay."""
+    import sqlite3
+    from pathlib import Path
+
+    from test_mine import small
+
+    from sae_core.mine import mine
+
+    source = sqlite3.connect(family_store[0].removeprefix("sqlite:///"))
+    copy = sqlite3.connect(tmp_path / "store.db")
+    source.backup(copy)
+    source.close()
+    copy.close()
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    engine = db.make_engine(url)
+
+    def state():
+        with Session(engine) as s:
+            revisions = dict(s.execute(select(SAE.name, SAE.revision)).all())
+            runs = dict(s.execute(select(SAE.name, SAE.active_run_id)).all())
+            kinds = [(r.kind, r.source_run_id, r.target_run_id) for r in s.scalars(select(FeatureRelation))]
+            folder = s.scalar(select(SAE.path).where(SAE.name == "tiny-64"))
+        return revisions, runs, kinds, folder
+
+    before, runs, kinds, folder = state()
+    assert any(runs["tiny-64"] in (a, b) for _, a, b in kinds)
+    mine(Path(folder), small(url, force=True), lm=tiny_lm, progress=False)
+    after, runs_after, kinds_after, _ = state()
+    assert not any(runs_after["tiny-64"] in (a, b) or runs["tiny-64"] in (a, b) for _, a, b in kinds_after)
+    assert {k for k, _, _ in kinds_after} == {"match"}  # the two 128-latent SAEs' matches remain
+    assert after["tiny-sae"] > before["tiny-sae"] and after["tiny-128-seed1"] > before["tiny-128-seed1"]

@@ -160,6 +160,7 @@ class FamilyResult:
     sample_source: str  # the cache folder, or "the model"
     universality: list[Universality] = field(default_factory=list)
     seconds: float = 0.0
+    example: tuple[str, int] | None = None  # the narrowest SAE's feature with the most children: a family worth opening
 
 
 @dataclass
@@ -291,6 +292,13 @@ def build_families(names: list[str], cfg: FamilyConfig, progress: bool = True) -
         for m in members:
             mark_changed(s, m.sae_id)  # their pages link to each other now
     result.splits, result.matches, result.seconds = splits, matches, time.perf_counter() - t0
+    narrowest = members[0].run_id
+    children: dict[int, int] = {}
+    for kind, source_run, source, *_ in rows:
+        if kind == SPLIT and source_run == narrowest:
+            children[source] = children.get(source, 0) + 1
+    if children:
+        result.example = (members[0].name, max(children, key=lambda f: (children[f], -f)))
     return result
 
 

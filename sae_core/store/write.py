@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from . import codec, order
 from .bulk import BATCH, load_rows
 from .changes import mark_changed
-from .schema import SAE, Example, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab, utcnow
+from .schema import SAE, Example, Feature, FeatureOrder, FeatureRelation, MiningRun, Model, TokenFeature, Vocab, utcnow
 from .weights import store_weights
 
 if TYPE_CHECKING:
@@ -259,9 +259,20 @@ def write_run(engine: Engine, run: MinedRun, progress: bool = True) -> int:
         s.execute(update(MiningRun).where(MiningRun.id == run_id).values(status="complete", finished_at=utcnow()))
         s.execute(update(SAE).where(SAE.id == sae_id).values(active_run_id=run_id))
         mark_changed(s, sae_id)  # every page of the SAE switches, servers' caches included
+        _mark_relatives_changed(s, sae_id, run_id)  # their links to the old run's features go with it
         s.execute(delete(MiningRun).where(MiningRun.sae_id == sae_id, MiningRun.id != run_id))
     _analyze(engine)
     return run_id
+
+
+def _mark_relatives_changed(s: Session, sae_id: int, new_run_id: int) -> None:
+    """Mark changed every other SAE whose live run has family relations (feature_relations) with this SAE's
+    runs about to be deleted: the delete cascades to those relations, so their pages change too."""
+    old = select(MiningRun.id).where(MiningRun.sae_id == sae_id, MiningRun.id != new_run_id)
+    R = FeatureRelation
+    linked = select(R.target_run_id).where(R.source_run_id.in_(old)).union(select(R.source_run_id).where(R.target_run_id.in_(old)))
+    for other in s.scalars(select(SAE.id).where(SAE.active_run_id.in_(linked), SAE.id != sae_id)).all():
+        mark_changed(s, other)
 
 
 def _analyze(engine: Engine) -> None:
