@@ -162,6 +162,24 @@ def test_jumprelu_threshold_gradient_is_the_straight_through_estimators(path):
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("arch", NEW)
+def test_bf16_step_is_the_fp32_step_in_bf16_numerics(arch):
+    """--bf16: the encoder GEMM's operands and result rounded to bf16 (base.bf16_gemm), the rest as in fp32."""
+    settings = {"bandwidth": 0.2, "init_threshold": 0.3} if arch == "jumprelu" else {"k": 6}
+    sae = random_sae(arch, **settings)
+    x = torch.randn(300, 32)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[:20] = True
+    fp32 = sae.loss_and_grads(x, dead)
+    g32 = grads_of(sae)
+    if arch != "jumprelu":
+        sae.threshold.zero_()  # the same threshold update from the same start
+    bf16 = sae.loss_and_grads(x, dead, autocast_bf16=True)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] != fp32["loss"]
+    for name, p in sae.named_parameters():
+        assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g32[name].flatten(), dim=0) > 0.99, name
+
+
 def test_jumprelu_l0_penalty_warms_up():
     sae = random_sae("jumprelu", l0_coef=0.01, l0_warmup_steps=100)
     sae.begin_step(0)
@@ -337,3 +355,31 @@ def test_saelens_reads_what_we_save_and_we_read_what_it_saves(trained, cache_dir
         assert loaded.sae.architecture == info["expect"], folder
         with torch.no_grad():
             torch.testing.assert_close(loaded.sae.encode(x), info["z"], rtol=1e-4, atol=1e-5, msg=folder)
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+
+
+def test_jumprelu_data_parallel_matches_one_process(cache_dir, tmp_path):
+    """Two Gloo ranks, each half of every batch (tests/test_distributed.py's harness and tolerances): JumpReLU's
+    loss, L0 penalty and threshold gradients add up over ranks to the single process's."""
+    from test_distributed import config, run_both
+
+    cfg = config(architecture="jumprelu", l0_coef=2e-2, bandwidth=0.05, init_threshold=0.05, ema=None)
+    ref, ref_log, got = run_both(cache_dir, tmp_path, 2, 1, cfg)
+    for step, (a, b) in enumerate(zip(ref_log, got["log"])):
+        for key in ("loss", "fvu", "l0"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (step, key, a, b)
+    for name, value in ref.sae.state_dict().items():
+        torch.testing.assert_close(got["sae"][name], value, atol=2e-4, rtol=0, msg=name)
+
+
+def test_batchtopk_data_parallel_trains(cache_dir, tmp_path):
+    """Under data parallelism each rank keeps k * its rows (as SAELens under DDP), so the run is not the single
+    process's; the ranks still hold one threshold (their mean smallest kept activation) and k per token."""
+    from test_distributed import config, run_both
+
+    ref, ref_log, got = run_both(cache_dir, tmp_path, 2, 1, config(architecture="batchtopk", ema=None))
+    assert all(entry["l0"] == pytest.approx(8.0, abs=0.01) for entry in got["log"])
+    assert float(got["sae"]["threshold"]) > 0
+    assert got["log"][-1]["fvu"] == pytest.approx(ref_log[-1]["fvu"], rel=0.05)  # the same training, not the same sums

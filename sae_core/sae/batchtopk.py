@@ -159,8 +159,8 @@ class BatchTopKSAE(DictionarySAE):
         g_flat = g_total.reshape(levels * B, -1)
         gz = pattern.sampled(g_flat, self.W_dec)  # dLoss/dz (= dLoss/dpre: every chosen entry is positive)
         gW_dec = pattern.per_col(z, g_flat)
-        xg_levels = xg if levels == 1 else xg.repeat(levels, 1)
-        gW_enc = pattern.per_col(gz.to(xg.dtype), xg_levels).float()
+        xc_levels = xc if levels == 1 else xc.repeat(levels, 1)  # fp32, as TopK's: CSR products have no bf16 on a CPU
+        gW_enc = pattern.per_col(gz, xc_levels)
         gb_enc = pattern.col_sum(gz)
         loss = terms.sum()
         aux_fvu = x.new_zeros(())

@@ -137,7 +137,7 @@ class JumpReLUSAE(DictionarySAE):
             window = (vals - t).abs() < eps / 2
             g_theta = pattern.col_sum(torch.where(window, -(t / eps) * gz - lam / (eps * n_global), 0.0))
             dpre = gz * active
-            gW_enc = pattern.per_col(dpre.to(xg.dtype), xg).float()
+            gW_enc = pattern.per_col(dpre, xc)  # fp32, as TopK's: CSR products have no bf16 on a CPU
             gW_dec = pattern.per_col(z, g)
             gb_enc = pattern.col_sum(dpre)
             n_active = active.sum()
