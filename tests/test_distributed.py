@@ -16,6 +16,7 @@ as an error of order 1).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -245,6 +246,34 @@ def test_a_killed_rank_fails_the_job_and_the_same_command_resumes_it(cache_dir, 
     other = ["--latent-parallel", "2"] if not layout else []
     again = subprocess.run(torchrun_train(cache_dir, cut, *other, "--resume"), capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode != 0 and "resume with the same" in again.stderr and "--latent-parallel" in again.stderr
+
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")  # its workers, its sockets' loop, rank 0's store
+
+
+def thread_names() -> list[str]:
+    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+
+def _close_and_list_threads(rank: int, world: int, port: int, folder: str) -> None:
+    grid = join_group(rank, world, port, 1)
+    torch.optim.Adam([torch.nn.Parameter(torch.ones(4))])  # as a Trainer does once the group exists (it imports torch._dynamo)
+    importlib.import_module("torch.distributed.nn.functional")  # the module whose defaults held the world group
+    grid.dp.sum_all_([torch.ones(8), torch.ones(3)])
+    before = thread_names()
+    grid.close()
+    Path(folder, f"threads-{rank}.json").write_text(json.dumps({"before": before, "after": thread_names()}))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="thread names are read from Linux's /proc")
+def test_closing_the_grid_ends_the_gloo_threads(tmp_path):
+    """Grid.close frees the groups then and there: a Gloo thread left running into interpreter shutdown
+    aborted a rank whose work was done ("terminate called without an active exception", issue 26)."""
+    spawn(_close_and_list_threads, 2, str(tmp_path))
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"threads-{rank}.json").read_text())
+        assert "pt_gloo_runloop" in threads["before"], threads
+        assert not set(GLOO_THREADS) & set(threads["after"]), (rank, threads)
 
 
 def _lose_a_rank(rank: int, world: int, port: int, folder: str) -> None:

@@ -130,11 +130,20 @@ class Grid:
 
     def close(self, failed: bool = False) -> None:
         """Leave the process group, once every rank is done with it (a rank tearing its connections down
-        while another still uses them aborts that one); after a failure at once, waiting for no one."""
+        while another still uses them aborts that one); after a failure at once, waiting for no one.
+
+        The groups are freed here, not at interpreter shutdown: a Gloo group's worker threads live as long
+        as the group object, and one releasing its last finished collective then (a barrier holds the
+        all-reduce before it, whose tensors hold Python objects) must take the GIL, which a finalizing
+        Python refuses by ending the thread inside a noexcept destructor: "terminate called without an
+        active exception", a rank aborted after its work was done (issue 26). destroy_process_group only
+        forgets torch's own references; these are ours (see also from_environment)."""
         if dist.is_initialized():
             if not failed:
                 self.world.barrier()
             dist.destroy_process_group()
+        for comms in (self.world, self.dp, self.lp):
+            comms.group = None
 
     @contextmanager
     def joined(self):
@@ -177,6 +186,11 @@ def from_environment(latent_parallel: int = 1, device: str = "auto", timeout_s: 
     if gpu:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # torch.distributed.nn.functional's functions take `group=group.WORLD` as a default argument, evaluated
+        # when the module is first imported: imported after this (torch.optim imports it through torch._dynamo)
+        # they would hold the world group past Grid.close and into interpreter shutdown. Imported now they hold None.
+        from torch.distributed.nn import functional  # noqa: F401
+
         dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=timeout_s))
     timer = Timer()
     lp_size, dp_size = latent_parallel, world_size // latent_parallel
