@@ -338,3 +338,30 @@ def test_the_demos_evaluation_finds_its_probe_tasks_where_the_held_out_part_star
     assert spread.tokens == consecutive.tokens == 48 * 31
     assert len({n for n in names if n.startswith("source: ")}) >= 3 and any(n.startswith("pos: ") for n in names), names
     assert spread.probe_loss is not None and math.isfinite(spread.probe_loss) and 0 <= spread.probe_loss <= LN2 + 1e-6
+
+
+@pytest.mark.real_model
+def test_the_real_demos_held_out_windows_carry_labels_for_every_probe_task():
+    """The windows the demo evaluates its SAE on, over the real demo corpus and the bundled model's tokenizer,
+    labelled as its evaluation labels them (no forward pass): consecutive ones lie in one State of the Union
+    address (no task), the spread ones give a task for each of the four sources and each part of speech."""
+    from sae_core.config import CacheConfig, DemoConfig
+    from sae_core.model import DEFAULT_MODEL, load_model
+
+    demo = DemoConfig()
+    cache = CacheConfig(hook=demo.hook, corpus="demo", tokens=demo.cache_tokens)  # what the demo trains on: held out after it
+    corpus, tokenizer = corpus_mod.open_corpus("demo"), load_model(DEFAULT_MODEL, "cpu", "float32").tokenizer
+    n_windows = -(-demo.eval_tokens // cache.context_size)
+
+    def task_names(stride: int) -> set[str]:
+        picked = corpus_mod.spread_windows(corpus, tokenizer, cache.context_size, cache.seed, cache.n_windows, n_windows, stride)
+        windows = corpus_mod.Windows.cat(list(picked))
+        assert len(windows) == n_windows
+        collector = ProbeCollector(TokenLabeller(corpus, tokenizer), EvalConfig().probe_per_class)
+        skip = cache.skip_positions
+        collector.add(windows.doc_index[:, skip:], windows.doc_offset[:, skip:], torch.zeros(windows.doc_index[:, skip:].size, 1))
+        return {name for name, _, _ in collector.tasks()}
+
+    assert task_names(1) == set()
+    sources = {f"source: {s}" for s in corpus_mod.DEMO_SOURCES.values()}
+    assert task_names(EvalConfig().window_stride) == sources | {f"pos: {name}" for name in POS_TASKS}
