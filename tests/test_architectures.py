@@ -383,3 +383,17 @@ def test_batchtopk_data_parallel_trains(cache_dir, tmp_path):
     assert all(entry["l0"] == pytest.approx(8.0, abs=0.01) for entry in got["log"])
     assert float(got["sae"]["threshold"]) > 0
     assert got["log"][-1]["fvu"] == pytest.approx(ref_log[-1]["fvu"], rel=0.05)  # the same training, not the same sums
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_eval_runs_each_architecture_at_inference(trained, tiny_lm, tmp_path, arch):
+    import shutil
+
+    from sae_core.evaluate import EvalConfig, evaluate
+
+    folder = tmp_path / arch
+    shutil.copytree(trained[arch].out, folder)
+    cfg = EvalConfig(tokens=32 * 8, batch_size=4, device="cpu", model_dtype="float32", probe_per_class=0, ablation_positions=0)
+    result = evaluate(folder, cfg, lm=tiny_lm, progress=False)
+    assert 0 < result.l0 < 30 and 0 < result.fvu < 1  # the inference codes: thresholds, not the batch's top k
+    assert result.kl > 0 and result.tokens == 8 * 31
