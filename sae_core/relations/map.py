@@ -49,7 +49,7 @@ from ..store.schema import SAE, Feature, FeatureMap, FeatureMapPoint
 __all__ = ["MapConfig", "MapResult", "Layout", "build_map", "compute_layout", "map_info", "map_points", "map_point", "tqdm_progress"]
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total); stages: STAGES
-STAGES = {"neighbours": "cosine neighbours", "layout": "UMAP layout (epochs)", "clusters": "clusters", "write": "store"}
+STAGES = {"neighbours": "cosine kNN (block pairs)", "layout": "UMAP layout (epochs)", "clusters": "clusters", "write": "store"}
 KNN_BLOCK = 4096  # rows per kNN block; a killed run resumes at the first unfinished block row
 MAP_NEIGHBOURS = 8  # nearest features on the map, listed on each feature page
 HDBSCAN_MIN_SAMPLES = 3  # neighbours that make a point a core point of a cluster
@@ -94,7 +94,12 @@ def tqdm_progress() -> Progress:
     def update(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=STAGES.get(stage, stage), dynamic_ncols=True, unit="")
+            bar = bars[stage] = tqdm(
+                total=total,
+                desc=STAGES.get(stage, stage),
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n}/{total} [{elapsed}<{remaining}]",
+            )
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -187,7 +192,7 @@ def umap_layout(unit: np.ndarray, knn: np.ndarray, dist: np.ndarray, cfg: MapCon
         random_state=cfg.seed,
         precomputed_knn=(knn[:, : cfg.n_neighbors], dist[:, : cfg.n_neighbors], None),
         low_memory=True,
-        tqdm_kwds={"disable": False, "file": _EpochSink(progress), "bar_format": "{n}/{total}", "mininterval": 0.5},
+        tqdm_kwds={"disable": False, "file": _EpochSink(progress), "bar_format": "{n}/{total}", "mininterval": 0.5, "position": 1},
     )
     with warnings.catch_warnings():
         # A seed makes umap-learn run its layout on one thread (that is what makes it reproducible) and it says so.
