@@ -11,9 +11,9 @@
    `compute_layout`) and the write into a store (`write_map`) of a synthetic run of that size built by
    bench/store_scale.py's writer, with an explanation per feature.
 3. The page at --page points: the synthetic store served in process (uvicorn), chromium opens
-   /saes/{sae}/map, then a script pans for half the frames and zooms about the centre for the other
-   half, one step per animation frame; it reports the frame intervals (what a reader sees: p50, p95,
-   max) and the draw's own time per frame.
+   /saes/{sae}/map, then a script pans in a circle for half the frames (the points stay in view) and
+   zooms in and out about the centre for the other half, one step per animation frame; it reports
+   the frame intervals (what a reader sees: p50, p95, max) and the draw's own time per frame.
 
 Goals (issue 27, on a 2-core machine): 16k in under 60 s, 65k in under 5 minutes, p95 frame under 33 ms.
 Stores and layouts go to bench/out (kept: a re-run re-measures but reuses the synthetic stores).
@@ -163,7 +163,9 @@ FRAMES_JS = """async (frames) => {
       if (last !== null) { intervals.push(now - last); draws.push(m.lastDrawMs); }
       last = now;
       if (k === frames) { done(); return; }
-      if (k < frames / 2) m.panBy(6, 3); else m.zoomAt(k < frames * 3 / 4 ? 1.04 : 1 / 1.04, w / 2, h / 2);
+      // a circle of ~80 px (the points stay in view), then in and out about the centre
+      if (k < frames / 2) m.panBy(8 * Math.cos(k * Math.PI / 30), 8 * Math.sin(k * Math.PI / 30));
+      else m.zoomAt(k < frames * 3 / 4 ? 1.04 : 1 / 1.04, w / 2, h / 2);
       k++;
       requestAnimationFrame(step);
     };
