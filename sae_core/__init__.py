@@ -8,7 +8,7 @@ The pipeline, one module per stage, each a config in (sae_core/config.py) and a 
     shards.py         the resumable sharded writer the cache and the miner share
     cache.py          `saescope cache`: activations on disk; ActivationCache reads them back
     stream.py         activations streamed from the model instead of a cache
-    sae/              one file per SAE architecture (TopK, ReLU) beside its config
+    sae/              one file per SAE architecture (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU) beside its config
     train.py          `saescope train`: the Trainer (init or resume, step, checkpoint)
     evaluate.py       `saescope eval`: L0, FVU, dead fraction, downstream loss
     interchange.py    the one SAE loader (ours, SAELens, sparsify, OpenAI) with its Provenance
