@@ -34,10 +34,11 @@ def brute_partners(dense: np.ndarray, i: int, top: int) -> list[tuple[int, int, 
     return rows[:top]
 
 
-def test_counter_equals_dense_count_across_chunks():
+@pytest.mark.parametrize("batch_entries", [1 << 24, 60])  # one product at the end; a product every chunk or two
+def test_counter_equals_dense_count_across_chunks(batch_entries):
     rng = np.random.default_rng(0)
     n, k = 50, 5
-    counter, dense = CoactivationCounter(n), np.zeros((n, n), np.int64)
+    counter, dense = CoactivationCounter(n, batch_entries), np.zeros((n, n), np.int64)
     for rows in (40, 1, 73):  # chunks of different lengths, one of a single position
         idx = np.stack([rng.choice(n, k, replace=False) for _ in range(rows)])
         active = rng.random((rows, k)) < 0.7  # some code slots inactive (value 0)

@@ -45,40 +45,45 @@ class Coactivation:
 
 
 class CoactivationCounter:
-    """Running co-firing counts of n_latents features: `add` each chunk's active (row, feature) pairs."""
+    """Running co-firing counts of n_latents features: `add` each chunk's active (row, feature) pairs.
 
-    def __init__(self, n_latents: int):
-        self.n = n_latents
-        self.total = sp.csr_matrix((n_latents, n_latents), dtype=np.int64)
-        self.pending: list[sp.csr_matrix] = []
-        self.pending_nnz = 0
+    Chunks' indicator rows are stacked until they hold `batch_entries` active entries, then counted in one
+    sparse product and added to the total (int32 counts: a pair co-fires at most once per position). Few
+    large products cost less than one per chunk plus a sum of their results each time."""
+
+    def __init__(self, n_latents: int, batch_entries: int = 1 << 24):
+        self.n, self.batch_entries = n_latents, batch_entries
+        self.total: sp.csr_matrix | None = None
+        self.rows: list[np.ndarray] = []
+        self.features: list[np.ndarray] = []
+        self.n_rows = self.n_entries = 0
 
     def add(self, rows: torch.Tensor | np.ndarray, features: torch.Tensor | np.ndarray) -> None:
         """Count one chunk: `rows[i]` is a position (local to the chunk), `features[i]` a feature active there.
         Each (position, feature) pair must appear once (a code lists a feature at most once per position)."""
         r = np.asarray(rows, dtype=np.int64)
-        f = np.asarray(features, dtype=np.int64)
         if len(r) == 0:
             return
-        n_rows = int(r.max()) + 1
-        indicator = sp.csr_matrix((np.ones(len(r), dtype=np.int32), (r, f)), shape=(n_rows, self.n))
-        pairs = (indicator.T.tocsr() @ indicator).tocsr()
-        self.pending.append(pairs)
-        self.pending_nnz += pairs.nnz
-        # Fold the pending chunks in once they hold as many entries as the total: each entry is re-added
-        # O(log chunks) times instead of once per chunk.
-        if self.pending_nnz >= max(self.total.nnz, 1 << 22):
-            self._fold()
+        self.rows.append(r + self.n_rows)
+        self.features.append(np.asarray(features, dtype=np.int64))
+        self.n_rows += int(r.max()) + 1
+        self.n_entries += len(r)
+        if self.n_entries >= self.batch_entries:
+            self._count()
 
-    def _fold(self) -> None:
-        for pairs in self.pending:
-            self.total = self.total + pairs.astype(np.int64)
-        self.pending, self.pending_nnz = [], 0
+    def _count(self) -> None:
+        if not self.rows:
+            return
+        r, f = np.concatenate(self.rows), np.concatenate(self.features)
+        indicator = sp.csr_matrix((np.ones(len(r), dtype=np.int32), (r - r.min(), f)), shape=(int(r.max() - r.min()) + 1, self.n))
+        pairs = (indicator.T.tocsr() @ indicator).tocsr()
+        self.total = pairs if self.total is None else self.total + pairs
+        self.rows, self.features, self.n_entries = [], [], 0
 
     def counts(self) -> sp.csr_matrix:
         """The [n, n] co-firing counts; the diagonal is each feature's firing count."""
-        self._fold()
-        return self.total
+        self._count()
+        return self.total if self.total is not None else sp.csr_matrix((self.n, self.n), dtype=np.int32)
 
     def top_partners(self, top: int, block_elements: int = 1 << 23) -> Coactivation:
         """Each feature's `top` partners by Jaccard index (ties: more co-firings, then lower index).
@@ -105,10 +110,12 @@ class CoactivationCounter:
             off_diagonal = (r + lo != c) & (both > 0)
             r, c, both = r[off_diagonal], c[off_diagonal], both[off_diagonal]
             jac = both / (fired[r + lo] + fired[c] - both)
-            dense = torch.zeros(hi - lo, n, dtype=torch.float64)
-            dense[torch.from_numpy(r.astype(np.int64)), torch.from_numpy(c.astype(np.int64))] = torch.from_numpy(jac)
+            # float32 for the threshold: rounding keeps order, so the kept set still holds the exact top `width`
+            jac32 = jac.astype(np.float32)
+            dense = torch.zeros(hi - lo, n)
+            dense[torch.from_numpy(r.astype(np.int64)), torch.from_numpy(c.astype(np.int64))] = torch.from_numpy(jac32)
             threshold = dense.topk(width, dim=1).values[:, -1].numpy()
-            near = jac >= threshold[r]  # the row's top `width` and every tie with the last of them
+            near = jac32 >= threshold[r]  # the row's top `width` and every tie with the last of them
             r, c, both, jac = r[near], c[near], both[near], jac[near]
             order = np.lexsort((c, -both, -jac, r))
             r, c, both, jac = r[order], c[order], both[order], jac[order]
