@@ -326,8 +326,29 @@ def test_mining_a_batchtopk_sae_matches_brute_force(trained, tiny_lm, tmp_path):
     from sae_core.mine import mine
 
     url = f"sqlite:///{tmp_path / 'store.db'}"
-    assert mine(trained["batchtopk"].out, small(url), lm=tiny_lm, progress=False).alive > 0
+    result = mine(trained["batchtopk"].out, small(url), lm=tiny_lm, progress=False)
+    assert result.alive > 0
     check_against_brute_force(url, tiny_lm, trained["batchtopk"].out)  # codes above the threshold, as sae.encode
+
+    # served: the live runtime runs the weights stored with the run, a BatchTopK SAE with its threshold
+    from sae_core.config import LiveConfig
+    from sae_core.live.runtime import LiveRuntime
+    from sae_core.store import db
+
+    engine = db.make_engine(url)
+    runtime = LiveRuntime(LiveConfig(max_text_tokens=200), engine=engine, lm=tiny_lm)
+    text = "The cat sat over the big red house. Then the king said that the whale ran under a blue tree."
+    encoded = runtime.encode(result.sae_name, text, top=4)
+    held = runtime.sae(result.sae_name)
+    assert type(held.loaded.sae) is BatchTopKSAE
+    with torch.no_grad():
+        ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        z = held.loaded.sae.encode(tiny_lm.residuals(torch.tensor([ids]), held.layer)[0].float())
+    for pos, token in enumerate(encoded.tokens[1:], start=1):
+        want = [(int(i), float(v)) for v, i in zip(*z[pos].topk(4)) if v > 0]
+        assert [i for i, _ in token.features] == [i for i, _ in want]
+        assert [a for _, a in token.features] == pytest.approx([a for _, a in want], rel=1e-4)
+    engine.dispose()
 
 
 # ---------------------------------------------------------------------------------------------- the real sae-lens
