@@ -72,6 +72,10 @@ class DictionarySAE(nn.Module):
 
     # ------------------------------------------------------------------ what the trainer, miner and loaders ask every SAE
 
+    def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Dense latent activations [..., n_latents] at inference; each architecture defines it."""
+        raise NotImplementedError
+
     def begin_step(self, step: int) -> None:
         """Called by the trainer before each step's `loss_and_grads` with the steps done so far (JumpReLU's
         L0 warm-up reads it); most architectures ignore it."""
