@@ -172,11 +172,14 @@ def mine(
         }
     run_config = {"cache": asdict(cache), **identity}
 
-    engine = db.make_engine(cfg.db)
     part_only = mine_part is not None and merge_count is None  # only reads the store (parts may start together: one creates it)
-    if not part_only and db.current_revision(engine) is None:  # an empty database: create the schema; any other revision must match
+    # under torchrun the other ranks connect after rank 0: a new SQLite file's first connections race to switch
+    # it to WAL, and the loser fails at once with "database is locked" (its busy timeout does not cover that)
+    engine = db.make_engine(cfg.db) if grid.is_main else None
+    if engine is not None and not part_only and db.current_revision(engine) is None:  # empty: create the schema; else it must match
         db.upgrade(engine)
     grid.world.barrier()  # under torchrun the other ranks wait for rank 0's schema
+    engine = engine or db.make_engine(cfg.db)
     empty = db.current_revision(engine) is None
     if not empty:
         db.check_schema(engine)
