@@ -64,7 +64,9 @@ class TrainConfig:
     l0_coef: float = option(1e-3, "JumpReLU: L0 penalty (larger: lower L0, higher FVU).")
     l0_warmup_steps: int = option(0, "JumpReLU: steps over which the L0 penalty grows linearly from 0 (the paper: 10k).", min=0)
     bandwidth: float = option(1e-3, "JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator.")
-    init_threshold: float = option(1e-3, "JumpReLU: every latent's threshold at the start.")
+    init_threshold: float = option(
+        1e-3, "JumpReLU: every latent's threshold at the start (the paper's; thresholds move slowly, so short runs want more)."
+    )
     prefix_sizes: str | None = option(
         None, "matryoshka_batchtopk: nested dictionary sizes scored on their own, comma-separated (default n/16,n/4; n is added)."
     )
