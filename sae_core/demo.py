@@ -130,8 +130,10 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
         console.print(f"[bold cyan][family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; mined and explained")
         folder = run_dir / name
         if not ((folder / CFG).exists() and (folder / WEIGHTS).exists()):
+            # another seed than the demo's SAE: one seed gives a wider SAE the narrower one's random init as its first
+            # rows (one RNG stream), and their matches would then be that shared start rather than learned splits
             train(
-                TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device),
+                TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device, seed=width),
                 cache_dir,
                 folder,
                 resume=(folder / "checkpoint.pt").exists(),
