@@ -236,12 +236,6 @@ class MapConfig:
 
 
 @dataclass
-class DemoConfig:
-    """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
-
-    # layer 8, a third of the way up SmolLM2's 30 layers: word- and phrase-level features
-    hook: str = hook_option()
-@dataclass
 class FamilyConfig:
     """Everything `saescope family` takes besides the SAEs (sae_core/relations/families.py)."""
 
@@ -259,6 +253,12 @@ class FamilyConfig:
     model_dtype: str = model_dtype_option()
 
 
+@dataclass
+class DemoConfig:
+    """Defaults chosen so the first run takes minutes on a 2-core laptop CPU and the features read well."""
+
+    # layer 8, a third of the way up SmolLM2's 30 layers: word- and phrase-level features
+    hook: str = hook_option()
     cache_tokens: int = option(500_000, "Tokens of activations to cache.")
     n_latents: int = option(8192, "SAE width.")
     k: int = option(32, "Active latents per token.")
