@@ -104,3 +104,22 @@ def test_zero_partners_store_none_and_is_another_run(tiny_sae_dir, tiny_lm, tmp_
     result = mine(tiny_sae_dir, small(url, coactivation=0), lm=tiny_lm, progress=False)
     assert not result.skipped  # the setting is part of the run's identity
     assert all(c is None for c, _ in _stored(url).values())
+
+
+def test_dense_and_sparse_counts_agree_on_unsorted_rows():
+    """The dense upper-triangle count (narrow SAEs) and the sparse product (wide ones, dense_bytes=0) give
+    the same counts and partners, with a chunk whose positions come out of order."""
+    rng = np.random.default_rng(1)
+    n, k = 64, 6
+    dense_counter, sparse_counter = CoactivationCounter(n), CoactivationCounter(n, dense_bytes=0)
+    assert dense_counter.upper is not None and sparse_counter.upper is None
+    for rows in (30, 55):
+        r = np.repeat(np.arange(rows), k)
+        f = np.concatenate([rng.choice(n, k, replace=False) for _ in range(rows)])
+        order = rng.permutation(len(r)) if rows == 55 else np.arange(len(r))
+        for counter in (dense_counter, sparse_counter):
+            counter.add(r[order], f[order])
+    assert (dense_counter.counts() != sparse_counter.counts()).nnz == 0
+    a, b = dense_counter.top_partners(TOP), sparse_counter.top_partners(TOP)
+    for field in ("partners", "counts", "p_given", "jaccard"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
