@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, bf16_gemm, gemm, gemm_operand
+from .base import DictionarySAE, bf16_gemm, gemm_operand
 from .reductions import ordered_sum, weighted_row_sum
+from .sparse import auxk_grads
 
 # Sparse CSR is marked beta in PyTorch; the products we use are the stable core of it.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -168,23 +169,10 @@ class TopKSAE(DictionarySAE):
 
         if n_dead:
             # AuxK's four products run over the dead columns only, in the encoder GEMM's dtype (as autocast would)
-            k_aux = min(cfg.k_aux, n_dead)
-            aux_vals, aux_local = pre_dead.topk(k_aux, dim=1, sorted=False)
-            del pre_dead
             e_var = variance_sum(residual, group_sum)
-            # decode the dead latents densely over the dead columns only: [B, n_dead] @ [n_dead, d]
-            Z = torch.zeros(B, n_dead, dtype=aux_vals.dtype, device=x.device).scatter_(1, aux_local, aux_vals.relu())
-            W_dead = gemm_operand(self.W_dec[dead_idx], operand)
-            aux_err = residual - gemm(Z, W_dead, operand)
-            aux_fvu = ordered_sum(aux_err.pow(2)) / e_var
-            scale = cfg.aux_coef * min(n_dead / cfg.k_aux, 1.0)
-            loss = loss + scale * aux_fvu
-            g_aux = gemm_operand(aux_err.mul_(-2.0 * scale / e_var), operand)  # dLoss/de_hat
-            gW_dec.index_add_(0, dead_idx, gemm(Z.T, g_aux, operand).float())
-            gz = torch.gather(gemm(g_aux, W_dead.T, operand), 1, aux_local) * (aux_vals > 0)
-            G = Z.zero_().scatter_(1, aux_local, gz)
-            gW_enc.index_add_(0, dead_idx, gemm(G.T, xg, operand).float())
-            gb_enc.index_add_(0, dead_idx, G.sum(0, dtype=torch.float32))
+            weighted_aux, aux_fvu = auxk_grads(self, pre_dead, dead_idx, residual, xg, (gW_enc, gW_dec, gb_enc), operand, e_var)
+            del pre_dead
+            loss = loss + weighted_aux
         del residual
 
         # b_pre enters the encoder as (x - b_pre): its gradient there is -(dL/db_enc) @ W_enc.
