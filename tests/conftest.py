@@ -7,6 +7,7 @@ folder so the tests exercise the same `from_pretrained` path users take.
 from __future__ import annotations
 
 import random
+import shutil
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,25 @@ import pytest
 
 WORDS = ("the cat dog bird sat ran flew over under a big small red blue house tree river city king queen "
          "said that and but when then why how seven eight nine ten one two three money ship whale sea").split()
+
+
+# The browser tests drive Debian's chromium (Playwright); screenshots of what they saw land here.
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One chromium per test module (module scope: Playwright's sync API must not outlive the module's tests)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
 
 
 def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 300, seed: int = 0) -> Path:

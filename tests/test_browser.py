@@ -5,17 +5,13 @@ Screenshots of every page visited land in test-artifacts/browser/ so a failure c
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
-
-from app.main import create_app
-from conftest import LiveServer
+from conftest import ARTIFACTS, CHROMIUM, LiveServer  # noqa: F401  (CHROMIUM: imported from here by other modules)
 from test_app import XSS, plant_tokens
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "browser"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+from app.main import create_app
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +20,6 @@ def server(mined_store):
     live = LiveServer(create_app(mined_store))
     yield live.url, planted
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt)")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ columns, open the steering permalink in a fresh browser context and see the same
 from __future__ import annotations
 
 import pytest
+from conftest import LiveServer
+from test_browser import page  # noqa: F401  (fixture; `browser` comes from conftest)
+from test_live_api import LIMITS
 
 from app.main import create_app
-from conftest import LiveServer
-from test_browser import ARTIFACTS, CHROMIUM  # noqa: F401  (the browser fixtures' settings)
-from test_browser import browser, page  # noqa: F401  (fixtures)
-from test_live_api import LIMITS
 
 TEXT = "The cat sat over the big red house. Then the king said that the whale ran."
 

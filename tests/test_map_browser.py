@@ -8,8 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import LiveServer
-from test_browser import ARTIFACTS, CHROMIUM
+from conftest import ARTIFACTS, LiveServer
 from test_map import copy_store, points
 
 from app.main import create_app
@@ -24,19 +23,6 @@ def server(mined_store, tmp_path_factory):
     live = LiveServer(create_app(url))
     yield live.url, points(url)
     live.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium with apt)")
-    from playwright.sync_api import sync_playwright
-
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 @pytest.fixture
