@@ -10,6 +10,9 @@ demo's mining does. Without --sae: a freshly initialised 16,384-latent k=32 TopK
 model's layer 8, mined through the model (random codes co-fire more evenly than trained ones: more
 distinct pairs, a harsher case for the count).
 
+Up to 16,384 latents the counter counts into a dense int32 [n, n] array (relations/coactivation.py);
+both SAEs above are counted that way; a wider --sae times the sparse product used beyond it.
+
 Also timed: the statistics sweep alone (feature_stats.compute over the same kept chunks, with and
 without the counter, plus choosing the top partners), the part of mining the count lives in.
 """
@@ -86,7 +89,7 @@ def main() -> None:
     print(f"{sae_dir.name}: {n:,} latents, k={getattr(sae.cfg, 'k', None)}, {args.tokens:,} tokens, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     kept = root / "chunks"
-    timed_mine(lm, sae_dir, min(args.tokens, 8192), root, 0)  # warm-up
+    timed_mine(lm, sae_dir, min(args.tokens, 8192), root, args.partners)  # warm-up; also loads (or compiles once) the numba count
     runs: dict[int, list[float]] = {args.partners: [], 0: []}
     for r in range(args.repeats):
         order = (args.partners, 0) if r % 2 == 0 else (0, args.partners)
@@ -112,7 +115,9 @@ def main() -> None:
     print(
         f"| statistics sweep + top partners (median of {args.repeats}) | {s_on:.1f} s | {s_off:.1f} s | {(s_on / s_off - 1) * 100:+.1f}% |"
     )
-    print(f"\ndistinct co-firing pairs (both orders, diagonal included): {pairs:,} = {pairs * 12 / 2**20:.0f} MiB of counts")
+    dense = counter.upper is not None
+    held = f"a dense int32 [n, n] count, {n * n * 4 / 2**20:.0f} MiB" if dense else f"{pairs * 12 / 2**20:.0f} MiB of sparse counts"
+    print(f"\ndistinct co-firing pairs (both orders, diagonal included): {pairs:,}; held as {held}")
     shutil.rmtree(root, ignore_errors=True)
 
 
