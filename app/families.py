@@ -231,12 +231,16 @@ def tree_svg(root: dict, focus: dict) -> Markup:
         href = escape(f"/saes/{node['sae']}/features/{node['index']}")
         token = node["top_tokens"][0] if node["top_tokens"] else None
         label = escape(f"{node['sae']} #{node['index']}")
+        # The box names the width, which tells the rows apart; the SAE's full name (too long for the box) is in the tooltip.
+        short = escape(f"{node['n_latents']:,} latents #{node['index']}")
+        if token is not None and len(token) > 12:
+            token = token[:11] + "…"
         out.append(
             f'<a href="{href}" class="family-node{" focus" if here else ""}">'
             f"<title>{label}: {escape(node['explanation'] or 'no explanation')}</title>"
             f'<rect x="{left:.0f}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{"#fff4d6" if here else "#f4f6fa"}" '
             f'stroke="{"#c80" if here else "#99a"}"/>'
-            f'<text x="{x:.0f}" y="{y + 18}" font-size="12" text-anchor="middle">{label}</text>'
+            f'<text x="{x:.0f}" y="{y + 18}" font-size="12" text-anchor="middle">{short}</text>'
             f'<text x="{x:.0f}" y="{y + 36}" font-size="12" text-anchor="middle">{visible(token) if token is not None else "–"}'
             f" · {pct(node['density'], 3)}</text></a>"
         )
