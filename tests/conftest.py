@@ -36,6 +36,26 @@ def browser():
         b.close()
 
 
+def tiny_cache(lm, model: Path, corpus: Path, out: Path, tokens: int = 32 * 64) -> Path:
+    """An fp32 activation cache of the tiny model at blocks.1 (32-token windows), for training tests."""
+    from sae_core.cache import CacheConfig, build_cache
+
+    cfg = CacheConfig(
+        model=str(model),
+        corpus=str(corpus),
+        hook="blocks.1.hook_resid_post",
+        context_size=32,
+        tokens=tokens,
+        batch_size=8,
+        windows_per_shard=16,
+        dtype="float32",
+        device="cpu",
+        model_dtype="float32",
+    )
+    build_cache(cfg, out, lm=lm, progress=False)
+    return out
+
+
 def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 300, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)

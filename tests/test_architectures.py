@@ -9,9 +9,9 @@ import json
 import pytest
 import saelens_env
 import torch
+from conftest import tiny_cache
 from safetensors.torch import load_file
 
-from sae_core.cache import CacheConfig, build_cache
 from sae_core.interchange import load_sae, load_sae_bytes, sae_bytes, save_sae
 from sae_core.sae import (
     ARCHITECTURES,
@@ -209,20 +209,7 @@ def test_bad_settings_are_refused():
 @pytest.fixture(scope="module")
 def cache_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
-    cfg = CacheConfig(
-        model=str(tiny_model),
-        corpus=str(tiny_corpus),
-        hook="blocks.1.hook_resid_post",
-        context_size=32,
-        tokens=32 * 64,
-        batch_size=8,
-        windows_per_shard=16,
-        dtype="float32",
-        device="cpu",
-        model_dtype="float32",
-    )
-    build_cache(cfg, out, lm=tiny_lm, progress=False)
-    return out
+    return tiny_cache(tiny_lm, tiny_model, tiny_corpus, out, tokens=32 * 64)
 
 
 def small_config(arch: str, **kw) -> TrainConfig:

@@ -19,10 +19,9 @@ import copy
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, tiny_cache
 from torch._dynamo.utils import counters
 
-from sae_core.cache import CacheConfig, build_cache
 from sae_core.errors import SaescopeError
 from sae_core.interchange import load_sae
 from sae_core.model import load_model
@@ -157,20 +156,7 @@ def test_a_changing_dead_count_recompiles_into_the_right_bucket(device):
 def cache_dir(tiny_model, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache") / "c"
     lm = load_model(str(tiny_model), device="cpu", dtype="float32")
-    cfg = CacheConfig(
-        model=str(tiny_model),
-        corpus=str(tiny_corpus),
-        hook="blocks.1.hook_resid_post",
-        context_size=32,
-        tokens=32 * 32,
-        batch_size=8,
-        windows_per_shard=16,
-        dtype="float32",
-        device="cpu",
-        model_dtype="float32",
-    )
-    build_cache(cfg, out, lm=lm, progress=False)
-    return out
+    return tiny_cache(lm, tiny_model, tiny_corpus, out, tokens=32 * 32)
 
 
 @pytest.mark.parametrize("device", DEVICES)

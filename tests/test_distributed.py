@@ -29,9 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_cache
 from safetensors.torch import load_file
 
-from sae_core.cache import ActivationCache, CacheConfig, build_cache
+from sae_core.cache import ActivationCache
 from sae_core.train import TrainConfig, Trainer
 
 STEPS = 12
@@ -59,20 +60,7 @@ def spawn(fn, world: int, *args) -> None:
 @pytest.fixture(scope="module")
 def cache_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist-cache") / "c"
-    cfg = CacheConfig(
-        model=str(tiny_model),
-        corpus=str(tiny_corpus),
-        hook="blocks.1.hook_resid_post",
-        context_size=32,
-        tokens=32 * 64,
-        batch_size=8,
-        windows_per_shard=16,
-        dtype="float32",
-        device="cpu",
-        model_dtype="float32",
-    )
-    build_cache(cfg, out, lm=tiny_lm, progress=False)
-    return out
+    return tiny_cache(tiny_lm, tiny_model, tiny_corpus, out, tokens=32 * 64)
 
 
 def config(**kw) -> TrainConfig:
