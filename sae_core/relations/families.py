@@ -69,13 +69,13 @@ def nearest_rows(W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on
 
 def active_matrix(sae, x: torch.Tensor, block: int = 1024) -> sp.csr_matrix:
     """[positions, n_latents] 0/1 matrix of the latents that fire on each row of `x` (raw activations).
-    TopK codes come from the miner's encoder (one fused addmm and top-k per 512-row block)."""
+    Fixed-width (TopK) codes come from the miner's encoder (one fused addmm and top-k per 512-row block)."""
     from ..mine import CodeEncoder
 
     rows, cols = [], []
     with torch.no_grad():
-        if sae.architecture == "topk":
-            code = CodeEncoder(sae, sae.cfg.k, torch.float32, {})(x.float())
+        if (width := sae.fixed_code_width()) is not None:  # TopK: the miner's fused encoder
+            code = CodeEncoder(sae, width, torch.float32, {})(x.float())
             r, c = torch.nonzero(code["vals"] > 0, as_tuple=True)
             rows.append(r.numpy())
             cols.append(code["idx"][r, c].long().numpy())

@@ -81,8 +81,8 @@ class DictionarySAE(nn.Module):
         L0 warm-up reads it); most architectures ignore it."""
 
     def fixed_code_width(self) -> int | None:
-        """k when every position's code holds at most k latents by construction (TopK), else None."""
-        return int(self.cfg.k) if self.architecture == "topk" else None  # topk.py's own override belongs there
+        """k when every position's code holds at most k latents by construction (TopK overrides this), else None."""
+        return None
 
     def code_width(self, max_active: int) -> int:
         """Latents kept per position when codes are stored (mining): TopK's k, otherwise up to `max_active`."""

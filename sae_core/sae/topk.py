@@ -76,6 +76,9 @@ class TopKSAE(DictionarySAE):
     ENCODE_BLOCK = 1024  # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
     GPU_BLOCK_ELEMENTS = 2**28  # GPU: blocks of up to 1 GB of fp32 (a whole batch of 4096 x 32768): fewer, larger launches
 
+    def fixed_code_width(self) -> int | None:
+        return int(self.cfg.k)  # every position's code holds at most k latents by construction
+
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
