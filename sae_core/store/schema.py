@@ -272,6 +272,27 @@ class FeatureRelation(Base):
     )
 
 
+class SAEBenchmark(Base):
+    """One run of the SAE benchmark suite (`saescope bench-sae`, sae_core/evaluation/) on one SAE with one
+    seed. `results` holds the flat {metric name: number} the SAE page and /compare read (names in
+    sae_core/evaluation/result.py, e.g. "l0", "fvu", "sparse_probing_top1_accuracy", "absorption_fraction")
+    plus nested details under keys that are not metric names ("details", "absorption_valid");
+    `saebench` the same results as SAEBench BaseEvalOutput dicts (one per eval type); `config` the suite's
+    settings. Re-running a seed replaces its row; deleted with the SAE."""
+
+    __tablename__ = "sae_benchmarks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sae_id: Mapped[int] = mapped_column(ForeignKey("saes.id", ondelete="CASCADE"), index=True)
+    suite_version: Mapped[str] = mapped_column(String(32))
+    seed: Mapped[int] = mapped_column(Integer)
+    results: Mapped[dict] = mapped_column(JSON, default=dict)
+    saebench: Mapped[list] = mapped_column(JSON, default=list)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    computed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("sae_id", "seed", name="uq_sae_benchmarks_sae_seed"),)
+
+
 __all__ = [
     "Base",
     "Model",
@@ -287,6 +308,7 @@ __all__ = [
     "FeatureMap",
     "FeatureMapPoint",
     "FeatureRelation",
+    "SAEBenchmark",
     "pack_ids",
     "unpack_ids",
     "pack_acts",
