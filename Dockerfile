@@ -3,6 +3,7 @@ FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends make npm && rm -rf /var/lib/apt/lists/*
 WORKDIR /srv/saescope
 COPY pyproject.toml README.md Makefile ./
+COPY saescope saescope
 COPY sae_core sae_core
 COPY app app
 COPY migrations migrations

@@ -36,8 +36,8 @@ demo: venv
 
 # Lint, format and type checks of sae_core/ and app/ (configured in pyproject.toml), then the tests.
 test: venv
-	$(BIN)/ruff check sae_core app
-	$(BIN)/ruff format --check sae_core app
+	$(BIN)/ruff check saescope sae_core app
+	$(BIN)/ruff format --check saescope sae_core app
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -63,7 +63,7 @@ bench: venv
 # docs/cli.md is generated from the CLI, the option tables of docs/configuration.md from sae_core/config.py;
 # tests/test_docs.py fails when either is stale.
 docs: venv
-	$(BIN)/typer sae_core.cli utils docs --name saescope --output docs/cli.md
+	$(BIN)/typer saescope.cli utils docs --name saescope --output docs/cli.md
 	sed -i '1i <!-- Generated from the CLI by `make docs` (typer utils docs); do not edit by hand. -->\n' docs/cli.md
 	$(BIN)/python -c 'from sae_core.config import write_reference; write_reference("docs/configuration.md")'
 

@@ -124,7 +124,7 @@ PY
     [ "$(left)" -gt 40 ] || break
     rm -rf /tmp/gpu-check-sae
     echo "train $extra" | tee -a "$out/train.log"
-    timeout $(($(left) - 10)) python3 -c 'from sae_core.cli import main; main()' train --activations /tmp/gpu-check-cache --out /tmp/gpu-check-sae \
+    timeout $(($(left) - 10)) python3 -c 'from saescope.cli import main; main()' train --activations /tmp/gpu-check-cache --out /tmp/gpu-check-sae \
       --n-latents 16384 --k 32 --batch-size 4096 --tokens 8000000 --device cuda $extra 2>&1 | tr '\r' '\n' | tail -1 | tee -a "$out/train.log"
   done
 fi

@@ -113,7 +113,7 @@ def main() -> None:
     cmd = [
         sys.executable,
         "-c",
-        "from sae_core.cli import main; main()",
+        "from saescope.cli import main; main()",
         "serve",
         "--port",
         str(args.port),

@@ -74,7 +74,7 @@ async def run(backend: str, url: str, sae: str, sae_dir: Path, clients: int, bef
         old_run = next(r[3] for r in reversed(log) if r[3] is not None)
         t_start = time.perf_counter()
         mine = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from sae_core.cli import main; main()", "mine", "--sae", str(sae_dir), "--db", url, "--force",
+            sys.executable, "-c", "from saescope.cli import main; main()", "mine", "--sae", str(sae_dir), "--db", url, "--force",
             "--name", sae, "--tokens", str(DemoConfig().mine_tokens), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         _, err = await mine.communicate()

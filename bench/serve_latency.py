@@ -212,7 +212,7 @@ def serve(url: str, workers: int | None, loop: str | None = None) -> tuple[subpr
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([sys.executable, "-c", "from sae_core.cli import main; main()", "serve", "--db", url, "--port", str(port), "--no-live",
+    proc = subprocess.Popen([sys.executable, "-c", "from saescope.cli import main; main()", "serve", "--db", url, "--port", str(port), "--no-live",
                              *(["--workers", str(workers)] if workers else []), *(["--loop", loop] if loop else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     base = f"http://127.0.0.1:{port}"

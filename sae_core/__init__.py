@@ -14,11 +14,12 @@ The pipeline, one module per stage, each a config in (sae_core/config.py) and a 
     interchange.py    the one SAE loader (ours, SAELens, sparsify, OpenAI) with its Provenance
     feature_stats.py  per-feature statistics and examples over the mined codes
     mine.py           `saescope mine`: codes -> statistics -> store/ (SQLite or PostgreSQL)
-    serve.py          `saescope serve`: runs app/ over a store
-    demo.py           `saescope demo`: all of the above on the bundled model
+
+The command line, the demo and serving sit on top, in the `saescope` package (saescope/cli.py,
+saescope/demo.py) and in `app/` (app/serving.py); `sae_core` imports neither of them, nor typer or rich.
 
 Each stage's entry point is its module's function of the same name (sae_core.train.train,
-sae_core.evaluate.evaluate, sae_core.mine.mine, sae_core.serve.serve). Public names below are
+sae_core.evaluate.evaluate, sae_core.mine.mine). Public names below are
 imported lazily, so `import sae_core` loads no torch:
 """
 
@@ -55,8 +56,6 @@ _EXPORTS = {
     "import_checkpoint": "interchange",
     "Provenance": "interchange",
     "MineResult": "mine",
-    "run_demo": "demo",
-    "DemoResult": "demo",
 }
 __all__ = ["__version__", *_EXPORTS]
 __doc__ = (__doc__ or "") + "    " + ", ".join(_EXPORTS) + "\n"

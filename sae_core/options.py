@@ -3,23 +3,17 @@ CLI and docs/configuration.md are built from it.
 
     tokens: int = option(1_000_000, "Tokens to process (rounded up to whole windows).")
 
-`command_options(Config, ...)` turns a config's fields into typer options (nested config fields are
-flattened: MineConfig.stats gives --top-n etc.), and `from_options` builds the config back from the
-parsed values. We kept typer rather than moving to tyro or simple-parsing: the CLI's help, its
-generated reference (docs/cli.md by `typer utils docs`) and its error messages stay as users know
-them, and reading dataclass fields into typer takes the fifty lines below.
+The fields keep plain metadata (help text, the flag's settings as a dict): the library never imports
+the command line. saescope/options.py turns them into typer options.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import typing
 from dataclasses import MISSING, Field, field
 from functools import lru_cache
 from typing import Any, Callable
-
-import typer
 
 HELP, TYPER = "help", "typer"
 
@@ -58,46 +52,6 @@ def cli_fields(cls: type) -> list[tuple[Field, Any]]:
 
 def default_of(f: Field) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
-def parameter(f: Field, tp: Any, *, help_prefix: str = "", **overrides) -> inspect.Parameter:
-    """The typer option of one config field."""
-    kwargs = {**f.metadata.get(TYPER, {}), **overrides}
-    decls = kwargs.pop("param_decls", [])
-    default = kwargs.pop("default", default_of(f))
-    help_text = help_prefix + f.metadata.get(HELP, "")
-    return inspect.Parameter(
-        f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp, default=typer.Option(default, *decls, help=help_text or None, **kwargs)
-    )
-
-
-def command_options(cls: type, exclude: tuple[str, ...] = (), **overrides: dict) -> list[inspect.Parameter]:
-    """Typer parameters for `cls`'s fields (less `exclude`); `overrides[name]` changes one's typer settings."""
-    return [parameter(f, tp, **overrides.get(f.name, {})) for f, tp in cli_fields(cls) if f.name not in exclude]
-
-
-def from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
-    """Build `cls` (and its nested configs) from parsed option values; `fixed` sets fields directly."""
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if f.name in fixed:
-            kwargs[f.name] = fixed[f.name]
-        elif _is_config(tp):
-            kwargs[f.name] = from_options(tp, values)
-        elif f.name in values:
-            kwargs[f.name] = values[f.name]
-    return cls(**kwargs)
-
-
-def with_signature(params: list[inspect.Parameter]) -> Callable[[Callable], Callable]:
-    """Give a `**values` command function the typer signature `params` (typer reads __signature__)."""
-
-    def wrap(fn: Callable) -> Callable:
-        fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        return fn
-
-    return wrap
 
 
 def _type_name(tp: Any) -> str:
@@ -151,30 +105,3 @@ def hook_option() -> Any:
 
 def corpus_option() -> Any:
     return option("demo", "demo, demo:<part>, a .txt/.jsonl file, a folder of .txt files, or hf:<dataset>.")
-
-
-class LiteralHelpGroup(typer.core.TyperGroup):
-    """The CLI's root group: every help text is printed as written. Typer renders help as rich markup,
-    which read "[batch, context, vocab]" as a style tag and dropped it ("full logits are )."); the
-    texts of the whole tree (commands, sub-groups, options, arguments) are escaped once, when typer
-    builds the group, so a command added anywhere is covered. `typer utils docs` (docs/cli.md) renders
-    the same markup and gets the same texts."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        _escape_help(self)
-
-
-def _escape_help(command: Any) -> None:
-    from rich.markup import escape
-
-    # Only where rich renders the help: plain click help (TYPER_USE_RICH=0) would show the backslashes.
-    if getattr(command, "rich_markup_mode", None) != "rich" or not typer.core.HAS_RICH or getattr(command, "_help_escaped", False):
-        return
-    command._help_escaped = True
-    for owner in (command, *command.params):
-        for attr in ("help", "short_help", "epilog"):
-            if isinstance(text := getattr(owner, attr, None), str):
-                setattr(owner, attr, escape(text))
-    for sub in getattr(command, "commands", {}).values():
-        _escape_help(sub)

@@ -124,7 +124,7 @@ def cli_at(threads: int, *args: str) -> list[str]:
     enough: torch caps it at the CPUs it sees (8 gave 2 threads on a 2-core machine)."""
     import sys
 
-    return [sys.executable, "-c", f"import torch; torch.set_num_threads({threads}); from sae_core.cli import main; main()", *args]
+    return [sys.executable, "-c", f"import torch; torch.set_num_threads({threads}); from saescope.cli import main; main()", *args]
 
 
 def threads_env(threads: int) -> dict[str, str]:

@@ -134,7 +134,7 @@ def test_short_corpus_ends_with_a_note(lm, tiny_model, tiny_corpus, tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from sae_core.cli import main; main()", *args]
+    return [sys.executable, "-c", "from saescope.cli import main; main()", *args]
 
 
 def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path, tiny_corpus, threads):

@@ -51,7 +51,7 @@ def test_no_help_text_loses_bracketed_words():
 
     from typer.testing import CliRunner
 
-    from sae_core.cli import app
+    from saescope.cli import app
 
     runner, checked = CliRunner(), 0
     for path, texts in help_sources(app):

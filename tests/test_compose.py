@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from sae_core.cli import app
+from saescope.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 

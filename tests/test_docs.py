@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_cli_reference_is_current(tmp_path):
     out = tmp_path / "cli.md"
     typer_bin = Path(sys.executable).parent / "typer"
-    subprocess.run([str(typer_bin), "sae_core.cli", "utils", "docs", "--name", "saescope", "--output", str(out)],
+    subprocess.run([str(typer_bin), "saescope.cli", "utils", "docs", "--name", "saescope", "--output", str(out)],
                    check=True, capture_output=True, cwd=ROOT)
     committed = (ROOT / "docs" / "cli.md").read_text().split("\n", 2)[2]   # after the "generated" header
     assert committed == out.read_text(), "docs/cli.md is stale: run `make docs`"
@@ -28,7 +28,7 @@ def test_doc_links_resolve():
 def test_every_cli_command_is_documented():
     from typer.main import get_command
 
-    from sae_core.cli import app
+    from saescope.cli import app
 
     reference = (ROOT / "docs" / "cli.md").read_text()
     for name in get_command(app).commands:

@@ -22,7 +22,7 @@ BUDGET = ["--cache-tokens", "50000", "--n-latents", "1024", "--k", "32", "--trai
 
 def test_demo_stages_then_pages_and_api(tmp_path):
     env = {**os.environ, "SAESCOPE_HOME": os.environ["SAESCOPE_HOME"]}
-    cmd = [sys.executable, "-c", "from sae_core.cli import main; main()", "demo", *BUDGET]
+    cmd = [sys.executable, "-c", "from saescope.cli import main; main()", "demo", *BUDGET]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stderr[-3000:]
     for stage in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "atlas ready"):

@@ -107,7 +107,7 @@ def test_cli_trains_from_the_model_without_a_cache(tiny_model, tiny_corpus, tmp_
     import subprocess
     import sys
 
-    cli = [sys.executable, "-c", "from sae_core.cli import main; main()", "train", "--out", str(tmp_path / "sae"),
+    cli = [sys.executable, "-c", "from saescope.cli import main; main()", "train", "--out", str(tmp_path / "sae"),
            "--n-latents", "64", "--k", "4", "--batch-size", "64", "--lr", "0.002"]
     missing = subprocess.run(cli, capture_output=True, text=True)
     assert missing.returncode != 0 and "--tokens N to stream" in missing.stdout + missing.stderr

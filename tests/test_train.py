@@ -145,7 +145,7 @@ def test_a_gpu_checkpoint_resumes_on_a_machine_without_one(cache_dir, tmp_path):
     """A run checkpointed on CUDA continues with --device cpu in a process that sees no GPU."""
     args = ["--activations", str(cache_dir), "--n-latents", "256", "--k", "8", "--batch-size", "128",
             "--tokens", str(128 * 40), "--checkpoint-every", "20"]
-    cli = [sys.executable, "-c", "from sae_core.cli import main; main()", "train", "--out", str(tmp_path / "sae")]
+    cli = [sys.executable, "-c", "from saescope.cli import main; main()", "train", "--out", str(tmp_path / "sae")]
     subprocess.run(cli + args + ["--device", "cuda"], check=True, capture_output=True)
     saved = tmp_path / "sae" / "sae_weights.safetensors"
     on_gpu = load_file(str(saved))

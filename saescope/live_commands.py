@@ -1,5 +1,5 @@
 """`saescope activations` and `saescope steer`: the live runtime from the command line, in this process,
-over the store's SAEs (the same weights the pages describe). Registered on the CLI by sae_core/cli.py;
+over the store's SAEs (the same weights the pages describe). Registered on the CLI by saescope/cli.py;
 nothing heavy is imported until a command runs, so `saescope --help` stays instant."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..config import GenerationConfig, LiveConfig, ServeConfig
-from ..options import cli_fields, command_options, from_options, parameter, with_signature
+from sae_core.config import GenerationConfig, LiveConfig, ServeConfig
+
+from .options import cli_fields, command_options, from_options, parameter, with_signature
 
 LIVE_MODEL = ("live_device", "live_model_dtype")
 
@@ -28,8 +29,8 @@ SAE_NAME = _arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in t
 
 
 def _runtime(db: str | None, live_device: str, live_model_dtype: str):
-    from ..store import db as store_db
-    from .runtime import LiveRuntime
+    from sae_core.live.runtime import LiveRuntime
+    from sae_core.store import db as store_db
 
     return LiveRuntime(LiveConfig(live_device=live_device, live_model_dtype=live_model_dtype), engine=store_db.open_store(db))
 
@@ -76,7 +77,7 @@ def register(app: typer.Typer, console: Console) -> None:
     )
     def steer(prompt: str, sae: str, feature: list[str], db: str | None, live_device: str, live_model_dtype: str, **values) -> None:
         """Continue PROMPT twice, without and with the features changed at the SAE's hook, and print both."""
-        from .interventions import Intervention
+        from sae_core.live.interventions import Intervention
 
         interventions = [Intervention.parse(spec) for spec in feature]
         settings = from_options(GenerationConfig, values)

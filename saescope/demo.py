@@ -12,18 +12,18 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import settings
-from .cache import CacheConfig, build_cache
-from .config import DemoConfig, ExplainConfig
-from .corpus import fetch_demo
-from .evaluate import RESULT as EVAL_RESULT
-from .evaluate import EvalConfig, evaluate
-from .explain.stage import explain
-from .feature_stats import StatsConfig
-from .interchange import CFG, WEIGHTS
-from .mine import MineConfig, mine
-from .model import DEFAULT_MODEL, load_model
-from .train import TrainConfig, train
+from sae_core import settings
+from sae_core.cache import CacheConfig, build_cache
+from sae_core.config import DemoConfig, ExplainConfig
+from sae_core.corpus import fetch_demo
+from sae_core.evaluate import RESULT as EVAL_RESULT
+from sae_core.evaluate import EvalConfig, evaluate
+from sae_core.explain.stage import explain
+from sae_core.feature_stats import StatsConfig
+from sae_core.interchange import CFG, WEIGHTS
+from sae_core.mine import MineConfig, mine
+from sae_core.model import DEFAULT_MODEL, load_model
+from sae_core.train import TrainConfig, train
 
 
 @dataclass
@@ -35,7 +35,7 @@ class DemoResult:
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
-    from .store import db as store_db
+    from sae_core.store import db as store_db
 
     console = console or Console(stderr=True)
     run_dir = settings.runs_dir() / "demo"
@@ -98,7 +98,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         f"      {explained.explained:,} explained ({explained.skipped:,} already were); "
         f"mean held-out precision {m.get('n2g_precision') or 0:.3f}, recall {m.get('n2g_recall') or 0:.3f}"
     )
-    from .relations.map import MapConfig, build_map
+    from sae_core.relations.map import MapConfig, build_map
 
     mapped = build_map(cfg.name, MapConfig(db=cfg.db))  # a no-op once the live run has its map
     took = "already built" if mapped.skipped else f"{mapped.seconds:.0f} s"
@@ -120,8 +120,8 @@ def family_names(cfg: DemoConfig) -> dict[int, str]:
 def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, lm) -> None:
     """`demo --family`: the narrower and the wider SAE trained on the same cache, mined and explained like the
     demo's, then their family relations (sae_core/relations/families.py); each step skips finished work."""
-    from .config import FamilyConfig
-    from .relations.families import build_families
+    from sae_core.config import FamilyConfig
+    from sae_core.relations.families import build_families
 
     names = family_names(cfg)
     for width, name in names.items():
@@ -152,8 +152,8 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
 def _steering_example(console: Console, engine, name: str, lm) -> None:
     """The live pages, and a steering example of this SAE with its permalink (sae_core/live/example.py): run
     here when the model is loaded anyway (a stage ran), else only linked (a re-run stays quick)."""
-    from .errors import SaescopeError
-    from .live.example import example_request, steering_example
+    from sae_core.errors import SaescopeError
+    from sae_core.live.example import example_request, steering_example
 
     console.print(f"      live pages: /saes/{name}/inference (features on your text), /saes/{name}/steer")
     try:
