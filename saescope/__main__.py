@@ -1,0 +1,5 @@
+"""`python -m saescope` runs the command line."""
+
+from saescope.cli import main
+
+main()
