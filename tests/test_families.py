@@ -161,6 +161,41 @@ def test_build_families_refuses_bad_input(family_store):
         build_families(["tiny-sae", "nope"], FamilyConfig(db=url), progress=False)
 
 
+def _relations_by_name(url: str) -> list[tuple]:
+    """Every stored relation with its SAEs by name (run ids differ between stores), sorted."""
+    from sqlalchemy.orm import aliased
+
+    source, target = aliased(SAE), aliased(SAE)
+    R = FeatureRelation
+    engine = db.make_engine(url)
+    with Session(engine) as s:
+        rows = s.execute(
+            select(R.kind, source.name, R.source_feature, target.name, R.target_feature, R.cosine, R.coactivation, R.co_fired)
+            .join(source, source.active_run_id == R.source_run_id)
+            .join(target, target.active_run_id == R.target_run_id)
+        ).all()
+    engine.dispose()
+    return sorted(tuple(r) for r in rows)
+
+
+def test_sqlite_and_postgresql_give_the_same_families(family_store, tiny_lm, pg_url):
+    """The three SAEs mined into PostgreSQL and matched there store the relations SQLite holds: the same
+    pairs, cosines, co-activation shares and counts."""
+    from pathlib import Path
+
+    url, result = family_store
+    engine = db.make_engine(url)
+    with Session(engine) as s:
+        folders = dict(s.execute(select(SAE.name, SAE.path)).all())
+    engine.dispose()
+    for name in result.saes:
+        mine_tiny(Path(folders[name]), tiny_lm, pg_url)
+    on_pg = build_families(["tiny-sae", "tiny-64", "tiny-128-seed1"], FamilyConfig(db=pg_url, sample_tokens=2000), progress=False)
+    assert (on_pg.splits, on_pg.matches, on_pg.example) == (result.splits, result.matches, result.example)
+    stored = _relations_by_name(pg_url)
+    assert len(stored) == result.splits + result.matches and stored == _relations_by_name(url)
+
+
 def _a_split(url: str) -> tuple[int, int]:
     engine = db.make_engine(url)
     with Session(engine) as s:
@@ -221,7 +256,7 @@ def test_feature_without_relatives_says_so(mined_store):
 
 def test_demo_family_names_a_narrower_and_a_wider_sae():
     from sae_core.config import DemoConfig
-    from sae_core.demo import family_names
+    from saescope.demo import family_names
 
     assert family_names(DemoConfig()) == {
         2048: "smollm2-135m-L8-topk-2k",
