@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Connection, select
 
 from sae_core.relations import map as feature_map
-from sae_core.store import search as store_search
+from sae_core.store import explanation_search as store_search
 from sae_core.store.schema import Explanation, Feature, FeatureMapPoint
 
 from . import queries, schemas

@@ -26,7 +26,7 @@ from . import api, deps, families, feature_map, live, pages, queries
 from .http import HeadAsGet, HTTPPolicy
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache, cache_bytes_from_env
-from .search import MeaningWarmUp
+from .meaning_search import MeaningWarmUp
 from .store_watch import StoreWatch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ SWAGGER_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><ti
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """At start-up, what the first users would otherwise wait for starts loading in the background: the
-    embedding model of search by meaning (app/search.py) and the live model (the model process this app
+    embedding model of search by meaning (app/meaning_search.py) and the live model (the model process this app
     owns, if any; `saescope serve` starts its one before the workers). Pages answer meanwhile."""
     app.state.meaning.start(app.state.engine)
     async with live.lifespan(app):  # starts and stops the model process this app owns, if any

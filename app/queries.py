@@ -14,7 +14,7 @@ from sae_core.store import codec, order
 from sae_core.store.schema import SAE, Example, Explanation, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab
 
 from . import explanations, schemas
-from . import search as search_by_meaning
+from . import meaning_search as search_by_meaning
 from .prepared import Prepared, json_value
 
 RARE_DENSITY = order.RARE_DENSITY
@@ -437,7 +437,7 @@ def feature_view(conn: Connection, name: str, index: int, kind: schemas.ExampleK
 
 def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
     """Features whose top contexts peak on a token containing `query` (case-insensitive), and features
-    whose explanations match it by meaning (app/search.py), as schemas.SearchResult's JSON shape.
+    whose explanations match it by meaning (app/meaning_search.py), as schemas.SearchResult's JSON shape.
 
     Plain dicts, as in examples(): at a million features a common token has a full page of hits, and
     building and validating a model per hit made the answer grow with the store. The token's features

@@ -160,10 +160,10 @@ def bench_search(url: str, n_queries: int) -> dict:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from app import search as app_search
+    from app import meaning_search as app_search
     from sae_core.explain.embed import unpack
     from sae_core.store import db
-    from sae_core.store import search as store_search
+    from sae_core.store import explanation_search as store_search
     from sae_core.store.schema import SAE, Explanation
 
     engine = db.open_store(url)

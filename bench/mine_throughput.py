@@ -36,7 +36,7 @@ from sae_core.interchange import save_sae  # noqa: E402
 from sae_core.mine import CodeEncoder, MineConfig, mine  # noqa: E402
 from sae_core.model import hook_name, load_model  # noqa: E402
 from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
-from sae_core.shards import fill_shards  # noqa: E402
+from sae_core.shard_writer import fill_shards  # noqa: E402
 from sae_core.windows import WindowSource  # noqa: E402
 
 CONTEXT, BATCH = 128, 16

@@ -1,4 +1,4 @@
-"""Search by meaning at scale: exact cosine search against faiss's inverted-file index (store/search.py).
+"""Search by meaning at scale: exact cosine search against faiss's inverted-file index (store/explanation_search.py).
 
     python bench/semantic_index.py [--sizes 16384,65536,1048576] [--queries 200]
 
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae_core.store.search import RunEmbeddings, build_ivf  # noqa: E402
+from sae_core.store.explanation_search import RunEmbeddings, build_ivf  # noqa: E402
 
 TOPICS = 1024
 DIM = 384

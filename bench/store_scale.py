@@ -200,7 +200,7 @@ def measure(urls: dict[int, str], repeats: int) -> dict[str, dict[int, list[floa
         plans = {n: endpoints(c, f"synthetic-{n}", repeats, random.Random(1)) for n, c in clients.items()}
         for n, c in clients.items():  # warm-up: vocabulary, connections, the page cache; the first search by
             timed(c, plans[n]["feature page"][0][:20])  # meaning also loads the run's embeddings and, above
-            t0 = time.perf_counter()  # store.search.EXACT_MAX, builds their inverted-file index
+            t0 = time.perf_counter()  # store.explanation_search.EXACT_MAX, builds their inverted-file index
             timed(c, plans[n]["search API"][0][:3])
             print(f"  {n:,} features: the first searches (embedding model, the run's embeddings) took {time.perf_counter() - t0:.1f} s", flush=True)
         for name in plans[next(iter(plans))]:

@@ -5,7 +5,7 @@ The pipeline, one module per stage, each a config in (sae_core/config.py) and a 
     model.py          load a causal LM; its layers, the hook, final norm and unembedding
     corpus.py         documents (demo corpus, text files, Hugging Face datasets) -> token windows
     windows.py        windows -> the model cut at the hook -> rows without the sink position
-    shards.py         the resumable sharded writer the cache and the miner share
+    shard_writer.py   the resumable sharded writer the cache and the miner share
     cache.py          `saescope cache`: activations on disk; ActivationCache reads them back
     stream.py         activations streamed from the model instead of a cache
     sae/              one file per SAE architecture (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU) beside its config
@@ -45,7 +45,7 @@ _EXPORTS = {
     "WindowBatch": "windows",
     "build_cache": "cache",
     "ActivationCache": "cache",
-    "CacheResult": "shards",
+    "CacheResult": "cache",
     "ModelStream": "stream",
     "Trainer": "train",
     "TrainResult": "train",

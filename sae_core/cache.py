@@ -1,11 +1,12 @@
 """The activation cache stage: residual-stream activations of packed token windows, sharded on disk.
 
 `build_cache` takes the windows from `windows.WindowSource` (model cut at the hook, sink positions
-dropped) and writes them through `shards.fill_shards`, the resumable writer the miner uses too: a
+dropped) and writes them through `shard_writer.fill_shards`, the resumable writer the miner uses too: a
 folder of `cache.json`, `documents.json` and `shard_NNNNN.safetensors` with `activations [rows,
 d_model]` plus `tokens` / `doc_index` / `doc_offset` [windows, context_size], rows = windows *
 (context_size - skip). `ActivationCache` is the read side: shuffled training batches, samples, and
-the windows `saescope mine` reads back instead of running the model (`reusable_cache`).
+the windows `saescope mine` reads back instead of running the model (`reusable_cache`): it is the one
+reader of an activation cache's shards (windows.WindowSource reads cached windows through it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import corpus as corpus_mod
 from .config import CacheConfig
 from .errors import SaescopeError
 from .model import LanguageModel, load_model, parse_hook
-from .shards import DOCUMENTS, MANIFEST, CacheResult, ShardEncoder, fill_shards, finished, shard_path
+from .shard_writer import DOCUMENTS, MANIFEST, CacheResult, ShardEncoder, fill_shards, finished, shard_path
 from .windows import WindowSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,9 +117,19 @@ class ActivationCache:
                 break
         return n
 
+    @property
+    def windows_per_shard(self) -> int:
+        return self.config["windows_per_shard"]
+
     def load_shard(self, i: int, name: str = "activations") -> torch.Tensor:
+        """One tensor of the i-th shard this cache (or share of it) trains on."""
         with safe_open(str(self.shards[i]), "pt") as f:
             return f.get_tensor(name)
+
+    def read_shard(self, i: int) -> dict[str, torch.Tensor]:
+        """Every tensor of shard i of the folder (windows i * windows_per_shard on): what WindowSource reads."""
+        with safe_open(str(shard_path(self.path, i)), "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
 
     def batches(
         self,

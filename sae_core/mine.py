@@ -33,13 +33,13 @@ from . import feature_stats
 from .cache import CacheConfig, check_config, reusable_cache
 from .config import MineConfig
 from .distributed.comms import Grid, single_process
-from .distributed.shards import part_chunks
-from .distributed.shards import plan as shard_plan
+from .distributed.mining_parts import part_chunks
+from .distributed.mining_parts import plan as shard_plan
 from .errors import SaescopeError
 from .interchange import load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
 from .relations.coactivation import CoactivationCounter
-from .shards import ShardEncoder, fill_shards, finished
+from .shard_writer import ShardEncoder, fill_shards, finished
 from .store import db, write
 from .windows import WindowSource
 
@@ -121,7 +121,7 @@ def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.
 def mine(
     sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True, grid: Grid | None = None
 ) -> MineResult:
-    """Mine the SAE in `sae_dir` into the store. Sharded (distributed/shards.py): with cfg.shard this
+    """Mine the SAE in `sae_dir` into the store. Sharded (distributed/mining_parts.py): with cfg.shard this
     process mines one part of the windows and stops, with cfg.merge_shards it publishes the parts, and
     under torchrun (`grid`) every rank mines its part and rank 0 publishes them."""
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from . import corpus as corpus_mod
-from .cache import CacheConfig
+from .config import CacheConfig
 from .errors import SaescopeError
 from .model import LanguageModel, load_model, parse_hook
 from .windows import WindowSource

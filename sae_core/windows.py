@@ -9,18 +9,16 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from . import corpus as corpus_mod
 from .model import LanguageModel, parse_hook
-from .shards import shard_path
 
 if TYPE_CHECKING:
-    from .cache import ActivationCache, CacheConfig
+    from .config import CacheConfig
 
 
 @dataclass
@@ -48,6 +46,22 @@ class WindowBatch:
         )
 
 
+class CachedWindows(Protocol):
+    """What a WindowSource reads cached windows from: cache.ActivationCache, which owns reading its shards
+    (a shard of `windows_per_shard` windows: `tokens`, `doc_index`, `doc_offset` per window and
+    `activations` with `rows_per_window` rows per window)."""
+
+    rows_per_window: int
+
+    @property
+    def windows_per_shard(self) -> int: ...
+
+    @property
+    def whole_windows(self) -> int: ...
+
+    def read_shard(self, i: int) -> dict[str, torch.Tensor]: ...
+
+
 class WindowSource:
     """Windows in the corpus's fixed order from window `start` on, with their residuals at the hook: read
     from the shards of `from_cache` (a cache of the same windows: see `reusable_cache`) while it holds
@@ -60,7 +74,7 @@ class WindowSource:
         corpus: corpus_mod.Corpus,
         cfg: CacheConfig,
         start: int,
-        from_cache: ActivationCache | None = None,
+        from_cache: CachedWindows | None = None,
     ):
         self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook(cfg.hook), start
         self.cached = from_cache
@@ -80,11 +94,9 @@ class WindowSource:
 
     def _read(self, n: int) -> WindowBatch:
         assert self.cached is not None  # only called while pos < n_cached
-        per_shard = self.cached.config["windows_per_shard"]
-        i, local = divmod(self.pos, per_shard)
+        i, local = divmod(self.pos, self.cached.windows_per_shard)
         if self.shard[0] != i:
-            with safe_open(str(shard_path(self.cached.path, i)), "pt") as f:
-                self.shard = (i, {name: f.get_tensor(name) for name in f.keys()})
+            self.shard = (i, self.cached.read_shard(i))
         t = self.shard[1]
         m = min(n, len(t["tokens"]) - local, self.n_cached - self.pos)
         rows = self.cached.rows_per_window

@@ -12,7 +12,8 @@ import pytest
 from sqlalchemy import delete, insert, select, text
 
 from sae_core.explain.embed import embedder, pack
-from sae_core.store import db, search
+from sae_core.store import db
+from sae_core.store import explanation_search as search
 from sae_core.store.schema import SAE, Explanation, MiningRun
 from conftest import mine_tiny
 

@@ -5,5 +5,5 @@
 - `data_parallel`: the explicit gradient reduction the hand-written sparse backward needs;
 - `latent_parallel`: a TopK SAE whose latents are split across ranks (global top-k from local candidates);
 - `checkpoint`: per-slice checkpoint files committed once by rank 0;
-- `shards`: which windows each mining shard mines (`saescope mine --shard i/N`), and the merge's checks.
+- `mining_parts`: which windows each part of a sharded mining run mines (`saescope mine --shard i/N`), and the merge's checks.
 """

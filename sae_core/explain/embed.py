@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import settings
 from ..errors import SaescopeError
+from ..store import codec
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 PACKAGE = "all_minilm_l6_v2"
@@ -75,7 +76,7 @@ _loading = threading.Lock()
 
 def embedder() -> Embedder:
     """The process's one Embedder, loaded on first use. A caller arriving while another thread loads it
-    (the server's start-up warm-up, app/search.py) waits for that load instead of starting a second one."""
+    (the server's start-up warm-up, app/meaning_search.py) waits for that load instead of starting a second one."""
     global _loaded
     if _loaded is None:
         with _loading:
@@ -89,9 +90,9 @@ def embedder_loaded() -> bool:
 
 
 def pack(vectors: np.ndarray) -> list[bytes]:
-    """Float16 little-endian, one blob per row (768 bytes for 384 dimensions)."""
-    return [row.tobytes() for row in np.asarray(vectors, dtype="<f2")]
+    """Embeddings as the store keeps them (store/codec.py: float16 little-endian, one blob per row)."""
+    return codec.pack_embeddings(vectors)
 
 
 def unpack(blobs: list[bytes]) -> np.ndarray:
-    return np.frombuffer(b"".join(blobs), dtype="<f2").reshape(len(blobs), DIM).astype(np.float32)
+    return codec.unpack_embeddings(blobs, DIM)

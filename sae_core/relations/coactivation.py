@@ -4,7 +4,7 @@ The miner's statistics sweep (feature_stats.compute, sweep A) already reads ever
 `CoactivationCounter.add` takes the same (row, feature) pairs of each chunk and adds every pair of features
 active at one position to a running count. So there is no second pass over the tokens, and what makes the chunks
 resumable and mergeable makes this so too: a killed run re-counts from its kept chunks, and a merge of
-mining parts (distributed/shards.py) feeds every part's chunks through the same sweep.
+mining parts (distributed/mining_parts.py) feeds every part's chunks through the same sweep.
 
 Two ways to count, chosen by width. Up to `dense_bytes` (1 GiB: 16,384 latents) the upper triangle
 (i < j, the matrix is symmetric) goes into a dense int32 [n, n] array, one increment per co-firing pair

@@ -1,6 +1,7 @@
 """The one encoding of an example's tokens and activations in the store: packed little-endian arrays,
 int32 token ids and float16 activations (6 bytes per token instead of a row per token). The miner
-writes through `pack_*`, the app reads through `unpack_*`, and `decode_rows`."""
+writes through `pack_*`, the app reads through `unpack_*`, and `decode_rows`. Explanation embeddings
+are stored the same way, one float16 row per explanation (`pack_embeddings`, `unpack_embeddings`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 ID_DTYPE = np.dtype("<i4")
 ACT_DTYPE = np.dtype("<f2")
 ACT_DECIMALS = 4  # float16 holds ~3 significant digits: more decimals would only lengthen JSON
+EMBEDDING_DTYPE = np.dtype("<f2")
 
 
 def pack_ids(ids) -> bytes:
@@ -42,3 +44,13 @@ def decode_rows(id_blobs: Sequence[bytes], act_blobs: Sequence[bytes]) -> list[t
     ids = np.frombuffer(b"".join(id_blobs), dtype=ID_DTYPE).tolist()
     acts = np.frombuffer(b"".join(act_blobs), dtype=ACT_DTYPE).astype(np.float64).round(ACT_DECIMALS).tolist()
     return [(ids[a:b], acts[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+
+
+def pack_embeddings(vectors) -> list[bytes]:
+    """Float16 little-endian, one blob per row (768 bytes for 384 dimensions)."""
+    return [row.tobytes() for row in np.asarray(vectors, dtype=EMBEDDING_DTYPE)]
+
+
+def unpack_embeddings(blobs: Sequence[bytes], dim: int = -1) -> np.ndarray:
+    """[len(blobs), dim] float32 from blobs of `pack_embeddings` (dim -1: read from the blobs' length)."""
+    return np.frombuffer(b"".join(blobs), dtype=EMBEDDING_DTYPE).reshape(len(blobs), dim).astype(np.float32)

@@ -188,7 +188,7 @@ class Explanation(Base):
     """One explanation of one feature of a mining run, by one method ("n2g", "llm"); a feature holds one
     per method. `score` is the method's single number to sort by (N2G: F1 of held-out precision and
     recall; LLM: mean of detection and fuzzing), `scores` the rest. `search_text` is what full-text and
-    semantic search read (store/search.py): on SQLite an FTS5 table kept in step by triggers, on
+    semantic search read (store/explanation_search.py): on SQLite an FTS5 table kept in step by triggers, on
     PostgreSQL a GIN index over its tsvector; `embedding` its sentence embedding (float16)."""
 
     __tablename__ = "explanations"

@@ -1,4 +1,5 @@
-"""Sharded mining: which windows each of N workers mines, and the merge's view of their work.
+"""The parts of a sharded mining run (`saescope mine --shard i/N`): which windows each of N workers mines,
+and the merge's view of their work.
 
 Part i of N mines whole chunks [i C / N, (i+1) C / N) of the C chunks the run's windows fill, into its
 own folder `<sae>/mining/part-i-of-N/` (resumable like the single-process chunks). Because the parts
@@ -19,7 +20,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import SaescopeError
-from ..shards import MANIFEST
+from ..shard_writer import MANIFEST
 from .comms import Grid
 
 

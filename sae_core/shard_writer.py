@@ -1,4 +1,5 @@
-"""The resumable sharded writer behind `saescope cache` and the miner's code chunks.
+"""The resumable sharded writer behind `saescope cache` and the miner's code chunks, and the folder
+format it writes (read back by cache.ActivationCache for activations, by feature_stats for codes).
 
 A folder holds `cache.json` (what it is of and how far it got), `documents.json` (document ids that
 `doc_index` values index) and `shard_NNNNN.safetensors` files: per shard, what the encoder stores for
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from .errors import SaescopeError
 
 if TYPE_CHECKING:
-    from .cache import CacheConfig
+    from .config import CacheConfig
     from .model import LanguageModel
     from .windows import WindowSource
 
@@ -39,6 +40,9 @@ DOCUMENTS = "documents.json"
 
 @dataclass
 class CacheResult:
+    """What a run of the writer left in `out`: the result of `saescope cache` (cache.build_cache) and of
+    the miner's code chunks alike."""
+
     out: Path
     n_windows: int
     n_rows: int

@@ -1,5 +1,5 @@
 """Search by meaning for the pages and the API: each SAE's explanations ranked by full text and by
-sentence embedding (sae_core/store/search.py), fused by reciprocal rank.
+sentence embedding (sae_core/store/explanation_search.py), fused by reciprocal rank.
 
 What it needs, the embedding model and each live run's embedding index, is loaded in the background
 when the app starts (MeaningWarmUp), so the first search does not pay for it (6.8 s measured before)
@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from sae_core.errors import SaescopeError
-from sae_core.store import search as store_search
+from sae_core.store import explanation_search as store_search
 from sae_core.store.schema import SAE, Feature
 
 from . import schemas
@@ -63,7 +63,7 @@ class MeaningWarmUp:
         self.thread.start()
 
     def _load(self, engine: Engine) -> None:
-        from sae_core.store import search as store_search
+        from sae_core.store import explanation_search as store_search
 
         start = time.monotonic()
         try:

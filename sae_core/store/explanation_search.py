@@ -4,9 +4,10 @@ over the stored sentence embeddings, and the two fused by reciprocal rank.
 
 Both full-text paths read `explanations.search_text` (the explanation plus the words of its patterns and
 of the tokens its top contexts peak on); a phrase is matched word by word with OR, so "dialogue
-attribution" still finds a feature that only says "said". Semantic search embeds the phrase with the
-same model as the explanations (sae_core/explain/embed.py) and ranks by cosine similarity over an
-in-memory matrix per run, rebuilt when the SAE's revision changes (explanations written)."""
+attribution" still finds a feature that only says "said". Semantic search takes the phrase embedded by
+its caller with the same model as the explanations (sae_core/explain/embed.py; the store does not load
+it) and ranks by cosine similarity over an in-memory matrix per run, rebuilt when the SAE's revision
+changes (explanations written). The app's search by meaning (app/meaning_search.py) puts these together."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import Connection, bindparam, select, text
 
+from .codec import unpack_embeddings
 from .schema import SAE, Explanation
 
 WORD = re.compile(r"\w+", re.UNICODE)
@@ -120,8 +122,6 @@ class EmbeddingIndex:
         self._lock = threading.Lock()
 
     def get(self, conn: Connection, run_id: int) -> RunEmbeddings:
-        from ..explain.embed import unpack
-
         revision = conn.scalar(select(SAE.revision).where(SAE.active_run_id == run_id))
         key = (str(conn.engine.url), run_id, revision)
         if key not in self._by_key:
@@ -132,7 +132,7 @@ class EmbeddingIndex:
                         .where(Explanation.run_id == run_id, Explanation.embedding.is_not(None))
                         .order_by(Explanation.feature_index, Explanation.method)
                     ).all()
-                    matrix = unpack([r[2] or b"" for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)
+                    matrix = unpack_embeddings([r[2] or b"" for r in rows]) if rows else np.zeros((0, 1), dtype=np.float32)
                     keys = [(r[0], r[1]) for r in rows]
                     del rows
                     for old in [k for k in self._by_key if k[:2] == key[:2]]:  # an older revision of the run
