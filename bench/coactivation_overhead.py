@@ -10,7 +10,7 @@ demo's mining does. Without --sae: a freshly initialised 16,384-latent k=32 TopK
 model's layer 8, mined through the model (random codes co-fire more evenly than trained ones: more
 distinct pairs, a harsher case for the count).
 
-Up to 16,384 latents the counter counts into a dense int32 [n, n] array (relations/coactivation.py);
+Up to 16,384 latents the counter counts into a dense int32 [n, n] array (sae_core/coactivation.py);
 both SAEs above are counted that way; a wider --sae times the sparse product used beyond it.
 
 Also timed: the statistics sweep alone (feature_stats.compute over the same kept chunks, with and
@@ -32,11 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sae_core import feature_stats  # noqa: E402
+from sae_core.coactivation import CoactivationCounter  # noqa: E402
 from sae_core.config import StatsConfig  # noqa: E402
 from sae_core.interchange import load_sae, save_sae  # noqa: E402
 from sae_core.mine import MineConfig, mine  # noqa: E402
 from sae_core.model import hook_name, load_model  # noqa: E402
-from sae_core.relations.coactivation import CoactivationCounter  # noqa: E402
 from sae_core.sae import TopKConfig, TopKSAE  # noqa: E402
 
 

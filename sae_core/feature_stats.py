@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from .coactivation import CoactivationCounter
 from .config import StatsConfig
-from .relations.coactivation import CoactivationCounter
 
 
 @dataclass
@@ -93,7 +93,7 @@ def compute(
     progress: bool = True,
     coactivation: CoactivationCounter | None = None,
 ) -> FeatureTables:
-    """`coactivation`: a counter fed every chunk's codes in sweep A (relations/coactivation.py)."""
+    """`coactivation`: a counter fed every chunk's codes in sweep A (coactivation.py)."""
     n, T1, skip = n_latents, rows_per_window, chunks.skip
     bar = tqdm(total=3 * len(chunks), desc="feature statistics", unit="chunk", disable=not progress, dynamic_ncols=True)
 

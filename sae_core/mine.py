@@ -31,6 +31,7 @@ import torch
 from . import corpus as corpus_mod
 from . import feature_stats
 from .cache import CacheConfig, check_config, reusable_cache
+from .coactivation import CoactivationCounter
 from .config import MineConfig
 from .distributed.comms import Grid, single_process
 from .distributed.mining_parts import part_chunks
@@ -38,7 +39,6 @@ from .distributed.mining_parts import plan as shard_plan
 from .errors import SaescopeError
 from .interchange import load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
-from .relations.coactivation import CoactivationCounter
 from .shard_writer import ShardEncoder, fill_shards, finished
 from .store import db, write
 from .windows import WindowSource

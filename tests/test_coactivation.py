@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from test_mine import small
 
 from sae_core import feature_stats
+from sae_core.coactivation import CoactivationCounter
 from sae_core.mine import mine
-from sae_core.relations.coactivation import CoactivationCounter
 from sae_core.store import db
 from sae_core.store.schema import SAE, Feature
 

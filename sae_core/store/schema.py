@@ -114,7 +114,7 @@ class Feature(Base):
     explanation: Mapped[str | None] = mapped_column(Text)
     top_token_id: Mapped[int | None]  # the token its strongest top context peaks on; None: never fired
     # [[partner index, co-fired positions, P(partner | this), Jaccard, partner's top_token_id], ...] strongest
-    # first (relations/coactivation.py); None for a run mined without co-activation
+    # first (sae_core/coactivation.py); None for a run mined without co-activation
     coactivation: Mapped[list | None] = mapped_column(JSON)
 
     # With the index as tie-break, a sorted page is one range of an index (store/order.py starts it)

@@ -20,8 +20,8 @@ from .schema import SAE, Example, Feature, FeatureOrder, FeatureRelation, Mining
 from .weights import store_weights
 
 if TYPE_CHECKING:
+    from ..coactivation import Coactivation
     from ..feature_stats import FeatureTables
-    from ..relations.coactivation import Coactivation
 
 
 @dataclass
@@ -79,7 +79,7 @@ class MinedRun:
     neighbours: Neighbours
     doc_ids: list[str]  # what the examples' doc_index values index
     weights: bytes | None = None  # the SAE as interchange.sae_bytes writes it: what the live features run (store/weights.py)
-    coactivation: Coactivation | None = None  # each feature's top co-firing features (relations/coactivation.py)
+    coactivation: Coactivation | None = None  # each feature's top co-firing features (sae_core/coactivation.py)
 
 
 def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | None:

@@ -1,4 +1,5 @@
-"""Co-activation: which features fire on the same tokens as each feature, counted during mining.
+"""Co-activation: which features fire on the same tokens as each feature, counted during mining (a statistic
+of the miner's sweep beside feature_stats, so below the store and the relations/ stages that read it back).
 
 The miner's statistics sweep (feature_stats.compute, sweep A) already reads every position's code once;
 `CoactivationCounter.add` takes the same (row, feature) pairs of each chunk and adds every pair of features
