@@ -1,5 +1,5 @@
 """The configuration of every stage, each option defined once: name, type, default and help live in
-these fields (`options.option`), and the CLI (`sae_core/cli.py`) and docs/configuration.md are built
+these fields (`options.option`), and the CLI (`saescope/cli.py`) and docs/configuration.md are built
 from them. One light module on purpose: building the CLI imports no torch, so `saescope --help`
 answers at once; each stage module re-exports its config (`from sae_core.cache import CacheConfig`).
 """
@@ -319,6 +319,39 @@ class GenerationConfig:
 
 
 @dataclass
+class AuthConfig:
+    """Accounts, sessions and API keys (app/accounts), and the fair-use limits on the model. Accounts are off
+    unless --auth; the limits on the model apply either way where set."""
+
+    auth: bool = option(
+        False, "Accounts: sign-in, roles and API keys (users come from `saescope user add`).", param_decls=["--auth/--no-auth"]
+    )
+    anonymous: Literal["live", "read", "none"] = option(
+        "read",
+        "With --auth, what visitors not signed in may do: read pages and the API (read), also use the model (live), or nothing (none).",
+    )
+    cookie_secure: Literal["auto", "always", "never"] = option(
+        "auto", "Secure flag of the session cookie; auto: when the request came over HTTPS (X-Forwarded-Proto from a trusted proxy counts)."
+    )
+    session_hours: float = option(12.0, "Hours a sign-in lasts.", min=0.01)
+    login_failures: int = option(5, "Failed sign-ins in a row that lock an account.", min=1)
+    lockout_minutes: float = option(15.0, "Minutes a locked account stays locked.", min=0.0)
+    login_per_minute: int = option(10, "Sign-in attempts per minute from one address (0: no limit).", min=0)
+    live_per_minute: int = option(60, "Model requests per minute per API key or signed-in user (0: no limit).", min=0)
+    live_per_minute_address: int = option(
+        0, "Model requests per minute per address of a client that is not signed in (0: no limit).", min=0
+    )
+    oidc_issuer: str | None = option(
+        None, "OpenID Connect provider for single sign-on: its issuer URL (its /.well-known/openid-configuration is read)."
+    )
+    oidc_client_id: str | None = option(None, "This server's client id at the OIDC provider (its secret: $SAESCOPE_OIDC_CLIENT_SECRET).")
+    oidc_role: Literal["viewer", "editor", "admin", "none"] = option(
+        "viewer", "Role of someone the OIDC provider signs in for the first time (none: only users linked by an admin)."
+    )
+    oidc_name: str = option("single sign-on", "What the sign-in page calls the OIDC provider.")
+
+
+@dataclass
 class ServeConfig:
     db: str | None = db_option()
     host: str = option("127.0.0.1", "Interface to listen on (0.0.0.0 to share on the network).")
@@ -349,6 +382,7 @@ class ServeConfig:
         param_decls=["--live/--no-live"],
     )
     live_options: LiveConfig = field(default_factory=LiveConfig)
+    auth_options: AuthConfig = field(default_factory=AuthConfig)
 
 
 SECTIONS = [
@@ -361,6 +395,7 @@ SECTIONS = [
     (MapConfig, "saescope map"),
     (ServeConfig, "saescope serve"),
     (LiveConfig, "saescope serve: live features"),
+    (AuthConfig, "saescope serve: accounts and limits"),
     (GenerationConfig, "saescope steer: generation settings"),
     (FamilyConfig, "saescope family"),
     (DemoConfig, "saescope demo"),

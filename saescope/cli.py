@@ -27,6 +27,7 @@ from sae_core.config import (
 from sae_core.errors import SaescopeError
 from sae_core.hardware import keep_large_buffers
 
+from .accounts import register as register_accounts
 from .live_commands import register as register_live
 from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
 
@@ -123,11 +124,11 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
         result = run_train(cfg, source, out, resume=resume, grid=grid)
     if not grid.is_main:
         return
-    f = result.final
+    last = result.last  # the last step's typed statistics; None when the checkpoint was already at the end
+    fvu, l0, dead = (last.fvu, last.l0, last.dead_fraction or 0.0) if last else (float("nan"), float("nan"), 0.0)
     console.print(
         f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
-        f"FVU {f.get('fvu', float('nan')):.4f}, L0 {f.get('l0', float('nan')):.1f}, "
-        f"dead {f.get('dead_fraction', 0):.2%} -> {out}"
+        f"FVU {fvu:.4f}, L0 {l0:.1f}, dead {dead:.2%} -> {out}"
     )
 
 
@@ -322,6 +323,7 @@ def fetch_corpus() -> None:
 
 
 register_live(app, console)  # saescope activations, saescope steer (saescope/live_commands.py)
+register_accounts(app, console)  # saescope user, saescope key, saescope usage (saescope/accounts.py)
 
 
 def main() -> None:
