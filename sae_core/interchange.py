@@ -13,6 +13,10 @@ BatchTopK and Matryoshka BatchTopK are saved as SAELens saves them after trainin
 every latent's threshold at the one estimated in training (SAELens registers "batchtopk" and
 "matryoshka_batchtopk" for training only). Their SAELens training folders load too (`topk_threshold`).
 
+Which names are written and read is each architecture's declaration (sae/base.py DictionarySAE:
+`saelens_architecture`, `saelens_cfg_fields`, `saelens_weights`, `imports_from`); this module only
+knows the formats.
+
 Saved weights take raw activations: training scales inputs by s (unit mean squared norm), and
 saving folds s into the biases (b_enc / s, b_pre / s) and thresholds (threshold / s). TopK, ReLU and
 JumpReLU commute with a positive scale, so the saved SAE gives latents z / s, i.e. in raw units, with
@@ -31,35 +35,25 @@ import torch
 from safetensors.torch import load, load_file, save, save_file
 
 from .errors import SaescopeError
-from .sae import ARCHITECTURES, BatchTopKSAE, JumpReLUSAE
+from .sae import ARCHITECTURES, imported_architecture, imported_names
 from .sae.base import DictionarySAE
 
 CFG = "cfg.json"
 WEIGHTS = "sae_weights.safetensors"
-# our architecture: the name SAELens' inference SAEs have for it
-SAELENS_ARCH = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
 
 
 def _tensors(sae: DictionarySAE, scale: float) -> dict[str, torch.Tensor]:
-    """The SAELens tensors of `sae` taking inputs divided by `scale` (1: as trained)."""
-    # the scale is folded in on the CPU: a GPU divides by multiplying with the reciprocal, one ulp off in places,
-    # and the saved file should not depend on where the SAE was trained
-    W_enc, W_dec, b_enc, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_enc, sae.b_pre))
-    tensors = {"W_enc": W_enc.T.contiguous(), "W_dec": W_dec.contiguous(), "b_enc": b_enc / scale, "b_dec": b_pre / scale}
-    thresholds = sae.activation_thresholds()
-    if thresholds is not None:
-        tensors["threshold"] = (thresholds.detach().float().cpu() / scale).contiguous()
-    return tensors
+    """The SAELens tensors of `sae` taking inputs divided by `scale` (1: as trained): the architecture names them."""
+    return sae.saelens_tensors(scale)
 
 
 def _architecture_record(sae: DictionarySAE) -> dict:
-    """cfg.json's fields saying which architecture `sae` is: SAELens' (architecture, k) and ours under
-    metadata.saescope (`architecture`, `sae_config`: its settings besides the shapes)."""
+    """cfg.json's fields saying which architecture `sae` is: SAELens' (architecture, and the fields its
+    inference SAE reads such as TopK's k) and ours under metadata.saescope (`architecture`, `sae_config`:
+    its settings besides the shapes)."""
     settings = {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k not in ("d_in", "n_latents")}
-    record: dict = {"architecture": SAELENS_ARCH[sae.architecture], "saescope": {"architecture": sae.architecture, "sae_config": settings}}
-    if sae.architecture == "topk":
-        record["k"] = sae.cfg.k
-    return record
+    record: dict = {"architecture": sae.saelens_architecture, "saescope": {"architecture": sae.architecture, "sae_config": settings}}
+    return {**record, **sae.saelens_cfg_fields()}
 
 
 def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None) -> Path:
@@ -108,30 +102,8 @@ def _build(arch: str, d_in: int, n: int, settings: dict, w: dict[str, torch.Tens
     if "k" in names and settings.get("k") is None:
         raise SaescopeError(f"{where}: a {arch} SAE's checkpoint must say its k")
     sae = sae_cls(config_cls(d_in=d_in, n_latents=n, **{k: v for k, v in settings.items() if k in names - {"d_in", "n_latents"}}))
-    with torch.no_grad():
-        for name, value in (("W_enc", W_enc_nd), ("W_dec", w["W_dec"]), ("b_enc", w["b_enc"]), ("b_pre", w["b_dec"])):
-            target = getattr(sae, name)
-            if tuple(value.shape) != tuple(target.shape):
-                raise SaescopeError(f"{where}: {name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-            target.copy_(value.float())
-        if isinstance(sae, (JumpReLUSAE, BatchTopKSAE)):
-            _set_threshold(sae, w, where)
+    sae.load_saelens_tensors(w, W_enc_nd, where)  # the architecture's weight names, and its thresholds where it has them
     return sae.eval()
-
-
-def _set_threshold(sae: JumpReLUSAE | BatchTopKSAE, w: dict[str, torch.Tensor], where) -> None:
-    threshold = w.get("threshold", w.get("topk_threshold"))
-    if threshold is None:
-        raise SaescopeError(f"{where}: a {sae.architecture} SAE's weights must hold its threshold")
-    threshold = threshold.detach().double().cpu().reshape(-1)
-    if isinstance(sae, BatchTopKSAE):  # one threshold for every latent
-        if not bool((threshold == threshold[0]).all()):
-            raise SaescopeError(f"{where}: a {sae.architecture} SAE has one threshold for every latent; these differ")
-        sae.threshold.fill_(float(threshold[0]))
-    else:  # a threshold <= 0 fires above 0, as SAELens' ReLU before its mask does
-        if threshold.shape != (sae.cfg.n_latents,):
-            raise SaescopeError(f"{where}: threshold has shape {tuple(threshold.shape)}, expected ({sae.cfg.n_latents},)")
-        sae.log_threshold.copy_(threshold.clamp_min(0).log().float())
 
 
 @dataclass(frozen=True)
@@ -219,36 +191,26 @@ def _load_saelens(folder: Path) -> LoadedSAE:
 
 
 def _from_saelens(cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> LoadedSAE:
-    saelens_arch = cfg.get("architecture", "standard")
+    saelens_arch = cfg.get("architecture", "standard")  # SAELens' default
     ours = (cfg.get("metadata") or {}).get("saescope") or {}
     settings = dict(ours.get("sae_config") or {})
-    if ours.get("architecture") and SAELENS_ARCH.get(ours["architecture"]) == saelens_arch:
+    saved_by_us = ARCHITECTURES.get(ours.get("architecture") or "")
+    if saved_by_us is not None and saved_by_us[1].saelens_architecture == saelens_arch:
         arch = ours["architecture"]  # saved by us: e.g. a BatchTopK SAE SAELens reads as "jumprelu"
-    elif saelens_arch in ("topk", "jumprelu", "batchtopk", "matryoshka_batchtopk"):
-        arch = saelens_arch  # SAELens' own; its BatchTopK training folders keep k, matryoshka_widths and topk_threshold
-        if saelens_arch == "matryoshka_batchtopk":
-            settings["prefix_sizes"] = cfg.get("matryoshka_widths")
-        if saelens_arch != "jumprelu" and cfg.get("rescale_acts_by_decoder_norm") and not _unit_rows(w["W_dec"]):
-            raise SaescopeError(
-                f"{where}: a {saelens_arch} training folder with rescale_acts_by_decoder_norm and a decoder of other than "
-                f"unit norms; save it with SAELens' save_inference_model (a jumprelu SAE) and import that"
-            )
-    elif saelens_arch == "standard":
-        arch = "relu"
+    elif (found := imported_architecture("saelens", saelens_arch)) is not None:
+        arch = found  # SAELens' own; its BatchTopK training folders keep k, matryoshka_widths and topk_threshold
+        settings.update(ARCHITECTURES[arch][1].saelens_import_settings(cfg, w, where))
     else:
-        raise SaescopeError(f"{where}: architecture {saelens_arch!r} is not supported ({', '.join(sorted(set(SAELENS_ARCH.values())))})")
+        supported = sorted({cls.saelens_architecture for _, cls in ARCHITECTURES.values()})  # what SAELens' inference SAEs are
+        raise SaescopeError(f"{where}: architecture {saelens_arch!r} is not supported ({', '.join(supported)})")
     if cfg.get("normalize_activations", "none") not in ("none", None):
         raise SaescopeError(
             f"{where}: normalize_activations={cfg['normalize_activations']!r} is not supported; fold it into the weights first"
         )
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or settings.get("k")
     if k is not None:
-        settings["k"] = k if arch in ("batchtopk", "matryoshka_batchtopk") else int(k)
+        settings["k"] = ARCHITECTURES[arch][1].k_setting(k)
     return LoadedSAE(_build(arch, cfg["d_in"], cfg["d_sae"], settings, w, w["W_enc"].T, where), cfg)
-
-
-def _unit_rows(W_dec: torch.Tensor) -> bool:
-    return bool(torch.allclose(W_dec.float().norm(dim=1), torch.ones(len(W_dec)), atol=1e-4))
 
 
 def sae_bytes(loaded: LoadedSAE) -> bytes:
@@ -292,8 +254,12 @@ def _load_sparsify(folder: Path) -> LoadedSAE:
     k = cfg.get("k")
     if k is None:
         raise SaescopeError(f"{folder}/cfg.json has no k; sparsify folders need their cfg.json")
+    arch = imported_architecture("sparsify", cfg.get("activation"))
+    if arch is None:
+        supported = ", ".join(imported_names("sparsify"))
+        raise SaescopeError(f"{folder}: sparsify activation {cfg.get('activation')!r} is not supported ({supported})")
     sae = _build(
-        "topk", d, n, {"k": int(k)}, {"W_dec": w["W_dec"], "b_enc": w["encoder.bias"], "b_dec": w["b_dec"]}, w["encoder.weight"], folder
+        arch, d, n, {"k": int(k)}, {"W_dec": w["W_dec"], "b_enc": w["encoder.bias"], "b_dec": w["b_dec"]}, w["encoder.weight"], folder
     )
     return LoadedSAE(sae, _imported_cfg(sae, "sparsify", folder, {"cfg": cfg}))
 
@@ -303,13 +269,12 @@ def _load_openai(path: Path) -> LoadedSAE:
     if not isinstance(state, dict) or "encoder.weight" not in state:
         raise SaescopeError(f"{path} is not an OpenAI sparse_autoencoder state_dict (no encoder.weight)")
     n, d = state["encoder.weight"].shape
-    act = state.get("activation", "ReLU")
-    if act == "TopK":
-        k, arch = int(state["activation_state_dict"]["k"]), "topk"
-    elif act == "ReLU":
-        k, arch = None, "relu"
-    else:
-        raise SaescopeError(f"{path}: activation {act!r} is not supported (TopK, ReLU)")
+    act = state.get("activation")  # the package's default: ReLU
+    arch = imported_architecture("openai", act)
+    if arch is None:
+        raise SaescopeError(f"{path}: activation {act!r} is not supported ({', '.join(imported_names('openai'))})")
+    k = (state.get("activation_state_dict") or {}).get("k")
+    k = None if k is None else int(k)
     if state.get("normalize"):
         raise SaescopeError(f"{path} normalises its inputs with a layer norm, which saescope SAEs do not model")
     weights = {"W_dec": state["decoder.weight"].T, "b_enc": state["latent_bias"], "b_dec": state["pre_bias"]}

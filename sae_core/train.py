@@ -15,7 +15,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from .errors import SaescopeError
 from .hardware import keep_large_buffers
 from .model import resolve_device
 from .sae import ARCHITECTURES
+from .sae.base import DictionaryParameters, DictionarySAE, StepFn
 from .stream import ModelStream
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,10 +42,11 @@ class TrainResult:
     out: Path
     steps: int
     tokens: int
-    final: dict  # last step's fvu, l0, dead fraction, loss
+    final: dict  # last step's fvu, l0, dead fraction, loss (StepResult.stats(): as train_log.jsonl records them)
     tokens_per_s: float
     resumed_from_step: int = 0
     log: list[dict] = field(default_factory=list)
+    last: StepResult | None = None  # the last step this run made (None: the checkpoint was already at the end)
 
 
 def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -67,7 +68,7 @@ def estimate_scale(sample: torch.Tensor) -> float:
     return float(1 / sample[keep].pow(2).sum(1).mean().sqrt())
 
 
-def build_sae(cfg: TrainConfig, d_in: int, latent_group: Comms | None = None):
+def build_sae(cfg: TrainConfig, d_in: int, latent_group: Comms | None = None) -> DictionaryParameters:
     """The SAE `cfg` describes; with a latent-parallel group of several ranks, this rank's slice of it."""
     if cfg.architecture not in ARCHITECTURES:
         raise SaescopeError(f"unknown architecture {cfg.architecture!r}: choose from {', '.join(ARCHITECTURES)}")
@@ -79,11 +80,9 @@ def build_sae(cfg: TrainConfig, d_in: int, latent_group: Comms | None = None):
     names = {f.name for f in dataclasses.fields(config_cls)} & {f.name for f in dataclasses.fields(cfg)}
     arch_cfg = config_cls(d_in=d_in, **{name: getattr(cfg, name) for name in names})
     if latent_group is not None and latent_group.size > 1:
-        if cfg.architecture != "topk":
-            raise SaescopeError(f"--latent-parallel splits TopK SAEs only; train {cfg.architecture} data-parallel")
-        from .distributed.latent_parallel import LatentShardedTopKSAE
+        from .distributed.latent_parallel import sharded
 
-        return LatentShardedTopKSAE(arch_cfg, latent_group)
+        return sharded(sae_cls, arch_cfg, latent_group)  # an error for the architectures that do not split
     return sae_cls(arch_cfg)
 
 
@@ -164,15 +163,15 @@ class Trainer:
         grid.world.barrier()  # every rank has looked at --out before any writes into it
         self.out.mkdir(parents=True, exist_ok=True)
 
-    def _loss_and_grads(self, cfg: TrainConfig, grid: Grid) -> Callable[..., dict]:
+    def _loss_and_grads(self, cfg: TrainConfig, grid: Grid) -> StepFn:
         """The SAE's own loss_and_grads, or with --compile the same step as one compiled graph (sae/compiled.py)."""
         if not cfg.compile:
             return self.sae.loss_and_grads
-        if cfg.architecture != "topk" or grid.distributed:
-            raise SaescopeError("--compile compiles the topk architecture's step in one process; leave it off for others and torchrun")
-        from .sae.compiled import CompiledTopK
-
-        return CompiledTopK(self.sae).loss_and_grads
+        compiled = self.sae.compiled_step() if isinstance(self.sae, DictionarySAE) and not grid.distributed else None
+        if compiled is None:
+            which = ", ".join(name for name, (_, cls) in ARCHITECTURES.items() if cls.compiled_step is not DictionarySAE.compiled_step)
+            raise SaescopeError(f"--compile compiles the {which} architecture's step in one process; leave it off for others and torchrun")
+        return compiled
 
     def _initialise(self) -> None:
         cfg, sae = self.cfg, self.sae
@@ -250,27 +249,27 @@ class Trainer:
         sae.begin_step(self.step_no)  # JumpReLU's L0 warm-up
         stats = self.loss_and_grads(x, dead, autocast_bf16=cfg.bf16, group_sum=self.grid.dp.group_sum)
         stats = reduce_step(list(sae.parameters()), stats, self.grid.dp)  # one process: as it is
-        if not math.isfinite(stats["loss"]):  # a NaN or Inf in the batch always shows here (FVU's denominator)
+        if not math.isfinite(stats.loss):  # a NaN or Inf in the batch always shows here (FVU's denominator)
             if not torch.isfinite(x).all():
                 raise SaescopeError(
                     f"{where}(step {self.step_no}) holds NaN or Inf activations; "
                     f"training stopped, the last good checkpoint in {self.out} is kept"
                 )
             raise SaescopeError(
-                f"the loss became {stats['loss']} at step {self.step_no} ({where.strip()}); "
+                f"the loss became {stats.loss} at step {self.step_no} ({where.strip()}); "
                 f"training stopped, the last good checkpoint in {self.out} is kept; try a lower --lr"
             )
         sae.remove_parallel_grads()
         self.opt.step()
         sae.normalize_decoder()
         self.tokens_since_fired += len(x) * self.grid.dp.size  # the global batch's tokens
-        self.tokens_since_fired.masked_fill_(stats.pop("fired"), 0)
+        self.tokens_since_fired.masked_fill_(stats.fired, 0)
         if self.ema_state is not None and cfg.ema is not None:
             with torch.no_grad():
                 for name, value in sae.state_dict().items():
                     self.ema_state[name].lerp_(value, 1 - cfg.ema)
         self.step_no += 1
-        result = StepResult(self.step_no, stats["loss"], stats["fvu"], stats["aux_fvu"], stats["l0"], stats["n_dead"])
+        result = StepResult(self.step_no, stats.loss, stats.fvu, stats.aux_fvu, stats.l0, stats.n_dead)
         if self.step_no % LOG_EVERY == 0 or self.step_no == self.total_steps:
             result.dead_fraction = self._dead_fraction()
         return result
@@ -299,6 +298,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         stats: dict = {}
+        last: StepResult | None = None
         log: list[dict] = []
         t0, trained = time.perf_counter(), 0
         with open(self.out / LOG if self.grid.is_main else os.devnull, "a") as log_fh:
@@ -309,7 +309,7 @@ class Trainer:
                 for batch_no, x in enumerate(batches, start=skip):
                     if self.step_no >= self.total_steps:
                         break
-                    result = self.step(x, where=f"batch {batch_no} of epoch {epoch} ")
+                    result = last = self.step(x, where=f"batch {batch_no} of epoch {epoch} ")
                     stats = result.stats()
                     trained += len(x) * self.grid.dp.size
                     bar.update(len(x) * self.grid.dp.size)
@@ -334,11 +334,11 @@ class Trainer:
             "tokens_trained": self.step_no * cfg.batch_size,
             "final": stats,
         }
-        whole = self.sae if self.grid.lp.size == 1 else self.sae.gather()
+        whole = self.sae.gather()  # a latent-parallel slice gathers its group's (every rank of it takes part)
         if self.grid.is_main:
             save_sae(whole, self.out, scale=self.scale, metadata=self.meta)
         return TrainResult(
-            self.out, self.step_no, self.step_no * cfg.batch_size, stats, trained / elapsed if elapsed else 0.0, self.start_step, log
+            self.out, self.step_no, self.step_no * cfg.batch_size, stats, trained / elapsed if elapsed else 0.0, self.start_step, log, last
         )
 
 

@@ -84,9 +84,9 @@ def test_batchtopk_gradients_match_autograd(arch, n_dead):
     with torch.enable_grad():
         loss, terms = reference_batchtopk_loss(sae, x, dead)
         loss.backward()
-    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert stats["fvu"] == pytest.approx(terms[-1].item(), rel=1e-5)  # the whole dictionary's FVU
-    assert stats["l0"] == pytest.approx(6.0, abs=0.01)
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-5)
+    assert stats.fvu == pytest.approx(terms[-1].item(), rel=1e-5)  # the whole dictionary's FVU
+    assert stats.l0 == pytest.approx(6.0, abs=0.01)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -99,9 +99,9 @@ def test_matryoshka_loss_is_the_sum_of_its_prefix_losses():
         _, terms = reference_batchtopk_loss(sae, x, torch.zeros(256, dtype=torch.bool))
     stats = sae.loss_and_grads(x, torch.zeros(256, dtype=torch.bool))
     assert len(terms) == 3 and len({round(float(t), 4) for t in terms}) == 3  # three different reconstructions
-    assert stats["loss"] == pytest.approx(float(sum(terms)), rel=1e-5)
+    assert stats.loss == pytest.approx(float(sum(terms)), rel=1e-5)
     plain = random_sae("batchtopk", k=6, aux_coef=0.0)
-    assert plain.loss_and_grads(x, torch.zeros(256, dtype=torch.bool))["loss"] == pytest.approx(float(terms[-1]), rel=1e-5)
+    assert plain.loss_and_grads(x, torch.zeros(256, dtype=torch.bool)).loss == pytest.approx(float(terms[-1]), rel=1e-5)
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -156,8 +156,8 @@ def test_jumprelu_threshold_gradient_is_the_straight_through_estimators(path):
         loss = fvu(x, z @ sae.W_dec + sae.b_pre) + sae.cfg.l0_coef * StepFunction.apply(pre, theta, eps).sum(1).mean()
         loss.backward()
     assert in_window > 500, "the test needs entries inside the kernel's window"
-    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
-    assert stats["l0"] == pytest.approx(float((pre > theta).sum(1).float().mean()))
+    assert stats.loss == pytest.approx(loss.item(), rel=1e-5)
+    assert stats.l0 == pytest.approx(float((pre > theta).sum(1).float().mean()))
     for name, p in sae.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -175,7 +175,7 @@ def test_bf16_step_is_the_fp32_step_in_bf16_numerics(arch):
     if arch != "jumprelu":
         sae.threshold.zero_()  # the same threshold update from the same start
     bf16 = sae.loss_and_grads(x, dead, autocast_bf16=True)
-    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2) and bf16["loss"] != fp32["loss"]
+    assert bf16.loss == pytest.approx(fp32.loss, rel=2e-2) and bf16.loss != fp32.loss
     for name, p in sae.named_parameters():
         assert torch.nn.functional.cosine_similarity(p.grad.flatten(), g32[name].flatten(), dim=0) > 0.99, name
 

@@ -95,12 +95,12 @@ def test_compiled_step_matches_the_eager_step_over_several_steps(device, multi_t
         x = torch.randn(50, 24, generator=gen).to(device)
         want = eager.loss_and_grads(x, dead, autocast_bf16=bf16)
         got = step.loss_and_grads(x, dead, autocast_bf16=bf16)
-        assert got["n_dead"] == want["n_dead"] == n_dead
-        assert torch.equal(got["fired"], want["fired"]), f"step {i}"
+        assert got.n_dead == want.n_dead == n_dead
+        assert torch.equal(got.fired, want.fired), f"step {i}"
         for key in STATS:
-            assert got[key] == pytest.approx(want[key], rel=tol, abs=1e-7), f"{key} at step {i}"
+            assert getattr(got, key) == pytest.approx(getattr(want, key), rel=tol, abs=1e-7), f"{key} at step {i}"
         if n_dead:
-            assert got["aux_fvu"] > 0  # AuxK ran (the padding columns added nothing, checked by the gradients)
+            assert got.aux_fvu > 0  # AuxK ran (the padding columns added nothing, checked by the gradients)
         for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
             assert relative_error(p.grad, q.grad) < tol, f"gradient of {name} at step {i}"
         adam_step(eager, opt_eager)
@@ -146,8 +146,8 @@ def test_a_changing_dead_count_recompiles_into_the_right_bucket(device):
         want = eager.loss_and_grads(x, dead)
         want_grads = [p.grad.clone() for p in eager.parameters()]
         got = step.loss_and_grads(x, dead)
-        assert got["aux_fvu"] == pytest.approx(want["aux_fvu"], rel=tol, abs=1e-7), n_dead
-        assert got["loss"] == pytest.approx(want["loss"], rel=tol), n_dead
+        assert got.aux_fvu == pytest.approx(want.aux_fvu, rel=tol, abs=1e-7), n_dead
+        assert got.loss == pytest.approx(want.loss, rel=tol), n_dead
         for (name, p), g in zip(eager.named_parameters(), want_grads):
             assert relative_error(p.grad, g) < tol, f"gradient of {name} with {n_dead} dead"
 

@@ -87,8 +87,8 @@ def one_step_gradients(grid, cfg: TrainConfig) -> dict:
     part = LatentShardedTopKSAE(arch, grid.lp)
     part.load_state_dict(part.slice_of(full.state_dict()))
     got = part.loss_and_grads(x, part.slice_of({"d": dead})["d"])
-    assert want["n_dead"] == got["n_dead"] and want["aux_fvu"] > 0
-    out = {k: abs(got[k] - want[k]) / abs(want[k]) for k in ("loss", "fvu", "aux_fvu", "l0")}
+    assert want.n_dead == got.n_dead and want.aux_fvu > 0
+    out = {k: abs(getattr(got, k) - getattr(want, k)) / abs(getattr(want, k)) for k in ("loss", "fvu", "aux_fvu", "l0")}
     for name, p in part.named_parameters():
         ref = part.slice_of({name: getattr(full, name).grad})[name]
         out[name] = float((p.grad - ref).abs().max() / ref.abs().max())

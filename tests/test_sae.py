@@ -59,12 +59,12 @@ def test_sparse_backward_matches_autograd(multi_topk, n_dead, device):
         p.grad = None
     ref = reference_loss(sae, x, dead)
     ref.backward()
-    assert stats["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert stats.loss == pytest.approx(ref.item(), rel=1e-5)
     for name, p in sae.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     if n_dead:
         assert ours["W_enc"][dead].abs().sum() > 0, "AuxK must train the encoder of dead latents"
-    assert stats["l0"] <= 4
+    assert stats.l0 <= 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,7 +94,7 @@ def test_bf16_without_bf16_hardware_matches_a_bf16_gemm(monkeypatch, arch, devic
     for mode, native in (("bf16 gemm", True), ("rounded fp32 gemm", False), ("fp32", None)):
         monkeypatch.setattr(base, "native_bf16", lambda _device, native=native: native)
         stats = sae.loss_and_grads(x, dead, autocast_bf16=native is not None)
-        grads[mode] = (stats["loss"], torch.cat([p.grad.flatten() for p in sae.parameters()]), sae.W_dec.grad[:40].clone())
+        grads[mode] = (stats.loss, torch.cat([p.grad.flatten() for p in sae.parameters()]), sae.W_dec.grad[:40].clone())
     (loss_native, g_native, aux_native), (loss_rounded, g_rounded, aux_rounded), (loss_fp32, g_fp32, aux_fp32) = grads.values()
     assert loss_rounded == pytest.approx(loss_native, rel=1e-6)
     if arch == "topk":

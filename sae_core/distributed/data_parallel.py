@@ -11,22 +11,21 @@ measures what the reduction costs first.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from ..sae.base import StepLosses
 from .comms import Comms
 
-STATS = ("loss", "fvu", "aux_fvu", "l0")
 
-
-def reduce_step(params: list[torch.nn.Parameter], stats: dict, dp: Comms) -> dict:
+def reduce_step(params: list[torch.nn.Parameter], stats: StepLosses, dp: Comms) -> StepLosses:
     """Sum the gradients of `params` over `dp` in place and reduce `stats` (loss, fvu and aux_fvu are
     shares of the global sums, l0 a mean over equal parts, `fired` an OR); a group of one returns them as they are."""
     if dp.size == 1:
         return stats
-    fired = stats["fired"]
-    summary = torch.cat([fired.float(), torch.tensor([stats[k] for k in STATS], device=fired.device)])
+    fired = stats.fired
+    summary = torch.cat([fired.float(), torch.tensor([stats.loss, stats.fvu, stats.aux_fvu, stats.l0], device=fired.device)])
     dp.sum_all_([p.grad for p in params if p.grad is not None] + [summary])
-    totals = summary[len(fired) :].tolist()
-    out = {**stats, **dict(zip(STATS, totals)), "fired": summary[: len(fired)] > 0}
-    out["l0"] = totals[3] / dp.size
-    return out
+    loss, fvu, aux_fvu, l0 = summary[len(fired) :].tolist()
+    return dataclasses.replace(stats, loss=loss, fvu=fvu, aux_fvu=aux_fvu, l0=l0 / dp.size, fired=summary[: len(fired)] > 0)

@@ -9,7 +9,7 @@ of the group sees the same batch. One step:
      exchanged (all-gather), never the [B, n] pre-activations;
   2. each rank decodes its own selected latents; the partial reconstructions are summed (all-reduce);
   3. the error is then the same on every rank, and each computes the sparse gradients of its own
-     latents (the same products as TopKSAE._sparse_backward, over the entries it owns);
+     latents (topk.topk_backward, the single-process step's backward, over the entries it holds);
   4. AuxK likewise: local top-k_aux candidates over the local dead latents, exchanged, the global
      top-k_aux selected, partial residual reconstructions summed;
   5. b_pre's gradient needs sum_i dL/db_enc[i] W_enc[i] over all latents: summed (all-reduce of [d]).
@@ -27,18 +27,15 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from ..sae.base import DictionarySAE, bf16_gemm, gemm, gemm_operand
-from ..sae.topk import GroupSum, TopKConfig, TopKSAE, variance_sum
+from ..sae.base import DictionaryParameters, DictionarySAE, GroupSum, StepLosses, bf16_gemm, encode_block_rows, gemm, gemm_operand
+from ..sae.topk import TopKConfig, TopKSAE, topk_backward, variance_sum
 from .comms import Comms
 
 
-class LatentShardedTopKSAE(DictionarySAE):
+class LatentShardedTopKSAE(DictionaryParameters):
     """This rank's slice of a TopK SAE: parameters W_enc, b_enc, W_dec [n/N, ...] and b_pre [d]; `cfg` is
-    the whole SAE's (n_latents is the global width, as the learning rate and AuxK need)."""
-
-    architecture = "topk"
-    ENCODE_BLOCK = TopKSAE.ENCODE_BLOCK
-    GPU_BLOCK_ELEMENTS = TopKSAE.GPU_BLOCK_ELEMENTS
+    the whole SAE's (n_latents is the global width, as the learning rate and AuxK need). It trains (the
+    trainer's part of the interface); `gather` gives the whole SAE for everything else."""
 
     def __init__(self, cfg: TopKConfig, comms: Comms):
         if cfg.n_latents % comms.size:
@@ -83,7 +80,9 @@ class LatentShardedTopKSAE(DictionarySAE):
         return mine, torch.where(mine, local, torch.zeros_like(local))
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
         """TopKSAE.loss_and_grads for this slice: `dead` is the mask of this rank's latents; every rank of
         the group gets the same loss and statistics, `fired` covers its own latents, n_dead all of them."""
         cfg, comms = self.cfg, self.comms
@@ -100,7 +99,7 @@ class LatentShardedTopKSAE(DictionarySAE):
         pre_dead = torch.empty(B, n_dead_local, dtype=W_T.dtype, device=x.device) if n_dead_local else x.new_empty(B, 0)
         k_cand = min(k_main, n_loc)
         vals_parts, idx_parts = [], []
-        block_rows = self.ENCODE_BLOCK if x.device.type == "cpu" else max(self.ENCODE_BLOCK, self.GPU_BLOCK_ELEMENTS // n_loc)
+        block_rows = encode_block_rows(x.device.type, n_loc)
         for s in range(0, B, block_rows):
             block = torch.addmm(bias, xg[s : s + block_rows], W_T)
             if operand == "rounded":
@@ -133,7 +132,7 @@ class LatentShardedTopKSAE(DictionarySAE):
                 fvu_k, l0 = term, (z > 0).sum() / B
                 fired = torch.zeros(n_loc, dtype=z.dtype, device=x.device).scatter_reduce_(0, local[mine], z[mine], "amax") > 0
             g = err.mul_(-2.0 * weight / denom)
-            a, b, c = self._owned_backward(xc, g, z, vals, local, mine)
+            a, b, c = topk_backward(xc, g, z, vals, local, self.W_dec, held=mine)
             gW_enc.add_(a)
             gW_dec.add_(b)
             gb_enc.add_(c)
@@ -180,30 +179,16 @@ class LatentShardedTopKSAE(DictionarySAE):
         gb_pre -= comms.sum(gb_enc @ self.W_enc)
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         loss, fvu_k, l0, aux_fvu = torch.stack([loss, fvu_k, l0.float(), aux_fvu]).tolist()
-        return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
+        return StepLosses(loss=loss, fvu=fvu_k, aux_fvu=aux_fvu, l0=l0, n_dead=n_dead, fired=fired)
 
-    def _owned_backward(self, xc, g, z, vals, local, mine) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients (W_enc, W_dec, b_enc) of one TopK term over the selected entries this rank holds: the
-        CSR products of TopKSAE._sparse_backward with a varying number of entries per row."""
-        B, n = len(g), self.n_local
-        key = torch.where(mine, local, torch.full_like(local, n))  # entries held elsewhere sort last in their row
-        key, perm = key.sort(dim=1)
-        held = key < n
-        count = held.sum(1)
-        if int(count.sum()) == 0:
-            return torch.zeros_like(self.W_enc), torch.zeros_like(self.W_dec), torch.zeros_like(self.b_enc)
-        cols = key[held]
-        z_h, vals_h = z.gather(1, perm)[held], vals.gather(1, perm)[held]
-        crow = torch.zeros(B + 1, dtype=torch.long, device=g.device)
-        crow[1:] = count.cumsum(0)
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols), dtype=g.dtype, device=g.device), (B, n))
-        gz = torch.sparse.sampled_addmm(pattern, g, self.W_dec.T, beta=0).values() * (vals_h > 0)
-        token = torch.repeat_interleave(torch.arange(B, device=g.device), count)
-        order = cols.argsort(stable=True)
-        lat_crow = torch.zeros(n + 1, dtype=torch.long, device=g.device)
-        lat_crow[1:] = torch.zeros(n, dtype=torch.long, device=g.device).scatter_add_(0, cols, torch.ones_like(cols)).cumsum(0)
 
-        def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-            return torch.sparse_csr_tensor(lat_crow, token[order], values[order], (n, B)) @ dense
+# the architectures whose SAEs can be split across a latent-parallel group: SAE class -> its slice's class
+SHARDED: dict[type[DictionarySAE], type[LatentShardedTopKSAE]] = {TopKSAE: LatentShardedTopKSAE}
 
-        return per_latent(gz, xc), per_latent(z_h, g), torch.zeros_like(self.b_enc).index_add_(0, cols, gz)
+
+def sharded(sae_cls: type[DictionarySAE], cfg, comms: Comms) -> LatentShardedTopKSAE:
+    """This rank's slice of an SAE of class `sae_cls` with config `cfg`, or an error for architectures that do not split."""
+    if (slice_cls := SHARDED.get(sae_cls)) is None:
+        splits = ", ".join(cls.architecture for cls in SHARDED)
+        raise SaescopeError(f"--latent-parallel splits {splits} SAEs only; train {sae_cls.architecture} data-parallel")
+    return slice_cls(cfg, comms)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, bf16_gemm, gemm_operand
+from .base import DictionarySAE, GroupSum, StepLosses, bf16_gemm, encode_block_rows, gemm_operand
 from .reductions import ordered_sum, weighted_row_sum
 from .sparse import CodePattern, auxk_grads
-from .topk import GroupSum, TopKSAE, variance_sum
+from .topk import require_unit_decoder, variance_sum
 
 CANDIDATES = 4  # per row and block: CANDIDATES * k largest pre-activations are kept for the batch-wide choice
 
@@ -56,6 +56,8 @@ class BatchTopKConfig:
 
 class BatchTopKSAE(DictionarySAE):
     architecture = "batchtopk"
+    saelens_architecture = "jumprelu"  # SAELens saves a trained BatchTopK SAE as a JumpReLU one (one threshold)
+    imports_from = {"saelens": ("batchtopk",)}  # SAELens' training folders
     threshold: torch.Tensor
 
     def __init__(self, cfg: BatchTopKConfig):
@@ -66,6 +68,21 @@ class BatchTopKSAE(DictionarySAE):
     def prefix_sizes(self) -> list[int]:
         """The nested dictionaries each scored on its own (Matryoshka); plain BatchTopK: the whole one."""
         return [self.cfg.n_latents]
+
+    @classmethod
+    def k_setting(cls, k):
+        return k  # a mean over the batch: may be fractional
+
+    @classmethod
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+        require_unit_decoder(cfg, w, where)
+        return {}
+
+    def load_thresholds(self, w: dict[str, torch.Tensor], where) -> None:
+        threshold = self.saved_threshold(w, where)  # SAELens' training folders call it topk_threshold
+        if not bool((threshold == threshold[0]).all()):
+            raise SaescopeError(f"{where}: a {self.architecture} SAE has one threshold for every latent; these differ")
+        self.threshold.fill_(float(threshold[0]))
 
     # ------------------------------------------------------------------ inference
 
@@ -100,7 +117,7 @@ class BatchTopKSAE(DictionarySAE):
             return block
 
         val_parts, col_parts = [], []
-        step = TopKSAE.ENCODE_BLOCK if xg.device.type == "cpu" else max(TopKSAE.ENCODE_BLOCK, TopKSAE.GPU_BLOCK_ELEMENTS // n)
+        step = encode_block_rows(xg.device.type, n)
         for s in range(0, B, step):  # blocks as TopK's: each is chosen from while it is still in cache
             block = block_pre(xg[s : s + step])
             v, i = block.topk(per_row, dim=1, sorted=False)
@@ -127,7 +144,9 @@ class BatchTopKSAE(DictionarySAE):
         return rows[order], cols[order], top_vals[order], pre_dead
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
         """The TopKSAE.loss_and_grads contract: set every parameter's .grad for batch x and report loss, fvu,
         aux_fvu, l0, n_dead and `fired`. Also moves the inference threshold towards this batch's smallest kept
         activation. Data parallel (`group_sum`): each rank chooses k * its rows among its own rows (as SAELens
@@ -174,7 +193,7 @@ class BatchTopKSAE(DictionarySAE):
         self._update_threshold(z, group_sum)
         fired = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill_(0, cols, True)
         loss_f, fvu, aux = torch.stack([loss, terms[-1], aux_fvu]).tolist()
-        return {"loss": loss_f, "fvu": fvu, "aux_fvu": aux, "l0": len(z) / B, "n_dead": len(dead_idx), "fired": fired}
+        return StepLosses(loss=loss_f, fvu=fvu, aux_fvu=aux, l0=len(z) / B, n_dead=len(dead_idx), fired=fired)
 
     def _update_threshold(self, z: torch.Tensor, group_sum: GroupSum | None) -> None:
         smallest = z.min().double() if len(z) else self.threshold.clone()  # no entry chosen: the threshold stays

@@ -19,14 +19,16 @@ launch for all four parameters, and the optimiser and its checkpoints are exactl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from .base import bf16_gemm, gemm, gemm_operand
-from .topk import GroupSum, TopKSAE
+from .base import ENCODE_BLOCK, DictionarySAE, GroupSum, StepLosses, bf16_gemm, gemm, gemm_operand
+
+if TYPE_CHECKING:  # topk.py imports this module: TopKSAE.compiled_step
+    from .topk import TopKSAE
 
 MIN_DEAD_BUCKET = 256  # the smallest padded dead count: fewer buckets (graphs) at the cost of a little padding
 
@@ -75,7 +77,7 @@ def fixed_shape_loss_and_grads(
     B, n = x.shape[0], cfg.n_latents
     P = dead_idx.shape[0]
     k_main = 4 * cfg.k if cfg.multi_topk else cfg.k
-    block_rows = TopKSAE.ENCODE_BLOCK if x.device.type == "cpu" else B  # as the eager step: CPU blocks stay cache-sized
+    block_rows = ENCODE_BLOCK if x.device.type == "cpu" else B  # as the eager step: CPU blocks stay cache-sized
     xc = x - b_pre
     W_T, bias, xg = gemm_operand(W_enc, operand).T, gemm_operand(b_enc, operand), gemm_operand(xc, operand)
     if P:
@@ -156,7 +158,7 @@ class CompiledTopK:
         if topk_chunks > 1 and (sae.cfg.n_latents % topk_chunks or sae.cfg.n_latents // topk_chunks < k_main):
             raise ValueError(f"topk_chunks={topk_chunks} must divide n_latents={sae.cfg.n_latents} into chunks of at least {k_main}")
         self.topk_chunks = topk_chunks
-        if type(sae) is not TopKSAE:  # a subclass such as the latent-parallel slice has a step of its own
+        if not isinstance(sae, DictionarySAE) or type(sae).compiled_step is DictionarySAE.compiled_step:
             raise TypeError(f"CompiledTopK compiles the single-process TopKSAE step, not {type(sae).__name__}'s")
         self.sae = sae
         self._on_cuda: bool | None = None
@@ -171,7 +173,9 @@ class CompiledTopK:
         return self._fn
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
         """TopKSAE.loss_and_grads (same arguments, same statistics, same gradients up to summation order).
         Like it, it waits for the device twice: for the dead count (it sets the bucket) and for the statistics."""
         if group_sum is not None:
@@ -194,4 +198,4 @@ class CompiledTopK:
             raise SaescopeError(f"--compile: torch.compile could not compile the training step ({first}); train without --compile") from e
         sae.W_enc.grad, sae.W_dec.grad, sae.b_enc.grad, sae.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         loss, fvu_k, l0, aux_fvu = stats.tolist()
-        return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
+        return StepLosses(loss=loss, fvu=fvu_k, aux_fvu=aux_fvu, l0=l0, n_dead=n_dead, fired=fired)

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, bf16_gemm, gemm, gemm_operand
+from .base import DictionarySAE, GroupSum, StepLosses, bf16_gemm, encode_block_rows, gemm, gemm_operand
 from .reductions import ordered_sum, weighted_row_sum
 from .sparse import CodePattern
-from .topk import GroupSum, TopKSAE, variance_sum
+from .topk import variance_sum
 
 
 @dataclass
@@ -50,6 +50,8 @@ class JumpReLUConfig:
 
 class JumpReLUSAE(DictionarySAE):
     architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
+    imports_from = {"saelens": ("jumprelu",)}
     DENSE_ABOVE = 1 / 32  # fraction of a block's entries taking part above which dense products are faster (2-core CPU)
 
     def __init__(self, cfg: JumpReLUConfig):
@@ -66,6 +68,14 @@ class JumpReLUSAE(DictionarySAE):
     def activation_thresholds(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
+    def load_thresholds(self, w: dict[str, torch.Tensor], where) -> None:
+        # a threshold <= 0 fires above 0, as SAELens' ReLU before its mask does
+        threshold = self.saved_threshold(w, where)
+        if threshold.shape != (self.cfg.n_latents,):
+            raise SaescopeError(f"{where}: threshold has shape {tuple(threshold.shape)}, expected ({self.cfg.n_latents},)")
+        with torch.no_grad():
+            self.log_threshold.copy_(threshold.clamp_min(0).log().float())
+
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.b_pre) @ self.W_enc.T + self.b_enc
 
@@ -79,7 +89,9 @@ class JumpReLUSAE(DictionarySAE):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
         """The TopKSAE.loss_and_grads contract (aux_fvu is 0: JumpReLU has no AuxK). Data parallel
         (`group_sum`): the L0 penalty is this rank's share of the global batch's mean."""
         cfg, n = self.cfg, self.cfg.n_latents
@@ -99,7 +111,7 @@ class JumpReLUSAE(DictionarySAE):
             block = torch.addmm(bias, rows, W_T)
             return block.bfloat16().float() if operand is not None else block
 
-        step = TopKSAE.ENCODE_BLOCK if x.device.type == "cpu" else max(TopKSAE.ENCODE_BLOCK, TopKSAE.GPU_BLOCK_ELEMENTS // n)
+        step = encode_block_rows(x.device.type, n)
         first = block_pre(xg[:step])
         if (first > lower).float().mean().item() > self.DENSE_ABOVE:
             pre = torch.cat([first] + [block_pre(xg[s : s + step]) for s in range(step, B, step)])
@@ -148,4 +160,4 @@ class JumpReLUSAE(DictionarySAE):
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad = gW_enc, gW_dec, gb_enc
         self.b_pre.grad = g.sum(0) - weighted_row_sum(gb_enc, self.W_enc)  # b_pre also enters as (x - b_pre)
         loss_f, fvu_f, l0 = torch.stack([loss, fvu, n_active.float() / B]).tolist()
-        return {"loss": loss_f, "fvu": fvu_f, "aux_fvu": 0.0, "l0": l0, "n_dead": int(dead.sum()), "fired": fired}
+        return StepLosses(loss=loss_f, fvu=fvu_f, aux_fvu=0.0, l0=l0, n_dead=int(dead.sum()), fired=fired)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import SaescopeError
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 
@@ -46,7 +48,12 @@ class MatryoshkaConfig(BatchTopKConfig):
 
 class MatryoshkaSAE(BatchTopKSAE):
     architecture = "matryoshka_batchtopk"
+    imports_from = {"saelens": ("matryoshka_batchtopk",)}  # SAELens' training folders
     cfg: MatryoshkaConfig
+
+    @classmethod
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+        return {**super().saelens_import_settings(cfg, w, where), "prefix_sizes": cfg.get("matryoshka_widths")}
 
     def prefix_sizes(self) -> list[int]:
         assert isinstance(self.cfg.prefix_sizes, list)  # normalised by MatryoshkaConfig

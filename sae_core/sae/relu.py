@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DictionarySAE, bf16_gemm, gemm_operand
-from .topk import GroupSum, fvu, variance_sum
+from .base import DictionarySAE, GroupSum, StepLosses, bf16_gemm, gemm_operand
+from .topk import fvu, variance_sum
 
 
 @dataclass
@@ -28,6 +28,8 @@ class ReluConfig:
 
 class ReluSAE(DictionarySAE):
     architecture = "relu"
+    saelens_architecture = "standard"
+    imports_from = {"saelens": ("standard",), "openai": (None, "ReLU")}
 
     def encode(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         return ((x - self.b_pre) @ self.W_enc.T + self.b_enc).relu()
@@ -35,7 +37,9 @@ class ReluSAE(DictionarySAE):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x) @ self.W_dec + self.b_pre
 
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
         for p in self.parameters():
             p.grad = None
         kind = bf16_gemm(autocast_bf16, x.device.type)
@@ -55,4 +59,4 @@ class ReluSAE(DictionarySAE):
         loss, recon, l0, n_dead = torch.stack(
             [loss.detach(), recon.detach(), active.sum() / len(x), dead.sum()]
         ).tolist()  # one wait for the device
-        return {"loss": loss, "fvu": recon, "aux_fvu": 0.0, "l0": l0, "fired": active.any(0), "n_dead": int(n_dead)}
+        return StepLosses(loss=loss, fvu=recon, aux_fvu=0.0, l0=l0, fired=active.any(0), n_dead=int(n_dead))

@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, bf16_gemm, gemm_operand
+from .base import (
+    ENCODE_BLOCK,
+    GPU_BLOCK_ELEMENTS,
+    DictionarySAE,
+    GroupSum,
+    StepFn,
+    StepLosses,
+    bf16_gemm,
+    encode_block_rows,
+    gemm_operand,
+)
+from .compiled import CompiledTopK
 from .reductions import ordered_sum, weighted_row_sum
 from .sparse import auxk_grads
 
@@ -57,7 +67,7 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return ordered_sum((x - x_hat).pow(2)) / ordered_sum((x - x.mean(0)).pow(2)).clamp_min(1e-12)
 
 
-GroupSum = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["GroupSum", "TopKConfig", "TopKSAE", "fvu", "topk_backward", "variance_sum"]
 
 
 def variance_sum(x: torch.Tensor, group_sum: GroupSum | None = None) -> torch.Tensor:
@@ -71,13 +81,84 @@ def variance_sum(x: torch.Tensor, group_sum: GroupSum | None = None) -> torch.Te
     return group_sum(ordered_sum((x - mean).pow(2))).clamp_min(1e-12)
 
 
+def topk_backward(
+    xc: torch.Tensor,
+    g: torch.Tensor,
+    z: torch.Tensor,
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    W_dec: torch.Tensor,
+    held: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (W_enc, W_dec, b_enc) of one TopK reconstruction term, from its selected entries: the one
+    backward of the single-process step (TopKSAE) and of each latent-parallel rank (LatentShardedTopKSAE).
+
+    xc [B, d]: x - b_pre; g [B, d]: dLoss/dx_hat; z, vals [B, k]: the selected codes and pre-activations;
+    idx [B, k]: their latents, as rows of W_dec [n, d]. `held` [B, k]: the entries this rank holds (latent
+    parallel, idx local where held); None: all of them.
+
+    Both directions are sparse products with the same [B, n] pattern of the selected entries: dL/dz is a
+    sampled dense-dense product (only the selected <g, W_dec[i]>), and the weight gradients are
+    (n x B) CSR @ (B x d) products.
+    """
+    B, k = idx.shape
+    n = len(W_dec)
+    if held is None:
+        idx, perm = idx.sort(dim=1)  # CSR wants sorted column indices within a row
+        cols = idx.reshape(-1)
+        row_crow = torch.arange(0, B * k + 1, k, device=idx.device)
+        z_e, vals_e = z.gather(1, perm).reshape(-1), vals.gather(1, perm).reshape(-1)
+        token = torch.arange(B, device=idx.device).repeat_interleave(k)
+    else:
+        key = torch.where(held, idx, torch.full_like(idx, n))  # entries held elsewhere sort last in their row
+        key, perm = key.sort(dim=1)
+        held = key < n
+        count = held.sum(1)
+        if int(count.sum()) == 0:
+            return torch.zeros_like(W_dec), torch.zeros_like(W_dec), W_dec.new_zeros(n)
+        cols = key[held]
+        z_e, vals_e = z.gather(1, perm)[held], vals.gather(1, perm)[held]
+        row_crow = torch.zeros(B + 1, dtype=torch.long, device=g.device)
+        row_crow[1:] = count.cumsum(0)
+        token = torch.repeat_interleave(torch.arange(B, device=g.device), count)
+    pattern = torch.sparse_csr_tensor(row_crow, cols, torch.zeros(len(cols), dtype=g.dtype, device=g.device), (B, n))
+    gz = torch.sparse.sampled_addmm(pattern, g, W_dec.T, beta=0).values() * (vals_e > 0)
+    order = cols.argsort(stable=True)
+    lat_crow = torch.zeros(n + 1, dtype=torch.long, device=g.device)
+    # per-latent counts by scatter_add: bincount would wait for the GPU (it sizes its output from the max)
+    lat_crow[1:] = torch.zeros(n, dtype=torch.long, device=g.device).scatter_add_(0, cols, torch.ones_like(cols)).cumsum(0)
+    by_latent = token[order]  # entry e holds a latent chosen by token[e]
+
+    def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(lat_crow, by_latent, values[order], (n, B)) @ dense
+
+    gW_dec = per_latent(z_e, g)  # dL/dW_dec[i] = sum over tokens choosing i of z * g
+    gW_enc = per_latent(gz, xc)  # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
+    gb_enc = W_dec.new_zeros(n).index_add_(0, cols, gz)
+    return gW_enc, gW_dec, gb_enc
+
+
 class TopKSAE(DictionarySAE):
     architecture = "topk"
-    ENCODE_BLOCK = 1024  # CPU: rows per encoder block in training (a [1024, 16384] fp32 block is 64 MB, cache-sized)
-    GPU_BLOCK_ELEMENTS = 2**28  # GPU: blocks of up to 1 GB of fp32 (a whole batch of 4096 x 32768): fewer, larger launches
+    saelens_architecture = "topk"
+    imports_from = {"saelens": ("topk",), "sparsify": (None, "topk"), "openai": ("TopK",)}
+    ENCODE_BLOCK = ENCODE_BLOCK
+    GPU_BLOCK_ELEMENTS = GPU_BLOCK_ELEMENTS
 
     def fixed_code_width(self) -> int | None:
         return int(self.cfg.k)  # every position's code holds at most k latents by construction
+
+    def compiled_step(self) -> StepFn | None:
+        # a subclass (such as a variant with its own step) would not be what the compiled graph computes
+        return CompiledTopK(self).loss_and_grads if type(self) is TopKSAE else None
+
+    def saelens_cfg_fields(self) -> dict:
+        return {"k": self.cfg.k}
+
+    @classmethod
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+        require_unit_decoder(cfg, w, where)
+        return {}
 
     # ------------------------------------------------------------------ inference (autograd-friendly)
 
@@ -94,6 +175,9 @@ class TopKSAE(DictionarySAE):
         vals, idx = self.pre_activations(x).topk(k or self.cfg.k, dim=-1)
         return vals.relu(), idx
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W_dec + self.b_pre
+
     def decode_sparse(self, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         flat = nn.functional.embedding_bag(
             idx.reshape(-1, idx.shape[-1]), self.W_dec, mode="sum", per_sample_weights=vals.reshape(-1, idx.shape[-1]).to(self.W_dec.dtype)
@@ -107,14 +191,15 @@ class TopKSAE(DictionarySAE):
     # ------------------------------------------------------------------ training
 
     @torch.no_grad()
-    def loss_and_grads(self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None) -> dict:
-        """Compute the loss of batch x, set every parameter's .grad, and report statistics.
+    def loss_and_grads(
+        self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
+    ) -> StepLosses:
+        """Compute the loss of batch x, set every parameter's .grad, and report statistics (base.StepLosses).
 
-        `dead` is a bool mask [n_latents] of latents that have not fired for the dead threshold.
-        Returns floats: loss, fvu, aux_fvu, l0, n_dead, plus `fired` (bool mask [n_latents] of latents
-        active in x, on x's device). On a GPU the step waits for the device twice: for the number of dead
-        latents (it sets AuxK's shapes) and for the statistics at the end. `group_sum`: data parallel, x is
-        this rank's part of the batch (see `variance_sum`); loss, fvu and aux_fvu are this rank's share.
+        `dead` is a bool mask [n_latents] of latents that have not fired for the dead threshold. On a GPU
+        the step waits for the device twice: for the number of dead latents (it sets AuxK's shapes) and for
+        the statistics at the end. `group_sum`: data parallel, x is this rank's part of the batch (see
+        `variance_sum`); loss, fvu and aux_fvu are this rank's share.
         """
         cfg = self.cfg
         B = x.shape[0]
@@ -133,7 +218,7 @@ class TopKSAE(DictionarySAE):
         pre_dead = torch.empty(B, n_dead, dtype=W_T.dtype, device=x.device) if n_dead else x.new_empty(0, 0)
         vals_parts: list[torch.Tensor] = []
         idx_parts: list[torch.Tensor] = []
-        block_rows = self.ENCODE_BLOCK if x.device.type == "cpu" else max(self.ENCODE_BLOCK, self.GPU_BLOCK_ELEMENTS // cfg.n_latents)
+        block_rows = encode_block_rows(x.device.type, cfg.n_latents)
         for s in range(0, B, block_rows):
             rows = xg[s : s + block_rows]
             block = torch.addmm(bias, rows, W_T)
@@ -165,7 +250,7 @@ class TopKSAE(DictionarySAE):
                     torch.zeros(cfg.n_latents, dtype=z.dtype, device=x.device).scatter_reduce_(0, idx.flatten(), z.flatten(), "amax") > 0
                 )
             g = err.mul_(-2.0 * weight / denom)  # dLoss/dx_hat, [B, d]
-            term_grads = (*self._sparse_backward(xc, g, z, vals, idx), g.sum(0))
+            term_grads = (*topk_backward(xc, g, z, vals, idx, self.W_dec), g.sum(0))
             grads = term_grads if grads is None else tuple(a.add_(b) for a, b in zip(grads, term_grads))
         assert grads is not None
         gW_enc, gW_dec, gb_enc, gb_pre = grads
@@ -182,34 +267,15 @@ class TopKSAE(DictionarySAE):
         gb_pre -= weighted_row_sum(gb_enc, self.W_enc)
         self.W_enc.grad, self.W_dec.grad, self.b_enc.grad, self.b_pre.grad = gW_enc, gW_dec, gb_enc, gb_pre
         loss, fvu_k, l0, aux_fvu = torch.stack([loss, fvu_k, l0.float(), aux_fvu]).tolist()
-        return {"loss": loss, "fvu": fvu_k, "aux_fvu": aux_fvu, "l0": l0, "n_dead": n_dead, "fired": fired}
+        return StepLosses(loss=loss, fvu=fvu_k, aux_fvu=aux_fvu, l0=l0, n_dead=n_dead, fired=fired)
 
-    def _sparse_backward(self, xc, g, z, vals, idx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients (W_enc, W_dec, b_enc) of one TopK reconstruction term, from its k selected rows per token.
 
-        Both directions are sparse products with the same [batch, n_latents] pattern of k entries
-        per row: dL/dz is a sampled dense-dense product (only the selected <g, W_dec[i]>), and the
-        weight gradients are (n_latents x batch) CSR @ (batch x d) products.
-        """
-        B, k = idx.shape
-        n = self.cfg.n_latents
-        idx, perm = idx.sort(dim=1)  # CSR wants sorted column indices within a row
-        z, vals = z.gather(1, perm), vals.gather(1, perm)
-        pattern = torch.sparse_csr_tensor(
-            torch.arange(0, B * k + 1, k, device=idx.device), idx.reshape(-1), torch.zeros(B * k, dtype=g.dtype, device=g.device), (B, n)
+def require_unit_decoder(cfg: dict, w: dict[str, torch.Tensor], where) -> None:
+    """A SAELens training folder of a TopK-style SAE that rescales its codes by the decoder's norms loads
+    only when those norms are 1 (our decoders are unit-norm)."""
+    W_dec = w["W_dec"]
+    if cfg.get("rescale_acts_by_decoder_norm") and not torch.allclose(W_dec.float().norm(dim=1), torch.ones(len(W_dec)), atol=1e-4):
+        raise SaescopeError(
+            f"{where}: a {cfg.get('architecture')} training folder with rescale_acts_by_decoder_norm and a decoder of other than "
+            f"unit norms; save it with SAELens' save_inference_model (a jumprelu SAE) and import that"
         )
-        gz = torch.sparse.sampled_addmm(pattern, g, self.W_dec.T, beta=0).values().reshape(B, k) * (vals > 0)
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
-        # per-latent counts by scatter_add: bincount would wait for the GPU (it sizes its output from the max)
-        crow[1:] = torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat)).cumsum(0)
-        token = order // k  # flat position p holds a latent chosen by token p // k
-
-        def per_latent(values: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-            return torch.sparse_csr_tensor(crow, token, values.reshape(-1)[order], (n, B)) @ dense
-
-        gW_dec = per_latent(z, g)  # dL/dW_dec[i] = sum over tokens choosing i of z * g
-        gW_enc = per_latent(gz, xc)  # dL/dW_enc[i] = sum over tokens choosing i of dL/dpre * (x - b_pre)
-        gb_enc = torch.zeros_like(self.b_enc).index_add_(0, flat, gz.reshape(-1))
-        return gW_enc, gW_dec, gb_enc
