@@ -17,6 +17,7 @@ import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from . import corpus as corpus_mod
 from .config import EvalConfig
 from .errors import SaescopeError
-from .interchange import load_sae
+from .interchange import LoadedSAE, load_sae
 from .metrics.ablation import AblationMeter
 from .metrics.labels import TokenLabeller
 from .metrics.probe import ProbeCollector
@@ -51,6 +52,7 @@ class EvalResult:
     probe_tasks: list[dict] = field(default_factory=list)  # per task: name, per_class, loss, latent
     ablation_sparsity: float | None = None  # mean (L1/L2)^2 / (V T) of the logit changes of one-latent ablations
     ablations: int = 0  # ablations that mean is over
+    kl_zero: float | None = None  # mean KL(clean || zero-ablated): SAEBench's kl_div_with_ablation
 
 
 @dataclass
@@ -66,11 +68,33 @@ class _Sums:
     ce_sae: float = 0.0
     ce_zero: float = 0.0
     kl: float = 0.0
+    kl_zero: float = 0.0
     n_pred: int = 0
 
 
+# Called per batch with the windows, the skipped leading positions, and the evaluated positions' hook
+# output x [n, d], codes z [n, latents] and reconstruction x_hat [n, d] (the benchmark suite's extra
+# metrics and probing data, sae_core/evaluation/, ride on the same forward passes).
+Observer = Callable[[corpus_mod.Windows, int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, progress: bool = True) -> EvalResult:
-    loaded = load_sae(sae_dir)
+    """Evaluate the SAE in `sae_dir` and write its eval.json there."""
+    result = evaluate_loaded(load_sae(sae_dir), sae_dir, cfg, lm, progress)
+    (Path(sae_dir) / RESULT).write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def evaluate_loaded(
+    loaded: LoadedSAE,
+    sae_dir: str | Path,
+    cfg: EvalConfig,
+    lm: LanguageModel | None = None,
+    progress: bool = True,
+    observers: Sequence[Observer] = (),
+) -> EvalResult:
+    """`evaluate` of an SAE already loaded (`sae_dir` names it in messages); writes nothing. Each of
+    `observers` sees every batch's activations, codes and reconstructions."""
     sae, prov = loaded.sae, loaded.provenance
     model_name, hook = prov.require(sae_dir)
     layer = parse_hook(hook)
@@ -115,6 +139,8 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
                 probes.add(batch.doc_index[:, skip:], batch.doc_offset[:, skip:], x)
             if ablations is not None:
                 ablations.add(ids, h)
+            for observe in observers:
+                observe(batch, skip, x, z, x_hat)
             done += len(batch)
             bar.update(len(batch) * context)
     bar.close()
@@ -123,7 +149,7 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
     n = sums.n
     total_var = sums.sum_sq - float(sums.sum_x.pow(2).sum()) / n
     density = fired.float() / n
-    ce = {k: getattr(sums, k) / sums.n_pred for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
+    ce = {k: getattr(sums, k) / sums.n_pred for k in ("ce_clean", "ce_sae", "ce_zero", "kl", "kl_zero")}
     probe = probes.fit(sae, cfg.probe_candidates) if probes is not None else None
     ablation = ablations.report() if ablations is not None else None
     result = EvalResult(
@@ -142,8 +168,8 @@ def evaluate(sae_dir: Path, cfg: EvalConfig, lm: LanguageModel | None = None, pr
         probe_tasks=[asdict(task) for task in probe.tasks] if probe else [],
         ablation_sparsity=ablation.sparsity if ablation else None,
         ablations=ablation.ablations if ablation else 0,
+        kl_zero=ce["kl_zero"],
     )
-    (Path(sae_dir) / RESULT).write_text(json.dumps(asdict(result), indent=2))
     return result
 
 
@@ -168,4 +194,5 @@ def _downstream(
     sums.ce_sae += float(-spliced.gather(-1, targets.unsqueeze(-1)).sum())
     sums.ce_zero += float(-zeroed.gather(-1, targets.unsqueeze(-1)).sum())
     sums.kl += float((clean.exp() * (clean - spliced)).sum())
+    sums.kl_zero += float((clean.exp() * (clean - zeroed)).sum())
     sums.n_pred += targets.numel()

@@ -48,11 +48,11 @@ def _result(seed: int, fvu: float) -> BenchResult:
 
 def _round_trip(url: str) -> None:
     engine = _store_with_sae(url)
-    save_benchmark(engine, _result(0, 0.3))
-    save_benchmark(engine, _result(1, 0.31))
-    save_benchmark(engine, _result(0, 0.25))  # the same seed again replaces its row
+    save_benchmark(engine, _result(0, 0.3).stored())
+    save_benchmark(engine, _result(1, 0.31).stored())
+    save_benchmark(engine, _result(0, 0.25).stored())  # the same seed again replaces its row
     with Session(engine) as s:
-        got = read_benchmarks(s, "tiny-sae")
+        got = [BenchResult.from_stored(r) for r in read_benchmarks(s, "tiny-sae")]
         revision = s.execute(select(SAE.revision)).scalar_one()
     assert [r.seed for r in got] == [0, 1]
     assert got[0].metrics["fvu"] == 0.25 and got[1].metrics["fvu"] == 0.31
@@ -62,7 +62,7 @@ def _round_trip(url: str) -> None:
     assert set(got[0].metrics) <= set(METRICS)
     assert revision == 3  # each save marks the SAE's pages changed
     with pytest.raises(SaescopeError, match="no SAE named 'nope'.*tiny-sae"):
-        save_benchmark(engine, BenchResult("nope", 0, {}))
+        save_benchmark(engine, BenchResult("nope", 0, {}).stored())
     with Session(engine) as s, s.begin():  # deleted with the SAE
         s.execute(delete(SAE))
     with Session(engine) as s:

@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..store.benchmarks import StoredBenchmark
 
 SUITE_VERSION = "1"
 
@@ -19,6 +22,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "l1": ("core", "mean L1 norm of the latent codes per token"),
     "fvu": ("core", "fraction of variance unexplained (lower is better)"),
     "explained_variance": ("core", "1 - mean squared error / variance of the input, per token"),
+    "explained_variance_legacy": ("core", "SAEBench's legacy form: mean over tokens of 1 - |x - x_hat|^2 / |x - batch mean|^2"),
     "mse": ("core", "mean squared reconstruction error per dimension (lower is better)"),
     "cossim": ("core", "mean cosine of input and reconstruction"),
     "l2_norm_in": ("core", "mean L2 norm of the input"),
@@ -38,6 +42,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "frequency_mean_log10": ("core", "mean log10 firing frequency of the alive latents"),
     "freq_over_1_percent": ("core", "share of latents firing on more than 1% of tokens"),
     "freq_over_10_percent": ("core", "share of latents firing on more than 10% of tokens (dense latents; lower is better)"),
+    "normalized_freq_over_1_percent": ("core", "share of all firings made by latents firing on more than 1% of tokens"),
+    "normalized_freq_over_10_percent": ("core", "share of all firings made by latents firing on more than 10% of tokens"),
+    "tokens": ("core", "held-out tokens evaluated"),
     "average_max_decoder_cosine_sim": ("core", "mean over latents of the largest cosine to another decoder row (lower: less redundancy)"),
     "average_max_encoder_cosine_sim": ("core", "mean over latents of the largest cosine to another encoder row"),
     # sparse probing (sparse_probing.py)
@@ -75,7 +82,8 @@ METRICS: dict[str, tuple[str, str]] = {
         "share of a letter's tokens where its main latents fail and another latent absorbs the direction (mean over letters, lower better)",
     ),
     "absorption_full_fraction": ("absorption", "share of such tokens where the main latents do not fire at all (lower is better)"),
-    "absorption_main_latent_f1": ("absorption", "mean F1 of the best single latent at classifying each first letter"),
+    "absorption_num_split_features": ("absorption", "mean main latents per letter (k of the k-sparse probe, grown while F1 rises > 0.03)"),
+    "absorption_main_latent_f1": ("absorption", "mean test F1 of the main latents' k-sparse probe per letter"),
 }
 SPARSE_PROBING_KS = (1, 2, 5, 20)
 
@@ -95,12 +103,18 @@ class BenchResult:
         """The `sae_benchmarks.results` column: the flat metrics plus "absorption_valid" and "details"."""
         return {**self.metrics, "absorption_valid": self.absorption_valid, "details": self.details}
 
+    def stored(self) -> StoredBenchmark:
+        """The row `store.benchmarks.save_benchmark` writes."""
+        from ..store.benchmarks import StoredBenchmark
+
+        return StoredBenchmark(self.sae, self.seed, self.suite_version, self.results(), self.saebench, self.config)
+
     @classmethod
-    def from_row(cls, sae: str, seed: int, suite_version: str, results: dict, saebench: list, config: dict) -> BenchResult:
-        results = dict(results)
+    def from_stored(cls, row: StoredBenchmark) -> BenchResult:
+        results = dict(row.results)
         valid, details = results.pop("absorption_valid", None), results.pop("details", {})
         metrics = {k: float(v) for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        return cls(sae, seed, metrics, valid, details, saebench, config, suite_version)
+        return cls(row.sae, row.seed, metrics, valid, details, row.saebench, row.config, row.suite_version)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

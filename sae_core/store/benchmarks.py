@@ -1,19 +1,34 @@
 """The benchmark suite's results in the store (`sae_benchmarks`, one row per SAE and seed).
 
 `save_benchmark` replaces the SAE's row for that seed in one transaction and marks the SAE's pages
-changed; `read_benchmarks` gives an SAE's rows, seed order, as BenchResult (what the SAE page, its API
-and /compare read)."""
+changed; `read_benchmarks` gives an SAE's rows, lowest seed first (what the SAE page, its API and
+/compare read). Rows travel as plain dicts: `results` is the flat {metric name: number} of
+sae_core/evaluation/result.py's METRICS plus "absorption_valid" and "details" (the store does not import
+the suite; evaluation.result.BenchResult.from_stored reads a StoredBenchmark back)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Connection, delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from ..errors import SaescopeError
-from ..evaluation.result import BenchResult
 from .changes import mark_changed
 from .schema import SAE, SAEBenchmark, utcnow
+
+
+@dataclass
+class StoredBenchmark:
+    sae: str
+    seed: int
+    suite_version: str
+    results: dict  # flat metrics + "absorption_valid" + "details"
+    saebench: list  # SAEBench BaseEvalOutput dicts (the core eval's per-latent details only in the JSON files)
+    config: dict
+    computed_at: datetime | None = None
 
 
 def sae_id_of(conn: Connection | Session, name: str) -> int:
@@ -25,33 +40,40 @@ def sae_id_of(conn: Connection | Session, name: str) -> int:
     return int(sae_id)
 
 
-def save_benchmark(engine: Engine, result: BenchResult) -> int:
-    """Store `result` for its SAE and seed (replacing an earlier one); returns the row's id."""
+def save_benchmark(engine: Engine, row: StoredBenchmark) -> int:
+    """Store `row` for its SAE and seed (replacing an earlier one); returns the row's id."""
     with Session(engine) as s, s.begin():
-        sae_id = sae_id_of(s, result.sae)
-        s.execute(delete(SAEBenchmark).where(SAEBenchmark.sae_id == sae_id, SAEBenchmark.seed == result.seed))
-        row = SAEBenchmark(
+        sae_id = sae_id_of(s, row.sae)
+        s.execute(delete(SAEBenchmark).where(SAEBenchmark.sae_id == sae_id, SAEBenchmark.seed == row.seed))
+        record = SAEBenchmark(
             sae_id=sae_id,
-            suite_version=result.suite_version,
-            seed=result.seed,
-            results=result.results(),
-            saebench=result.saebench,
-            config=result.config,
-            computed_at=utcnow(),
+            suite_version=row.suite_version,
+            seed=row.seed,
+            results=row.results,
+            saebench=row.saebench,
+            config=row.config,
+            computed_at=row.computed_at or utcnow(),
         )
-        s.add(row)
+        s.add(record)
         s.flush()
-        new_id = row.id
+        new_id = record.id
         mark_changed(s, sae_id)
     return int(new_id)
 
 
-def read_benchmarks(conn: Connection | Session, name: str) -> list[BenchResult]:
+def read_benchmarks(conn: Connection | Session, name: str) -> list[StoredBenchmark]:
     """The SAE's stored results, lowest seed first; [] when it was never benchmarked."""
     sae_id = sae_id_of(conn, name)
     rows = conn.execute(
-        select(SAEBenchmark.seed, SAEBenchmark.suite_version, SAEBenchmark.results, SAEBenchmark.saebench, SAEBenchmark.config)
+        select(
+            SAEBenchmark.seed,
+            SAEBenchmark.suite_version,
+            SAEBenchmark.results,
+            SAEBenchmark.saebench,
+            SAEBenchmark.config,
+            SAEBenchmark.computed_at,
+        )
         .where(SAEBenchmark.sae_id == sae_id)
         .order_by(SAEBenchmark.seed)
     ).all()
-    return [BenchResult.from_row(name, r.seed, r.suite_version, r.results, r.saebench, r.config) for r in rows]
+    return [StoredBenchmark(name, r.seed, r.suite_version, r.results, r.saebench, r.config, r.computed_at) for r in rows]
