@@ -19,16 +19,13 @@ launch for all four parameters, and the optimiser and its checkpoints are exactl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import SaescopeError
 from .base import ENCODE_BLOCK, DictionarySAE, GroupSum, StepLosses, bf16_gemm, gemm, gemm_operand
-
-if TYPE_CHECKING:  # topk.py imports this module: TopKSAE.compiled_step
-    from .topk import TopKSAE
 
 MIN_DEAD_BUCKET = 256  # the smallest padded dead count: fewer buckets (graphs) at the cost of a little padding
 
@@ -65,7 +62,7 @@ def chunked_topk(block: torch.Tensor, k: int, sorted: bool, chunks: int) -> tupl
 
 
 def fixed_shape_loss_and_grads(
-    sae: TopKSAE, x: torch.Tensor, dead_idx: torch.Tensor, n_dead: torch.Tensor, operand: Any, topk_chunks: int = 0
+    sae: DictionarySAE, x: torch.Tensor, dead_idx: torch.Tensor, n_dead: torch.Tensor, operand: Any, topk_chunks: int = 0
 ) -> tuple[torch.Tensor, ...]:
     """The loss and gradients of TopKSAE.loss_and_grads, in shapes fixed by x and dead_idx alone.
 
@@ -151,7 +148,7 @@ class CompiledTopK:
     CPU: inductor's C++ kernels, no graphs. The first call (and the first of each new dead-count bucket on
     CUDA) compiles or records, which takes seconds to a minute; every later one is a replay."""
 
-    def __init__(self, sae: TopKSAE, topk_chunks: int = 0):
+    def __init__(self, sae: DictionarySAE, topk_chunks: int = 0):
         """topk_chunks: select the top k in two stages over this many column chunks (`chunked_topk`; 0: one
         torch.topk); it must divide n_latents into chunks of at least the k selected (4k with Multi-TopK)."""
         k_main = 4 * sae.cfg.k if sae.cfg.multi_topk else sae.cfg.k
