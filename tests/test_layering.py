@@ -1,8 +1,9 @@
 """The layering the code keeps, read from the source (every import statement, including those inside
 functions and under TYPE_CHECKING: a type a module names is a dependency of it too):
 
-- no import circles among sae_core's modules, nor among its subpackages (store/, explain/, sae/ ... each
-  taken as one unit beside the top-level modules);
+- no import circles among the modules of sae_core, app and saescope, nor among their subpackages
+  (sae_core's store/, explain/, sae/ ..., app's live/, accounts/ ... each taken as one unit beside the
+  top-level modules);
 - sae_core is a library: it imports neither typer, rich nor the web app (`app`), nor the entry points (`saescope`);
 - the web app does not import the entry points (`saescope`), which sit on top of both.
 """
@@ -31,9 +32,15 @@ def modules(package: str) -> dict[str, Path]:
     return {module_name(p): p for p in sorted((ROOT / package).rglob("*.py"))}
 
 
+def is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
 def imports(path: Path) -> list[tuple[str, int]]:
-    """(absolute module name, line) of every import in the file; `from X import y` yields X.y too, since
-    y may be a submodule (the caller keeps only names that are modules)."""
+    """(absolute module name, line) of every import in the file. `from X import y` yields X.y where y is a
+    module of the repository (`from . import db` inside a package imports db, not the package's
+    __init__ again), else X."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = []
@@ -47,8 +54,10 @@ def imports(path: Path) -> list[tuple[str, int]]:
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
-            out.append((source, node.lineno))
-            out += [(f"{source}.{alias.name}", node.lineno) for alias in node.names]
+            submodules = [f"{source}.{alias.name}" for alias in node.names if is_module(f"{source}.{alias.name}")]
+            out += [(m, node.lineno) for m in submodules]
+            if len(submodules) < len(node.names):
+                out.append((source, node.lineno))
     return out
 
 
@@ -115,13 +124,15 @@ def test_the_walker_sees_every_kind_of_import(tmp_path):
     """The checks below can only pass vacuously if the walker misses imports: check it on known files."""
     found = {t for t, _ in imports(ROOT / "sae_core" / "explain" / "stage.py")}
     assert {"sae_core.store.db", "sae_core.explain.embed", "torch", "sae_core.config"} <= found  # relative, nested, function-level
+    assert "sae_core.store" not in found  # `from ..store import db` imports db
     assert "sae_core.store" in graph("sae_core", subpackage)["sae_core.explain"]
     assert cycles({"a": {"b": ""}, "b": {"c": ""}, "c": {"a": ""}, "d": {"a": ""}}) == [["a", "b", "c"]]
 
 
 @pytest.mark.parametrize("level", ["module", "subpackage"])
-def test_no_import_circles_in_sae_core(level):
-    edges = graph("sae_core", subpackage if level == "subpackage" else lambda m: m)
+@pytest.mark.parametrize("package", ["sae_core", "app", "saescope"])
+def test_no_import_circles(package, level):
+    edges = graph(package, subpackage if level == "subpackage" else lambda m: m)
     found = cycles(edges)
     assert not found, "import circles:\n" + "\n".join(describe(c, edges) for c in found)
 
