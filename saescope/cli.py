@@ -28,6 +28,7 @@ from sae_core.errors import SaescopeError
 from sae_core.hardware import keep_large_buffers
 
 from .accounts import register as register_accounts
+from .bench_sae import register as register_bench_sae
 from .live_commands import register as register_live
 from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
 
@@ -324,6 +325,7 @@ def fetch_corpus() -> None:
 
 register_live(app, console)  # saescope activations, saescope steer (saescope/live_commands.py)
 register_accounts(app, console)  # saescope user, saescope key, saescope usage (saescope/accounts.py)
+register_bench_sae(app, console)  # saescope bench-sae (saescope/bench_sae.py)
 
 
 def main() -> None:

@@ -1,0 +1,249 @@
+"""`saescope bench-sae` (sae_core/evaluation): the pieces on planted data, the SAEBench JSON against
+SAEBench 0.6.0's field names and types, and the command on the tiny mined SAE.
+
+tests/data/saebench_0.6.0_fields.json is SAEBench 0.6.0's eval output JSON schemas
+(sae_bench/evals/<eval>/eval_output_schema_<type>.json) reduced to their structure (types, properties,
+required fields; titles and descriptions dropped), keyed by eval_type_id, so the check needs no install."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae_core.evaluation import saebench_json
+from sae_core.evaluation.meta_sae import train_meta_sae
+from sae_core.evaluation.result import METRICS, BenchResult
+from sae_core.evaluation.sparse_probing import KS, sparse_probe, top_k_mean_diff
+
+SCHEMAS = json.loads((Path(__file__).parent / "data" / "saebench_0.6.0_fields.json").read_text())
+
+
+# ---------------------------------------------------------------- sparse probing
+
+
+def _planted(n: int, latents: int, seed: int, planted: int | None):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    z = np.maximum(rng.normal(0, 1, (n, latents)), 0)  # noise latents, non-negative like SAE codes
+    if planted is not None:
+        z[:, planted] = y * (2 + rng.random(n))  # fires exactly on the positives
+    return z, y
+
+
+def test_probing_recovers_a_planted_latent():
+    z, y = _planted(800, 64, 0, planted=17)
+    zt, yt = _planted(800, 64, 1, planted=17)
+    assert top_k_mean_diff(z, y, 1).tolist() == [17]
+    acc = sparse_probe(z, y, zt, yt)
+    assert set(acc) == {f"top{k}" for k in KS}
+    assert acc["top1"] > 0.99 and acc["top20"] > 0.99
+
+
+def test_probing_noise_latents_are_at_chance():
+    z, y = _planted(800, 64, 0, planted=None)
+    zt, yt = _planted(800, 64, 1, planted=None)
+    acc = sparse_probe(z, y, zt, yt)
+    assert abs(acc["top1"] - 0.5) < 0.08 and abs(acc["top5"] - 0.5) < 0.08
+
+
+# ---------------------------------------------------------------- meta-SAE
+
+
+def _rows_from_basis(n_rows: int, basis_size: int, d: int, per_row: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.nn.functional.normalize(torch.randn(basis_size, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(basis_size, generator=g)[:per_row] for _ in range(n_rows)])
+    coef = torch.rand(n_rows, per_row, generator=g) + 0.5
+    return torch.nn.functional.normalize((coef[:, :, None] * basis[idx]).sum(1), dim=1)
+
+
+def _fvu(meta, rows: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((rows - meta(rows)).pow(2).sum() / (rows - rows.mean(0)).pow(2).sum())
+
+
+def test_meta_sae_decomposes_a_decoder_built_from_a_small_basis():
+    rows = _rows_from_basis(256, 8, 32, 2, seed=0)  # every row: a positive mix of 2 of 8 directions
+    meta = train_meta_sae(rows, latents=8, k=2, steps=300, seed=0, batch=256, lr=1e-2)
+    assert _fvu(meta, rows) < 0.02
+    noise = torch.nn.functional.normalize(torch.randn(256, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    meta = train_meta_sae(noise, latents=8, k=2, steps=300, seed=0, batch=256, lr=1e-2)
+    assert _fvu(meta, noise) > 0.4  # random directions are no sums of 2 of 8
+
+
+# ---------------------------------------------------------------- SAEBench JSON
+
+
+def _check(value, schema: dict, defs: dict, where: str) -> None:
+    """A small JSON-schema check of what SAEBench's schemas use: $ref, type object with properties and
+    required, arrays of items, anyOf (optional fields), scalar types."""
+    if "$ref" in schema:
+        return _check(value, defs[schema["$ref"].split("/")[-1]], defs, where)
+    if "anyOf" in schema:
+        errors = []
+        for option in schema["anyOf"]:
+            try:
+                return _check(value, option, defs, where)
+            except AssertionError as exc:
+                errors.append(str(exc))
+        raise AssertionError(f"{where}: matches no option: {errors}")
+    kind = schema.get("type")
+    if kind == "object" and "properties" in schema:
+        assert isinstance(value, dict), f"{where}: not an object"
+        missing = set(schema.get("required", [])) - set(value)
+        assert not missing, f"{where}: missing {sorted(missing)}"
+        unknown = set(value) - set(schema["properties"])
+        assert not unknown, f"{where}: fields SAEBench does not have: {sorted(unknown)}"
+        for key, sub in value.items():
+            _check(sub, schema["properties"][key], defs, f"{where}.{key}")
+    elif kind == "array":
+        assert isinstance(value, list), f"{where}: not a list"
+        for i, item in enumerate(value):
+            _check(item, schema.get("items", {}), defs, f"{where}[{i}]")
+    elif kind == "number":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}: {value!r} is not a number"
+    elif kind == "integer":
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r} is not an integer"
+    elif kind == "string":
+        assert isinstance(value, str), f"{where}: {value!r} is not a string"
+    elif kind == "boolean":
+        assert isinstance(value, bool), f"{where}: {value!r} is not a boolean"
+    elif kind == "null":
+        assert value is None, f"{where}: {value!r} is not null"
+
+
+def validate(output: dict) -> None:
+    schema = SCHEMAS[output["eval_type_id"]]
+    _check(output, schema, schema.get("$defs", {}), output["eval_type_id"])
+
+
+def _full_result() -> BenchResult:
+    """Metrics and details shaped as the suite's modules produce them, every eval present."""
+    metrics = {name: 0.5 for name in METRICS}
+    metrics.update(tokens=4096.0, meta_sae_latents=16.0, meta_sae_k=4.0)
+    letters = [
+        {
+            "first_letter": c,
+            "mean_absorption_fraction": 0.1,
+            "full_absorption_rate": 0.05,
+            "num_full_absorption": 1,
+            "num_probe_true_positives": 20,
+            "num_split_features": 2,
+            "main_latents": [3, 5],
+            "main_latent_f1": 0.9,
+        }
+        for c in "ab"
+    ]
+    tasks = [{"name": "pos: noun", "mode": "token", "train": 64, "test": 64, "llm": 0.9, "sae": 0.85, **{f"top{k}": 0.7 for k in KS}}]
+    n = 4
+    core = {
+        "feature_density": [0.1] * n,
+        "consistent_activation_heuristic": [1.5] * n,
+        "encoder_bias": [0.0] * n,
+        "encoder_norm": [1.0] * n,
+        "encoder_decoder_cosine_sim": [0.9] * n,
+        "max_decoder_cosine_sim": [0.2] * n,
+        "max_encoder_cosine_sim": [0.3] * n,
+    }
+    details = {
+        "core": core,
+        "sparse_probing": {"tasks": tasks, "token_mean": {"top1": 0.7}},
+        "meta_sae": {"steps": 10, "train_time_seconds": 1.0, "mse": 0.01},
+        "absorption": {"letters": letters},
+        "interpretability": {"llm_detection_std": 0.1},
+    }
+    config = {"model": "tiny", "model_dtype": "float32", "batch_size": 8, "corpus": "demo", "context_size": 128, "n_latents": 64}
+    return BenchResult("tiny-sae", 0, metrics, True, details, [], config)
+
+
+def test_saebench_json_validates_against_saebench_schemas():
+    outputs = saebench_json.eval_outputs(_full_result(), {"d_in": 8, "d_sae": 64, "architecture": "topk"}, per_latent=True)
+    kinds = {o["eval_type_id"] for o in outputs}
+    assert kinds == {"core", "sparse_probing", "meta_structure_decoder_variance", "absorption_first_letter", "autointerp"}
+    for output in outputs:
+        validate(json.loads(json.dumps(output)))
+    core = next(o for o in outputs if o["eval_type_id"] == "core")
+    assert len(core["eval_result_details"]) == 4 and core["eval_result_metrics"]["shrinkage"]["l2_ratio"] == 0.5
+
+
+def test_the_validator_rejects_foreign_and_missing_fields():
+    output = saebench_json.eval_outputs(_full_result(), {}, per_latent=False)[0]
+    output["eval_result_metrics"]["sparsity"]["l0_per_token"] = 1.0
+    with pytest.raises(AssertionError, match="l0_per_token"):
+        validate(output)
+    output = saebench_json.eval_outputs(_full_result(), {}, per_latent=False)[0]
+    del output["eval_result_metrics"]["shrinkage"]["relative_reconstruction_bias"]
+    with pytest.raises(AssertionError, match="relative_reconstruction_bias"):
+        validate(output)
+
+
+def test_absorption_json_is_left_out_when_the_probe_is_too_weak():
+    result = _full_result()
+    result.absorption_valid = False
+    kinds = {o["eval_type_id"] for o in saebench_json.eval_outputs(result, {})}
+    assert "absorption_first_letter" not in kinds and "core" in kinds
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    code = "from saescope.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_sae_is_a_clear_error(mined_store):
+    r = _cli("bench-sae", "--sae", "no-such-sae", "--db", mined_store)
+    assert r.returncode == 2
+    assert "no SAE named 'no-such-sae' in the store; the store has" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
+    from conftest import mine_tiny
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from sae_core.evaluation.config import BenchConfig
+    from sae_core.evaluation.suite import run_suite
+    from sae_core.store import db
+    from sae_core.store.benchmarks import read_benchmarks, save_benchmark
+    from sae_core.store.schema import SAE
+
+    folder = shutil.copytree(tiny_sae_dir, tmp_path / "tiny-sae")
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    mine_tiny(folder, tiny_lm, url)
+    engine = db.open_store(url)
+    with Session(engine) as s:
+        name = s.execute(select(SAE.name)).scalar_one()
+    cfg = BenchConfig(
+        sae=name, tokens=1024, batch_size=8, window_stride=1, meta_sae_steps=30, absorption_words=200, n2g_features=16, db=url
+    )
+    cfg.device, cfg.model_dtype = "cpu", "float32"
+    result, where = run_suite(cfg, lm=tiny_lm, progress=False, engine=engine)
+    m = result.metrics
+    assert Path(where) == folder
+    assert 0 < m["fvu"] < 1 and abs(m["explained_variance"] - (1 - m["fvu"])) < 1e-9
+    assert 0 < m["cossim"] <= 1 and m["l2_ratio"] > 0 and m["l0"] <= 6 + 1e-6
+    assert m["relative_reconstruction_bias"] > 0 and m["kl_div_with_ablation"] > m["kl_div_with_sae"]
+    assert 0 <= m["meta_sae_fvu"] and m["meta_sae_latents"] == 32
+    assert m["n2g_f1"] >= 0 and m["n2g_features"] > 0  # no stored N2G explanations: N2G ran on a sample
+    assert "absorption_first_letter_probe_f1" in m and result.absorption_valid in (True, False)
+    assert set(m) <= set(METRICS)
+    # the tiny corpus labels nothing: no probing task, so no probing metric (never a made-up number)
+    assert "sparse_probing_top1_accuracy" not in m and result.details["sparse_probing"]["skipped"]
+    save_benchmark(engine, result.stored())
+    with Session(engine) as s:
+        (stored,) = read_benchmarks(s, name)
+    assert BenchResult.from_stored(stored).metrics == pytest.approx(m)
+    paths = saebench_json.write_files(result, result.saebench[0]["sae_cfg_dict"], where)
+    for path in paths:
+        validate(json.loads(path.read_text()))
+    assert {p.name for p in paths} >= {"core_eval_results.json", "meta_structure_decoder_variance_eval_results.json"}
