@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from . import queries, schemas
-from .deps import read, read_connection
+from .deps import read_connection
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 SaeName = Path(description="the SAE's name (its URL slug)", max_length=200)
@@ -40,12 +40,12 @@ async def health(request: Request) -> schemas.Health:
 
 @router.get("/models", response_model=list[schemas.ModelSummary], summary="Models and their SAEs", responses=NOT_MODIFIED)
 async def models(request: Request):
-    return await read(request, queries.list_models)
+    return await read_connection(request, queries.list_models)
 
 
 @router.get("/saes", response_model=list[schemas.SAESummary], summary="Every SAE with its headline metrics", responses=NOT_MODIFIED)
 async def saes(request: Request):
-    return [sae for model in await read(request, queries.list_models) for sae in model.saes]
+    return [sae for model in await read_connection(request, queries.list_models) for sae in model.saes]
 
 
 @router.get(
@@ -55,7 +55,7 @@ async def saes(request: Request):
     responses={**NOT_MODIFIED, **NOT_FOUND},
 )
 async def sae(request: Request, sae: str = SaeName):
-    return await read(request, queries.sae_detail, sae)
+    return await read_connection(request, queries.sae_detail, sae)
 
 
 @router.get(
@@ -73,7 +73,7 @@ async def features(
     order: Literal["asc", "desc"] = Query("asc"),
     filter: queries.Filter = Query("all", description="all, alive (fired at least once), dead (never fired), rare (density < 1e-4)"),
 ):
-    return await read(request, queries.feature_page, sae, offset, limit, sort, order, filter)
+    return await read_connection(request, queries.feature_page, sae, offset, limit, sort, order, filter)
 
 
 @router.get(
@@ -116,4 +116,4 @@ async def search(
     limit: int = Query(50, ge=1, le=500),
 ):
     await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
-    return DictJSON(await read(request, queries.search, q, sae, limit))
+    return DictJSON(await read_connection(request, queries.search, q, sae, limit))

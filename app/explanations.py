@@ -4,7 +4,6 @@ page and the API, and the one-line explanation and score of each row of the SAE'
 from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, func, select
-from sqlalchemy.orm import Session
 
 from sae_core.store.schema import Explanation
 
@@ -68,14 +67,14 @@ def for_table(conn: Connection, run_id: int, indices: list[int]) -> dict[int, tu
     return {i: (text, score) for i, text, score in conn.execute(_FOR_TABLE, {"run_id": run_id, "indices": indices})}
 
 
-def table_rows(s: Session, cond: list, columns: tuple, offset: int, limit: int, desc: bool) -> tuple[int, list]:
+def table_rows(conn: Connection, cond: list, columns: tuple, offset: int, limit: int, desc: bool) -> tuple[int, list]:
     """(rows in the filter, the page's rows) of the SAE table sorted by the table method's score, features
     without an explanation last in either order (one join; OFFSET paging)."""
     from sae_core.store.schema import Feature
 
     joined = (Explanation.run_id == Feature.run_id) & (Explanation.feature_index == Feature.index) & (Explanation.method == TABLE_METHOD)
-    total = s.scalar(select(func.count()).select_from(Feature).where(*cond)) or 0
+    total = conn.scalar(select(func.count()).select_from(Feature).where(*cond)) or 0
     score = Explanation.score.desc() if desc else Explanation.score.asc()
     ordering = (score.nulls_last(), Feature.index.desc() if desc else Feature.index.asc())
-    rows = s.execute(select(*columns).outerjoin(Explanation, joined).where(*cond).order_by(*ordering).offset(offset).limit(limit))
+    rows = conn.execute(select(*columns).outerjoin(Explanation, joined).where(*cond).order_by(*ordering).offset(offset).limit(limit))
     return total, list(rows)

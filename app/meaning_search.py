@@ -15,14 +15,14 @@ import time
 from functools import lru_cache
 
 import numpy as np
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, select
 
 from sae_core.errors import SaescopeError
 from sae_core.store import explanation_search as store_search
 from sae_core.store.schema import SAE, Feature
 
 from . import schemas
+from .deps import Reader
 
 CANDIDATES = 100  # per ranking, before fusion
 log = logging.getLogger("saescope.search")
@@ -58,19 +58,15 @@ class MeaningWarmUp:
         self.seconds: float | None = None
         self.error: str | None = None
 
-    def start(self, engine: Engine) -> None:
-        self.thread = threading.Thread(target=self._load, args=(engine,), name="meaning-warm-up", daemon=True)
+    def start(self, reader: Reader) -> None:
+        self.thread = threading.Thread(target=self._load, args=(reader,), name="meaning-warm-up", daemon=True)
         self.thread.start()
 
-    def _load(self, engine: Engine) -> None:
-        from sae_core.store import explanation_search as store_search
-
+    def _load(self, reader: Reader) -> None:
         start = time.monotonic()
         try:
-            with engine.connect() as conn:
-                runs = conn.scalars(select(SAE.active_run_id).where(SAE.active_run_id.is_not(None))).all()
-                embedded = [run for run in runs if run is not None and store_search.EMBEDDINGS.get(conn, run).keys]
-            if embedded:  # no explanation has an embedding: search by meaning is full text alone, no model
+            # no explanation has an embedding: search by meaning is full text alone, no model to load
+            if reader.read_blocking(_embedded_runs):
                 _embed("warm-up")
         except Exception as exc:  # noqa: BLE001 - a search then loads what it needs itself, and says what failed
             self.error = f"{type(exc).__name__}: {exc}"
@@ -86,8 +82,13 @@ class MeaningWarmUp:
             await asyncio.sleep(0.05)
 
 
-def by_meaning(s: Session, query: str, sae_name: str | None, limit: int) -> tuple[list[schemas.ExplanationHit], list[str]]:
-    conn = s.connection()
+def _embedded_runs(conn: Connection) -> list[int]:
+    """The live runs whose explanations have embeddings (their indexes are loaded on the way)."""
+    runs = conn.scalars(select(SAE.active_run_id).where(SAE.active_run_id.is_not(None))).all()
+    return [run for run in runs if run is not None and store_search.EMBEDDINGS.get(conn, run).keys]
+
+
+def by_meaning(conn: Connection, query: str, sae_name: str | None, limit: int) -> tuple[list[schemas.ExplanationHit], list[str]]:
     stmt = select(SAE.name, SAE.active_run_id).where(SAE.active_run_id.is_not(None)).order_by(SAE.name)
     if sae_name is not None:
         stmt = stmt.where(SAE.name == sae_name)

@@ -1,5 +1,5 @@
 """HTML pages. Full pages render on first load; htmx requests (HX-Request header) get the fragment alone.
-Each handler does its queries and renders its template in one worker thread (`deps.read`)."""
+Each handler does its queries and renders its template in one read of the store (`deps.read_connection`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from typing import Literal
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import RedirectResponse
 from sqlalchemy import Connection
-from sqlalchemy.orm import Session
 
 from . import queries, schemas
-from .deps import read, read_connection
+from .deps import read_connection
 from .render import templates
 
 router = APIRouter(include_in_schema=False)
@@ -27,10 +26,10 @@ def _is_htmx(request: Request) -> bool:
 
 @router.get("/")
 async def home(request: Request):
-    def render(s: Session):
-        return templates.TemplateResponse(request, "home.html", {"models": queries.list_models(s)})
+    def render(conn: Connection):
+        return templates.TemplateResponse(request, "home.html", {"models": queries.list_models(conn)})
 
-    return await read(request, render)
+    return await read_connection(request, render)
 
 
 @router.get("/saes/{sae}")
@@ -43,12 +42,12 @@ async def sae_page(
     order: Literal["asc", "desc"] = Query("asc"),
     filter: queries.Filter = Query("all"),
 ):
-    def render(s: Session):
-        page = queries.feature_page(s, sae, offset, limit, sort, order, filter)
-        ctx = {"sae": queries.sae_detail(s, sae), "page": page, "sort": sort, "order": order, "filter": filter}
+    def render(conn: Connection):
+        page = queries.feature_page(conn, sae, offset, limit, sort, order, filter)
+        ctx = {"sae": queries.sae_detail(conn, sae), "page": page, "sort": sort, "order": order, "filter": filter}
         return templates.TemplateResponse(request, "_feature_table.html" if _is_htmx(request) else "sae.html", ctx)
 
-    return await read(request, render)
+    return await read_connection(request, render)
 
 
 @router.get("/saes/{sae}/jump")
@@ -92,13 +91,13 @@ async def search_page(request: Request, q: str = Query("", max_length=100), sae:
     if q:
         await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
 
-    def render(s: Session):
-        result = queries.search(s, q, sae, 100) if q else None
+    def render(conn: Connection):
+        result = queries.search(conn, q, sae, 100) if q else None
         return templates.TemplateResponse(
-            request, "search.html", {"q": q, "sae": sae, "result": result, "saes": [x for m in queries.list_models(s) for x in m.saes]}
+            request, "search.html", {"q": q, "sae": sae, "result": result, "saes": [x for m in queries.list_models(conn) for x in m.saes]}
         )
 
-    return await read(request, render)
+    return await read_connection(request, render)
 
 
 @router.get("/{sae}/{index}")

@@ -1,5 +1,7 @@
 """Read-side queries shared by the HTML pages and the REST API. Every function takes the request's
-Session: one transaction, hence one snapshot, so a page never mixes two mining runs."""
+Connection (app/deps.py): one transaction, hence one snapshot, so a page never mixes two mining runs.
+Statements are SQLAlchemy Core selects over the store's tables; rows are read as rows, never as ORM
+objects (creating a Session per request cost as much as the hot paths' one query)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import gc
 import threading
 from typing import Literal, NamedTuple
 
-from sqlalchemy import Connection, Engine, Integer, bindparam, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine, Integer, Row, bindparam, func, select
 
+from sae_core.errors import NotFound as NotFound  # raised here; app/families.py and app/feature_map.py too
 from sae_core.store import codec, order
 from sae_core.store.schema import SAE, Example, Explanation, Feature, FeatureOrder, MiningRun, Model, TokenFeature, Vocab
 
@@ -20,10 +22,6 @@ from .prepared import Prepared, json_value
 RARE_DENSITY = order.RARE_DENSITY
 SortKey = Literal["index", "density", "max_act", "explanation"]  # explanation: its N2G score
 Filter = order.Filter
-
-
-class NotFound(LookupError):
-    """An unknown SAE or feature; the message says what was asked for."""
 
 
 class VocabCache:
@@ -73,17 +71,34 @@ def token_texts(vocab: list[str], ids: list[int]) -> list[str]:
     return [token_text(vocab, t) for t in ids]
 
 
-def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None) -> dict:
+# An SAE with its live mining run's columns (run_*: None when it has none) and its model's name.
+_SAE_ROW = (
+    select(
+        SAE.__table__,
+        Model.name.label("model_name"),
+        MiningRun.id.label("run_id"),
+        MiningRun.corpus.label("run_corpus"),
+        MiningRun.tokens.label("run_tokens"),
+        MiningRun.finished_at.label("run_finished_at"),
+        MiningRun.config.label("run_config"),
+    )
+    .join(Model, SAE.model_id == Model.id)
+    .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
+)
+
+
+def _summary(sae: Row, alive: int | None) -> dict:
+    """SAESummary's fields from a _SAE_ROW row."""
     return dict(
         name=sae.name,
-        model=model_name,
+        model=sae.model_name,
         hook=sae.hook,
         architecture=sae.architecture,
         d_in=sae.d_in,
         n_latents=sae.n_latents,
         k=sae.k,
         metrics=sae.metrics or {},
-        mined_tokens=run.tokens if run else None,
+        mined_tokens=sae.run_tokens,
         alive=alive,
     )
 
@@ -91,62 +106,52 @@ def _summary(sae: SAE, model_name: str, run: MiningRun | None, alive: int | None
 _ALIVE: dict[tuple[Engine, int], int | None] = {}  # runs never change once complete, so their counts can be cached
 
 
-def _alive(s: Session, run_id: int | None) -> int | None:
+def _alive(conn: Connection, run_id: int | None) -> int | None:
     """Features of a mining run that fired at least once (stored with the run's checkpoints; older runs:
     a count, once per process)."""
     if run_id is None:
         return None
-    key = (s.get_bind().engine, run_id)
+    key = (conn.engine, run_id)
     if key not in _ALIVE:
-        first = s.connection().execute(_CHECKPOINT, {"run_id": run_id, "sort": "index", "filter": "alive", "position": 0}).first()
-        _ALIVE[key] = first.total if first else s.scalar(select(func.count()).select_from(Feature).where(*_filtered(run_id, "alive")))
+        first = conn.execute(_CHECKPOINT, {"run_id": run_id, "sort": "index", "filter": "alive", "position": 0}).first()
+        _ALIVE[key] = first.total if first else conn.scalar(select(func.count()).select_from(Feature).where(*_filtered(run_id, "alive")))
     return _ALIVE[key]
 
 
-def list_models(s: Session) -> list[schemas.ModelSummary]:
-    out = []
-    for model in s.scalars(select(Model).order_by(Model.name)):
-        saes = []
-        for sae, run in s.execute(
-            select(SAE, MiningRun)
-            .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
-            .where(SAE.model_id == model.id)
-            .order_by(SAE.name)
-        ):
-            saes.append(schemas.SAESummary(**_summary(sae, model.name, run, _alive(s, sae.active_run_id))))
-        out.append(
-            schemas.ModelSummary(name=model.name, d_model=model.d_model, n_layers=model.n_layers, vocab_size=model.vocab_size, saes=saes)
+def list_models(conn: Connection) -> list[schemas.ModelSummary]:
+    saes: dict[int, list[schemas.SAESummary]] = {}
+    for sae in conn.execute(_SAE_ROW.order_by(SAE.name)):
+        saes.setdefault(sae.model_id, []).append(schemas.SAESummary(**_summary(sae, _alive(conn, sae.run_id))))
+    return [
+        schemas.ModelSummary(
+            name=model.name, d_model=model.d_model, n_layers=model.n_layers, vocab_size=model.vocab_size, saes=saes.get(model.id, [])
         )
-    return out
+        for model in conn.execute(select(Model.id, Model.name, Model.d_model, Model.n_layers, Model.vocab_size).order_by(Model.name))
+    ]
 
 
-def get_sae(s: Session, name: str) -> tuple[SAE, MiningRun | None, Model]:
-    row = s.execute(
-        select(SAE, MiningRun, Model)
-        .join(Model, SAE.model_id == Model.id)
-        .outerjoin(MiningRun, SAE.active_run_id == MiningRun.id)
-        .where(SAE.name == name)
-    ).first()
+def get_sae(conn: Connection, name: str) -> Row:
+    """The SAE's row with its live run's columns (run_id, run_tokens, ...: None when unmined) and its model's name."""
+    row = conn.execute(_SAE_ROW.where(SAE.name == name)).first()
     if row is None:
         raise NotFound(f"no SAE named {name!r}")
-    return row[0], row[1], row[2]
+    return row
 
 
-def sae_detail(s: Session, name: str) -> schemas.SAEDetail:
-    sae, run, model = get_sae(s, name)
-    alive = _alive(s, run.id if run else None)
+def sae_detail(conn: Connection, name: str) -> schemas.SAEDetail:
+    sae = get_sae(conn, name)
     mining = (
         {
-            "run_id": run.id,
-            "corpus": run.corpus,
-            "tokens": run.tokens,
-            "finished_at": run.finished_at.isoformat() if run.finished_at else None,
-            "config": run.config,
+            "run_id": sae.run_id,
+            "corpus": sae.run_corpus,
+            "tokens": sae.run_tokens,
+            "finished_at": sae.run_finished_at.isoformat() if sae.run_finished_at else None,
+            "config": sae.run_config,
         }
-        if run
+        if sae.run_id is not None
         else None
     )
-    return schemas.SAEDetail(**_summary(sae, model.name, run, alive), train_config=sae.train_config or {}, mining=mining)
+    return schemas.SAEDetail(**_summary(sae, _alive(conn, sae.run_id)), train_config=sae.train_config or {}, mining=mining)
 
 
 def _filtered(run_id: int, flt: Filter, sort: str = "density", lower_bound: bool = True):
@@ -192,18 +197,18 @@ _CHECKPOINT = (
 )
 
 
-def _table_rows(s: Session, run_id: int, offset: int, limit: int, sort: SortKey, desc: bool, flt: Filter) -> tuple[int, list]:
+def _table_rows(conn: Connection, run_id: int, offset: int, limit: int, sort: SortKey, desc: bool, flt: Filter) -> tuple[int, list]:
     """(rows in the filter, the page's rows): from the run's checkpoints when it has them (any page in
     a few index lookups), else by OFFSET and a count (runs mined before checkpoints existed)."""
     if sort == "explanation":  # by N2G score, unexplained features last (app/explanations.py; no checkpoints)
-        return explanations.table_rows(s, _filtered(run_id, flt), _TABLE_COLUMNS, offset, limit, desc)
-    conn, params = s.connection(), {"run_id": run_id, "sort": sort, "filter": flt}
+        return explanations.table_rows(conn, _filtered(run_id, flt), _TABLE_COLUMNS, offset, limit, desc)
+    params = {"run_id": run_id, "sort": sort, "filter": flt}
     first = conn.execute(_CHECKPOINT, {**params, "position": 0}).first() if sort in order.SORTS else None
     cond, column = _filtered(run_id, flt, sort), _SORT_COLUMNS[sort]
     if first is None:
-        total = s.scalar(select(func.count()).select_from(Feature).where(*cond)) or 0
+        total = conn.scalar(select(func.count()).select_from(Feature).where(*cond)) or 0
         ordering = (column.desc(), Feature.index.desc()) if desc else (column.asc(), Feature.index.asc())
-        return total, list(s.execute(select(*_TABLE_COLUMNS).where(*cond).order_by(*ordering).offset(offset).limit(limit)))
+        return total, list(conn.execute(select(*_TABLE_COLUMNS).where(*cond).order_by(*ordering).offset(offset).limit(limit)))
     total = first.total
     plan = order.page_plan(total, offset, limit, desc)
     if plan.take == 0:
@@ -213,7 +218,7 @@ def _table_rows(s: Session, run_id: int, offset: int, limit: int, sort: SortKey,
     start = Feature.index >= cp.feature_index if sort == "index" else _from(column, cp.value, cp.feature_index)
     cond = _filtered(run_id, flt, sort, lower_bound=False)  # the start is inside the filter
     rows = list(
-        s.execute(
+        conn.execute(
             select(*_TABLE_COLUMNS).where(*cond, start).order_by(column, Feature.index).offset(plan.start - cp.position).limit(plan.take)
         )
     )
@@ -221,14 +226,14 @@ def _table_rows(s: Session, run_id: int, offset: int, limit: int, sort: SortKey,
 
 
 def feature_page(
-    s: Session, name: str, offset: int, limit: int, sort: SortKey, order_: Literal["asc", "desc"], flt: Filter
+    conn: Connection, name: str, offset: int, limit: int, sort: SortKey, order_: Literal["asc", "desc"], flt: Filter
 ) -> schemas.FeaturePage:
-    sae, run, _ = get_sae(s, name)
-    if run is None:
+    sae = get_sae(conn, name)
+    if sae.run_id is None:
         return schemas.FeaturePage(sae=name, total=0, offset=offset, limit=limit, features=[])
-    total, rows = _table_rows(s, run.id, offset, limit, sort, order_ == "desc", flt)
-    vocab = VOCAB.get(s.connection(), sae.model_id)
-    explained = explanations.for_table(s.connection(), run.id, [r[0] for r in rows])
+    total, rows = _table_rows(conn, sae.run_id, offset, limit, sort, order_ == "desc", flt)
+    vocab = VOCAB.get(conn, sae.model_id)
+    explained = explanations.for_table(conn, sae.run_id, [r[0] for r in rows])
     feats = [
         schemas.FeatureSummary(
             index=i,
@@ -435,7 +440,7 @@ def feature_view(conn: Connection, name: str, index: int, kind: schemas.ExampleK
     return FeatureView(detail, examples(conn, name, index, kind, offset, limit), ref.mined_tokens or 0, VOCAB.get(conn, ref.model_id))
 
 
-def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
+def search(conn: Connection, query: str, sae_name: str | None, limit: int) -> dict:
     """Features whose top contexts peak on a token containing `query` (case-insensitive), and features
     whose explanations match it by meaning (app/meaning_search.py), as schemas.SearchResult's JSON shape.
 
@@ -447,11 +452,11 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
     stmt = select(SAE.name, SAE.active_run_id, SAE.model_id).where(SAE.active_run_id.is_not(None)).order_by(SAE.name)
     if sae_name is not None:
         stmt = stmt.where(SAE.name == sae_name)
-    saes = s.execute(stmt).all()
+    saes = conn.execute(stmt).all()
     hits: list[dict] = []
     for name, run_id, model_id in saes:
-        vocab = VOCAB.get(s.connection(), model_id)
-        token_ids = [i for i, t in enumerate(VOCAB.lowered(s.connection(), model_id)) if needle in t][:5000]
+        vocab = VOCAB.get(conn, model_id)
+        token_ids = [i for i, t in enumerate(VOCAB.lowered(conn, model_id)) if needle in t][:5000]
         if not token_ids:
             continue
         best = (
@@ -461,7 +466,7 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
             .limit(limit)
             .subquery()
         )
-        rows = s.execute(
+        rows = conn.execute(
             select(best, Feature.density)
             .join(Feature, (Feature.run_id == run_id) & (Feature.index == best.c.feature_index))
             .order_by(best.c.n_examples.desc(), best.c.max_act.desc(), best.c.feature_index)
@@ -470,5 +475,5 @@ def search(s: Session, query: str, sae_name: str | None, limit: int) -> dict:
             {"sae": name, "index": f, "token": token_text(vocab, t), "n_examples": n, "max_act": m, "density": d} for f, t, n, m, d in rows
         ]
     hits.sort(key=lambda h: (-h["n_examples"], -h["max_act"]))
-    features, notes = search_by_meaning.by_meaning(s, query, sae_name, limit)  # explanations: full text + semantic
+    features, notes = search_by_meaning.by_meaning(conn, query, sae_name, limit)  # explanations: full text + semantic
     return {"query": query, "hits": hits[:limit], "features": [h.model_dump() for h in features], "notes": notes}

@@ -28,14 +28,14 @@ class Entry(NamedTuple):
     body: bytes
 
 
-def cache_bytes_from_env() -> int:
-    """The cache's limit in bytes: $SAESCOPE_RESPONSE_CACHE_MB megabytes (0 turns it off)."""
+def cache_mb_from_env() -> int:
+    """$SAESCOPE_RESPONSE_CACHE_MB (0 turns the cache off), else DEFAULT_CACHE_MB (app/config.py reads it)."""
     raw = os.environ.get(ENV_CACHE_MB)
     if raw is None:
-        return DEFAULT_CACHE_MB << 20
+        return DEFAULT_CACHE_MB
     if not raw.strip().isdigit():
         raise SaescopeError(f"{ENV_CACHE_MB} must be a whole number of megabytes (0 turns the cache off), not {raw!r}")
-    return int(raw) << 20
+    return int(raw)
 
 
 class ResponseCache:

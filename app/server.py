@@ -1,4 +1,4 @@
-"""Run the app under uvicorn: what `saescope serve` calls.
+"""Run the app under uvicorn: what `saescope serve` calls (app/serving.py).
 
 This is uvicorn.run's own flow (one process, or uvicorn's supervisor over `workers` processes),
 with two fixes to the listening socket that the supervisor hands its workers:
@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import uvicorn
 from uvicorn.main import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
-APP = "app.main:create_app"
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from .config import AppConfig
+
 PER_WORKER_SOCKETS = sys.platform == "linux"  # elsewhere SO_REUSEPORT does not balance connections
 
 
@@ -58,16 +62,38 @@ class _Config(uvicorn.Config):
         return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
-def run(host: str, port: int, workers: int, loop: Literal["asyncio", "uvloop"] = "asyncio") -> None:
-    """Serve until interrupted. The store's URL reaches the workers through the environment
-    (sae_core.store.db.ENV_URL), since each worker process builds its own app."""
-    config = _Config(
-        APP, factory=True, host=host, port=port, workers=workers, loop=loop, http="httptools", log_level="warning", access_log=False
+class _AppFactory:
+    """What each worker process calls to build its app: `create_app(config=...)` with the server's
+    config. Uvicorn pickles it into every worker it spawns, as plain data, so that unpickling it (before
+    the worker answers the supervisor's health checks) imports nothing; the app is imported after."""
+
+    def __init__(self, config: AppConfig):
+        self.config = config.to_dict()
+
+    def __call__(self) -> ASGIApp:
+        from .config import AppConfig
+        from .main import create_app
+
+        return create_app(config=AppConfig.from_dict(self.config))
+
+
+def run(config: AppConfig, host: str, port: int, workers: int, loop: Literal["asyncio", "uvloop"] = "asyncio") -> None:
+    """Serve until interrupted; every worker process builds its app from `config` (_AppFactory)."""
+    uv_config = _Config(
+        _AppFactory(config),
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop=loop,
+        http="httptools",
+        log_level="warning",
+        access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uv_config)
     try:
         if workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()
         else:
             server.run()
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine, select
 from sae_core.store.changes import CHANNEL
 from sae_core.store.schema import SAE, MiningRun
 
-from .deps import Reader, run_read
+from .deps import Reader
 
 log = logging.getLogger("saescope.serve")
 RunRow = tuple[str, int | None, datetime | None, int]  # name, live run, its finish time, revision
@@ -104,7 +104,7 @@ class StoreWatch:
         """The SAE's row (or every SAE's, sorted, for pages that list them all; [] for an unknown SAE)."""
         token = self._change_token()  # taken before the read: a change during it makes the next request read again
         if token is None or token != self._token:
-            self._rows = await run_read(self.reader, read_runs)
+            self._rows = await self.reader.read(read_runs)
             self._token = token
             self.reads += 1
         if sae_name is not None:

@@ -172,7 +172,7 @@ def bench_search(url: str, n_queries: int) -> dict:
     with Session(engine) as s:
         run_id = s.scalar(select(SAE.active_run_id))
         n = len(store_search.EMBEDDINGS.get(s.connection(), run_id).keys)
-        app_search.by_meaning(s, "warm up", None, 20)
+        app_search.by_meaning(s.connection(), "warm up", None, 20)
         total, semantic, embed_only, reference, semantic_cpu = [], [], [], [], []
         for q in queries:
             app_search.query_vector.cache_clear()  # every query embeds afresh
@@ -184,7 +184,7 @@ def bench_search(url: str, n_queries: int) -> dict:
             semantic_cpu.append(time.thread_time() - c)  # torch runs one thread: the caller's
             app_search.query_vector.cache_clear()
             t = time.perf_counter()
-            app_search.by_meaning(s, q, None, 50)  # embed, rank, full text, fuse: what /api/v1/search adds
+            app_search.by_meaning(s.connection(), q, None, 50)  # embed, rank, full text, fuse: what /api/v1/search adds
             total.append(time.perf_counter() - t)
         for q in queries[:20]:  # the reference: embeddings read from the store per query
             app_search.query_vector.cache_clear()

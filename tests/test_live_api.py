@@ -202,10 +202,11 @@ def test_a_generation_stops_at_the_time_limit(mined_store):
 
 
 def test_without_live_the_live_endpoints_say_why_and_pages_work(mined_store, monkeypatch):
-    from app.live import ENV_LIVE, serve_env
+    from app.config import AppConfig
+    from app.live import LiveLink
 
-    monkeypatch.setenv(ENV_LIVE, serve_env(None, LiveConfig(), off="this server was started with --no-live"))
-    with TestClient(create_app(mined_store)) as client:
+    config = AppConfig.resolve(mined_store, live=LiveLink.none("this server was started with --no-live"))  # what serve --no-live gives
+    with TestClient(create_app(config=config)) as client:
         r = client.post("/api/v1/saes/tiny-sae/activations", json={"text": "the cat"})
         assert r.status_code == 503 and "--no-live" in r.json()["detail"]
         assert client.get("/api/v1/live").json()["state"] == "off"

@@ -1,8 +1,11 @@
-"""What a live request can fail with, and the HTTP status each maps to (app/live.py)."""
+"""What a live request can fail with, and the HTTP status each maps to (app/live/). NotFound (404) is
+sae_core.errors.NotFound, the one class the store's readers raise too."""
 
 from __future__ import annotations
 
-from ..errors import SaescopeError
+from ..errors import NotFound, SaescopeError
+
+__all__ = ["LiveError", "Loading", "NotFound", "Unavailable"]
 
 
 class LiveError(SaescopeError):
@@ -10,12 +13,6 @@ class LiveError(SaescopeError):
 
     status = 422
     retry_after: float | None = None
-
-
-class NotFound(LiveError):
-    """An unknown (or unmined) SAE, or a feature index past its width (HTTP 404)."""
-
-    status = 404
 
 
 class Unavailable(LiveError):

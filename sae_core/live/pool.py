@@ -190,7 +190,7 @@ class ModelServer:
                 result = job.answer["result"]
                 stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped")}
                 self._count("cancelled" if "cancelled" in stopped else "timed_out" if "time_limit" in stopped else "completed")
-            except LiveError as exc:
+            except (LiveError, NotFound) as exc:
                 job.answer = {"ok": False, "status": exc.status, "detail": str(exc), "retry_after": exc.retry_after}
                 self._count("failed")
             except Exception as exc:  # noqa: BLE001 - the process must keep serving; the client gets a 500 with the reason

@@ -1,0 +1,55 @@
+"""The live API endpoints: a text's features (activations) and steering, as POSTs (model answers are not
+store reads: no ETag, no response cache), and whether the model is up (never cached)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi.responses import JSONResponse, Response
+
+from sae_core.config import LiveConfig
+from sae_core.live.errors import LiveError
+
+from . import gateway
+from .schemas import LIVE_ERRORS, ActivationsRequest, ActivationsResponse, SteerResponse, limited_steer_request
+
+SaeName = Path(max_length=200)
+router = APIRouter()  # what does not depend on this server's caps
+
+
+def limited_router(limits: LiveConfig) -> APIRouter:
+    """The live API endpoints, their request models carrying this server's caps (create_app knows them)."""
+    api = APIRouter()
+    steer_request = limited_steer_request(limits)
+
+    @api.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"], responses=LIVE_ERRORS)
+    async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName):
+        """The SAE's strongest features on each token of `text` (and one feature's activation on every token)."""
+        result = await gateway.or_gone(gateway.activations(request, sae, body))
+        if isinstance(result, Response):
+            return result
+        for tok in result["tokens"]:
+            tok["features"] = [{"index": i, "activation": a} for i, a in tok["features"]]
+        return result
+
+    async def steer_api(request: Request, body):
+        """The default and the steered continuation of `prompt`, with the interventions applied at the SAE's hook."""
+        return await gateway.or_gone(gateway.steer(request, body))
+
+    steer_api.__annotations__ = {"request": Request, "body": steer_request}  # a class of this call: no string annotation
+    api.post("/api/v1/steer", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)(steer_api)
+    return api
+
+
+@router.get("/api/v1/live", tags=["live"])
+async def live_status(request: Request) -> dict:
+    """Whether the model is up, and the live limits (never cached)."""
+    return await request.app.state.live.status()
+
+
+def add_error_handler(app: FastAPI) -> None:
+    """Live errors as statuses: 422, and 503 with Retry-After when it will pass (NotFound is create_app's 404)."""
+
+    @app.exception_handler(LiveError)
+    async def live_error(request: Request, exc: LiveError):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)

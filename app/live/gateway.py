@@ -1,0 +1,138 @@
+"""Where the model is, and what the live API and pages ask it: check the request against the store
+(unknown SAE or feature: NotFound), hand it to the model process (sae_core/live/pool.py) and return
+its answer. A generation never holds a page worker: the model runs in the server's one model process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, AsyncIterator, Awaitable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from sqlalchemy import Connection, select
+
+from sae_core.config import LiveConfig
+from sae_core.live.errors import Unavailable
+from sae_core.live.interventions import Intervention, steer_permalink
+from sae_core.live.pool import ClientGone, LiveClient, ModelPool
+from sae_core.store.schema import SAE, Feature
+
+from .. import queries
+from ..deps import read_connection
+from .schemas import ActivationsRequest, SteerRequest
+
+OFF_HERE = "the live features run under `saescope serve` (this app was built without them)"
+
+
+@dataclass(frozen=True)
+class LiveLink:
+    """Where an app's live features come from (part of app.config.AppConfig): the model process that
+    `saescope serve` started (`socket`), one this app starts itself (`own`: tests, embedding), or none
+    (`off`: why). `limits` are the caps the API states and checks."""
+
+    limits: LiveConfig = field(default_factory=LiveConfig)
+    socket: str | None = None
+    off: str | None = None
+    own: bool = False
+
+    @classmethod
+    def none(cls, why: str = OFF_HERE, limits: LiveConfig | None = None) -> LiveLink:
+        return cls(limits or LiveConfig(), off=why)
+
+
+@dataclass
+class Gateway:
+    """app.state.live: the client of the model process, or why there is none."""
+
+    limits: LiveConfig
+    client: LiveClient | None = None
+    off: str | None = None
+    own_pool: ModelPool | None = None  # started by this app (no `saescope serve` around it)
+
+    @classmethod
+    def connect(cls, db_url: str, link: LiveLink) -> Gateway:
+        if link.own:
+            return cls(link.limits, own_pool=ModelPool(db_url, link.limits))
+        if link.socket is None:
+            return cls(link.limits, off=link.off or OFF_HERE)
+        return cls(link.limits, client=LiveClient(link.socket))
+
+    def start(self) -> None:
+        if self.own_pool is not None:
+            self.client = LiveClient(self.own_pool.start().socket)
+
+    def stop(self) -> None:
+        if self.own_pool is not None:
+            self.own_pool.stop()
+
+    async def call(self, request: Request, payload: dict) -> dict:
+        if self.client is None:
+            raise Unavailable(f"live features are off: {self.off}")
+        return await self.client.call(payload, request.is_disconnected)
+
+    async def status(self) -> dict:
+        """Whether the model is up, and the live limits."""
+        if self.client is None:
+            return {"state": "off", "detail": f"live features are off: {self.off}", "limits": asdict(self.limits)}
+        try:
+            return await self.client.call({"op": "status"})
+        except Unavailable as exc:
+            return {"state": "starting", "detail": str(exc), "limits": asdict(self.limits)}
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Starts and stops the model process this app owns, if any."""
+    app.state.live.start()
+    try:
+        yield
+    finally:
+        app.state.live.stop()
+
+
+# ---------------------------------------------------------------------- the work
+
+
+def check(conn: Connection, sae: str, features: list[int]) -> dict[int, float]:
+    """NotFound for an unknown or unmined SAE or a feature past its width; the features' max activations."""
+    for index in features or [0]:
+        queries.feature_ref(conn, sae, index)
+    rows = conn.execute(
+        select(Feature.index, Feature.max_act)
+        .join(SAE, SAE.active_run_id == Feature.run_id)
+        .where(SAE.name == sae, Feature.index.in_(features))
+    )
+    return {int(i): float(m) for i, m in rows}
+
+
+async def sae_or_404(request: Request, sae: str) -> None:
+    await read_connection(request, check, sae, [])
+
+
+async def activations(request: Request, sae: str, body: ActivationsRequest) -> dict:
+    await read_connection(request, check, sae, [] if body.feature is None else [body.feature])
+    payload = {"op": "encode", "sae": sae, "text": body.text, "feature": body.feature, "top": body.top}
+    return await request.app.state.live.call(request, payload)
+
+
+async def steer(request: Request, body: SteerRequest) -> dict:
+    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    payload = {
+        "op": "generate",
+        "sae": body.sae,
+        "prompt": body.prompt,
+        "interventions": [[iv.feature, iv.mode, iv.value] for iv in body.interventions],
+        "settings": asdict(body.settings()),
+    }
+    result = await request.app.state.live.call(request, payload)
+    interventions = [Intervention(iv.feature, iv.mode, iv.value) for iv in body.interventions]
+    return {**result, "permalink": steer_permalink(body.sae, body.prompt, interventions, body.settings())}
+
+
+async def or_gone(work: Awaitable[Any]) -> Any:
+    try:
+        return await work
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it: the client closed the connection

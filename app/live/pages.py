@@ -1,0 +1,189 @@
+"""The live pages: features on the user's own text (`/saes/{sae}/inference`, the feature page's "try it"
+box) and steering (`/saes/{sae}/steer?...`). The GET pages render the form from the store alone; their
+results come from a POST fragment that htmx requests on load, so a steering permalink (prompt,
+interventions, seed and settings in its query) reproduces its result whenever it is opened. Whether
+the model is up is a fragment of its own (/live/status), never cached."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import Response
+
+from sae_core.config import GenerationConfig
+from sae_core.errors import NotFound
+from sae_core.live.errors import LiveError, Loading
+from sae_core.live.interventions import MODES, Intervention
+from sae_core.live.pool import ClientGone
+
+from ..deps import read_connection
+from ..render import heat, templates
+from . import gateway
+from .schemas import DETERMINISM, MAX_TEXT_CHARS, ActivationsRequest, InterventionModel, SteerRequest
+
+router = APIRouter(include_in_schema=False)
+SaeName = Path(max_length=200)
+STEER_DEFAULTS = GenerationConfig()
+
+
+@router.get("/live/status")
+async def status_fragment(request: Request):
+    return templates.TemplateResponse(request, "_live_status.html", {"status": await request.app.state.live.status()})
+
+
+@router.get("/saes/{sae}/inference")
+async def inference_page(request: Request, sae: str = SaeName):
+    await gateway.sae_or_404(request, sae)
+    return templates.TemplateResponse(request, "inference.html", {"sae": sae, "max_chars": MAX_TEXT_CHARS})
+
+
+def _error(request: Request, exc: Exception, form: str = "", vals: dict | None = None):
+    """The fragment for a live result that failed. While the model loads, a card that says so and posts
+    `form` again by itself after the Retry-After, replacing itself with the result."""
+    if isinstance(exc, Loading):
+        ctx = {"reason": str(exc), "retry": max(1, round(exc.retry_after or 2)), "form": form, "vals": json.dumps(vals or {})}
+        return templates.TemplateResponse(request, "_live_loading.html", ctx)
+    status = getattr(exc, "status", 422 if isinstance(exc, LiveError) else 500)
+    # a fragment for htmx to swap in (htmx leaves non-2xx answers unswapped): the status is in the card
+    return templates.TemplateResponse(
+        request, "_live_error.html", {"status": status, "reason": str(exc), "retry": getattr(exc, "retry_after", None)}
+    )
+
+
+@router.post("/saes/{sae}/inference/result")
+async def inference_result(
+    request: Request, sae: str = SaeName, text: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "", feature: Annotated[str, Form()] = ""
+):
+    try:
+        chosen = int(feature) if feature.strip() else None
+        body = ActivationsRequest(text=text or " ", feature=chosen, top=8) if text else None
+        if body is None:
+            raise LiveError("type or paste a text first")
+        result = await gateway.activations(request, sae, body)
+    except ClientGone:
+        return Response(status_code=499)
+    except (LiveError, NotFound, ValueError) as exc:
+        return _error(request, exc, "#inference-form", {"feature": feature})
+    return templates.TemplateResponse(request, "_live_tokens.html", _tokens_view(sae, result))
+
+
+def _tokens_view(sae: str, result: dict) -> dict:
+    tokens = result["tokens"]
+    if result["feature"] is not None:
+        acts = result["feature_acts"]
+        top = max(acts, default=0.0)
+        heats = [heat(a, top) for a in acts]
+    else:
+        strongest = [t["features"][0][1] if t["features"] else 0.0 for t in tokens]
+        top = max(strongest, default=0.0)
+        heats = [heat(a, top) for a in strongest]
+    return {"sae": sae, "result": result, "heats": heats, "top": top}
+
+
+@router.post("/saes/{sae}/features/{index}/try")
+async def feature_try(request: Request, sae: str = SaeName, index: int = Path(ge=0, le=2**31 - 1), text: Annotated[str, Form()] = ""):
+    """The feature page's "try it on your text" box: the text highlighted by this feature (relative to its mined max)."""
+    try:
+        if not text.strip():
+            raise LiveError("type or paste a text first")
+        maxima = await read_connection(request, gateway.check, sae, [index])
+        result = await gateway.activations(request, sae, ActivationsRequest(text=text[:MAX_TEXT_CHARS], feature=index, top=1))
+    except ClientGone:
+        return Response(status_code=499)
+    except (LiveError, NotFound) as exc:
+        return _error(request, exc, "#try-form")
+    mined_max = maxima.get(index, 0.0)
+    scale = mined_max if mined_max > 0 else max(result["feature_acts"], default=0.0)
+    view = {"sae": sae, "index": index, "result": result, "heats": [heat(a, scale) for a in result["feature_acts"]], "mined_max": mined_max}
+    view["strongest"] = max(result["feature_acts"], default=0.0)
+    return templates.TemplateResponse(request, "_live_feature_text.html", view)
+
+
+def _form_interventions(features: list[str], modes: list[str], values: list[str]) -> list[InterventionModel]:
+    out = []
+    for i, raw in enumerate(features):
+        if not raw.strip():
+            continue
+        mode = modes[i] if i < len(modes) and modes[i] in MODES else "clamp"
+        value = values[i] if i < len(values) and values[i].strip() else "0"
+        try:
+            out.append(InterventionModel(feature=int(raw), mode=mode, value=float(value)))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise LiveError(f"intervention {i + 1}: feature must be a whole number and value a number ({raw!r}, {value!r})") from exc
+    return out
+
+
+@router.get("/saes/{sae}/steer")
+async def steer_page(
+    request: Request,
+    sae: str = SaeName,
+    prompt: str = Query("", max_length=MAX_TEXT_CHARS),
+    feature: list[str] = Query([]),
+    mode: list[str] = Query([]),
+    value: list[str] = Query([]),
+    max_new_tokens: int = Query(STEER_DEFAULTS.max_new_tokens, ge=1, le=4096),
+    temperature: float = Query(STEER_DEFAULTS.temperature, ge=0, le=10),
+    top_p: float = Query(STEER_DEFAULTS.top_p, gt=0, le=1),
+    seed: int = Query(STEER_DEFAULTS.seed, ge=0, le=2**32 - 1),
+):
+    await gateway.sae_or_404(request, sae)
+    rows = [
+        {"feature": f, "mode": mode[i] if i < len(mode) else "clamp", "value": value[i] if i < len(value) else ""}
+        for i, f in enumerate(feature)
+        if f.strip()
+    ]
+    rows += [{"feature": "", "mode": "clamp", "value": ""} for _ in range(max(1, 4 - len(rows)))]
+    settings = GenerationConfig(max_new_tokens, temperature, top_p, seed)
+    ctx = {
+        "sae": sae,
+        "prompt": prompt,
+        "rows": rows,
+        "settings": settings,
+        "modes": MODES,
+        "determinism": DETERMINISM,
+        "run": bool(prompt),
+    }
+    return templates.TemplateResponse(request, "steer.html", ctx)
+
+
+@router.post("/saes/{sae}/steer/result")
+async def steer_result(
+    request: Request,
+    sae: str = SaeName,
+    prompt: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
+    feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+    mode: Annotated[list[str], Form()] = [],  # noqa: B006
+    value: Annotated[list[str], Form()] = [],  # noqa: B006
+    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
+    temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
+    top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
+    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
+):
+    try:
+        if not prompt:
+            raise LiveError("write a prompt first")
+        body = SteerRequest(
+            sae=sae,
+            prompt=prompt,
+            interventions=_form_interventions(feature, mode, value),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        result = await gateway.steer(request, body)
+    except ClientGone:
+        return Response(status_code=499)
+    except (LiveError, NotFound) as exc:
+        return _error(request, exc, "#steer-form")
+    diverge = result["diverges_at"]
+    ctx = {
+        "sae": sae,
+        "result": result,
+        "diverge": len(result["steered"]["tokens"]) if diverge is None else diverge,
+        "determinism": DETERMINISM,
+    }
+    ctx["interventions"] = [Intervention(iv.feature, iv.mode, iv.value).spec() for iv in body.interventions]
+    return templates.TemplateResponse(request, "_live_steer.html", ctx)

@@ -1,0 +1,124 @@
+"""Request and response models of the live API (app/live/api.py), and its error responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+
+from sae_core.config import GenerationConfig, LiveConfig
+from sae_core.live.interventions import Mode
+
+from ..schemas import Problem
+
+MAX_TEXT_CHARS = 20_000  # before tokenizing; past LiveConfig's token caps a text is cut (the answer says by how much)
+MAX_INDEX = 2**31 - 1  # a feature index, as the store keeps it
+DETERMINISM = "deterministic for a given seed, model dtype and machine kind"
+
+
+class ActivationsRequest(BaseModel):
+    text: str = Field(
+        min_length=1, max_length=MAX_TEXT_CHARS, description="the text to read; past the server's max_text_tokens its beginning is read"
+    )
+    feature: int | None = Field(None, ge=0, le=MAX_INDEX, description="also return this feature's activation on every token")
+    top: int = Field(8, ge=1, le=64, description="strongest features listed per token")
+
+
+class FeatureActivation(BaseModel):
+    index: int
+    activation: float
+
+
+class TokenActivations(BaseModel):
+    id: int
+    text: str
+    features: list[FeatureActivation] = Field(description="strongest first; empty on skipped positions")
+    skipped: bool = Field(description="a leading position the SAE was not trained on (the attention sink)")
+
+
+class ActivationsResponse(BaseModel):
+    sae: str
+    run_id: int = Field(description="the mining run whose SAE weights answered")
+    tokens: list[TokenActivations]
+    feature: int | None
+    feature_acts: list[float] | None
+    truncated: int = Field(0, description="tokens past the server's max_text_tokens, left out (0: the whole text was read)")
+
+
+class InterventionModel(BaseModel):
+    feature: int = Field(ge=0, le=MAX_INDEX)
+    mode: Mode = Field(description="clamp: set the latent to value; add: add value x the decoder direction; scale: multiply it")
+    value: float = Field(gt=-1e6, lt=1e6)
+
+
+class SteerRequest(BaseModel):
+    """What the steering page's form gives; the API's model is `limited_steer_request`'s, with this server's caps."""
+
+    sae: str = Field(max_length=200)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="past the server's max_prompt_tokens its end is continued")
+    interventions: list[InterventionModel] = Field(
+        default_factory=list, max_length=64, description="applied in order; several on one feature compose"
+    )
+    max_new_tokens: int = Field(32, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0, le=10, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    def settings(self) -> GenerationConfig:
+        return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
+class ContinuationModel(BaseModel):
+    token_ids: list[int]
+    tokens: list[str]
+    text: str
+    stopped: str = Field(description="eos, length, time_limit or cancelled")
+
+
+class SteerResponse(BaseModel):
+    sae: str
+    run_id: int
+    prompt_tokens: list[str]
+    default: ContinuationModel
+    steered: ContinuationModel
+    diverges_at: int | None = Field(description="first generated position where the continuations differ")
+    prompt_truncated: int = Field(
+        0, description="tokens cut from the prompt's start (past max_prompt_tokens): prompt_tokens were continued"
+    )
+    permalink: str = Field(description=f"the steering page of this request: {DETERMINISM}")
+
+
+def limited_steer_request(limits: LiveConfig) -> type[SteerRequest]:
+    """SteerRequest with this server's caps in its schema (maximum, maxItems), so that the OpenAPI document
+    states them and every request it admits is answered."""
+    default = min(GenerationConfig().max_new_tokens, limits.max_new_tokens_limit)
+    interventions: Any = Field(
+        default_factory=list, max_length=limits.max_interventions, description="applied in order; several on one feature compose"
+    )
+    return create_model(
+        "SteerRequest",
+        __base__=SteerRequest,
+        interventions=(list[InterventionModel], interventions),
+        max_new_tokens=(int, Field(default, ge=1, le=limits.max_new_tokens_limit)),
+    )
+
+
+class LiveProblem(BaseModel):
+    """A 422: FastAPI's list of validation errors, or the live limit the request is over, in words."""
+
+    detail: str | list[dict[str, Any]]
+
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds after which the queue has likely drained (when busy)", "schema": {"type": "integer"}}
+}
+LIVE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body is not JSON (FastAPI could not parse it)"},
+    404: {"model": Problem, "description": "No such SAE or feature, or the SAE has not been mined yet"},
+    422: {"model": LiveProblem, "description": "Invalid input: the field and the reason, or the live limit exceeded"},
+    503: {
+        "model": Problem,
+        "description": "The model is busy (Retry-After), off (serve --no-live), loading, or could not be loaded: the reason",
+        "headers": RETRY_AFTER,
+    },
+}
