@@ -55,8 +55,8 @@ def code_version() -> str:
     looks like changes every ETag even without a version bump."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256(sae_core.__version__.encode())
-    for path in sorted([*root.glob("*.py"), *(root.parent / "templates").glob("*.html")]):
-        h.update(path.name.encode() + path.read_bytes())
+    for path in sorted([*root.rglob("*.py"), *(root.parent / "templates").rglob("*.html")]):  # app/live/, app/accounts/ too
+        h.update(str(path.relative_to(root.parent)).encode() + path.read_bytes())
     return f"{sae_core.__version__}+{h.hexdigest()[:12]}"
 
 
