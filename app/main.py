@@ -29,7 +29,7 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import api, deps, families, feature_map, live, pages
+from . import api, compare, deps, families, feature_map, live, pages
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy
 from .meaning_search import MeaningWarmUp
@@ -104,6 +104,8 @@ ROUTERS: list[APIRouter] = [
     feature_map.router,  # /saes/{sae}/map and its data, the feature page's inset
     families.api_router,  # a feature's relatives across SAEs (saescope family)
     families.router,
+    compare.api_router,  # SAEs of one model and hook side by side: /api/v1/compare
+    compare.router,  # /compare
 ]
 
 
