@@ -1,7 +1,7 @@
 """Mine every feature of an SAE into the store: `saescope mine`.
 
 Phase 1 is the one pass over the corpus: token windows -> model cut at the hook -> SAE encode. It
-uses the activation cache's resumable sharded writer (`shards.fill_shards`) but stores each
+uses the activation cache's resumable sharded writer (`shard_writer.fill_shards`) but stores each
 position's sparse code instead of its activation, in `<sae>/mining/`. A killed run keeps its whole
 chunks and a re-run continues after them. Where the cache the SAE was trained on still holds the
 windows (same model, hook, corpus and windowing), their tokens and activations are read from it
@@ -23,23 +23,26 @@ import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 
 from . import corpus as corpus_mod
 from . import feature_stats
-from .cache import CacheConfig, check_config, reusable_cache
-from .coactivation import CoactivationCounter
+from .cache import ActivationCache, CacheConfig, check_config, reusable_cache
+from .coactivation import Coactivation, CoactivationCounter
 from .config import MineConfig
 from .distributed.comms import Grid, single_process
-from .distributed.mining_parts import part_chunks
+from .distributed.mining_parts import Part, part_chunks
 from .distributed.mining_parts import plan as shard_plan
 from .errors import SaescopeError
-from .interchange import load_sae, sae_bytes
+from .interchange import LoadedSAE, load_sae, sae_bytes
 from .model import LanguageModel, load_model, parse_hook
-from .shard_writer import ShardEncoder, fill_shards, finished
+from .sae.base import DictionarySAE
+from .shard_writer import CacheResult, ShardEncoder, fill_shards, finished
 from .store import db, write
 from .windows import WindowSource
 
@@ -66,7 +69,7 @@ class CodeEncoder(ShardEncoder):
 
     BLOCK = 512
 
-    def __init__(self, sae, width: int, compute_dtype: torch.dtype, identity: dict):
+    def __init__(self, sae: DictionarySAE, width: int, compute_dtype: torch.dtype, identity: dict) -> None:
         self.width, self.compute_dtype, self.identity = width, compute_dtype, identity
         with torch.no_grad():
             W = sae.W_enc.detach().float()
@@ -118,16 +121,114 @@ def _neighbours(W_dec: torch.Tensor, n_top: int, chunk: int = 1024) -> tuple[np.
     return np.concatenate(ids), np.concatenate(sims)
 
 
+class ShardRole(Enum):
+    """What one process does with a run's windows (distributed/mining_parts.py cuts them into parts)."""
+
+    WHOLE = "whole"  # mines every window, then publishes the run: a plain `saescope mine`
+    PART = "part"  # mines one part and stops: `--shard I/N`, or a torchrun rank other than 0
+    MERGE = "merge"  # publishes the parts mined before as one run: `--merge-shards N`
+    PART_AND_MERGE = "part and merge"  # torchrun rank 0: mines its part, waits for the other ranks', publishes all
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """This process's role in a (possibly sharded) mining run, with the part it mines and the parts it merges."""
+
+    role: ShardRole
+    part: Part | None = None  # the part mined: PART and PART_AND_MERGE
+    parts: int = 0  # how many parts are merged: MERGE and PART_AND_MERGE
+
+    @classmethod
+    def of(cls, cfg: MineConfig, grid: Grid) -> ShardPlan:
+        """From --shard / --merge-shards, or from the torchrun grid (rank r of W mines part r/W, rank 0 merges)."""
+        part, merge = shard_plan(cfg.shard, cfg.merge_shards, grid)
+        if merge is None:
+            return cls(ShardRole.WHOLE) if part is None else cls(ShardRole.PART, part)
+        return cls(ShardRole.MERGE, parts=merge) if part is None else cls(ShardRole.PART_AND_MERGE, part, merge)
+
+    @property
+    def mines(self) -> bool:
+        """Phase 1 (the pass over the corpus) runs in this process."""
+        return self.role is not ShardRole.MERGE
+
+    @property
+    def publishes(self) -> bool:
+        """Phase 2 (statistics and the store write) runs in this process."""
+        return self.role is not ShardRole.PART
+
+
+@dataclass
+class MiningJob:
+    """One mining run as the SAE's folder and the config define it, before the store or the model is touched."""
+
+    sae_dir: Path
+    loaded: LoadedSAE
+    name: str  # the SAE's name in the store (a URL slug)
+    model_name: str
+    hook: str
+    corpus: str
+    cache: CacheConfig  # the windows mined, as an activation cache would describe them
+    identity: dict  # what, besides the windows, makes two runs the same (the chunks and the run config record it)
+    from_cache: ActivationCache | None  # the training cache the first windows' activations are read from
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sae(self) -> DictionarySAE:
+        return self.loaded.sae
+
+    @property
+    def n_latents(self) -> int:
+        return self.loaded.sae.cfg.n_latents
+
+    @property
+    def work(self) -> Path:
+        """Where phase 1 writes its chunks (deleted once the run is in the store)."""
+        return self.sae_dir / "mining"
+
+    @property
+    def run_config(self) -> dict:
+        return {"cache": asdict(self.cache), **self.identity}
+
+
 def mine(
     sae_dir: str | Path, cfg: MineConfig, lm: LanguageModel | None = None, progress: bool = True, grid: Grid | None = None
 ) -> MineResult:
     """Mine the SAE in `sae_dir` into the store. Sharded (distributed/mining_parts.py): with cfg.shard this
     process mines one part of the windows and stops, with cfg.merge_shards it publishes the parts, and
-    under torchrun (`grid`) every rank mines its part and rank 0 publishes them."""
+    under torchrun (`grid`) every rank mines its part and rank 0 publishes them (`ShardPlan`)."""
     t0 = time.perf_counter()
     grid = grid or single_process()
-    mine_part, merge_count = shard_plan(cfg.shard, cfg.merge_shards, grid)
-    sae_dir = Path(sae_dir)
+    plan = ShardPlan.of(cfg, grid)
+    job = resolve(Path(sae_dir), cfg)
+    engine, existing = open_store(cfg, grid, plan, job)
+    if existing is not None:
+        notes = [f"the store already holds run {existing} of {job.name} with these settings; --force re-mines", *job.notes]
+        return MineResult(job.name, existing, 0, 0, job.n_latents, time.perf_counter() - t0, skipped=True, notes=notes)
+    lm = prepare_model(job, cfg, lm)
+    done = mine_codes(job, plan, cfg, lm, progress) if plan.mines else None
+    if done is not None:
+        job.notes += done.notes
+    grid.world.barrier()  # under torchrun: every part is mined before rank 0 merges them
+    if not plan.publishes:
+        return part_mined(job, plan, done, grid, t0)
+    chunks, documents = code_chunks(job, plan, cfg)
+    tables, coactivation = statistics(job, cfg, chunks, progress)
+    run_id = publish(engine, job, cfg, lm, tables, coactivation, documents, progress)
+    shutil.rmtree(job.work, ignore_errors=True)
+    alive = int((tables.n_fired > 0).sum())
+    return MineResult(job.name, run_id, tables.positions, alive, job.n_latents, time.perf_counter() - t0, notes=job.notes)
+
+
+def part_mined(job: MiningJob, plan: ShardPlan, done: CacheResult | None, grid: Grid, t0: float) -> MineResult:
+    """What a process that mined a part and publishes nothing reports (the merge, or torchrun's rank 0, publishes)."""
+    assert plan.part is not None and done is not None  # ShardRole.PART always mines a part
+    if not grid.distributed:
+        job.notes.append(f"part {plan.part} mined ({done.n_rows:,} positions); publish the parts with --merge-shards {plan.part.count}")
+    return MineResult(job.name, 0, done.n_rows, 0, job.n_latents, time.perf_counter() - t0, published=False, notes=job.notes)
+
+
+def resolve(sae_dir: Path, cfg: MineConfig) -> MiningJob:
+    """Load the SAE, check the config, and fix what the run is: its windows, its identity, where activations come from."""
     loaded = load_sae(sae_dir)
     sae, prov = loaded.sae, loaded.provenance
     model_name, hook = prov.require(sae_dir)
@@ -135,13 +236,12 @@ def mine(
     if cfg.tokens <= 0:
         raise SaescopeError("--tokens must be positive")
     name = slug(cfg.name or sae_dir.resolve().name)
-    context, skip = prov.context_size, prov.skip_positions
     cache = CacheConfig(
         model=model_name,
         hook=hook,
         corpus=corpus,
-        context_size=context,
-        skip_positions=skip,
+        context_size=prov.context_size,
+        skip_positions=prov.skip_positions,
         seed=prov.seed,
         dtype="float32",
         tokens=cfg.tokens,
@@ -170,102 +270,122 @@ def mine(
             "dtype": from_cache.config["dtype"],
             "windows": min(from_cache.whole_windows, cache.n_windows),
         }
-    run_config = {"cache": asdict(cache), **identity}
+    return MiningJob(sae_dir, loaded, name, model_name, hook, corpus, cache, identity, from_cache, notes)
 
-    part_only = mine_part is not None and merge_count is None  # only reads the store (parts may start together: one creates it)
+
+def open_store(cfg: MineConfig, grid: Grid, plan: ShardPlan, job: MiningJob) -> tuple[Engine, int | None]:
+    """Connect to the store, creating its schema where it is empty (not for a part: it only reads the store, and
+    parts may start together), and find a complete run with this identity (None: mine; always None with --force)."""
     # under torchrun the other ranks connect after rank 0: a new SQLite file's first connections race to switch
     # it to WAL, and the loser fails at once with "database is locked" (its busy timeout does not cover that)
     engine = db.make_engine(cfg.db) if grid.is_main else None
-    if engine is not None and not part_only and db.current_revision(engine) is None:  # empty: create the schema; else it must match
-        db.upgrade(engine)
+    if engine is not None and plan.role is not ShardRole.PART and db.current_revision(engine) is None:
+        db.upgrade(engine)  # empty: create the schema; else it must match
     grid.world.barrier()  # under torchrun the other ranks wait for rank 0's schema
     engine = engine or db.make_engine(cfg.db)
-    empty = db.current_revision(engine) is None
-    if not empty:
-        db.check_schema(engine)
-    if not cfg.force and not empty:
-        existing = write.find_complete_run(engine, name, run_config)
-        if existing is not None:
-            return MineResult(
-                name,
-                existing,
-                0,
-                0,
-                sae.cfg.n_latents,
-                time.perf_counter() - t0,
-                skipped=True,
-                notes=[f"the store already holds run {existing} of {name} with these settings; --force re-mines", *notes],
-            )
+    if db.current_revision(engine) is None:
+        return engine, None
+    db.check_schema(engine)
+    return engine, None if cfg.force else write.find_complete_run(engine, job.name, job.run_config)
 
-    layer = parse_hook(hook)
-    lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
+
+def prepare_model(job: MiningJob, cfg: MineConfig, lm: LanguageModel | None) -> LanguageModel:
+    """The model the SAE reads (loaded unless given), checked against the SAE's hook and width."""
+    layer = parse_hook(job.hook)
+    lm = lm or load_model(job.model_name, cfg.device, cfg.model_dtype)
     lm.check_layer(layer)
-    if lm.d_model != sae.cfg.d_in:
-        raise SaescopeError(f"the SAE reads width {sae.cfg.d_in} but {model_name} at {hook} has width {lm.d_model}")
-    compute_dtype = lm.dtype if lm.device.type == "cpu" else torch.float32
-    width = sae.code_width(cfg.max_active)
-    encoder = CodeEncoder(sae.to(lm.device), width, compute_dtype, identity)
-    work = sae_dir / "mining"
-    if mine_part is not None or merge_count is None:  # phase 1 here: all the windows, or this process's part
-        folder, first, part_cache = work, 0, cache
-        if mine_part is not None:
-            first, last = mine_part.windows(cache.n_windows, cfg.windows_per_chunk)
-            folder, part_cache = mine_part.folder(work), replace(cache, tokens=(last - first) * context)
-            encoder.identity = {**identity, "part": [mine_part.index, mine_part.count, first, last]}
-        old, done = finished(part_cache, folder, encoder)
-        if done is None:
-            corpus_docs = corpus_mod.open_corpus(corpus)
-            done = fill_shards(
-                part_cache,
-                folder,
-                old,
-                lm,
-                corpus_docs.doc_ids,
-                lambda start: WindowSource(lm, corpus_docs, part_cache, first + start, from_cache),
-                encoder,
-                progress,
-                desc="mining" if mine_part is None else f"mining part {mine_part}",
-            )
-        notes += done.notes
-    grid.world.barrier()  # under torchrun: every part is mined before rank 0 merges them
-    if part_only and mine_part is not None and done is not None:
-        if not grid.distributed:
-            notes.append(f"part {mine_part} mined ({done.n_rows:,} positions); publish the parts with --merge-shards {mine_part.count}")
-        return MineResult(name, 0, done.n_rows, 0, sae.cfg.n_latents, time.perf_counter() - t0, published=False, notes=notes)
+    if lm.d_model != job.sae.cfg.d_in:
+        raise SaescopeError(f"the SAE reads width {job.sae.cfg.d_in} but {job.model_name} at {job.hook} has width {lm.d_model}")
+    return lm
 
-    if merge_count is None:
-        chunks = feature_stats.CodeChunks(sorted(work.glob("shard_*.safetensors")), skip)
-        documents = work / "documents.json"
-    else:
-        paths, first_windows, documents_folder = part_chunks(work, merge_count, cache.n_windows, cfg.windows_per_chunk)
-        chunks = feature_stats.CodeChunks(paths, skip, first_windows)
-        documents = documents_folder / "documents.json"
-    counter = CoactivationCounter(sae.cfg.n_latents) if cfg.coactivation else None  # fed by the statistics sweep
-    tables = feature_stats.compute(chunks, sae.cfg.n_latents, context - skip, context, cfg.stats, progress=progress, coactivation=counter)
-    coactivation = counter.top_partners(cfg.coactivation) if counter is not None else None
+
+def mine_codes(job: MiningJob, plan: ShardPlan, cfg: MineConfig, lm: LanguageModel, progress: bool) -> CacheResult:
+    """Phase 1: every window of the run (or of this process's part) -> model (or cache) -> SAE code, into
+    resumable chunk files; chunks already written by a killed run with the same identity are kept."""
+    folder, first, windows, identity = job.work, 0, job.cache, job.identity
+    if plan.part is not None:
+        first, last = plan.part.windows(job.cache.n_windows, cfg.windows_per_chunk)
+        folder, windows = plan.part.folder(job.work), replace(job.cache, tokens=(last - first) * job.cache.context_size)
+        identity = {**job.identity, "part": [plan.part.index, plan.part.count, first, last]}
+    compute_dtype = lm.dtype if lm.device.type == "cpu" else torch.float32
+    encoder = CodeEncoder(job.sae.to(lm.device), job.sae.code_width(cfg.max_active), compute_dtype, identity)
+    old, done = finished(windows, folder, encoder)
+    if done is not None:
+        return done
+    corpus_docs = corpus_mod.open_corpus(job.corpus)
+    return fill_shards(
+        windows,
+        folder,
+        old,
+        lm,
+        corpus_docs.doc_ids,
+        lambda start: WindowSource(lm, corpus_docs, windows, first + start, job.from_cache),
+        encoder,
+        progress,
+        desc="mining" if plan.part is None else f"mining part {plan.part}",
+    )
+
+
+def code_chunks(job: MiningJob, plan: ShardPlan, cfg: MineConfig) -> tuple[feature_stats.CodeChunks, Path]:
+    """The chunk files phase 2 sweeps, in window order (one folder, or every part's), and the run's document list."""
+    skip = job.cache.skip_positions
+    if plan.role is ShardRole.WHOLE:
+        return feature_stats.CodeChunks(sorted(job.work.glob("shard_*.safetensors")), skip), job.work / "documents.json"
+    paths, first_windows, documents_folder = part_chunks(job.work, plan.parts, job.cache.n_windows, cfg.windows_per_chunk)
+    return feature_stats.CodeChunks(paths, skip, first_windows), documents_folder / "documents.json"
+
+
+def statistics(
+    job: MiningJob, cfg: MineConfig, chunks: feature_stats.CodeChunks, progress: bool
+) -> tuple[feature_stats.FeatureTables, Coactivation | None]:
+    """Phase 2's sweep: per-feature statistics and examples, and the co-activation partners counted on the way."""
+    counter = CoactivationCounter(job.n_latents) if cfg.coactivation else None  # fed by the statistics sweep
+    context = job.cache.context_size
+    rows_per_window = context - job.cache.skip_positions
+    tables = feature_stats.compute(chunks, job.n_latents, rows_per_window, context, cfg.stats, progress=progress, coactivation=counter)
+    return tables, counter.top_partners(cfg.coactivation) if counter is not None else None
+
+
+def publish(
+    engine: Engine,
+    job: MiningJob,
+    cfg: MineConfig,
+    lm: LanguageModel,
+    tables: feature_stats.FeatureTables,
+    coactivation: Coactivation | None,
+    documents: Path,
+    progress: bool,
+) -> int:
+    """Add what the decoder says (logit effects, neighbours) and write the run to the store in one switch."""
+    sae = job.sae
     W_dec = sae.W_dec.detach().float().cpu()
     logits = write.LogitEffects(*lm.logit_effects(W_dec, cfg.n_logits))
     neighbours = write.Neighbours(*_neighbours(W_dec, cfg.n_neighbours))
     doc_ids = json.loads(documents.read_text())
-    eval_path = sae_dir / "eval.json"
+    eval_path = job.sae_dir / "eval.json"
     model = write.ModelRecord(lm.name, lm.d_model, lm.n_layers, lm.vocab_size, lambda: write.token_strings(lm.tokenizer, lm.vocab_size))
     sae_record = write.SAERecord(
-        name=name,
-        hook=hook,
+        name=job.name,
+        hook=job.hook,
         architecture=sae.architecture,
         d_in=sae.cfg.d_in,
         n_latents=sae.cfg.n_latents,
         k=getattr(sae.cfg, "k", None),
-        path=str(sae_dir.resolve()),
-        train_config=loaded.training,
+        path=str(job.sae_dir.resolve()),
+        train_config=job.loaded.training,
         metrics=json.loads(eval_path.read_text()) if eval_path.exists() else {},
     )
     # the weights go with the run, so the live features run exactly the SAE these pages describe (store/weights.py)
     run = write.MinedRun(
-        model, sae_record, corpus, run_config, tables, logits, neighbours, doc_ids, weights=sae_bytes(loaded), coactivation=coactivation
+        model,
+        sae_record,
+        job.corpus,
+        job.run_config,
+        tables,
+        logits,
+        neighbours,
+        doc_ids,
+        weights=sae_bytes(job.loaded),
+        coactivation=coactivation,
     )
-    run_id = write.write_run(engine, run, progress=progress)
-    shutil.rmtree(work, ignore_errors=True)
-    return MineResult(
-        name, run_id, tables.positions, int((tables.n_fired > 0).sum()), sae.cfg.n_latents, time.perf_counter() - t0, notes=notes
-    )
+    return write.write_run(engine, run, progress=progress)
