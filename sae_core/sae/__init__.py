@@ -2,7 +2,7 @@
 
 Every architecture implements base.DictionarySAE (encode, the training step returning base.StepLosses,
 its save/load names, what the miner and the live runtime read); no stage outside this package asks for
-an architecture's name (tests/test_architectures.py checks it).
+an architecture's name (tests/test_sae_interface.py checks it).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ runtime use (`DictionarySAE`), so that none of them asks for an architecture's n
 
 Adding an architecture is one file beside the others: a config dataclass and a `DictionarySAE` subclass
 that implements `encode` and `loss_and_grads` and declares its save/load names, registered in
-`sae/__init__.py`'s ARCHITECTURES (tests/test_architectures.py trains and saves one defined in a test).
+`sae/__init__.py`'s ARCHITECTURES (tests/test_sae_interface.py trains and saves one defined in a test).
 """
 
 from __future__ import annotations
