@@ -153,14 +153,14 @@ def _full_result() -> BenchResult:
         "max_encoder_cosine_sim": [0.3] * n,
     }
     details = {
-        "core": core,
+        "core": {"tokens": 4096},
         "sparse_probing": {"tasks": tasks, "token_mean": {"top1": 0.7}},
         "meta_sae": {"steps": 10, "train_time_seconds": 1.0, "mse": 0.01},
         "absorption": {"letters": letters},
         "interpretability": {"llm_detection_std": 0.1},
     }
     config = {"model": "tiny", "model_dtype": "float32", "batch_size": 8, "corpus": "demo", "context_size": 128, "n_latents": 64}
-    return BenchResult("tiny-sae", 0, metrics, True, details, [], config)
+    return BenchResult("tiny-sae", 0, metrics, True, details, [], config, per_latent=core)
 
 
 def test_saebench_json_validates_against_saebench_schemas():
@@ -243,6 +243,7 @@ def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
     with Session(engine) as s:
         (stored,) = read_benchmarks(s, name)
     assert BenchResult.from_stored(stored).metrics == pytest.approx(m)
+    assert "feature_density" not in json.dumps(stored.results)  # per-latent lists go to the JSON files only
     paths = saebench_json.write_files(result, result.saebench[0]["sae_cfg_dict"], where)
     for path in paths:
         validate(json.loads(path.read_text()))

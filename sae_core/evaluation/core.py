@@ -68,8 +68,9 @@ def max_cosines(W: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     return out
 
 
-def core_metrics(ev: EvalResult, meter: CoreMeter, sae) -> tuple[dict[str, float], dict]:
-    """The flat core metrics (names: result.METRICS) and per-latent details."""
+def core_metrics(ev: EvalResult, meter: CoreMeter, sae) -> tuple[dict[str, float], dict, dict]:
+    """The flat core metrics (names: result.METRICS), details, and per-latent lists (SAEBench's
+    CoreFeatureMetric fields: for the JSON files only, ~1 MB for 8k latents)."""
     n, s = max(meter.n, 1), meter.sums
     density = meter.fired.double() / n
     alive = density > 0
@@ -109,10 +110,8 @@ def core_metrics(ev: EvalResult, meter: CoreMeter, sae) -> tuple[dict[str, float
         "tokens": float(ev.tokens),
     }
     histogram, edges = np.histogram(np.log10(density[alive].numpy()), bins=20) if alive.any() else (np.zeros(0), np.zeros(0))
-    details = {
-        "tokens": ev.tokens,
-        "log10_frequency_histogram": {"edges": edges.tolist(), "counts": histogram.tolist()},
-        # per latent, for SAEBench's eval_result_details (CoreFeatureMetric)
+    details = {"tokens": ev.tokens, "log10_frequency_histogram": {"edges": edges.tolist(), "counts": histogram.tolist()}}
+    per_latent = {
         "feature_density": density.float().tolist(),
         # SAEBench: firings per window among the windows where the latent fired (0 where it never did)
         "consistent_activation_heuristic": (meter.fired.double() / meter.fired_windows.clamp_min(1)).float().tolist(),
@@ -124,4 +123,4 @@ def core_metrics(ev: EvalResult, meter: CoreMeter, sae) -> tuple[dict[str, float
         .cpu()
         .tolist(),
     }
-    return metrics, details
+    return metrics, details, per_latent

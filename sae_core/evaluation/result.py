@@ -98,6 +98,7 @@ class BenchResult:
     saebench: list[dict] = field(default_factory=list)  # SAEBench BaseEvalOutput dicts, one per eval type
     config: dict[str, Any] = field(default_factory=dict)
     suite_version: str = SUITE_VERSION
+    per_latent: dict[str, list] = field(default_factory=dict, repr=False)  # core's per-latent lists: JSON files only, not stored
 
     def results(self) -> dict[str, Any]:
         """The `sae_benchmarks.results` column: the flat metrics plus "absorption_valid" and "details"."""
@@ -117,4 +118,7 @@ class BenchResult:
         return cls(row.sae, row.seed, metrics, valid, details, row.saebench, row.config, row.suite_version)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the per-latent lists."""
+        out = asdict(self)
+        out.pop("per_latent")
+        return out

@@ -98,7 +98,7 @@ def eval_outputs(result: BenchResult, sae_cfg: dict, per_latent: bool = False) -
             },
         }
         details = []
-        core = d.get("core", {})
+        core = result.per_latent
         if per_latent and "feature_density" in core:
             names = (
                 "feature_density",

@@ -75,7 +75,7 @@ def run_suite(cfg: BenchConfig, lm=None, progress: bool = True, engine=None) -> 
             model_dtype=cfg.model_dtype,
         )
         ev = evaluate_loaded(loaded._replace(sae=sae), cfg.sae, ev_cfg, lm, progress=progress, observers=[meter, probing])
-        m, details["core"] = core.core_metrics(ev, meter, sae)
+        m, details["core"], per_latent = core.core_metrics(ev, meter, sae)
         metrics.update(m)
     with stage(STAGES[1]):
         m, details["sparse_probing"] = sparse_probing.run_sparse_probing(probing, sae, cfg.probe_per_class, cfg.seed)
@@ -104,7 +104,7 @@ def run_suite(cfg: BenchConfig, lm=None, progress: bool = True, engine=None) -> 
         architecture=sae.architecture,
         n_latents=sae.cfg.n_latents,
     )
-    result = BenchResult(cfg.sae, cfg.seed, metrics, valid, details, [], config, SUITE_VERSION)
+    result = BenchResult(cfg.sae, cfg.seed, metrics, valid, details, [], config, SUITE_VERSION, per_latent)
     result.saebench = saebench_json.eval_outputs(result, loaded.cfg)
     folder = run.source if run.source != "store" else None
     if folder is None:
