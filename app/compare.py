@@ -305,6 +305,10 @@ def cell_text(cell: dict | None, percent: bool = False) -> str:
     return text
 
 
+def _short(label: str) -> str:
+    return label.split(" (")[0]
+
+
 def plot_svgs(comp: dict, href: bool = True) -> list[Markup]:
     """The comparison's plots as SVG, one series (colour and marker) per architecture."""
     styles = {a: i for i, a in enumerate(sorted({e["architecture"] for e in comp["saes"]}, key=_arch_rank))}
@@ -317,7 +321,7 @@ def plot_svgs(comp: dict, href: bool = True) -> list[Markup]:
                     Point(
                         q["x"],
                         q["y"],
-                        f"{q['sae']}: {p['x']['label']} {fmt(q['x'], 4)}, {p['y']['label']} {fmt(q['y'], 4)}"
+                        f"{q['sae']}: {_short(p['x']['label'])} {fmt(q['x'], 4)}, {_short(p['y']['label'])} {fmt(q['y'], 4)}"
                         + (f" (mean of {q['n']} seeds, {fmt(q['y_min'], 4)} to {fmt(q['y_max'], 4)})" if q["n"] > 1 else ""),
                         f"/saes/{q['sae']}" if href else None,
                         q["y_min"],
