@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sae_core.config import LiveConfig
+from sae_core.config import AuthConfig, LiveConfig
 from sae_core.store import db
 
 from .deps import threads_from_env
@@ -26,6 +26,7 @@ class AppConfig:
     db_threads: int | None = None  # threads per process for reads (0: on the event loop); None: by where the database is
     response_cache_mb: int = 64  # 0: no cache
     live: LiveLink = field(default_factory=LiveLink.none)
+    auth: AuthConfig = field(default_factory=AuthConfig)  # accounts (off by default) and the model's fair-use limits
 
     @classmethod
     def resolve(
@@ -35,6 +36,7 @@ class AppConfig:
         db_threads: int | None = None,
         response_cache_mb: int | None = None,
         live: LiveLink | LiveConfig | None = None,
+        auth: AuthConfig | None = None,
     ) -> AppConfig:
         """The arguments, else the environment, else the defaults. A LiveConfig for `live` means: this app
         starts its own model process with these limits (no `saescope serve` around it)."""
@@ -45,6 +47,7 @@ class AppConfig:
             db_threads=db_threads if db_threads is not None else threads_from_env(),
             response_cache_mb=response_cache_mb if response_cache_mb is not None else cache_mb_from_env(),
             live=live or LiveLink.none(),
+            auth=auth or AuthConfig(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,4 +57,5 @@ class AppConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AppConfig:
         live = dict(data["live"])
-        return cls(**{**data, "live": LiveLink(**{**live, "limits": LiveConfig(**live["limits"])})})
+        auth = AuthConfig(**data.get("auth", {}))
+        return cls(**{**data, "live": LiveLink(**{**live, "limits": LiveConfig(**live["limits"])}), "auth": auth})

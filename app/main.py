@@ -29,7 +29,7 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import api, compare, deps, families, feature_map, live, pages
+from . import accounts, api, compare, deps, families, feature_map, live, pages
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy
 from .meaning_search import MeaningWarmUp
@@ -115,6 +115,7 @@ def add_routers(app: FastAPI, config: AppConfig) -> None:
     for router in ROUTERS:
         app.include_router(router)
     app.add_api_route("/docs", docs_page, include_in_schema=False)
+    accounts.install(app, config.auth)  # app.state.accounts; with --auth the account pages and API
     app.include_router(pages.router)  # last: see ROUTERS
 
 
@@ -185,5 +186,7 @@ def add_middleware(app: FastAPI, config: AppConfig) -> None:
     # gzip for what HTTPPolicy does not cache (static files, /docs, the OpenAPI document, errors);
     # it leaves alone a response that already carries a Content-Encoding.
     app.add_middleware(GZipMiddleware, minimum_size=MIN_COMPRESS, compresslevel=GZIP_LEVEL)
+    # Who is asking (sessions, API keys), CSRF and the model's fair-use limits: outside the response cache.
+    accounts.add_middleware(app)
     # Outermost: HEAD runs as GET through everything above, so its headers are exactly the GET's.
     app.add_middleware(HeadAsGet)

@@ -38,8 +38,10 @@ def serve(cfg: ServeConfig, say: Say | None = None) -> None:
         raise SaescopeError(f"--workers must be at least 1, not {cfg.workers}")
     url = store_db.database_url(cfg.db)  # resolved here, once: the workers get this value
     _wait_for_store(url, cfg, say)
-    config = AppConfig.resolve(url, db_threads=cfg.db_threads, response_cache_mb=cfg.response_cache_mb)
-    create_app(config=config)  # check the store and its schema before binding the port: a clear error, not a crash loop
+    config = AppConfig.resolve(url, db_threads=cfg.db_threads, response_cache_mb=cfg.response_cache_mb, auth=cfg.auth_options)
+    # check the store and its schema before binding the port: a clear error, not a crash loop (and with --auth,
+    # the session key is made here, once, before the workers read it)
+    create_app(config=config)
     address = f"http://{cfg.host}:{cfg.port}"
     say(f"serving {store_db.redact(url)} at {address}  (API docs: {address}/docs; Ctrl-C stops)")
     pool, live = _start_live(url, cfg, say)

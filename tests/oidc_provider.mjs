@@ -17,7 +17,7 @@ const provider = new Provider(`http://127.0.0.1:${port}`, {
   ],
   claims: { openid: ["sub"], profile: ["preferred_username", "name"], email: ["email"] },
   async findAccount(ctx, id) {
-    return { accountId: id, async claims() { return { sub: `sub-${id}`, preferred_username: id, name: id, email: `${id}@example.org` }; } };
+    return { accountId: id, async claims() { return { sub: id, preferred_username: id, name: id, email: `${id}@example.org` }; } };
   },
   conformIdTokenClaims: false, // the profile claims in the ID token, so saescope needs no userinfo call
   pkce: { required: () => true },

@@ -62,6 +62,7 @@ class Accounts:
 
             self.oidc = OIDC(config)
         self._model_routes: list | None = None
+        self._allowed: list | None = None
 
     @property
     def active(self) -> bool:
@@ -84,6 +85,20 @@ class Accounts:
         if self._model_routes is None:
             self._model_routes = [compile_path(r.path)[0] for r in model_routes(app)]
         return any(regex.match(path) for regex in self._model_routes)
+
+    def allow_all(self, app: Any, path: str, headers: list) -> list:
+        """A 405's Allow with the methods of every route at `path`: the router names only the first route's,
+        and the account API has two routes on /api/v1/keys (GET and POST)."""
+        if self._allowed is None:
+            self._allowed = [(compile_path(r.path)[0], r.methods or set()) for r in routes(app) if r.path]
+        methods = set().union(*(m for regex, m in self._allowed if regex.match(path)))
+        if not methods:
+            return headers
+        if "GET" in methods:
+            methods.add("HEAD")
+        order = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+        allow = ", ".join(sorted(methods, key=lambda m: order.index(m) if m in order else len(order))).encode()
+        return [(k, v) for k, v in headers if k.lower() != b"allow"] + [(b"allow", allow)]
 
     def cookies(self, session: Session, secure: bool) -> list[tuple[bytes, bytes]]:
         assert self.codec is not None
@@ -193,6 +208,8 @@ class AccountsMiddleware:
 
         async def send_with_session(message: Message) -> None:
             if message["type"] == "http.response.start":
+                if message["status"] == 405:
+                    message["headers"] = acc.allow_all(scope["app"], path, message.get("headers", []))
                 extra = acc.cookies(session, secure) if session.modified else []
                 out = [
                     (k, b"private, max-age=0" if private and k == b"cache-control" and v.startswith(b"public") else v)

@@ -133,7 +133,8 @@ async def login(
         error = "Wrong username or password."
         if who.user_id is not None and await acc.write(store.record_failure, who.user_id, cfg.login_failures, cfg.lockout_minutes):
             error = f"Wrong password, {cfg.login_failures} times: the account is locked for {cfg.lockout_minutes:g} min."
-        return _page(request, "accounts/login.html", {"next": _local(next), "error": error}, 401)
+        # 200: the form again, with the reason (a 401 would need a WWW-Authenticate challenge a form cannot answer)
+        return _page(request, "accounts/login.html", {"next": _local(next), "error": error})
     await acc.write(store.record_success, who.user_id, password, who.password_hash)
     new_login_session(session_of(request), who.user_id, who.epoch)
     return RedirectResponse(_local(next), status_code=303)
@@ -165,16 +166,15 @@ async def oidc_callback(request: Request):
             request,
             "accounts/login.html",
             {"next": target, "error": f"{acc.oidc.name} did not sign you in: {exc.description or exc.error}"},
-            401,
         )
     claims = token.get("userinfo") or {}
     if not claims.get("sub") or not claims.get("iss"):
-        return _page(request, "accounts/login.html", {"next": target, "error": f"{acc.oidc.name} sent no identity"}, 401)
+        return _page(request, "accounts/login.html", {"next": target, "error": f"{acc.oidc.name} sent no identity"})
     name = claims.get("preferred_username") or (claims.get("email") or "").split("@")[0] or claims["sub"]
     found = await acc.write(store.oidc_user, claims["iss"], claims["sub"], str(name), acc.oidc.new_user_role)
     if found is None:
         error = f"{acc.oidc.name} knows you, but this atlas has no account for you (or it is disabled): ask an admin."
-        return _page(request, "accounts/login.html", {"next": target, "error": error}, 403)
+        return _page(request, "accounts/login.html", {"next": target, "error": error})
     new_login_session(session, *found)
     return RedirectResponse(target, status_code=303)
 
@@ -358,7 +358,13 @@ async def my_keys(request: Request, user: Principal = Depends(require_role("view
     return [_key_out(k) for k in await accounts(request).read(store.list_keys, user.user_id)]
 
 
-@api.post("/keys", response_model=CreatedKey, status_code=201, responses=NEEDS_USER, dependencies=[Security(bearer)])
+@api.post(
+    "/keys",
+    response_model=CreatedKey,
+    status_code=201,
+    responses={**NEEDS_USER, 400: {"model": Problem, "description": "The body is not JSON"}},
+    dependencies=[Security(bearer)],
+)
 async def create_key(request: Request, body: NewKey, user: Principal = Depends(require_role("viewer"))):
     """A new API key for you; the answer's `key` is shown this once."""
     key, row = await accounts(request).write(store.add_key, user.user_id, body.name)
