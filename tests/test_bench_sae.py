@@ -248,3 +248,14 @@ def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
     for path in paths:
         validate(json.loads(path.read_text()))
     assert {p.name for p in paths} >= {"core_eval_results.json", "meta_structure_decoder_variance_eval_results.json"}
+
+
+def test_first_letter_activations_from_the_cached_prefix_equal_whole_prompts(tiny_lm):
+    from sae_core.evaluation.absorption import vocabulary_words, word_activations, word_activations_full
+
+    words = vocabulary_words(tiny_lm.tokenizer, 40, seed=0)
+    assert len(words) >= 5 and all(w.startswith(" ") and w[1:].isalpha() for _, w in words)  # the tiny BPE has few
+    cached = word_activations(tiny_lm, 1, words, batch=16)
+    full = word_activations_full(tiny_lm, 1, words, batch=16)
+    assert cached.shape == full.shape == (len(words), tiny_lm.d_model)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
