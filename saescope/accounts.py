@@ -98,7 +98,7 @@ def register(app: typer.Typer, console: Console) -> None:
 
         key, row = _write(db, store.add_key_for, username, name)
         console.print(f"key {row.id} for {escape(username)} ({escape(row.name)}); it is not shown again:", highlight=False)
-        print(key)
+        console.print(key, markup=False, highlight=False, soft_wrap=True)
 
     @keys.command("list")
     def key_list(username: str | None = typer.Argument(None, help="Only this user's keys."), db: str | None = DB) -> None:

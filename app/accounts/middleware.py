@@ -269,7 +269,7 @@ async def _refuse(scope: Scope, send: Send, status: int, reason: str, headers: d
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()] + [(b"cache-control", b"no-store"), *SECURITY_HEADERS]
     req_headers = Headers(scope=scope)
     if scope["path"].startswith("/api/") or "text/html" not in req_headers.get("accept", "text/html") and not req_headers.get("hx-request"):
-        body = json.dumps({"detail": reason}).encode()
+        body = json.dumps({"detail": reason}, separators=(",", ":")).encode()
         ctype = b"application/json"
     else:
         from starlette.requests import Request
