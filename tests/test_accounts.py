@@ -296,3 +296,41 @@ def test_signed_in_pages_stay_shared_and_cacheable(url):
         assert a.text == b.text and a.headers["etag"] == b.headers["etag"] and "set-cookie" not in b.headers
         assert 'src="/static/accounts.js"' in a.text and 'hx-get="/account/nav"' in a.text
         assert "ada" in signed_in.get("/account/nav").text and "Sign in" in anonymous.get("/account/nav").text
+
+
+def test_the_command_line_manages_users_keys_and_shows_usage(url):
+    from typer.testing import CliRunner
+
+    from saescope.cli import app as cli
+
+    runner = CliRunner()
+
+    def run(*args: str) -> str:
+        result = runner.invoke(cli, [*args, "--db", url], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("user", "add", "ada", "--role", "editor", "--password", PASSWORD)
+    assert runner.invoke(cli, ["user", "add", "ada", "--password", PASSWORD, "--db", url]).exit_code != 0  # taken
+    assert runner.invoke(cli, ["user", "add", "bob", "--password", "short", "--db", url]).exit_code != 0  # too short
+    assert re.search(r"ada\s+editor\s+active", run("user", "list"))
+    key = run("key", "add", "ada", "--name", "notebook").strip().splitlines()[-1]
+    assert key.startswith("ssk_") and "notebook" in run("key", "list", "ada")
+    app = make_app(url, auth=True, live_per_minute=1)
+    with TestClient(app) as client:
+        bearer = {"Authorization": f"Bearer {key}"}
+        assert client.get("/api/v1/me", headers=bearer).json()["role"] == "editor"
+        assert client.post("/api/v1/steer", json=STEER, headers=bearer).status_code == 404
+        assert client.post("/api/v1/steer", json=STEER, headers=bearer).status_code == 429
+        assert re.search(r"\s1\s+1 refused\s+live\s+key ssk_\S+ “notebook” of ada", run("usage", "--days", "1"))
+        run("user", "role", "ada", "admin")
+        assert client.get("/api/v1/me", headers=bearer).json()["role"] == "admin"
+        key_id = re.search(r"^\s*(\d+)\s+ada", run("key", "list"), re.M)[1]
+        run("key", "revoke", key_id)
+        assert client.get("/api/v1/me", headers=bearer).status_code == 401
+        assert "revoked" in run("key", "list")
+        run("user", "disable", "ada")
+        assert "disabled" in run("user", "list")
+        run("user", "password", "ada", "--password", "another good password")
+        run("user", "disable", "ada", "--enable")
+        assert sign_in(client, password="another good password").status_code == 303
