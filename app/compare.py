@@ -36,7 +36,8 @@ router = APIRouter(include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["v1"])
 
 MAX_SAES = 24  # per comparison: the architecture sweep's 4 architectures x 3 L0 x 2 seeds fit
-NAMES_PATTERN = rf"^[^,]+(,[^,]+){{0,{MAX_SAES - 1}}}$"  # 1 to MAX_SAES comma-separated SAE names, none empty
+# 1 to MAX_SAES comma-separated SAE names, none empty, no control characters (PostgreSQL refuses NUL in text)
+NAMES_PATTERN = rf"^[^,\x00-\x1f]+(,[^,\x00-\x1f]+){{0,{MAX_SAES - 1}}}$"
 
 # The evaluation's own fields (eval.json, sae_core/evaluate.py EvalResult): label, better ("higher",
 # "lower" or None: neither), meaning. Lists (probe_tasks) and counts that are not metrics stay out.
@@ -107,6 +108,8 @@ def parse_names(values: list[str]) -> list[str]:
     for value in values:
         for raw in value.split(","):
             name = raw.strip() or raw  # a blank name stays, to be reported unknown
+            if any(ord(ch) < 32 for ch in name):
+                raise CompareRefused(f"{name!r} is no SAE name: names have no control characters")
             if name and name not in names:
                 names.append(name)
     if not names:
