@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ALL_ARCHS = ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
-METRICS = ["l0", "fvu", "ce_score", "delta_ce", "kl", "dead_fraction"]  # eval.json fields in the spread table
+METRICS = ["l0", "fvu", "fvu_batch_topk", "ce_score", "delta_ce", "kl", "dead_fraction"]  # eval.json / heldout.json fields
 JUMPRELU_TOLERANCE = 0.2  # relative L0 miss that triggers the one recalibration of seed 0
 FALLBACK_L0_COEF = {16: 4e-3, 32: 2e-3, 64: 7e-4}  # without TopK runs in the sweep: ~TopK's slope on the demo cache
 
@@ -168,16 +168,22 @@ def split_cache(cache_dir: Path, out: Path, holdout: int) -> tuple[Path, list[Pa
     return train_dir, shards[len(kept) :]
 
 
-def heldout_eval(folder: Path, shards: list[Path]) -> dict:
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")  # trained with a batch-level top-k, served with a threshold
+
+
+def heldout_eval(folder: Path, shards: list[Path], batch_k: int | None = None) -> dict:
     """FVU (as saescope eval defines it), L0 and the share of latents that never fired, on the held-out shards'
-    activations (raw: the saved SAE takes raw activations)."""
+    activations (raw: the saved SAE takes raw activations). With `batch_k` (BatchTopK and Matryoshka) also
+    the FVU of the code they are trained with, the batch_k x rows largest positive pre-activations of each
+    4,096-row batch (L0 = batch_k exactly), beside the served code's (the learnt threshold's): a threshold
+    estimated over few steps can put the served L0 far from k."""
     import torch
     from safetensors.torch import load_file
 
     from sae_core.interchange import load_sae
 
     sae = load_sae(folder).sae
-    n, active, sq_err, sum_sq = 0, 0, 0.0, 0.0
+    n, active, sq_err, sum_sq, sq_err_batch = 0, 0, 0.0, 0.0, 0.0
     sum_x = None
     fired = None
     with torch.no_grad():
@@ -194,9 +200,18 @@ def heldout_eval(folder: Path, shards: list[Path]) -> dict:
                 sum_sq += float(x.double().pow(2).sum())
                 sum_x = x.double().sum(0) if sum_x is None else sum_x + x.double().sum(0)
                 n += len(x)
+                if batch_k is not None:
+                    pre = sae.pre_activations(x).clamp_min(0)
+                    flat = pre.flatten()
+                    top = flat.topk(batch_k * len(x))
+                    z_b = torch.zeros_like(flat).scatter_(0, top.indices, top.values).view_as(pre)
+                    sq_err_batch += float((x - sae.decode(z_b)).double().pow(2).sum())
     assert sum_x is not None and fired is not None
     total_var = sum_sq - float(sum_x.pow(2).sum()) / n
-    return {"tokens": n, "l0": active / n, "fvu": sq_err / total_var, "dead_fraction": float((fired == 0).float().mean())}
+    out = {"tokens": n, "l0": active / n, "fvu": sq_err / total_var, "dead_fraction": float((fired == 0).float().mean())}
+    if batch_k is not None:
+        out.update(fvu_batch_topk=sq_err_batch / total_var, l0_batch_topk=float(batch_k))
+    return out
 
 
 def topk_slopes(results: list[dict], l0s: list[int]) -> dict[int, float]:
@@ -255,12 +270,13 @@ def main(argv=None) -> int:
     log(f"sweep: {archs} x L0 {l0s} x seeds {seeds}, {args.n_latents} latents, {args.tokens:,} tokens per run (batch {args.batch_size}), "
         f"eval {args.eval_tokens:,} tokens; torch threads {torch.get_num_threads()}")  # fmt: skip
 
-    def eval_one(folder: Path) -> dict:
+    def eval_one(folder: Path, arch: str, l0: int) -> dict:
         nonlocal lm
         if heldout:
             path = folder / "heldout.json"
-            if not path.exists():
-                path.write_text(json.dumps(heldout_eval(folder, heldout)))
+            batch_k = l0 if arch in BATCH_TOPK else None
+            if not path.exists() or (batch_k is not None and "fvu_batch_topk" not in json.loads(path.read_text())):
+                path.write_text(json.dumps(heldout_eval(folder, heldout, batch_k)))
             measured = json.loads(path.read_text())
             if not args.eval_tokens:
                 return measured
@@ -296,7 +312,7 @@ def main(argv=None) -> int:
             meta = json.loads((folder / "cfg.json").read_text())["metadata"]["saescope"]["training"]
             train_s, tok_s, final = None, None, meta.get("final", {})
         t2 = time.time()
-        ev = eval_one(folder)
+        ev = eval_one(folder, arch, l0)
         row = {"name": f"{args.name_prefix}-{arch}-L{l0}-s{seed}", "folder": str(folder), "architecture": arch, "target_l0": l0,
                "seed": seed, "n_latents": args.n_latents, "k": None if arch == "jumprelu" else l0, "settings": extra,
                "train_s": train_s, "train_tokens_per_s": tok_s, "eval_s": time.time() - t2, "train_final": final, "eval": ev}  # fmt: skip
