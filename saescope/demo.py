@@ -66,7 +66,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         console.print("      SAE trained: skipped")
     else:
         result = train(
-            TrainConfig(n_latents=cfg.n_latents, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device),
+            demo_train_config(cfg, cfg.n_latents),
             cache_dir,
             sae_dir,
             resume=(sae_dir / "checkpoint.pt").exists(),
@@ -109,6 +109,23 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))
 
 
+# The demo's training run is short (1M tokens on a CPU), and at the paper's settings for long runs (4,096
+# tokens a step, lr 2e-4 / sqrt(n / 2^14)) its SAEs barely leave their random start: after 244 steps the
+# 8k SAE's decoder rows kept a median cosine of 0.93 to their initial random directions, two 2k SAEs of
+# other seeds shared 1% of their features (nearest decoder cosine >= 0.5) and `demo --family` found 35
+# relations 2k -> 8k and none 8k -> 32k. Four times the steps over the same tokens and four times the
+# width's rate: the 2k SAEs reach FVU 0.12-0.13 instead of 0.17, their rows move to a median cosine of
+# 0.21 to their start, and 38% of one seed's features have a match >= 0.5 in the other (bench/RESULTS.md).
+DEMO_BATCH_SIZE = 1024
+DEMO_LR_SCALE = 4.0
+
+
+def demo_train_config(cfg: DemoConfig, width: int, seed: int = 0) -> TrainConfig:
+    """The demo's recipe for its TopK SAE of `width` latents (the atlas's and the family's alike)."""
+    lr = 2e-4 / (width / 2**14) ** 0.5 * DEMO_LR_SCALE  # DictionarySAE.lr_default, scaled for a short run
+    return TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device, seed=seed, batch_size=DEMO_BATCH_SIZE, lr=lr)
+
+
 def family_names(cfg: DemoConfig) -> dict[int, str]:
     """Width -> store name of the family's SAEs: a quarter and four times the demo's width beside it
     (smollm2-135m-L8-topk-2k, -8k, -32k)."""
@@ -133,7 +150,7 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
             # another seed than the demo's SAE: one seed gives a wider SAE the narrower one's random init as its first
             # rows (one RNG stream), and their matches would then be that shared start rather than learned splits
             train(
-                TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device, seed=width),
+                demo_train_config(cfg, width, seed=width),
                 cache_dir,
                 folder,
                 resume=(folder / "checkpoint.pt").exists(),

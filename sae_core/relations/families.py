@@ -67,15 +67,16 @@ def nearest_rows(W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on
     return ids.numpy(), cos.numpy()
 
 
-def active_matrix(sae, x: torch.Tensor, block: int = 1024) -> sp.csr_matrix:
+def active_matrix(sae, x: torch.Tensor, block: int = 1024, dtype: torch.dtype = torch.float32) -> sp.csr_matrix:
     """[positions, n_latents] 0/1 matrix of the latents that fire on each row of `x` (raw activations).
-    Fixed-width (TopK) codes come from the miner's encoder (one fused addmm and top-k per 512-row block)."""
+    Fixed-width (TopK) codes come from the miner's encoder (one fused addmm and top-k per 512-row block) in
+    `dtype`, the miner's compute dtype (bf16 on bf16 hardware: ~3x the fp32 product's speed here)."""
     from ..mine import CodeEncoder
 
     rows, cols = [], []
     with torch.no_grad():
         if (width := sae.fixed_code_width()) is not None:  # TopK: the miner's fused encoder
-            code = CodeEncoder(sae, width, torch.float32, {})(x.float())
+            code = CodeEncoder(sae, width, dtype, {})(x.float())
             r, c = torch.nonzero(code["vals"] > 0, as_tuple=True)
             rows.append(r.numpy())
             cols.append(code["idx"][r, c].long().numpy())
@@ -238,6 +239,7 @@ def _model_sample(member: _Member, cfg: FamilyConfig) -> torch.Tensor:
 def build_families(names: list[str], cfg: FamilyConfig, progress: bool = True) -> FamilyResult:
     """Match the named mined SAEs (one model and hook) and store their relations: split relations between
     each width and the next wider one, match relations between SAEs of one width."""
+    from ..model import resolve_dtype
     from ..store import db
     from ..store.bulk import load_rows
     from ..store.changes import mark_changed
@@ -264,8 +266,9 @@ def build_families(names: list[str], cfg: FamilyConfig, progress: bool = True) -
     blocks = sum(-(-b.loaded.sae.cfg.n_latents // 2048) * (2 if kind == MATCH else 1) for _, b, kind in pairs)
     bar = tqdm(total=len(members) + blocks, desc="families", unit="step", disable=not progress, dynamic_ncols=True)
     active = {}
+    dtype = resolve_dtype(cfg.model_dtype, torch.device("cpu"))  # what mining on the CPU encodes in: the codes it stored
     for m in members:
-        active[m.name] = active_matrix(m.loaded.sae, x)
+        active[m.name] = active_matrix(m.loaded.sae, x, dtype=dtype)
         bar.update()
     rows: list[tuple] = []
     splits = matches = 0
