@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The architecture sweep of issue 28 item 4 (bench/arch_sweep.py) at the demo's full settings on a lent GPU:
 # TopK, BatchTopK, JumpReLU and Matryoshka BatchTopK at 8,192 latents, L0 16, 32 and 64, seeds 0 and 1
-# (24 SAEs), each trained on 1M tokens of a 500k-token demo cache (batch 4,096, as the demo's SAE) and
+# (24 SAEs), each trained on 1M tokens of a 500k-token demo cache with the demo's recipe (1,024 tokens a
+# step, 4x the width's default rate: 977 steps at lr 1.13e-3, commit 6da9879) and
 # evaluated on 16,384 held-out tokens (FVU, L0, CE loss recovered, KL, dead latents, probe loss).
 #
 # The GPU machine has no internet and no cache, so it builds the cache itself from the bundled model
@@ -80,6 +81,6 @@ echo "== 2. the sweep: 4 architectures x L0 16, 32, 64 x seeds 0, 1 ($(left) s l
 # new trainings stop 90 s before the end, so the last one's evaluation and the JSON are written in time
 timeout $(($(left) - 10)) python3 bench/arch_sweep.py --cache $stage/cache --out $stage/sweep --device cuda \
   --archs topk,batchtopk,jumprelu,matryoshka_batchtopk --l0 16,32,64 --seeds 0,1 --n-latents 8192 \
-  --tokens 1000000 --batch-size 4096 --eval-tokens 16384 --eval-probes \
+  --tokens 1000000 --batch-size 1024 --lr 1.13e-3 --eval-tokens 16384 --eval-probes \
   --budget-s $(($(left) - 100)) --json "$out/arch_sweep.json" 2>&1 | tr '\r' '\n' | grep -v 'de-quantizing' | tee "$out/sweep.log"
 echo "== done in ${SECONDS} s; results in $out"
