@@ -111,8 +111,7 @@ def test_every_state_changing_route_refuses_a_missing_or_wrong_csrf_token(url):
             for headers in ({}, {"X-CSRF-Token": "wrong"}):
                 r = client.request(method, path, headers=headers)
                 assert r.status_code == 403 and "CSRF" in r.text, (method, path, headers, r.status_code)
-            r = client.post("/account/keys", data={"name": "x", "csrf_token": "wrong"})
-            assert r.status_code == 403
+        assert client.post("/account/keys", data={"name": "x", "csrf_token": "wrong"}).status_code == 403
         # the right token, as a header (htmx) or a form field, passes
         assert client.post("/account/keys", data={"name": "laptop", "csrf_token": csrf(client)}).status_code == 200
         assert client.post("/api/v1/keys", json={"name": "notebook"}, headers={"X-CSRF-Token": csrf(client)}).status_code == 201
@@ -158,6 +157,24 @@ def test_secure_cookie_over_https_and_secret_key_file(url, tmp_path):
     key_file = tmp_path / "home" / "secret_key"
     assert key_file.exists() and stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert secret_key() == key_file.read_text().strip() and len(secret_key()) >= 32
+
+
+def test_secure_cookie_behind_a_tls_proxy(tmp_path):
+    """uvicorn takes X-Forwarded-Proto from a trusted proxy (127.0.0.1 by default, $FORWARDED_ALLOW_IPS):
+    behind one that terminates TLS the session cookie is Secure; straight over HTTP it is not."""
+    import httpx
+    from conftest import LiveServer
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(db.make_engine(url))
+    server = LiveServer(make_app(url, auth=True))
+    try:
+        behind = httpx.get(f"{server.url}/account/nav", headers={"X-Forwarded-Proto": "https"}).headers.get_list("set-cookie")
+        direct = httpx.get(f"{server.url}/account/nav").headers.get_list("set-cookie")
+    finally:
+        server.stop()
+    assert len(behind) == 2 and all("Secure" in c for c in behind)
+    assert len(direct) == 2 and not any("Secure" in c for c in direct)
 
 
 def test_login_lockout_after_repeated_failures(url):
