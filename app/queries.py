@@ -151,7 +151,31 @@ def sae_detail(conn: Connection, name: str) -> schemas.SAEDetail:
         if sae.run_id is not None
         else None
     )
-    return schemas.SAEDetail(**_summary(sae, _alive(conn, sae.run_id)), train_config=sae.train_config or {}, mining=mining)
+    return schemas.SAEDetail(
+        **_summary(sae, _alive(conn, sae.run_id)), train_config=sae.train_config or {}, mining=mining, benchmarks=_benchmarks(conn, name)
+    )
+
+
+def _benchmarks(conn: Connection, name: str) -> list[dict]:
+    """The SAE's bench-sae results (sae_core/store/benchmarks.py), one per seed, for the SAE page and its API."""
+    from sae_core.store.benchmarks import read_benchmarks
+
+    out = []
+    for row in read_benchmarks(conn, name):
+        results = dict(row.results)
+        valid, details = results.pop("absorption_valid", None), results.pop("details", {})
+        out.append(
+            {
+                "seed": row.seed,
+                "suite_version": row.suite_version,
+                "computed_at": row.computed_at.isoformat() if row.computed_at else None,
+                "metrics": {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                "absorption_valid": valid,
+                "absorption_note": (details.get("absorption") or {}).get("skipped"),
+                "details": details,
+            }
+        )
+    return out
 
 
 def _filtered(run_id: int, flt: Filter, sort: str = "density", lower_bound: bool = True):

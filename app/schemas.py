@@ -26,6 +26,12 @@ class SAESummary(BaseModel):
 
 class SAEDetail(SAESummary):
     train_config: dict
+    benchmarks: list[dict] = Field(
+        default_factory=list,
+        description="saescope bench-sae results, one per seed (lowest first): seed, suite_version, computed_at, metrics (flat: l0, fvu, "
+        "ce_loss_recovered, sparse_probing_top{1,2,5,20}_accuracy, llm_probe_accuracy, meta_sae_fvu, n2g_f1, absorption_fraction, ...), "
+        "absorption_valid (false: the model's first-letter probe is too weak for absorption to mean anything), details; docs/concepts.md",
+    )
     mining: dict | None = Field(description="the live mining run: id, corpus, finished_at, config")
 
 

@@ -259,3 +259,36 @@ def test_first_letter_activations_from_the_cached_prefix_equal_whole_prompts(tin
     full = word_activations_full(tiny_lm, 1, words, batch=16)
     assert cached.shape == full.shape == (len(words), tiny_lm.d_model)
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_sae_page_and_api_show_the_benchmark(tiny_sae_dir, tiny_lm, tmp_path):
+    from conftest import mine_tiny
+    from fastapi.testclient import TestClient
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from app.main import create_app
+    from sae_core.store import db
+    from sae_core.store.benchmarks import save_benchmark
+    from sae_core.store.schema import SAE
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    mine_tiny(shutil.copytree(tiny_sae_dir, tmp_path / "tiny-sae"), tiny_lm, url)
+    engine = db.open_store(url)
+    with Session(engine) as s:
+        name = s.execute(select(SAE.name)).scalar_one()
+    for seed, fvu in ((0, 0.25), (1, 0.27)):
+        result = _full_result()
+        result.sae, result.seed, result.absorption_valid = name, seed, False
+        result.metrics["fvu"] = fvu
+        del result.metrics["absorption_fraction"]
+        result.details["absorption"] = {"skipped": "the model's first-letter probe reaches mean F1 0.420 at this hook, below 0.8"}
+        save_benchmark(engine, result.stored())
+    with TestClient(create_app(url)) as client:
+        body = client.get(f"/api/v1/saes/{name}").json()
+        assert [b["seed"] for b in body["benchmarks"]] == [0, 1]
+        assert body["benchmarks"][1]["metrics"]["fvu"] == 0.27 and body["benchmarks"][0]["absorption_valid"] is False
+        page = client.get(f"/saes/{name}").text
+    assert 'id="benchmark"' in page and "seed 1" in page and "<td>0.27</td>" in page
+    assert "Absorption not measured (seed 0): the model&#39;s first-letter probe reaches mean F1 0.420" in page
+    assert "absorption fraction" not in page  # no seed has it: no row of dashes
