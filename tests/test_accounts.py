@@ -351,3 +351,10 @@ def test_the_command_line_manages_users_keys_and_shows_usage(url):
         run("user", "password", "ada", "--password", "another good password")
         run("user", "disable", "ada", "--enable")
         assert sign_in(client, password="another good password").status_code == 303
+
+
+def test_serve_hands_the_auth_options_to_its_workers(tmp_path):
+    """`saescope serve` passes AppConfig to each uvicorn worker as plain data: the auth options survive it."""
+    auth = AuthConfig(auth=True, anonymous="none", live_per_minute=7, oidc_issuer="https://sso.example.org", oidc_client_id="atlas")
+    config = AppConfig.resolve(f"sqlite:///{tmp_path / 's.db'}", auth=auth)
+    assert AppConfig.from_dict(config.to_dict()) == config and AppConfig.from_dict(config.to_dict()).auth == auth
