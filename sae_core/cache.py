@@ -137,7 +137,7 @@ class ActivationCache:
         seed: int = 0,
         skip: int = 0,
         buffer_shards: int = 8,
-        dtype=torch.float32,
+        dtype: torch.dtype = torch.float32,
         drop_last: bool = True,
         device: str | torch.device = "cpu",
     ) -> Iterator[torch.Tensor]:
@@ -154,7 +154,7 @@ class ActivationCache:
         return self.n_rows // batch_size
 
     def _batches(
-        self, batch_size: int, seed: int, buffer_shards: int, dtype, drop_last: bool, device: torch.device
+        self, batch_size: int, seed: int, buffer_shards: int, dtype: torch.dtype, drop_last: bool, device: torch.device
     ) -> Iterator[torch.Tensor]:
         # The shuffle buffer lives on the training device in the storage dtype (half the bytes of fp32 to
         # move, and a GPU shuffles it in place of the CPU); each batch is converted as it is cut, exactly
@@ -183,7 +183,7 @@ class ActivationCache:
         rows = torch.cat([self.load_shard(i) for i in shards])
         return rows.pin_memory() if pin else rows
 
-    def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """About `n` rows drawn uniformly from the whole cache, one shard in memory at a time."""
         gen = torch.Generator().manual_seed(seed)
         frac = min(1.0, n / self.n_rows)

@@ -152,7 +152,7 @@ class StatsConfig:
     context_after: int = option(8, "Tokens kept after it.")
     seed: int = option(0, "Seed of the interval sampling.")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("top_n", "n_intervals", "per_interval", "histogram_bins"):
             if getattr(self, name) < 1:
                 raise SaescopeError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")

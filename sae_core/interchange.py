@@ -56,7 +56,7 @@ def _architecture_record(sae: DictionarySAE) -> dict:
     return {**record, **sae.saelens_cfg_fields()}
 
 
-def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None) -> Path:
+def save_sae(sae: DictionarySAE, folder: Path, scale: float = 1.0, metadata: dict | None = None) -> Path:
     """Write `sae` (trained on inputs multiplied by `scale`) as a SAELens folder taking raw inputs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,9 @@ def save_sae(sae, folder: Path, scale: float = 1.0, metadata: dict | None = None
     return folder
 
 
-def _build(arch: str, d_in: int, n: int, settings: dict, w: dict[str, torch.Tensor], W_enc_nd: torch.Tensor, where) -> DictionarySAE:
+def _build(
+    arch: str, d_in: int, n: int, settings: dict, w: dict[str, torch.Tensor], W_enc_nd: torch.Tensor, where: str | Path
+) -> DictionarySAE:
     """Our SAE of architecture `arch` with these settings (its config's fields; others are ignored) and
     weights: W_enc as [n, d], the rest by their SAELens names in `w` (threshold where the architecture has one)."""
     if arch not in ARCHITECTURES:
@@ -236,7 +238,7 @@ def load_sae_bytes(data: bytes, where: str = "stored SAE weights") -> LoadedSAE:
     return _from_saelens(cfg, tensors, where)
 
 
-def _imported_cfg(sae, fmt: str, src: Path, extra: dict | None = None) -> dict:
+def _imported_cfg(sae: DictionarySAE, fmt: str, src: Path, extra: dict | None = None) -> dict:
     arch = _architecture_record(sae)
     meta = {"imported_from": {"format": fmt, "path": str(src), **(extra or {})}, "cache": {}, **arch.pop("saescope")}
     return {

@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -201,11 +201,11 @@ class LanguageModel:
         if not 0 <= layer < self.n_layers:
             raise SaescopeError(f"hook {hook_name(layer)} is past the model's depth: {self.name} has layers 0..{self.n_layers - 1}")
 
-    def _layer_output(self, input_ids: torch.Tensor, layer: int):
+    def _layer_output(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Decoder layer `layer`'s raw output (the tensor, or a tuple holding it first); later layers never run."""
         captured: list = []
 
-        def grab(_module, _inputs, output):
+        def grab(_module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor | tuple[torch.Tensor, ...]) -> NoReturn:
             captured.append(output)
             raise _StopForward
 
@@ -249,10 +249,10 @@ class LanguageModel:
                 self._tuple_output = isinstance(self._layer_output(torch.zeros(1, 1, dtype=torch.long), 0), tuple)
         wrap = (lambda h: (h,)) if self._tuple_output else (lambda h: h)
 
-        def passthrough(*args, **kwargs):
+        def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
             return wrap(args[0] if args else kwargs["hidden_states"])
 
-        def given(*_args, **_kwargs):
+        def given(*_args: Any, **_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
             return wrap(hidden)
 
         layers = [self.layers[i] for i in range(layer + 1)]
@@ -273,7 +273,9 @@ class LanguageModel:
         """Within the block, layer `layer`'s output is replaced by fn(output) (used to splice in an SAE)."""
         self.check_layer(layer)
 
-        def swap(_module, _inputs, output):
+        def swap(
+            _module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor | tuple[torch.Tensor, ...]
+        ) -> torch.Tensor | tuple[torch.Tensor, ...]:
             if isinstance(output, tuple):
                 return (fn(output[0]),) + tuple(output[1:])
             return fn(output)

@@ -19,7 +19,12 @@ HELP, TYPER = "help", "typer"
 
 
 def option(
-    default: Any = MISSING, help: str = "", *, default_factory: Callable[[], Any] | None = None, cli: bool = True, **typer_kwargs
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    default_factory: Callable[[], Any] | None = None,
+    cli: bool = True,
+    **typer_kwargs: Any,
 ) -> Any:
     """A config field with its help text; `typer_kwargs` (min=..., show_default=..., a flag name as
     param_decls=[...]) go to typer.Option; cli=False keeps a field out of the command line."""

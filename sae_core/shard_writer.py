@@ -19,7 +19,7 @@ import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ def shard_path(out: Path, i: int) -> Path:
     return out / f"shard_{i:05d}.safetensors"
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -145,7 +145,7 @@ def fill_shards(
     old: dict | None,
     lm: LanguageModel,
     documents: list[str],
-    source_at,
+    source_at: Callable[[int], WindowSource],
     encoder: ShardEncoder,
     progress: bool = True,
     desc: str = "caching",

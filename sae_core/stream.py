@@ -84,7 +84,7 @@ class ModelStream:
             left -= len(batch)
         return torch.cat(out)
 
-    def sample(self, n: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """About `n` rows from the first windows (for the input scale and the b_pre init)."""
         return self._activations(self._windows(0), 0, min(self.n_windows, math.ceil(n / self.rows_per_window)))[:n].to(dtype)
 
@@ -93,7 +93,7 @@ class ModelStream:
         return math.ceil(self.GROUP_BATCHES * batch_size / self.rows_per_window)
 
     def batches(
-        self, batch_size: int, seed: int = 0, skip: int = 0, dtype=torch.float32, device: str | torch.device = "cpu"
+        self, batch_size: int, seed: int = 0, skip: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> Iterator[torch.Tensor]:
         """One pass of shuffled batches, starting after the first `skip` (whose groups are not computed)."""
         groups = self._groups(batch_size)

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,7 @@ class RankLost(SaescopeError):
 class Comms:
     """A group of `size` ranks; this process is `rank` in it. With size 1 every operation returns its input."""
 
-    def __init__(self, group=None, size: int = 1, rank: int = 0, timer: Timer | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, size: int = 1, rank: int = 0, timer: Timer | None = None) -> None:
         self.group, self.size, self.rank = group, size, rank
         self.timer = timer or Timer()
 
@@ -57,7 +57,7 @@ class Comms:
         """`sum` for a group of several ranks, None for one: what the SAEs' loss takes to use the whole group's batch."""
         return self.sum if self.size > 1 else None
 
-    def _timed(self, fn, *args, nbytes: int = 0, **kwargs):
+    def _timed(self, fn: Callable[..., Any], *args: Any, nbytes: int = 0, **kwargs: Any) -> Any:
         self.timer.bytes += nbytes
         t0 = time.perf_counter()
         try:
@@ -146,7 +146,7 @@ class Grid:
             comms.group = None
 
     @contextmanager
-    def joined(self):
+    def joined(self) -> Iterator[Grid]:
         """The grid for a `with` block: closed at its end, or at once when it raises."""
         try:
             yield self

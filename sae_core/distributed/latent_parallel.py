@@ -22,6 +22,7 @@ gradients are summed over the data-parallel group as for the unsharded SAE (`gro
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from torch import nn
@@ -186,7 +187,7 @@ class LatentShardedTopKSAE(DictionaryParameters):
 SHARDED: dict[type[DictionarySAE], type[LatentShardedTopKSAE]] = {TopKSAE: LatentShardedTopKSAE}
 
 
-def sharded(sae_cls: type[DictionarySAE], cfg, comms: Comms) -> LatentShardedTopKSAE:
+def sharded(sae_cls: type[DictionarySAE], cfg: Any, comms: Comms) -> LatentShardedTopKSAE:
     """This rank's slice of an SAE of class `sae_cls` with config `cfg`, or an error for architectures that do not split."""
     if (slice_cls := SHARDED.get(sae_cls)) is None:
         splits = ", ".join(cls.architecture for cls in SHARDED)

@@ -20,9 +20,17 @@ from __future__ import annotations
 
 import string
 import warnings
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from sklearn.linear_model import LogisticRegression
+
+    from ..model import LanguageModel
+    from ..sae.base import DictionarySAE
 
 ICL_WORDS = (" tape", " house", " river", " blue", " garden")  # solved examples before each word (never scored)
 TEMPLATE = "{word} has the first letter:{answer}\n"
@@ -36,7 +44,7 @@ EPS = 1e-8
 MIN_WORDS_PER_LETTER = 10
 
 
-def vocabulary_words(tokenizer, n: int, seed: int) -> list[tuple[int, str]]:
+def vocabulary_words(tokenizer: Any, n: int, seed: int) -> list[tuple[int, str]]:  # a transformers tokenizer (decode typed str | list)
     """(token id, word) of up to `n` single-token words: a leading space, then 2+ ASCII letters."""
     icl = {w.strip().lower() for w in ICL_WORDS}
     found = []
@@ -50,14 +58,14 @@ def vocabulary_words(tokenizer, n: int, seed: int) -> list[tuple[int, str]]:
     return [found[i] for i in sorted(pick)]
 
 
-def _prefix_ids(lm) -> list[int]:
+def _prefix_ids(lm: LanguageModel) -> list[int]:
     prefix = "".join(TEMPLATE.format(word=w, answer=" " + w.strip()[0].upper()) for w in ICL_WORDS)
     bos = [lm.tokenizer.bos_token_id] if getattr(lm.tokenizer, "bos_token_id", None) is not None else []
     return bos + lm.tokenizer(prefix, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
-def word_activations(lm, layer: int, words: list[tuple[int, str]], batch: int = 256) -> torch.Tensor:
+def word_activations(lm: LanguageModel, layer: int, words: list[tuple[int, str]], batch: int = 256) -> torch.Tensor:
     """Each word's activation at the hook, read at its position after the in-context examples. The
     shared prefix runs once; each batch of words runs one position against a copy of its key/value
     cache (the same numbers as the whole prompt, ~40x less model work; tests check it)."""
@@ -70,7 +78,7 @@ def word_activations(lm, layer: int, words: list[tuple[int, str]], batch: int = 
     cache = base(input_ids=prefix, use_cache=True).past_key_values
     captured: list = []
 
-    def grab(_module, _inputs, output):
+    def grab(_module: nn.Module, _inputs: tuple[Any, ...], output: torch.Tensor | tuple[torch.Tensor, ...]) -> NoReturn:
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
@@ -94,7 +102,7 @@ def word_activations(lm, layer: int, words: list[tuple[int, str]], batch: int = 
 
 
 @torch.no_grad()
-def word_activations_full(lm, layer: int, words: list[tuple[int, str]], batch: int = 64) -> torch.Tensor:
+def word_activations_full(lm: LanguageModel, layer: int, words: list[tuple[int, str]], batch: int = 64) -> torch.Tensor:
     """`word_activations` by running each whole prompt (the reference the cached path is checked against)."""
     prefix = _prefix_ids(lm)
     out = []
@@ -109,7 +117,7 @@ def _f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return 0.0 if tp == 0 else 2 * tp / (float(pred.sum()) + float(truth.sum()))
 
 
-def _fit(x: np.ndarray, y: np.ndarray, multinomial: bool = False):
+def _fit(x: np.ndarray, y: np.ndarray, multinomial: bool = False) -> LogisticRegression:
     from sklearn.linear_model import LogisticRegression
 
     with warnings.catch_warnings():
@@ -117,7 +125,7 @@ def _fit(x: np.ndarray, y: np.ndarray, multinomial: bool = False):
         return LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
 
 
-def first_letter_probe(x: np.ndarray, letters: np.ndarray, seed: int):
+def first_letter_probe(x: np.ndarray, letters: np.ndarray, seed: int) -> tuple[LogisticRegression, np.ndarray, dict[str, float]]:
     """The probe, its train/test split, and per-letter test F1 (letters with test words)."""
     rng = np.random.default_rng(seed)
     test = rng.permutation(len(x)) < len(x) // 5
@@ -130,7 +138,9 @@ def first_letter_probe(x: np.ndarray, letters: np.ndarray, seed: int):
 
 
 @torch.no_grad()
-def absorption_metrics(lm, layer: int, sae, n_words: int, min_f1: float, seed: int) -> tuple[dict[str, float], bool, dict]:
+def absorption_metrics(
+    lm: LanguageModel, layer: int, sae: DictionarySAE, n_words: int, min_f1: float, seed: int
+) -> tuple[dict[str, float], bool, dict]:
     """(metrics, absorption_valid, details)."""
     words = vocabulary_words(lm.tokenizer, n_words, seed)
     letters = np.array([string.ascii_lowercase.index(w.strip()[0].lower()) for _, w in words])

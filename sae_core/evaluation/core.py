@@ -16,12 +16,16 @@ variance about the mean (its `explained_variance_legacy`, a per-token ratio, is 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..corpus import Windows
 from ..evaluate import EvalResult
+
+if TYPE_CHECKING:
+    from ..sae.base import DictionarySAE
 
 NORM_FLOOR = 1e-4  # SAEBench: an input norm below this divides by 1 in the L2 ratio
 
@@ -68,7 +72,7 @@ def max_cosines(W: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     return out
 
 
-def core_metrics(ev: EvalResult, meter: CoreMeter, sae) -> tuple[dict[str, float], dict, dict]:
+def core_metrics(ev: EvalResult, meter: CoreMeter, sae: DictionarySAE) -> tuple[dict[str, float], dict, dict]:
     """The flat core metrics (names: result.METRICS), details, and per-latent lists (SAEBench's
     CoreFeatureMetric fields: for the JSON files only, ~1 MB for 8k latents)."""
     n, s = max(meter.n, 1), meter.sums

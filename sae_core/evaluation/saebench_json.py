@@ -28,7 +28,7 @@ PRODUCER = f"saescope bench-sae suite {SUITE_VERSION} (SAEBench 0.6.0 field name
 FILE_SUFFIX = "_eval_results.json"
 
 
-def _base(eval_type: str, result: BenchResult, sae_cfg: dict, eval_config: dict, metrics: dict, details: list, extra) -> dict:
+def _base(eval_type: str, result: BenchResult, sae_cfg: dict, eval_config: dict, metrics: dict, details: list, extra: dict) -> dict:
     return {
         "eval_type_id": eval_type,
         "eval_config": eval_config,

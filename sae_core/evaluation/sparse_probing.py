@@ -17,13 +17,18 @@ so a probe never sees the test text's neighbours. Classes are drawn with the sui
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..corpus import Windows
 from ..metrics.labels import NO_LABEL, POS_TASKS, TokenLabeller
+
+if TYPE_CHECKING:
+    from ..sae.base import DictionarySAE
 
 KS = (1, 2, 5, 20)
 MIN_PER_CLASS = 8  # per split: fewer positives (or negatives) than this and the task is left out
@@ -105,7 +110,9 @@ class ProbingCollector:
         return tasks, data
 
     @staticmethod
-    def _task(name, mode, positive, negative, is_test, per_class, rng) -> Task | None:
+    def _task(
+        name: str, mode: str, positive: np.ndarray, negative: np.ndarray, is_test: np.ndarray, per_class: int, rng: np.random.Generator
+    ) -> Task | None:
         splits = []
         for test in (False, True):
             p, q = np.flatnonzero(positive & (is_test == test)), np.flatnonzero(negative & (is_test == test))
@@ -133,7 +140,9 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     return float((probe.predict(test_x) == test_y).mean())
 
 
-def sparse_probe(train_z, train_y, test_z, test_y, ks=KS) -> dict[str, float]:
+def sparse_probe(
+    train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, ks: Iterable[int] = KS
+) -> dict[str, float]:
     """Per k: the test accuracy of the probe on the top-k mean-difference latents (and on every latent)."""
     out = {}
     for k in ks:
@@ -143,7 +152,7 @@ def sparse_probe(train_z, train_y, test_z, test_y, ks=KS) -> dict[str, float]:
 
 
 @torch.no_grad()
-def run_sparse_probing(collector: ProbingCollector, sae, per_class: int, seed: int) -> tuple[dict[str, float], dict]:
+def run_sparse_probing(collector: ProbingCollector, sae: DictionarySAE, per_class: int, seed: int) -> tuple[dict[str, float], dict]:
     """Flat metrics (sparse_probing_top{k}_accuracy, llm_probe_accuracy, sae_probe_accuracy: means over
     tasks) and per-task details; ({}, {...}) when the corpus has no labelled task."""
     tasks, data = collector.tasks(per_class, seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from tqdm import tqdm
 
@@ -20,10 +20,17 @@ from ..errors import SaescopeError
 from .config import BenchConfig
 from .result import SUITE_VERSION, BenchResult
 
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from ..model import LanguageModel
+
 STAGES = ("core metrics and probing data", "sparse probing", "meta-SAE", "interpretability", "absorption")
 
 
-def run_suite(cfg: BenchConfig, lm=None, progress: bool = True, engine=None) -> tuple[BenchResult, str | None]:
+def run_suite(
+    cfg: BenchConfig, lm: LanguageModel | None = None, progress: bool = True, engine: Engine | None = None
+) -> tuple[BenchResult, str | None]:
     """Run every eval on the SAE `cfg.sae` of the store; returns the result and the SAE's folder on this
     machine (None where the store's weights are all there is)."""
     from pathlib import Path

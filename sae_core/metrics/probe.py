@@ -18,12 +18,17 @@ operations and the 2 x 2 solve of each latent in closed form.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .labels import NO_LABEL, POS_TASKS, TokenLabeller
+
+if TYPE_CHECKING:
+    from ..sae.base import DictionarySAE
 
 MIN_PER_CLASS = 32  # a task with fewer positives (or negatives) than this is left out
 NEWTON_STEPS = 12
@@ -111,7 +116,7 @@ class ProbeCollector:
         return out
 
     @torch.no_grad()
-    def fit(self, sae, candidates: int = 0) -> ProbeReport | None:
+    def fit(self, sae: DictionarySAE, candidates: int = 0) -> ProbeReport | None:
         """Every task's best single-latent probe; None when no task has data. `candidates` > 0 fits only that
         many latents per task, those of the highest score statistic (see `_candidates`); 0 fits every latent."""
         tasks = self.tasks()
@@ -150,7 +155,14 @@ class ProbeCollector:
         return ProbeReport(float(np.mean([t.loss for t in report])), report)
 
     @staticmethod
-    def _candidates(pre_activations, index, labels, n_latents: int, block: int, keep: int) -> list[torch.Tensor]:
+    def _candidates(
+        pre_activations: Callable[[slice | torch.Tensor], torch.Tensor],
+        index: list[torch.Tensor],
+        labels: list[torch.Tensor],
+        n_latents: int,
+        block: int,
+        keep: int,
+    ) -> list[torch.Tensor]:
         """Per task, the `keep` latents of the largest score statistic cov(z, y)^2 / var(z): the loss decrease
         a first Newton step from the constant probe predicts (to second order), so the latents the full fit
         would rank first."""

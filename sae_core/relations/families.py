@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -34,6 +34,9 @@ from tqdm import tqdm
 from ..config import FamilyConfig
 from ..errors import SaescopeError
 from ..interchange import LoadedSAE
+
+if TYPE_CHECKING:
+    from ..sae.base import DictionarySAE
 
 SPLIT, MATCH = "split", "match"
 RELATION_COLUMNS = ("kind", "source_run_id", "source_feature", "target_run_id", "target_feature", "cosine", "coactivation", "co_fired")
@@ -53,7 +56,9 @@ class Relations:
         return len(self.source)
 
 
-def nearest_rows(W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on_block: Callable[[], None] | None = None):
+def nearest_rows(
+    W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on_block: Callable[[], None] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """For each row of W_from, the index of the row of W_to with the largest cosine, and that cosine."""
     a = torch.nn.functional.normalize(W_from.float(), dim=1)
     b_t = torch.nn.functional.normalize(W_to.float(), dim=1).T.contiguous()
@@ -67,7 +72,7 @@ def nearest_rows(W_from: torch.Tensor, W_to: torch.Tensor, block: int = 2048, on
     return ids.numpy(), cos.numpy()
 
 
-def active_matrix(sae, x: torch.Tensor, block: int = 1024, dtype: torch.dtype = torch.float32) -> sp.csr_matrix:
+def active_matrix(sae: DictionarySAE, x: torch.Tensor, block: int = 1024, dtype: torch.dtype = torch.float32) -> sp.csr_matrix:
     """[positions, n_latents] 0/1 matrix of the latents that fire on each row of `x` (raw activations).
     Fixed-width (TopK) codes come from the miner's encoder (one fused addmm and top-k per 512-row block) in
     `dtype`, the miner's compute dtype (bf16 on bf16 hardware: ~3x the fp32 product's speed here)."""
@@ -305,7 +310,7 @@ def build_families(names: list[str], cfg: FamilyConfig, progress: bool = True) -
     return result
 
 
-def _rows(kind: str, source_run: int, target_run: int, rel: Relations):
+def _rows(kind: str, source_run: int, target_run: int, rel: Relations) -> list[tuple[str, int, int, int, int, float, float, int]]:
     return [
         (kind, source_run, s, target_run, t, c, co, n)
         for s, t, c, co, n in zip(

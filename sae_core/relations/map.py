@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import orjson
@@ -385,7 +385,7 @@ def write_map(
     index = np.asarray(indices, dtype=np.int64)
     n_clusters = int(layout.clusters.max()) + 1 if len(layout.clusters) else 0
 
-    def rows():
+    def rows() -> Iterator[tuple[int, int, float, float, int, str]]:
         for i in range(len(index)):
             near = [[int(index[j]), round(float(d), 4)] for j, d in zip(layout.neighbours[i], layout.distances[i])]
             yield (

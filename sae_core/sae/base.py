@@ -14,7 +14,7 @@ from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -22,8 +22,10 @@ from torch import nn
 from ..errors import SaescopeError
 from ..hardware import native_bf16
 
+GemmKind = torch.dtype | Literal["rounded"] | None  # bf16_gemm's choice: fp32, a bf16 GEMM, or fp32 over bf16-rounded operands
 
-def bf16_gemm(enabled: bool, device_type: str):
+
+def bf16_gemm(enabled: bool, device_type: str) -> GemmKind:
     """How the encoder GEMM runs with the bf16 option: None (fp32), torch.bfloat16 (a bf16 GEMM, on
     bf16 hardware), or "rounded": an fp32 GEMM over bf16-rounded operands, whose result is then rounded
     to bf16. That gives the numbers a bf16 GEMM gives (fp32 accumulation) at fp32 speed, where PyTorch
@@ -33,14 +35,14 @@ def bf16_gemm(enabled: bool, device_type: str):
     return torch.bfloat16 if native_bf16(device_type) else "rounded"
 
 
-def gemm_operand(t: torch.Tensor, kind) -> torch.Tensor:
+def gemm_operand(t: torch.Tensor, kind: GemmKind) -> torch.Tensor:
     """An encoder GEMM operand for `bf16_gemm`'s choice: as is, in bf16, or rounded to bf16 but held in fp32."""
     if kind is None:
         return t
     return t.bfloat16() if kind is torch.bfloat16 else t.bfloat16().float()
 
 
-def gemm(a: torch.Tensor, b: torch.Tensor, kind) -> torch.Tensor:
+def gemm(a: torch.Tensor, b: torch.Tensor, kind: GemmKind) -> torch.Tensor:
     """a @ b as `bf16_gemm`'s choice computes it, like a matmul under bf16 autocast: bf16 operands, fp32
     accumulation, a bf16 result (held in fp32 for "rounded"). Operands already in that form pass as they are."""
     if kind is None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import SaescopeError
-from .base import DictionarySAE, GroupSum, StepLosses, bf16_gemm, encode_block_rows, gemm_operand
+from .base import DictionarySAE, GemmKind, GroupSum, StepLosses, bf16_gemm, encode_block_rows, gemm_operand
 from .reductions import ordered_sum, weighted_row_sum
 from .sparse import CodePattern, auxk_grads
 from .topk import require_unit_decoder, variance_sum
@@ -45,7 +46,7 @@ class BatchTopKConfig:
     aux_coef: float = 1 / 32  # AuxK loss weight
     threshold_lr: float = 0.01  # rate of the running average that estimates the inference threshold
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.k_aux is None:
             self.k_aux = self.d_in // 2
         if not 0 < self.k < self.n_latents:
@@ -70,15 +71,15 @@ class BatchTopKSAE(DictionarySAE):
         return [self.cfg.n_latents]
 
     @classmethod
-    def k_setting(cls, k):
+    def k_setting(cls, k: float) -> float:
         return k  # a mean over the batch: may be fractional
 
     @classmethod
-    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> dict:
         require_unit_decoder(cfg, w, where)
         return {}
 
-    def load_thresholds(self, w: dict[str, torch.Tensor], where) -> None:
+    def load_thresholds(self, w: dict[str, torch.Tensor], where: str | Path) -> None:
         threshold = self.saved_threshold(w, where)  # SAELens' training folders call it topk_threshold
         if not bool((threshold == threshold[0]).all()):
             raise SaescopeError(f"{where}: a {self.architecture} SAE has one threshold for every latent; these differ")
@@ -102,7 +103,9 @@ class BatchTopKSAE(DictionarySAE):
 
     # ------------------------------------------------------------------ training
 
-    def _select(self, xg: torch.Tensor, W_T: torch.Tensor, bias: torch.Tensor, operand, dead_idx: torch.Tensor):
+    def _select(
+        self, xg: torch.Tensor, W_T: torch.Tensor, bias: torch.Tensor, operand: GemmKind, dead_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of the batch's k * B largest positive pre-activations sorted by (row, col),
         and the dead columns' pre-activations [B, n_dead] for AuxK."""
         B, n = len(xg), self.cfg.n_latents

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class JumpReLUConfig:
     bandwidth: float = 1e-3  # eps, the rectangle kernel's width in the threshold's straight-through estimator
     init_threshold: float = 1e-3  # every latent's threshold at the start
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.l0_coef < 0 or self.l0_warmup_steps < 0:
             raise SaescopeError(f"l0_coef and l0_warmup_steps must be >= 0 (got {self.l0_coef}, {self.l0_warmup_steps})")
         if self.bandwidth <= 0 or self.init_threshold <= 0:
@@ -68,7 +69,7 @@ class JumpReLUSAE(DictionarySAE):
     def activation_thresholds(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
-    def load_thresholds(self, w: dict[str, torch.Tensor], where) -> None:
+    def load_thresholds(self, w: dict[str, torch.Tensor], where: str | Path) -> None:
         # a threshold <= 0 fires above 0, as SAELens' ReLU before its mask does
         threshold = self.saved_threshold(w, where)
         if threshold.shape != (self.cfg.n_latents,):

@@ -15,6 +15,7 @@ Saved like BatchTopK: SAELens' "jumprelu" with one threshold for every latent.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ class MatryoshkaConfig(BatchTopKConfig):
     # nested sizes, ascending (SAELens' matryoshka_widths), as a list or "1024,4096"; default n/16, n/4, n
     prefix_sizes: list[int] | str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         given = self.prefix_sizes
         try:
@@ -52,7 +53,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     cfg: MatryoshkaConfig
 
     @classmethod
-    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> dict:
         return {**super().saelens_import_settings(cfg, w, where), "prefix_sizes": cfg.get("matryoshka_widths")}
 
     def prefix_sizes(self) -> list[int]:

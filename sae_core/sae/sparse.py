@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import gemm, gemm_operand
+from .base import DictionarySAE, GemmKind, gemm, gemm_operand
 from .reductions import ordered_sum
 
 
@@ -70,7 +70,14 @@ class CodePattern:
 
 
 def auxk_grads(
-    sae, pre_dead: torch.Tensor, dead_idx: torch.Tensor, residual: torch.Tensor, xg: torch.Tensor, grads, operand, e_var: torch.Tensor
+    sae: DictionarySAE,
+    pre_dead: torch.Tensor,
+    dead_idx: torch.Tensor,
+    residual: torch.Tensor,
+    xg: torch.Tensor,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    operand: GemmKind,
+    e_var: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AuxK (Gao et al. 2024) over the dead latents: decode, without b_pre, the top k_aux pre-activations
     among the dead columns `pre_dead` [B, n_dead] to model `residual` (x - x_hat, no gradient into it); add

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ class TopKConfig:
     aux_coef: float = 1 / 32  # AuxK loss weight
     multi_topk: bool = False  # add L(4k) / 8 so the code also works at larger k
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.k_aux is None:
             self.k_aux = self.d_in // 2
         if not 0 < self.k < self.n_latents:
@@ -156,7 +157,7 @@ class TopKSAE(DictionarySAE):
         return {"k": self.cfg.k}
 
     @classmethod
-    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where) -> dict:
+    def saelens_import_settings(cls, cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> dict:
         require_unit_decoder(cfg, w, where)
         return {}
 
@@ -270,7 +271,7 @@ class TopKSAE(DictionarySAE):
         return StepLosses(loss=loss, fvu=fvu_k, aux_fvu=aux_fvu, l0=l0, n_dead=n_dead, fired=fired)
 
 
-def require_unit_decoder(cfg: dict, w: dict[str, torch.Tensor], where) -> None:
+def require_unit_decoder(cfg: dict, w: dict[str, torch.Tensor], where: str | Path) -> None:
     """A SAELens training folder of a TopK-style SAE that rescales its codes by the decoder's norms loads
     only when those norms are 1 (our decoders are unit-norm)."""
     W_dec = w["W_dec"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 ID_DTYPE = np.dtype("<i4")
 ACT_DTYPE = np.dtype("<f2")
@@ -15,11 +16,11 @@ ACT_DECIMALS = 4  # float16 holds ~3 significant digits: more decimals would onl
 EMBEDDING_DTYPE = np.dtype("<f2")
 
 
-def pack_ids(ids) -> bytes:
+def pack_ids(ids: ArrayLike) -> bytes:
     return np.asarray(ids, dtype=ID_DTYPE).tobytes()
 
 
-def pack_acts(acts) -> bytes:
+def pack_acts(acts: ArrayLike) -> bytes:
     return np.asarray(acts, dtype=ACT_DTYPE).tobytes()
 
 
@@ -46,7 +47,7 @@ def decode_rows(id_blobs: Sequence[bytes], act_blobs: Sequence[bytes]) -> list[t
     return [(ids[a:b], acts[a:b]) for a, b in zip([0] + ends[:-1], ends)]
 
 
-def pack_embeddings(vectors) -> list[bytes]:
+def pack_embeddings(vectors: ArrayLike) -> list[bytes]:
     """Float16 little-endian, one blob per row (768 bytes for 384 dimensions)."""
     return [row.tobytes() for row in np.asarray(vectors, dtype=EMBEDDING_DTYPE)]
 

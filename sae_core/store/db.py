@@ -15,14 +15,20 @@ import importlib.util
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from .. import settings
 from ..errors import SaescopeError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 ENV_URL = "SAESCOPE_DATABASE_URL"
 APPLICATION_NAME = "saescope"  # PostgreSQL: how our connections show in pg_stat_activity
@@ -62,11 +68,11 @@ def make_engine(url: str | None = None) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 60, "isolation_level": None})
 
         @event.listens_for(engine, "begin")
-        def _sqlite_begin(conn):
-            conn.connection.driver_connection.execute("BEGIN")  # on the driver: exec_driver_sql cost 10x the query
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.connection.driver_connection.execute("BEGIN")  # type: ignore[union-attr]  # on the driver: exec_driver_sql cost 10x the query
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
+        def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")  # readers never block on the writer
             cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; a crash loses no committed run
@@ -94,7 +100,7 @@ def make_engine(url: str | None = None) -> Engine:
     return engine
 
 
-def _alembic_config():
+def _alembic_config() -> Config:
     from alembic.config import Config
 
     # The chain is the top-level `migrations` package (so it ships with editable and regular installs).

@@ -15,12 +15,16 @@ import math
 import re
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, select, text
 
 from .codec import unpack_embeddings
 from .schema import SAE, Explanation
+
+if TYPE_CHECKING:
+    import faiss
 
 WORD = re.compile(r"\w+", re.UNICODE)
 RRF_K = 60  # reciprocal rank fusion's constant (Cormack et al. 2009): score = sum of 1 / (K + rank)
@@ -96,7 +100,7 @@ class RunEmbeddings:
         return [(int(i), float(sims[i])) for i in top]
 
 
-def build_ivf(matrix: np.ndarray, seed: int = 0):
+def build_ivf(matrix: np.ndarray, seed: int = 0) -> faiss.IndexIVFFlat:
     """faiss IndexIVFFlat (inner product, i.e. cosine on unit vectors) over `matrix`: sqrt(n) lists
     trained by k-means on 64 samples per list, all rows added; about 25 s for 1M explanations on 2 cores,
     once per server process and run revision."""
@@ -117,7 +121,7 @@ def build_ivf(matrix: np.ndarray, seed: int = 0):
 class EmbeddingIndex:
     """Per (store, run, SAE revision) the run's RunEmbeddings, loaded (and indexed) once per process."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._by_key: dict[tuple, RunEmbeddings] = {}
         self._lock = threading.Lock()
 

@@ -9,6 +9,7 @@ a page at offset o starts from the checkpoint at or before o and walks fewer tha
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -34,7 +35,9 @@ def filter_mask(flt: str, density: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown filter {flt!r}")
 
 
-def checkpoint_rows(run_id: int, density: np.ndarray, max_act: np.ndarray, every: int | None = None):
+def checkpoint_rows(
+    run_id: int, density: np.ndarray, max_act: np.ndarray, every: int | None = None
+) -> Iterator[tuple[int, str, str, int, int, float, int]]:
     """Rows of `feature_order` for a run, as COLUMNS tuples: per (sort, filter), one every `every`
     positions of the ascending order (value, then index), each carrying the list's length; an empty
     list gets one row with feature_index -1, so that its length is stored too."""

@@ -16,12 +16,16 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, insert, select
 from sqlalchemy.orm import Session
 
 from ..errors import SaescopeError
 from .schema import SAE, RunWeights
+
+if TYPE_CHECKING:
+    from ..interchange import LoadedSAE
 
 FORMAT = "safetensors"
 
@@ -71,7 +75,7 @@ def live_run(conn: Connection | Session, name: str) -> tuple[RunSAE, str] | None
     return RunSAE(row.name, row.active_run_id, row.model, row.hook, row.n_latents, "store"), row.path
 
 
-def load_run_sae(conn: Connection | Session, name: str):
+def load_run_sae(conn: Connection | Session, name: str) -> tuple[RunSAE, LoadedSAE]:
     """(RunSAE, LoadedSAE) for the SAE's visible run: the weights stored with the run, else its folder."""
     from ..interchange import load_sae, load_sae_bytes
 

@@ -5,6 +5,7 @@ switch leaves an invisible 'writing' run, removed by the next `mine` of the same
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -20,6 +21,8 @@ from .schema import SAE, Example, Feature, FeatureOrder, FeatureRelation, Mining
 from .weights import store_weights
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from ..coactivation import Coactivation
     from ..feature_stats import FeatureTables
 
@@ -91,7 +94,7 @@ def find_complete_run(engine: Engine, sae_name: str, run_config: dict) -> int | 
     return row.id if row is not None and row.config == run_config else None
 
 
-def token_strings(tokenizer, vocab_size: int) -> list[str]:
+def token_strings(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[str]:
     """Each token id decoded on its own: what a reader sees for that token in a context. NUL becomes
     U+2400 (PostgreSQL text cannot hold it, and it must be shown visibly anyway)."""
     texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], clean_up_tokenization_spaces=False)
@@ -127,7 +130,7 @@ def _pairs(ids: np.ndarray, values: np.ndarray) -> list[str]:
     return [json.dumps([[int(a), round(b, 4)] for a, b in zip(i, v)]) for i, v in zip(ids.tolist(), values.astype(np.float64).tolist())]
 
 
-def top_token_ids(t) -> list[int | None]:
+def top_token_ids(t: FeatureTables) -> list[int | None]:
     """Per feature, the token its strongest top context (rank 0) peaks on; None for a feature that
     never fired. What features.top_token_id stores, for the pages and the table."""
     out: list[int | None] = [None] * len(t.n_fired)
@@ -151,7 +154,9 @@ def coactivation_rows(c: Coactivation, top_tokens: list[int | None], features: r
     return [json.dumps([[p, n, round(pg, 4), round(j, 4), top_tokens[p]] for p, n, pg, j in c.rows(i)]) for i in features]
 
 
-def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours, coactivation: Coactivation | None = None):
+def _features(
+    run_id: int, t: FeatureTables, logits: LogitEffects, neighbours: Neighbours, coactivation: Coactivation | None = None
+) -> Iterator[tuple[int, int, int, float, float, float, str, str, str, str, int | None, str | None]]:
     """Feature rows in FEATURE_COLUMNS order, the JSON columns encoded here a batch at a time (the
     vectorised np.linspace computes exactly what it computes per row)."""
     n, bins = t.hist_counts.shape
@@ -186,7 +191,9 @@ def _features(run_id: int, t, logits: LogitEffects, neighbours: Neighbours, coac
             )
 
 
-def _examples(run_id: int, t, doc_ids: list[str]):
+def _examples(
+    run_id: int, t: FeatureTables, doc_ids: list[str]
+) -> Iterator[tuple[int, int, str, int | None, int, str, int, bytes, bytes, float, int]]:
     """Example rows in EXAMPLE_COLUMNS order; tokens and activations packed by store/codec.py."""
     for start in range(0, len(t.ex_feature), BATCH):
         sl = slice(start, start + BATCH)
@@ -212,7 +219,7 @@ def _examples(run_id: int, t, doc_ids: list[str]):
             )
 
 
-def _token_features(run_id: int, t):
+def _token_features(run_id: int, t: FeatureTables) -> Iterator[tuple[int, int, int, int, float]]:
     """Search index rows (TOKEN_FEATURE_COLUMNS): for each feature, the tokens its top contexts peak on."""
     tops = np.nonzero(t.ex_kind == 0)[0]
     if len(tops) == 0:
