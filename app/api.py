@@ -39,12 +39,12 @@ async def health(request: Request) -> schemas.Health:
 
 
 @router.get("/models", response_model=list[schemas.ModelSummary], summary="Models and their SAEs", responses=NOT_MODIFIED)
-async def models(request: Request):
+async def models(request: Request) -> list[schemas.ModelSummary]:
     return await read_connection(request, queries.list_models)
 
 
 @router.get("/saes", response_model=list[schemas.SAESummary], summary="Every SAE with its headline metrics", responses=NOT_MODIFIED)
-async def saes(request: Request):
+async def saes(request: Request) -> list[schemas.SAESummary]:
     return [sae for model in await read_connection(request, queries.list_models) for sae in model.saes]
 
 
@@ -54,7 +54,7 @@ async def saes(request: Request):
     summary="One SAE: metrics, training and mining configuration",
     responses={**NOT_MODIFIED, **NOT_FOUND},
 )
-async def sae(request: Request, sae: str = SaeName):
+async def sae(request: Request, sae: str = SaeName) -> schemas.SAEDetail:
     return await read_connection(request, queries.sae_detail, sae)
 
 
@@ -72,7 +72,7 @@ async def features(
     sort: queries.SortKey = Query("index"),
     order: Literal["asc", "desc"] = Query("asc"),
     filter: queries.Filter = Query("all", description="all, alive (fired at least once), dead (never fired), rare (density < 1e-4)"),
-):
+) -> schemas.FeaturePage:
     return await read_connection(request, queries.feature_page, sae, offset, limit, sort, order, filter)
 
 
@@ -82,7 +82,7 @@ async def features(
     summary="One feature's statistics, histogram, logit effects and neighbours",
     responses={**NOT_MODIFIED, **NOT_FOUND},
 )
-async def feature(request: Request, sae: str = SaeName, index: int = FeatureIndex):
+async def feature(request: Request, sae: str = SaeName, index: int = FeatureIndex) -> schemas.FeatureDetail:
     return await read_connection(request, queries.feature_detail, sae, index)
 
 
@@ -99,7 +99,7 @@ async def examples(
     kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
     offset: int = Query(0, ge=0, le=10**6),
     limit: int = Query(20, ge=1, le=500),
-):
+) -> DictJSON:
     return DictJSON(await read_connection(request, queries.examples, sae, index, kind, offset, limit))
 
 
@@ -114,6 +114,6 @@ async def search(
     q: str = Query(..., min_length=1, max_length=100),
     sae: str | None = Query(None, max_length=200),
     limit: int = Query(50, ge=1, le=500),
-):
+) -> DictJSON:
     await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
     return DictJSON(await read_connection(request, queries.search, q, sae, limit))

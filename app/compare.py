@@ -18,7 +18,7 @@ import math
 import re
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from markupsafe import Markup
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection, select
@@ -369,12 +369,12 @@ def _page_context(conn: Connection, names: list[str]) -> dict:
 
 
 @router.get("/compare")
-async def compare_page(request: Request, saes: list[str] = Query([], max_length=MAX_SAES * 201)):
+async def compare_page(request: Request, saes: list[str] = Query([], max_length=MAX_SAES * 201)) -> Response:
     """With no SAEs named: the chooser of every model and hook; with names: the comparison."""
     try:
         names = parse_names(saes) if saes else []
 
-        def render(conn: Connection):
+        def render(conn: Connection) -> Response:
             return templates.TemplateResponse(request, "compare.html", _page_context(conn, names))
 
         return await read_connection(request, render)
@@ -476,7 +476,7 @@ async def compare_api(
     saes: str = Query(
         ..., description="comma-separated SAE names, e.g. A,B,C", min_length=1, max_length=MAX_SAES * 201, pattern=NAMES_PATTERN
     ),
-):
+) -> Response:
     try:
         names = parse_names([saes])
         return DictJSON(await read_connection(request, lambda conn: comparison(load(conn, names))))

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Path, Request
+from fastapi.responses import Response
 from markupsafe import Markup, escape
 from sqlalchemy import Connection, select, tuple_
 
@@ -261,8 +262,8 @@ def members(root: dict) -> list[dict]:
 
 
 @router.get("/saes/{sae}/features/{index}/relations")
-async def relations_fragment(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    def render(conn: Connection):
+async def relations_fragment(request: Request, sae: str = SaeName, index: int = FeatureIndex) -> Response:
+    def render(conn: Connection) -> Response:
         ctx = {"r": relations(conn, sae, index), "base": f"/saes/{sae}"}
         return templates.TemplateResponse(request, "_relations.html", ctx)
 
@@ -270,8 +271,8 @@ async def relations_fragment(request: Request, sae: str = SaeName, index: int = 
 
 
 @router.get("/saes/{sae}/features/{index}/family")
-async def family_page(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    def render(conn: Connection):
+async def family_page(request: Request, sae: str = SaeName, index: int = FeatureIndex) -> Response:
+    def render(conn: Connection) -> Response:
         tree = family(conn, sae, index)
         ctx = {"sae": sae, "index": index, "tree": tree, "svg": tree_svg(tree["root"], tree["focus"]), "members": members(tree["root"])}
         return templates.TemplateResponse(request, "family.html", ctx)

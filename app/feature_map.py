@@ -21,7 +21,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from markupsafe import Markup
 from pydantic import BaseModel, Field
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Row, select
 
 from sae_core.relations import map as feature_map
 from sae_core.store import explanation_search as store_search
@@ -64,14 +64,14 @@ class MapPage(BaseModel):
     points: list[MapPoint] = Field(description="in feature-index order")
 
 
-def _live(conn: Connection, sae: str):
+def _live(conn: Connection, sae: str) -> tuple[queries.FeatureRef, Row | None]:
     """(FeatureRef, the run's feature_maps row or None); NotFound for an unknown or unmined SAE."""
     ref = queries.feature_ref(conn, sae, 0)
     assert ref.run_id is not None
     return ref, feature_map.map_info(conn, ref.run_id)
 
 
-def _require_map(conn: Connection, sae: str):
+def _require_map(conn: Connection, sae: str) -> tuple[queries.FeatureRef, Row]:
     ref, info = _live(conn, sae)
     if info is None:
         raise queries.NotFound(f"{sae} has no map yet: run `saescope map --sae {sae}`")
@@ -82,8 +82,8 @@ def _require_map(conn: Connection, sae: str):
 
 
 @router.get("/saes/{sae}/map")
-async def map_page(request: Request, sae: str = SaeName):
-    def render(conn: Connection):
+async def map_page(request: Request, sae: str = SaeName) -> Response:
+    def render(conn: Connection) -> Response:
         ref, info = _live(conn, sae)
         ctx = {"sae": sae, "n_latents": ref.n_latents, "info": info}
         return templates.TemplateResponse(request, "map.html", ctx)
@@ -111,7 +111,7 @@ def points_bytes(conn: Connection, sae: str) -> bytes:
 
 
 @router.get("/saes/{sae}/map/points.bin")
-async def map_points(request: Request, sae: str = SaeName):
+async def map_points(request: Request, sae: str = SaeName) -> Response:
     body = await read_connection(request, points_bytes, sae)
     return Response(body, media_type="application/octet-stream")
 
@@ -140,7 +140,7 @@ def labels(conn: Connection, sae: str) -> dict:
 
 
 @router.get("/saes/{sae}/map/labels.json")
-async def map_labels(request: Request, sae: str = SaeName):
+async def map_labels(request: Request, sae: str = SaeName) -> DictJSON:
     return DictJSON(await read_connection(request, labels, sae))
 
 
@@ -164,7 +164,7 @@ def search(conn: Connection, sae: str, q: str) -> dict:
 
 
 @router.get("/saes/{sae}/map/search")
-async def map_search(request: Request, sae: str = SaeName, q: str = Query(..., min_length=1, max_length=100)):
+async def map_search(request: Request, sae: str = SaeName, q: str = Query(..., min_length=1, max_length=100)) -> DictJSON:
     return DictJSON(await read_connection(request, search, sae, q))
 
 
@@ -222,8 +222,8 @@ def inset(conn: Connection, sae: str, index: int) -> dict:
 
 
 @router.get("/saes/{sae}/features/{index}/map-inset")
-async def map_inset(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    def render(conn: Connection):
+async def map_inset(request: Request, sae: str = SaeName, index: int = FeatureIndex) -> Response:
+    def render(conn: Connection) -> Response:
         return templates.TemplateResponse(request, "_map_inset.html", inset(conn, sae, index))
 
     return await read_connection(request, render)
@@ -259,5 +259,5 @@ async def map_api(
     sae: str = SaeName,
     offset: int = Query(0, ge=0, le=10**9),
     limit: int = Query(1000, ge=1, le=10_000),
-):
+) -> DictJSON:
     return DictJSON(await read_connection(request, page, sae, offset, limit))

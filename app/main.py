@@ -29,7 +29,7 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import accounts, api, compare, deps, families, feature_map, live, pages
+from . import accounts, annotations, api, compare, deps, families, feature_map, live, pages
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy
 from .meaning_search import MeaningWarmUp
@@ -116,6 +116,7 @@ def add_routers(app: FastAPI, config: AppConfig) -> None:
         app.include_router(router)
     app.add_api_route("/docs", docs_page, include_in_schema=False)
     accounts.install(app, config.auth)  # app.state.accounts; with --auth the account pages and API
+    annotations.install(app, config.auth)  # annotations and feature lists: reads always, writes with --auth
     app.include_router(pages.router)  # last: see ROUTERS
 
 
@@ -141,13 +142,13 @@ def error_page(request: Request, status: int, title: str, reason: str, headers: 
     )
 
 
-async def not_found(request: Request, exc: NotFound):
+async def not_found(request: Request, exc: NotFound) -> Response:
     if wants_json(request):
         return JSONResponse({"detail": str(exc)}, status_code=404)
     return error_page(request, 404, "Not found", str(exc))
 
 
-async def invalid(request: Request, exc: RequestValidationError):
+async def invalid(request: Request, exc: RequestValidationError) -> Response:
     errors = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
     if wants_json(request):  # FastAPI's documented HTTPValidationError shape: loc names the parameter
         return JSONResponse({"detail": errors}, status_code=422)
@@ -155,7 +156,7 @@ async def invalid(request: Request, exc: RequestValidationError):
     return error_page(request, 422, "Invalid request", reasons)
 
 
-async def http_error(request: Request, exc: StarletteHTTPException):
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     headers = getattr(exc, "headers", None)  # 405 carries Allow (RFC 9110)
     if wants_json(request) or exc.status_code not in (404, 405):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Connection
 
 from . import queries, schemas
@@ -25,8 +25,8 @@ def _is_htmx(request: Request) -> bool:
 
 
 @router.get("/")
-async def home(request: Request):
-    def render(conn: Connection):
+async def home(request: Request) -> Response:
+    def render(conn: Connection) -> Response:
         return templates.TemplateResponse(request, "home.html", {"models": queries.list_models(conn)})
 
     return await read_connection(request, render)
@@ -41,8 +41,8 @@ async def sae_page(
     sort: queries.SortKey = Query("index"),
     order: Literal["asc", "desc"] = Query("asc"),
     filter: queries.Filter = Query("all"),
-):
-    def render(conn: Connection):
+) -> Response:
+    def render(conn: Connection) -> Response:
         page = queries.feature_page(conn, sae, offset, limit, sort, order, filter)
         ctx = {"sae": queries.sae_detail(conn, sae), "page": page, "sort": sort, "order": order, "filter": filter}
         return templates.TemplateResponse(request, "_feature_table.html" if _is_htmx(request) else "sae.html", ctx)
@@ -51,14 +51,14 @@ async def sae_page(
 
 
 @router.get("/saes/{sae}/jump")
-async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=0, le=2**31 - 1)):
+async def jump(request: Request, sae: str = SaeName, index: int = Query(..., ge=0, le=2**31 - 1)) -> RedirectResponse:
     await read_connection(request, queries.feature_ref, sae, index)  # 404 page for an index out of range
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=303)
 
 
 @router.get("/saes/{sae}/features/{index}")
-async def feature_page(request: Request, sae: str = SaeName, index: int = FeatureIndex):
-    def render(conn: Connection):
+async def feature_page(request: Request, sae: str = SaeName, index: int = FeatureIndex) -> Response:
+    def render(conn: Connection) -> Response:
         view = queries.feature_view(conn, sae, index, schemas.ExampleKind.top, 0, FIRST_EXAMPLES)
         return templates.TemplateResponse(
             request,
@@ -77,8 +77,8 @@ async def examples_fragment(
     kind: schemas.ExampleKind = Query(schemas.ExampleKind.top),
     offset: int = Query(0, ge=0, le=10**6),
     limit: int = Query(FIRST_EXAMPLES, ge=1, le=500),
-):
-    def render(conn: Connection):
+) -> Response:
+    def render(conn: Connection) -> Response:
         view = queries.feature_view(conn, sae, index, kind, offset, limit)
         ctx = {"page": view.examples, "sae": sae, "index": index, "f": view.feature, "vocab": view.vocab}
         return templates.TemplateResponse(request, "_examples.html", ctx)
@@ -87,11 +87,11 @@ async def examples_fragment(
 
 
 @router.get("/search")
-async def search_page(request: Request, q: str = Query("", max_length=100), sae: str | None = Query(None, max_length=200)):
+async def search_page(request: Request, q: str = Query("", max_length=100), sae: str | None = Query(None, max_length=200)) -> Response:
     if q:
         await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up
 
-    def render(conn: Connection):
+    def render(conn: Connection) -> Response:
         result = queries.search(conn, q, sae, 100) if q else None
         return templates.TemplateResponse(
             request, "search.html", {"q": q, "sae": sae, "result": result, "saes": [x for m in queries.list_models(conn) for x in m.saes]}
@@ -101,6 +101,6 @@ async def search_page(request: Request, q: str = Query("", max_length=100), sae:
 
 
 @router.get("/{sae}/{index}")
-async def short_permalink(sae: str = SaeName, index: int = FeatureIndex):
+async def short_permalink(sae: str = SaeName, index: int = FeatureIndex) -> RedirectResponse:
     """The short permalink /{sae}/{index} (docs/concepts.md), kept stable by redirecting to the full one."""
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=307)

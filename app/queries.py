@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterable
 from typing import Literal, NamedTuple
 
-from sqlalchemy import Connection, Engine, Integer, Row, bindparam, func, select
+from sqlalchemy import ColumnElement, Connection, Engine, Integer, Row, SQLColumnExpression, bindparam, func, select
 
 from sae_core.errors import NotFound as NotFound  # raised here; app/families.py and app/feature_map.py too
 from sae_core.store import codec, order
@@ -27,7 +28,7 @@ Filter = order.Filter
 class VocabCache:
     """Token strings per model, loaded once per process (49k strings for SmolLM2)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._by_model: dict[tuple[Engine, int], list[str]] = {}
         self._lowered: dict[tuple[Engine, int], list[str]] = {}
         self._lock = threading.Lock()
@@ -178,7 +179,7 @@ def _benchmarks(conn: Connection, name: str) -> list[dict]:
     return out
 
 
-def _filtered(run_id: int, flt: Filter, sort: str = "density", lower_bound: bool = True):
+def _filtered(run_id: int, flt: Filter, sort: str = "density", lower_bound: bool = True) -> list[ColumnElement[bool]]:
     """The filter in terms of density, as store/order.py's checkpoints define it (n_fired > 0 exactly
     when density > 0). Sorted by density, or listing dead features (density = 0, by index), the
     density index serves both filter and order; sorted otherwise, the filter is written `density + 0`
@@ -199,7 +200,7 @@ def _filtered(run_id: int, flt: Filter, sort: str = "density", lower_bound: bool
     return cond
 
 
-def _from(column, value: float, index: int):
+def _from(column: SQLColumnExpression[float], value: float, index: int) -> ColumnElement[bool]:
     """Rows at or after (value, index) in (column, index) order, written so that planners seek the
     index to `column >= value` (SQLite did not seek on the row value `(column, index) >= (...)` once
     the filter also bounded the column, and walked from the filter's start instead)."""
@@ -381,7 +382,7 @@ def get_feature(conn: Connection, name: str, index: int) -> tuple[FeatureRef, di
 def _detail(conn: Connection, ref: FeatureRef, f: dict) -> schemas.FeatureDetail:
     vocab = VOCAB.get(conn, ref.model_id)
 
-    def tv(pairs):
+    def tv(pairs: Iterable[tuple[int, float]]) -> list[schemas.TokenValue]:
         return [schemas.TokenValue(token_id=t, token=token_text(vocab, t), value=v) for t, v in pairs]
 
     index = f["feature_index"]

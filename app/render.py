@@ -98,7 +98,7 @@ class QuietTokens:
     every token of a context is quiet (1.5 of 64 fire on the demo's features), and a list lookup by
     token id cost a tenth of a cached call: the contexts were a third of a page's rendering."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._by_vocab: dict[int, tuple[list[str], list[str | None]]] = {}
 
     def spans(self, vocab: list[str], texts: list[str], ids: list[int]) -> list[str]:

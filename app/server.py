@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import uvicorn
 from uvicorn.main import STARTUP_FAILURE
@@ -44,7 +44,7 @@ class _PerWorkerSocket(socket.socket):
     """The supervisor's bound (never listening) socket. Pickled into a worker process, it arrives
     as that worker's own socket bound to the same address with SO_REUSEPORT."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[int, tuple, bool], socket.socket], tuple[int, tuple, bool]]:
         return _tcp_socket, (self.family, self.getsockname(), True)
 
 

@@ -3,20 +3,29 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+
+    from app.accounts.store import KeyRow
+
+T = TypeVar("T")
 DB = typer.Option(None, "--db", help="Database URL (default: $SAESCOPE_DATABASE_URL, else SQLite in the data directory).")
 
 
-def _engine(db: str | None):
+def _engine(db: str | None) -> Engine:
     from sae_core.store import db as store_db
 
     return store_db.open_store(db)
 
 
-def _when(t) -> str:
+def _when(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M") if t else "never"
 
 
@@ -26,7 +35,7 @@ def register(app: typer.Typer, console: Console) -> None:
     app.add_typer(users, name="user")
     app.add_typer(keys, name="key")
 
-    def _write(db: str | None, work, *args):
+    def _write(db: str | None, work: Callable[..., T], *args: Any) -> T:
         from app.accounts import store
 
         with store.transaction(_engine(db)) as conn:
@@ -105,7 +114,7 @@ def register(app: typer.Typer, console: Console) -> None:
         """API keys: id, owner, name, first characters, last use, revoked or not."""
         from app.accounts import store
 
-        def work(conn):
+        def work(conn: Connection) -> list[KeyRow]:
             uid = None
             if username is not None:
                 uid = next((u.id for u in store.list_users(conn) if u.username == username), None)

@@ -4,6 +4,8 @@ Registered on the CLI by saescope/cli.py."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,7 +20,7 @@ GROUPS = ("core", "sparse probing", "meta-SAE", "interpretability", "absorption"
 def register(app: typer.Typer, console: Console) -> None:
     @app.command("bench-sae")
     @with_signature(command_options(BenchConfig, sae={"default": ...}))
-    def bench_sae(**values) -> None:
+    def bench_sae(**values: Any) -> None:
         """SAEBench's metrics that hold up, on CPU: core (reconstruction, shrinkage, CE/KL, frequencies), k-sparse probing
         (k = 1, 2, 5, 20), a meta-SAE on the decoder rows, N2G / LLM interpretability, first-letter absorption where the
         model's probe is accurate enough. Stored per SAE and seed; SAEBench JSON in the SAE's folder (saebench/seed<N>/)."""

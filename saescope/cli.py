@@ -51,7 +51,7 @@ def arg(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
-def pick(cls: type, names: tuple[str, ...], **kwargs) -> list[inspect.Parameter]:
+def pick(cls: type, names: tuple[str, ...], **kwargs: Any) -> list[inspect.Parameter]:
     """Typer options for a few fields of another stage's config (e.g. train's streaming --model)."""
     return [parameter(f, tp, **kwargs) for f, tp in cli_fields(cls) if f.name in names]
 
@@ -67,7 +67,7 @@ def sae_folder(help_text: str = "SAE folder (cfg.json + sae_weights.safetensors)
         *command_options(CacheConfig),
     ]
 )
-def cache(out: Path, **values) -> None:
+def cache(out: Path, **values: Any) -> None:
     """Cache residual-stream activations of a model over a corpus (resumable)."""
     from sae_core.cache import build_cache
 
@@ -102,7 +102,7 @@ STREAMING = ("model", "hook", "corpus")
         arg("resume", bool, typer.Option(False, help="Continue from the checkpoint in --out.")),
     ]
 )
-def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
+def train(activations: Path | None, out: Path, resume: bool, **values: Any) -> None:
     """Train a sparse autoencoder (TopK, BatchTopK, JumpReLU, Matryoshka BatchTopK, or the ReLU + L1 baseline: --architecture)
     on cached activations, or streaming from the model. Under torchrun, the same command trains data-parallel, and TopK
     latent-parallel too (docs/deployment.md)."""
@@ -135,7 +135,7 @@ def train(activations: Path | None, out: Path, resume: bool, **values) -> None:
 
 @app.command("eval")
 @with_signature([sae_folder(), *command_options(EvalConfig)])
-def eval_(sae: Path, **values) -> None:
+def eval_(sae: Path, **values: Any) -> None:
     """L0, FVU, dead/rare fractions, downstream loss (delta CE, CE score, KL), probe loss and ablation sparsity; writes eval.json."""
     from dataclasses import asdict
 
@@ -173,7 +173,7 @@ def import_(
 
 @app.command()
 @with_signature([sae_folder(), *command_options(MineConfig)])
-def mine(sae: Path, **values) -> None:
+def mine(sae: Path, **values: Any) -> None:
     """Mine every feature's top contexts, interval samples, histogram, logit effects and neighbours into the store (resumable).
     Sharded with --shard / --merge-shards, or under torchrun (docs/deployment.md)."""
     from dataclasses import replace
@@ -196,7 +196,7 @@ def mine(sae: Path, **values) -> None:
 
 @app.command()
 @with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(ExplainConfig)])
-def explain(sae: str, **values) -> None:
+def explain(sae: str, **values: Any) -> None:
     """Explain and score every fired feature of a mined SAE (N2G patterns, or an LLM); resumable, skips explained features."""
     from sae_core.explain.stage import explain as run_explain
 
@@ -214,7 +214,7 @@ def explain(sae: str, **values) -> None:
 
 @app.command("map")
 @with_signature([arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store.")), *command_options(MapConfig)])
-def map_(sae: str, **values) -> None:
+def map_(sae: str, **values: Any) -> None:
     """Lay out every alive feature on a 2-D map (UMAP of decoder rows, cosine; seeded) and cluster it; resumable,
     a no-op when the live run has this map."""
     from sae_core.relations.map import build_map, tqdm_progress
@@ -234,7 +234,7 @@ def map_(sae: str, **values) -> None:
         *command_options(FamilyConfig),
     ]
 )
-def family(saes: list[str], more: list[str] | None, **values) -> None:
+def family(saes: list[str], more: list[str] | None, **values: Any) -> None:
     """Match features across mined SAEs of one model and hook: parents and the finer features they split into
     across widths, the same feature across SAEs of one width (universality, stability), by decoder cosine
     confirmed by co-activation on shared tokens; stored for the pages and the API."""
@@ -257,7 +257,7 @@ def family(saes: list[str], more: list[str] | None, **values) -> None:
 
 @app.command()
 @with_signature(command_options(ServeConfig))
-def serve(**values) -> None:
+def serve(**values: Any) -> None:
     """Serve the feature browser and the REST API (/api/v1, docs at /docs)."""
     from app.serving import serve as run_serve
 
@@ -272,7 +272,7 @@ def serve(**values) -> None:
         *pick(ServeConfig, ("host", "port")),
     ]
 )
-def demo(serve_after: bool, host: str, port: int, **values) -> None:
+def demo(serve_after: bool, host: str, port: int, **values: Any) -> None:
     """Bundled model + demo corpus -> cache -> train -> eval -> mine -> serve; each stage skips finished work."""
     from .demo import run_demo
 

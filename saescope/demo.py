@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from sqlalchemy.engine import Engine
 
 from sae_core import settings
 from sae_core.cache import CacheConfig, build_cache
@@ -22,7 +23,7 @@ from sae_core.explain.stage import explain
 from sae_core.feature_stats import StatsConfig
 from sae_core.interchange import CFG, WEIGHTS
 from sae_core.mine import MineConfig, mine
-from sae_core.model import DEFAULT_MODEL, load_model
+from sae_core.model import DEFAULT_MODEL, LanguageModel, load_model
 from sae_core.train import TrainConfig, train
 
 
@@ -134,7 +135,7 @@ def family_names(cfg: DemoConfig) -> dict[int, str]:
     return {w: cfg.name if w == cfg.n_latents else f"{stem}-{w // 1024}k" for w in (cfg.n_latents // 4, cfg.n_latents, cfg.n_latents * 4)}
 
 
-def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, lm) -> None:
+def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, lm: LanguageModel | None) -> None:
     """`demo --family`: the narrower and the wider SAE trained on the same cache, mined and explained like the
     demo's, then their family relations (sae_core/relations/families.py); each step skips finished work."""
     from sae_core.config import FamilyConfig
@@ -166,7 +167,7 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
     console.print(f"      family relations: {built.splits:,} parent -> child across {', '.join(built.saes)}{example}")
 
 
-def _steering_example(console: Console, engine, name: str, lm) -> None:
+def _steering_example(console: Console, engine: Engine, name: str, lm: LanguageModel | None) -> None:
     """The live pages, and a steering example of this SAE with its permalink (sae_core/live/example.py): run
     here when the model is loaded anyway (a stage ran), else only linked (a re-run stays quick)."""
     from sae_core.errors import SaescopeError

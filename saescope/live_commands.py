@@ -5,7 +5,7 @@ nothing heavy is imported until a command runs, so `saescope --help` stays insta
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.console import Console
 from sae_core.config import GenerationConfig, LiveConfig, ServeConfig
 
 from .options import cli_fields, command_options, from_options, parameter, with_signature
+
+if TYPE_CHECKING:
+    from sae_core.live.runtime import LiveRuntime
 
 LIVE_MODEL = ("live_device", "live_model_dtype")
 
@@ -28,7 +31,7 @@ def _pick(cls: type, names: tuple[str, ...]) -> list[inspect.Parameter]:
 SAE_NAME = _arg("sae", str, typer.Option(..., "--sae", help="The SAE's name in the store (as in its URL /saes/NAME)."))
 
 
-def _runtime(db: str | None, live_device: str, live_model_dtype: str):
+def _runtime(db: str | None, live_device: str, live_model_dtype: str) -> LiveRuntime:
     from sae_core.live.runtime import LiveRuntime
     from sae_core.store import db as store_db
 
@@ -75,7 +78,7 @@ def register(app: typer.Typer, console: Console) -> None:
             *_pick(LiveConfig, LIVE_MODEL),
         ]
     )
-    def steer(prompt: str, sae: str, feature: list[str], db: str | None, live_device: str, live_model_dtype: str, **values) -> None:
+    def steer(prompt: str, sae: str, feature: list[str], db: str | None, live_device: str, live_model_dtype: str, **values: Any) -> None:
         """Continue PROMPT twice, without and with the features changed at the SAE's hook, and print both."""
         from sae_core.live.interventions import Intervention
 

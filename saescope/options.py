@@ -22,7 +22,7 @@ from sae_core.options import HELP, TYPER, _hints, _is_config, cli_fields, defaul
 __all__ = ["LiteralHelpGroup", "cli_fields", "command_options", "from_options", "parameter", "with_signature"]
 
 
-def parameter(f: Field, tp: Any, *, help_prefix: str = "", **overrides) -> inspect.Parameter:
+def parameter(f: Field, tp: Any, *, help_prefix: str = "", **overrides: Any) -> inspect.Parameter:
     """The typer option of one config field."""
     kwargs = {**f.metadata.get(TYPER, {}), **overrides}
     decls = kwargs.pop("param_decls", [])

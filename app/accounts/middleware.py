@@ -69,14 +69,14 @@ class Accounts:
         """Whether the middleware has anything to do."""
         return self.config.auth or self.config.live_per_minute_address > 0
 
-    async def read(self, work: Callable[..., T], *args) -> T:
+    async def read(self, work: Callable[..., T], *args: Any) -> T:
         return await self.reader.read(work, *args)
 
-    async def write(self, work: Callable[..., T], *args) -> T:
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
         """`work(connection, *args)` in a write transaction, in a worker thread (SQLite may wait for its writer lock)."""
         return await anyio.to_thread.run_sync(partial(self._write, work, *args))
 
-    def _write(self, work: Callable[..., T], *args) -> T:
+    def _write(self, work: Callable[..., T], *args: Any) -> T:
         with store.transaction(self.engine) as conn:
             return work(conn, *args)
 

@@ -86,14 +86,14 @@ templates.env.filters["when"] = _when
 
 
 @pages.get("/account/nav")
-async def nav(request: Request):
+async def nav(request: Request) -> HTMLResponse:
     session_of(request).csrf()  # the CSRF cookie every later form and htmx request needs
     here = urlsplit(request.headers.get("hx-current-url", "/"))
     return _page(request, "accounts/_nav.html", {"next": _local(here.path + (f"?{here.query}" if here.query else ""))})
 
 
 @pages.get(LOGIN_PATH)
-async def login_page(request: Request, next: str = Query("/", max_length=2000)):
+async def login_page(request: Request, next: str = Query("/", max_length=2000)) -> HTMLResponse:
     return _page(request, "accounts/login.html", {"next": _local(next), "error": None})
 
 
@@ -103,7 +103,7 @@ async def login(
     username: Annotated[str, Form(max_length=64)] = "",
     password: Annotated[str, Form(max_length=1024)] = "",
     next: Annotated[str, Form(max_length=2000)] = "/",
-):
+) -> Response:
     acc = accounts(request)
     cfg = acc.config
     address = request.client.host if request.client else "unknown"
@@ -141,7 +141,7 @@ async def login(
 
 
 @pages.get("/account/oidc")
-async def oidc_start(request: Request, next: str = Query("/", max_length=2000)):
+async def oidc_start(request: Request, next: str = Query("/", max_length=2000)) -> Response:
     """Off to the OIDC provider; it sends the browser back to /account/oidc/callback."""
     oidc = accounts(request).oidc
     if oidc is None:
@@ -151,7 +151,7 @@ async def oidc_start(request: Request, next: str = Query("/", max_length=2000)):
 
 
 @pages.get("/account/oidc/callback", name="oidc_callback")
-async def oidc_callback(request: Request):
+async def oidc_callback(request: Request) -> Response:
     from authlib.integrations.base_client import OAuthError
 
     acc = accounts(request)
@@ -180,7 +180,7 @@ async def oidc_callback(request: Request):
 
 
 @pages.post("/account/logout")
-async def logout(request: Request, user: Principal = Depends(require_role("viewer"))):
+async def logout(request: Request, user: Principal = Depends(require_role("viewer"))) -> RedirectResponse:
     """Sign out: ends every session of the user (a signed cookie cannot be taken back one by one, so the
     user's session epoch moves on and every cookie of the old one is refused)."""
     await accounts(request).write(store.end_sessions, user.user_id)
@@ -192,26 +192,30 @@ async def logout(request: Request, user: Principal = Depends(require_role("viewe
 # ---------------------------------------------------------------------- your account and keys
 
 
-async def _account_page(request: Request, user: Principal, new_key: str | None = None, message: str | None = None, status: int = 200):
+async def _account_page(
+    request: Request, user: Principal, new_key: str | None = None, message: str | None = None, status: int = 200
+) -> HTMLResponse:
     keys = await accounts(request).read(store.list_keys, user.user_id)
     return _page(request, "accounts/account.html", {"keys": keys, "new_key": new_key, "message": message}, status)
 
 
 @pages.get("/account")
-async def account_page(request: Request, user: Principal = Depends(require_role("viewer"))):
+async def account_page(request: Request, user: Principal = Depends(require_role("viewer"))) -> HTMLResponse:
     return await _account_page(request, user)
 
 
 @pages.post("/account/keys")
 async def create_key_page(
     request: Request, name: Annotated[str, Form(max_length=100)] = "", user: Principal = Depends(require_role("viewer"))
-):
+) -> HTMLResponse:
     key, _ = await accounts(request).write(store.add_key, user.user_id, name)
     return await _account_page(request, user, new_key=key)  # shown this once: it is not stored
 
 
 @pages.post("/account/keys/{key_id}/revoke")
-async def revoke_key_page(request: Request, key_id: int = Path(ge=1, le=MAX_ID), user: Principal = Depends(require_role("viewer"))):
+async def revoke_key_page(
+    request: Request, key_id: int = Path(ge=1, le=MAX_ID), user: Principal = Depends(require_role("viewer"))
+) -> RedirectResponse:
     if not await accounts(request).write(store.revoke_key, key_id, user.user_id):
         raise HTTPException(404, f"you have no API key {key_id} that is still valid")
     return RedirectResponse("/account", status_code=303)
@@ -223,7 +227,7 @@ async def change_password(
     current: Annotated[str, Form(max_length=1024)] = "",
     new: Annotated[str, Form(max_length=1024)] = "",
     user: Principal = Depends(require_role("viewer")),
-):
+) -> Response:
     acc = accounts(request)
     who = await acc.read(store.login_candidate, user.username)
     if not await passwords.verify_async(who.password_hash, current):
@@ -241,11 +245,13 @@ async def change_password(
 
 
 @pages.get("/admin/users")
-async def admin_users(request: Request, days: int = Query(7, ge=1, le=366), user: Principal = Depends(require_role("admin"))):
+async def admin_users(
+    request: Request, days: int = Query(7, ge=1, le=366), user: Principal = Depends(require_role("admin"))
+) -> HTMLResponse:
     return await _admin_page(request, days)
 
 
-async def _admin_page(request: Request, days: int = 7, message: str | None = None, status: int = 200):
+async def _admin_page(request: Request, days: int = 7, message: str | None = None, status: int = 200) -> HTMLResponse:
     acc = accounts(request)
     users = await acc.read(store.list_users)
     use = await acc.read(store.usage, days)
@@ -264,7 +270,7 @@ async def admin_add_user(
     password: Annotated[str, Form(max_length=1024)] = "",
     role: Annotated[str, Form(max_length=16)] = "viewer",
     user: Principal = Depends(require_role("admin")),
-):
+) -> Response:
     try:
         await accounts(request).write(store.add_user, username, password, role)
     except (store.AccountError, ValueError) as exc:
@@ -279,7 +285,7 @@ async def admin_change_user(
     role: Annotated[str, Form(max_length=16)] = "",
     disabled: Annotated[str, Form(max_length=8)] = "",
     user: Principal = Depends(require_role("admin")),
-):
+) -> Response:
     acc = accounts(request)
     try:
         if role:
@@ -347,13 +353,13 @@ def _key_out(k: store.KeyRow) -> dict:
 
 
 @api.get("/me", response_model=Me, responses=NEEDS_USER, dependencies=[Security(bearer)])
-async def me(user: Principal = Depends(require_role("viewer"))):
+async def me(user: Principal = Depends(require_role("viewer"))) -> dict:
     """Who this request runs as."""
     return {"username": user.username, "role": user.role, "via": user.via, "key_id": user.key_id}
 
 
 @api.get("/keys", response_model=list[KeyOut], responses=NEEDS_USER, dependencies=[Security(bearer)])
-async def my_keys(request: Request, user: Principal = Depends(require_role("viewer"))):
+async def my_keys(request: Request, user: Principal = Depends(require_role("viewer"))) -> list[dict]:
     """Your API keys, revoked ones included (never the keys themselves)."""
     return [_key_out(k) for k in await accounts(request).read(store.list_keys, user.user_id)]
 
@@ -365,7 +371,7 @@ async def my_keys(request: Request, user: Principal = Depends(require_role("view
     responses={**NEEDS_USER, 400: {"model": Problem, "description": "The body is not JSON"}},
     dependencies=[Security(bearer)],
 )
-async def create_key(request: Request, body: NewKey, user: Principal = Depends(require_role("viewer"))):
+async def create_key(request: Request, body: NewKey, user: Principal = Depends(require_role("viewer"))) -> dict:
     """A new API key for you; the answer's `key` is shown this once."""
     key, row = await accounts(request).write(store.add_key, user.user_id, body.name)
     return {**_key_out(row), "key": key}
@@ -377,7 +383,7 @@ async def create_key(request: Request, body: NewKey, user: Principal = Depends(r
     responses={**NEEDS_USER, 404: {"model": Problem, "description": "You have no such key that is still valid"}},
     dependencies=[Security(bearer)],
 )
-async def revoke_key(request: Request, key_id: int = Path(ge=1, le=MAX_ID), user: Principal = Depends(require_role("viewer"))):
+async def revoke_key(request: Request, key_id: int = Path(ge=1, le=MAX_ID), user: Principal = Depends(require_role("viewer"))) -> Response:
     """Revoke one of your keys: it is refused from the next request on."""
     if not await accounts(request).write(store.revoke_key, key_id, user.user_id):
         raise HTTPException(404, f"you have no API key {key_id} that is still valid")
@@ -385,6 +391,6 @@ async def revoke_key(request: Request, key_id: int = Path(ge=1, le=MAX_ID), user
 
 
 @api.get("/usage", response_model=list[UsageOut], responses=NEEDS_USER, dependencies=[Security(bearer)])
-async def usage_api(request: Request, days: int = Query(7, ge=1, le=366), user: Principal = Depends(require_role("admin"))):
+async def usage_api(request: Request, days: int = Query(7, ge=1, le=366), user: Principal = Depends(require_role("admin"))) -> list[dict]:
     """Model requests (and sign-in attempts) per key, user and address over the last `days` days (admins only)."""
     return [u.__dict__ for u in await accounts(request).read(store.usage, days)]

@@ -18,6 +18,7 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
@@ -66,23 +67,23 @@ class Session(dict):
 
     modified = False
 
-    def __setitem__(self, key, value) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
         self.modified = True
 
-    def __delitem__(self, key) -> None:
+    def __delitem__(self, key: str) -> None:
         super().__delitem__(key)
         self.modified = True
 
-    def pop(self, key, *default):
+    def pop(self, key: str, *default: Any) -> Any:
         self.modified = self.modified or key in self
         return super().pop(key, *default)
 
-    def update(self, *args, **kwargs) -> None:
+    def update(self, *args: Any, **kwargs: Any) -> None:
         super().update(*args, **kwargs)
         self.modified = True
 
-    def setdefault(self, key, default=None):
+    def setdefault(self, key: str, default: Any = None) -> Any:
         if key not in self:
             self.modified = True
         return super().setdefault(key, default)
@@ -91,7 +92,7 @@ class Session(dict):
         super().clear()
         self.modified = True
 
-    def replace(self, **values) -> None:
+    def replace(self, **values: Any) -> None:
         self.clear()
         self.update(values)
 

@@ -12,9 +12,9 @@ import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from sae_core.errors import SaescopeError
@@ -61,7 +61,7 @@ class UserRow:
     keys: int = 0
 
 
-def _user_by_name(conn: Connection, username: str):
+def _user_by_name(conn: Connection, username: str) -> Row:
     row = conn.execute(select(User.__table__).where(User.username == username)).first()
     if row is None:
         raise AccountError(f"no user named {username!r}")
@@ -221,7 +221,7 @@ class KeyRow:
 KEY_COLUMNS = (ApiKey.id, User.username, ApiKey.name, ApiKey.prefix, ApiKey.created_at, ApiKey.last_used_at, ApiKey.revoked_at)
 
 
-def _key_row(r) -> KeyRow:
+def _key_row(r: Row) -> KeyRow:
     return KeyRow(r[0], r[1], r[2], r[3], aware(r[4]), aware(r[5]), aware(r[6]))  # type: ignore[arg-type]
 
 
@@ -283,7 +283,7 @@ def touch_key(conn: Connection, key_id: int) -> None:
 # ---------------------------------------------------------------------- fair use
 
 
-def _insert(conn: Connection):
+def _insert(conn: Connection) -> Callable[[type[RateWindow] | type[UsageDaily]], postgresql.Insert | sqlite.Insert]:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 

@@ -10,7 +10,7 @@ from sae_core.config import LiveConfig
 from sae_core.live.errors import LiveError
 
 from . import gateway
-from .schemas import LIVE_ERRORS, ActivationsRequest, ActivationsResponse, SteerResponse, limited_steer_request
+from .schemas import LIVE_ERRORS, ActivationsRequest, ActivationsResponse, SteerRequest, SteerResponse, limited_steer_request
 
 SaeName = Path(max_length=200)
 router = APIRouter()  # what does not depend on this server's caps
@@ -22,7 +22,7 @@ def limited_router(limits: LiveConfig) -> APIRouter:
     steer_request = limited_steer_request(limits)
 
     @api.post("/api/v1/saes/{sae}/activations", response_model=ActivationsResponse, tags=["live"], responses=LIVE_ERRORS)
-    async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName):
+    async def activations_api(request: Request, body: ActivationsRequest, sae: str = SaeName) -> dict | Response:
         """The SAE's strongest features on each token of `text` (and one feature's activation on every token)."""
         result = await gateway.or_gone(gateway.activations(request, sae, body))
         if isinstance(result, Response):
@@ -31,7 +31,7 @@ def limited_router(limits: LiveConfig) -> APIRouter:
             tok["features"] = [{"index": i, "activation": a} for i, a in tok["features"]]
         return result
 
-    async def steer_api(request: Request, body):
+    async def steer_api(request: Request, body: SteerRequest) -> dict | Response:
         """The default and the steered continuation of `prompt`, with the interventions applied at the SAE's hook."""
         return await gateway.or_gone(gateway.steer(request, body))
 
@@ -50,6 +50,6 @@ def add_error_handler(app: FastAPI) -> None:
     """Live errors as statuses: 422, and 503 with Retry-After when it will pass (NotFound is create_app's 404)."""
 
     @app.exception_handler(LiveError)
-    async def live_error(request: Request, exc: LiveError):
+    async def live_error(request: Request, exc: LiveError) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)

@@ -29,17 +29,17 @@ STEER_DEFAULTS = GenerationConfig()
 
 
 @router.get("/live/status")
-async def status_fragment(request: Request):
+async def status_fragment(request: Request) -> Response:
     return templates.TemplateResponse(request, "_live_status.html", {"status": await request.app.state.live.status()})
 
 
 @router.get("/saes/{sae}/inference")
-async def inference_page(request: Request, sae: str = SaeName):
+async def inference_page(request: Request, sae: str = SaeName) -> Response:
     await gateway.sae_or_404(request, sae)
     return templates.TemplateResponse(request, "inference.html", {"sae": sae, "max_chars": MAX_TEXT_CHARS})
 
 
-def _error(request: Request, exc: Exception, form: str = "", vals: dict | None = None):
+def _error(request: Request, exc: Exception, form: str = "", vals: dict | None = None) -> Response:
     """The fragment for a live result that failed. While the model loads, a card that says so and posts
     `form` again by itself after the Retry-After, replacing itself with the result."""
     if isinstance(exc, Loading):
@@ -55,7 +55,7 @@ def _error(request: Request, exc: Exception, form: str = "", vals: dict | None =
 @router.post("/saes/{sae}/inference/result")
 async def inference_result(
     request: Request, sae: str = SaeName, text: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "", feature: Annotated[str, Form()] = ""
-):
+) -> Response:
     try:
         chosen = int(feature) if feature.strip() else None
         body = ActivationsRequest(text=text or " ", feature=chosen, top=8) if text else None
@@ -83,7 +83,9 @@ def _tokens_view(sae: str, result: dict) -> dict:
 
 
 @router.post("/saes/{sae}/features/{index}/try")
-async def feature_try(request: Request, sae: str = SaeName, index: int = Path(ge=0, le=2**31 - 1), text: Annotated[str, Form()] = ""):
+async def feature_try(
+    request: Request, sae: str = SaeName, index: int = Path(ge=0, le=2**31 - 1), text: Annotated[str, Form()] = ""
+) -> Response:
     """The feature page's "try it on your text" box: the text highlighted by this feature (relative to its mined max)."""
     try:
         if not text.strip():
@@ -127,7 +129,7 @@ async def steer_page(
     temperature: float = Query(STEER_DEFAULTS.temperature, ge=0, le=10),
     top_p: float = Query(STEER_DEFAULTS.top_p, gt=0, le=1),
     seed: int = Query(STEER_DEFAULTS.seed, ge=0, le=2**32 - 1),
-):
+) -> Response:
     await gateway.sae_or_404(request, sae)
     rows = [
         {"feature": f, "mode": mode[i] if i < len(mode) else "clamp", "value": value[i] if i < len(value) else ""}
@@ -160,7 +162,7 @@ async def steer_result(
     temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
     top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
     seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
-):
+) -> Response:
     try:
         if not prompt:
             raise LiveError("write a prompt first")
