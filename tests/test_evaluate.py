@@ -30,7 +30,7 @@ def reference_evaluate(sae_dir, cfg: EvalConfig, lm: LanguageModel) -> EvalResul
                                       skip_windows=int(meta["saescope"]["cache_windows"]))
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long)
     sums = dict(n=0, active=0, sq_err=0.0, sum_x=torch.zeros(lm.d_model, dtype=torch.float64), sum_sq=0.0,
-                ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, n_pred=0)
+                ce_clean=0.0, ce_sae=0.0, ce_zero=0.0, kl=0.0, kl_zero=0.0, n_pred=0)
     n_windows, done = -(-cfg.tokens // context), 0
     with torch.inference_mode():
         while done < n_windows:
@@ -68,16 +68,18 @@ def reference_evaluate(sae_dir, cfg: EvalConfig, lm: LanguageModel) -> EvalResul
             for key, lp in (("ce_clean", clean), ("ce_sae", spliced), ("ce_zero", zeroed)):
                 sums[key] += float(-lp.gather(-1, targets.unsqueeze(-1)).sum())
             sums["kl"] += float((clean.exp() * (clean - spliced)).sum())
+            sums["kl_zero"] += float((clean.exp() * (clean - zeroed)).sum())
             sums["n_pred"] += targets.numel()
             done += len(batch)
     n = sums["n"]
     total_var = sums["sum_sq"] - float(sums["sum_x"].pow(2).sum()) / n
     density = fired.float() / n
-    ce = {k: sums[k] / sums["n_pred"] for k in ("ce_clean", "ce_sae", "ce_zero", "kl")}
+    ce = {k: sums[k] / sums["n_pred"] for k in ("ce_clean", "ce_sae", "ce_zero", "kl", "kl_zero")}
     return EvalResult(tokens=n, l0=sums["active"] / n, fvu=sums["sq_err"] / total_var,
                       dead_fraction=float((fired == 0).float().mean()), rare_fraction=float((density < 1e-5).float().mean()),
                       ce_clean=ce["ce_clean"], ce_sae=ce["ce_sae"], ce_zero=ce["ce_zero"], delta_ce=ce["ce_sae"] - ce["ce_clean"],
-                      ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12), kl=ce["kl"])
+                      ce_score=(ce["ce_zero"] - ce["ce_sae"]) / max(ce["ce_zero"] - ce["ce_clean"], 1e-12), kl=ce["kl"],
+                      kl_zero=ce["kl_zero"])
 
 
 @pytest.fixture
