@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -48,31 +49,33 @@ def main() -> None:
         if Path(f"{src}{suffix}").exists():
             shutil.copyfile(f"{src}{suffix}", f"{store}{suffix}")
     url = f"sqlite:///{store}"
-    engine = db.open_store(url)
+    engine = db.open_store(url, upgrade_schema=True)  # the copy may predate this schema (0007 adds sae_benchmarks)
     start = time.perf_counter()
     lm = load_model("smollm2-135m", "cpu", args.dtype)
     print(f"model loaded in {time.perf_counter() - start:.1f} s (not counted below)")
     cfg = BenchConfig(sae=args.sae, seed=args.seed, tokens=args.tokens, db=url, device="cpu", model_dtype=args.dtype)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result, _folder = run_suite(cfg, lm=lm, progress=False, engine=engine)
-    suite_s = time.perf_counter() - start
+    suite_s, suite_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peer_s = None
     if not args.skip_peer:
         with engine.connect() as conn:
             _run, loaded = load_run_sae(conn, args.sae)
         ev = EvalConfig(tokens=args.tokens, batch_size=cfg.batch_size, window_stride=cfg.window_stride, device="cpu")
         ev.model_dtype = args.dtype
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         evaluate_loaded(loaded, args.sae, ev, lm, progress=False)
-        peer_s = time.perf_counter() - start
+        peer_s, peer_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     paths = saebench_json.write_files(result, result.saebench[0]["sae_cfg_dict"] if result.saebench else {}, OUT / args.sae)
     (OUT / f"{args.sae}.seed{args.seed}.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
     print(f"\n{args.sae}, seed {args.seed}, {args.tokens:,} held-out tokens")
+    cpu = result.details.get("cpu_seconds", {})
     for stage, seconds in result.details["seconds"].items():
-        print(f"  {stage:32s} {seconds:8.1f} s")
-    print(f"  {'suite total':32s} {suite_s:8.1f} s  ({suite_s / 60:.1f} min; goal < 10 min)")
+        print(f"  {stage:32s} {seconds:8.1f} s wall, {cpu.get(stage, float('nan')):8.1f} s CPU")
+    print(f"  {'suite total':32s} {suite_s:8.1f} s wall, {suite_cpu:8.1f} s CPU ({suite_s / 60:.1f} min wall; goal < 10 min)")
     if peer_s is not None:
-        print(f"  {'saescope eval, same tokens':32s} {peer_s:8.1f} s  (suite / eval = {suite_s / peer_s:.2f}x)")
+        print(f"  {'saescope eval, same tokens':32s} {peer_s:8.1f} s wall, {peer_cpu:8.1f} s CPU (suite/eval {suite_s / peer_s:.2f}x)")
+    print(f"  load average during the run: {os.getloadavg()}")
     print(f"  absorption valid: {result.absorption_valid}")
     for name, value in result.metrics.items():
         print(f"  {name:40s} {value:12.4f}")

@@ -56,14 +56,16 @@ def run_suite(
     lm = lm or load_model(model_name, cfg.device, cfg.model_dtype)
     sae = loaded.sae.to(lm.device)
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}  # the process's CPU time (all threads): what a loaded machine's wall time hides
     bar = tqdm(total=len(STAGES), desc=f"bench-sae {cfg.sae}", unit="eval", disable=not progress, dynamic_ncols=True)
 
     @contextmanager
     def stage(name: str) -> Iterator[None]:
         bar.set_postfix_str(name)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
         seconds[name] = round(time.perf_counter() - start, 2)
+        cpu_seconds[name] = round(time.process_time() - cpu, 2)
         bar.update(1)
 
     metrics: dict[str, float] = {}
@@ -101,6 +103,7 @@ def run_suite(
         metrics.update(m)
     bar.close()
     details["seconds"] = seconds
+    details["cpu_seconds"] = cpu_seconds
     details["run_id"] = run.run_id
     config = {k: v for k, v in vars(cfg).items() if k != "db"}
     config.update(
