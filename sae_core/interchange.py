@@ -71,7 +71,7 @@ def save_sae(sae: DictionarySAE, folder: Path, scale: float = 1.0, metadata: dic
         "d_sae": sae.cfg.n_latents,
         "dtype": "float32",
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": arch.get("apply_b_dec_to_input", True),  # a transcoder's b_dec is its output's bias only
         "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {

@@ -72,9 +72,9 @@ class CodeEncoder(ShardEncoder):
     def __init__(self, sae: DictionarySAE, width: int, compute_dtype: torch.dtype, identity: dict) -> None:
         self.width, self.compute_dtype, self.identity = width, compute_dtype, identity
         with torch.no_grad():
-            W = sae.W_enc.detach().float()
+            W, bias = (t.detach().float() for t in sae.encoder_affine())  # the input's centring folded into the bias
             self.W_T = W.T.to(compute_dtype)  # [d, n]
-            self.bias = (sae.b_enc.detach().float() - W @ sae.b_pre.detach().float()).to(compute_dtype)
+            self.bias = bias.to(compute_dtype)
             thresholds = sae.activation_thresholds()  # JumpReLU, BatchTopK: a code fires above its latent's threshold
             self.thresholds = None if thresholds is None else thresholds.detach().float().clamp_min(0)
         self.idx_dtype = torch.int16 if sae.cfg.n_latents <= 32767 else torch.int32

@@ -13,6 +13,7 @@ from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .relu import ReluConfig, ReluSAE
 from .topk import TopKConfig, TopKSAE, fvu
+from .transcoder import SkipTranscoderSAE, TranscoderConfig, TranscoderSAE
 
 # name (`saescope train --architecture`, the SAE's `architecture`): (config class, SAE class), as SAELens registers them
 ARCHITECTURES: dict[str, tuple[type, type[DictionarySAE]]] = {
@@ -23,6 +24,8 @@ ARCHITECTURES: dict[str, tuple[type, type[DictionarySAE]]] = {
         (BatchTopKConfig, BatchTopKSAE),
         (JumpReLUConfig, JumpReLUSAE),
         (MatryoshkaConfig, MatryoshkaSAE),
+        (TranscoderConfig, TranscoderSAE),
+        (TranscoderConfig, SkipTranscoderSAE),
     )
 }
 
@@ -53,9 +56,12 @@ __all__ = [
     "MatryoshkaSAE",
     "ReluConfig",
     "ReluSAE",
+    "SkipTranscoderSAE",
     "StepLosses",
     "TopKConfig",
     "TopKSAE",
+    "TranscoderConfig",
+    "TranscoderSAE",
     "fvu",
     "imported_architecture",
     "imported_names",

@@ -182,6 +182,11 @@ class DictionarySAE(DictionaryParameters, metaclass=ABCMeta):
         """Latents kept per position when codes are stored (mining): TopK's k, otherwise up to `max_active`."""
         return self.fixed_code_width() or min(max_active, self.cfg.n_latents)
 
+    def encoder_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [n_latents, d_in], bias [n_latents]) with pre-activations = x @ W.T + bias, for encoders that fold
+        the input's centring into the bias (the miner): b_enc - W_enc b_pre here; a transcoder centres nothing."""
+        return self.W_enc, self.b_enc - self.W_enc @ self.b_pre
+
     def activation_thresholds(self) -> torch.Tensor | None:
         """Per-latent value a pre-activation must exceed to fire at inference ([n_latents]); None: 0 (ReLU, TopK)."""
         return None
