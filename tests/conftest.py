@@ -67,6 +67,11 @@ def make_corpus(folder: Path, n_docs: int = 40, words_per_doc: int = 300, seed: 
     return folder
 
 
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
 def make_tiny_model(folder: Path, corpus: Path, hidden: int = 64, layers: int = 4, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -80,6 +85,7 @@ def make_tiny_model(folder: Path, corpus: Path, hidden: int = 64, layers: int = 
     from tokenizers import decoders
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = TINY_CHAT_TEMPLATE  # the live chat turn (the bundled instruct model has its own)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,

@@ -4,13 +4,23 @@ store reads: no ETag, no response cache), and whether the model is up (never cac
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Path, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sae_core.config import LiveConfig
 from sae_core.live.errors import LiveError
 
 from . import gateway
-from .schemas import LIVE_ERRORS, ActivationsRequest, ActivationsResponse, SteerRequest, SteerResponse, limited_steer_request
+from .schemas import (
+    LIVE_ERRORS,
+    STREAM_RESPONSE,
+    ActivationsRequest,
+    ActivationsResponse,
+    ChatRequest,
+    SteerRequest,
+    SteerResponse,
+    limited_chat_request,
+    limited_steer_request,
+)
 
 SaeName = Path(max_length=200)
 router = APIRouter()  # what does not depend on this server's caps
@@ -37,6 +47,33 @@ def limited_router(limits: LiveConfig) -> APIRouter:
 
     steer_api.__annotations__ = {"request": Request, "body": steer_request}  # a class of this call: no string annotation
     api.post("/api/v1/steer", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)(steer_api)
+
+    async def steer_stream_api(request: Request, body: SteerRequest) -> Response:
+        """The default and the steered continuation of `prompt`, streamed as server-sent events."""
+        return await gateway.or_gone(gateway.steer_stream(request, body))
+
+    steer_stream_api.__annotations__ = {"request": Request, "body": steer_request, "return": Response}
+    api.post("/api/v1/steer/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})(
+        steer_stream_api
+    )
+
+    chat_request = limited_chat_request(limits)
+
+    async def chat_api(request: Request, body: ChatRequest) -> dict | Response:
+        """A chat turn through the model's chat template: the assistant's default and steered replies."""
+        return await gateway.or_gone(gateway.chat(request, body))
+
+    chat_api.__annotations__ = {"request": Request, "body": chat_request, "return": dict | Response}
+    api.post("/api/v1/chat", response_model=SteerResponse, tags=["live"], responses=LIVE_ERRORS)(chat_api)
+
+    async def chat_stream_api(request: Request, body: ChatRequest) -> Response:
+        """A chat turn's default and steered replies, streamed as server-sent events."""
+        return await gateway.or_gone(gateway.chat_stream(request, body))
+
+    chat_stream_api.__annotations__ = {"request": Request, "body": chat_request, "return": Response}
+    api.post("/api/v1/chat/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})(
+        chat_stream_api
+    )
     return api
 
 

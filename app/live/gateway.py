@@ -6,22 +6,25 @@ its answer. A generation never holds a page worker: the model runs in the server
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import quote, urlencode
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Connection, select
 
 from sae_core.config import LiveConfig
-from sae_core.live.errors import Unavailable
+from sae_core.errors import NotFound
+from sae_core.live.errors import LiveError, Unavailable
 from sae_core.live.interventions import Intervention, steer_permalink
 from sae_core.live.pool import ClientGone, LiveClient, ModelPool
 from sae_core.store.schema import SAE, Feature
 
 from .. import queries
 from ..deps import read_connection
-from .schemas import ActivationsRequest, SteerRequest
+from .schemas import ActivationsRequest, ChatRequest, SteerRequest, SteerResponse
 
 OFF_HERE = "the live features run under `saescope serve` (this app was built without them)"
 
@@ -72,6 +75,11 @@ class Gateway:
             raise Unavailable(f"live features are off: {self.off}")
         return await self.client.call(payload, request.is_disconnected)
 
+    def stream(self, request: Request, payload: dict) -> AsyncIterator[dict]:
+        if self.client is None:
+            raise Unavailable(f"live features are off: {self.off}")
+        return self.client.stream(payload, request.is_disconnected)
+
     async def status(self) -> dict:
         """Whether the model is up, and the live limits."""
         if self.client is None:
@@ -117,18 +125,99 @@ async def activations(request: Request, sae: str, body: ActivationsRequest) -> d
     return await request.app.state.live.call(request, payload)
 
 
-async def steer(request: Request, body: SteerRequest) -> dict:
-    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
-    payload = {
+def _steer_payload(body: SteerRequest) -> dict:
+    return {
         "op": "generate",
         "sae": body.sae,
         "prompt": body.prompt,
         "interventions": [[iv.feature, iv.mode, iv.value] for iv in body.interventions],
         "settings": asdict(body.settings()),
     }
-    result = await request.app.state.live.call(request, payload)
+
+
+def _steer_link(body: SteerRequest) -> Callable[[dict], dict]:
     interventions = [Intervention(iv.feature, iv.mode, iv.value) for iv in body.interventions]
-    return {**result, "permalink": steer_permalink(body.sae, body.prompt, interventions, body.settings())}
+    return lambda result: {**result, "permalink": steer_permalink(body.sae, body.prompt, interventions, body.settings())}
+
+
+async def steer(request: Request, body: SteerRequest) -> dict:
+    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    result = await request.app.state.live.call(request, _steer_payload(body))
+    return _steer_link(body)(result)
+
+
+def chat_permalink(body: ChatRequest) -> str:
+    """The chat page's URL for this turn: its system and user messages, interventions, seed and settings."""
+    query: list[tuple[str, object]] = []
+    for m in body.messages:
+        query.append((m.role, m.content))
+    for iv in body.interventions:
+        query += [("feature", iv.feature), ("mode", iv.mode), ("value", f"{iv.value:g}")]
+    query += [
+        ("max_new_tokens", body.max_new_tokens),
+        ("temperature", f"{body.temperature:g}"),
+        ("top_p", f"{body.top_p:g}"),
+        ("seed", body.seed),
+    ]
+    return f"/saes/{quote(body.sae, safe='')}/chat?{urlencode(query)}"
+
+
+def _chat_payload(body: ChatRequest) -> dict:
+    return {
+        "op": "chat",
+        "sae": body.sae,
+        "messages": [m.model_dump() for m in body.messages],
+        "interventions": [[iv.feature, iv.mode, iv.value] for iv in body.interventions],
+        "settings": asdict(body.settings()),
+    }
+
+
+async def chat(request: Request, body: ChatRequest) -> dict:
+    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    result = await request.app.state.live.call(request, _chat_payload(body))
+    return {**result, "permalink": chat_permalink(body)}
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _stream(request: Request, payload: dict, finish: Callable[[dict], dict]) -> StreamingResponse:
+    """Server-sent events of a generation (schemas.STREAM_DOC). The first event is awaited before the
+    response starts, so that a refusal known then (loading, busy, a bad chat turn) is a plain status."""
+    events = request.app.state.live.stream(request, payload)
+    first = await events.__anext__()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            event: dict | None = first
+            while event is not None:
+                if "result" in event:
+                    yield _sse("done", SteerResponse.model_validate(finish(event["result"])).model_dump(mode="json"))
+                    return
+                yield _sse("token", event)
+                event = await events.__anext__()
+        except ClientGone:
+            return
+        except (LiveError, NotFound) as exc:
+            yield _sse("error", {"status": getattr(exc, "status", 404), "detail": str(exc)})
+        except RuntimeError as exc:
+            yield _sse("error", {"status": 500, "detail": str(exc)})
+        finally:
+            await events.aclose()  # closes the model process's connection: a generation still running stops
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def steer_stream(request: Request, body: SteerRequest) -> StreamingResponse:
+    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    return await _stream(request, _steer_payload(body), _steer_link(body))
+
+
+async def chat_stream(request: Request, body: ChatRequest) -> StreamingResponse:
+    await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    return await _stream(request, _chat_payload(body), lambda result: {**result, "permalink": chat_permalink(body)})
 
 
 async def or_gone(work: Awaitable[Any]) -> Any:

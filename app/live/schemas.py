@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
@@ -68,6 +68,29 @@ class SteerRequest(BaseModel):
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_TEXT_CHARS)
+
+
+class ChatRequest(BaseModel):
+    """A chat turn through the model's chat template: the messages (the last one the user's), the
+    assistant's default and steered replies generated. The API's model is `limited_chat_request`'s."""
+
+    sae: str = Field(max_length=200)
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=32, description="system, user and earlier assistant messages, the user's last"
+    )
+    interventions: list[InterventionModel] = Field(default_factory=list, max_length=64, description="applied in order at the SAE's hook")
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0, le=10, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    def settings(self) -> GenerationConfig:
+        return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
 class ContinuationModel(BaseModel):
     token_ids: list[int]
     tokens: list[str]
@@ -101,6 +124,29 @@ def limited_steer_request(limits: LiveConfig) -> type[SteerRequest]:
         interventions=(list[InterventionModel], interventions),
         max_new_tokens=(int, Field(default, ge=1, le=limits.max_new_tokens_limit)),
     )
+
+
+def limited_chat_request(limits: LiveConfig) -> type[ChatRequest]:
+    """ChatRequest with this server's caps in its schema (see limited_steer_request)."""
+    default = min(64, limits.max_new_tokens_limit)
+    interventions: Any = Field(default_factory=list, max_length=limits.max_interventions, description="applied in order at the SAE's hook")
+    return create_model(
+        "ChatRequest",
+        __base__=ChatRequest,
+        interventions=(list[InterventionModel], interventions),
+        max_new_tokens=(int, Field(default, ge=1, le=limits.max_new_tokens_limit)),
+    )
+
+
+STREAM_DOC = (
+    "Server-sent events (text/event-stream): `token` events {which: default|steered, text} as the tokens are generated "
+    "(the default reply first, then the steered one; each one's texts concatenate to its final text), then one `done` "
+    "event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
+    "known before the first token (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
+)
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": STREAM_DOC}
+}
 
 
 class LiveProblem(BaseModel):

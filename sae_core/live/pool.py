@@ -19,7 +19,8 @@ client disconnected and the page worker closed the connection) the request is ca
 still queued, stopped after its current token if generating. A generation stops at `live_time_limit`.
 
 Wire format: each message is 4 bytes of big-endian length, then UTF-8 JSON.
-    request   {"op": "encode" | "generate" | "status", ...arguments}
+    request   {"op": "encode" | "generate" | "chat" | "status", ...arguments, "stream": true to stream}
+    events    {"event": {"which": "default" | "steered", "text": "..."}}, streamed before the answer
     answer    {"ok": true, "result": {...}} or {"ok": false, "status": 404/422/503/500, "detail": "...", "retry_after": s}
 """
 
@@ -44,7 +45,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from ..config import GenerationConfig, LiveConfig
 from .errors import LiveError, Loading, NotFound, Unavailable
@@ -93,6 +94,7 @@ class _Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     answer: dict | None = None
+    events: queue.Queue[dict] = field(default_factory=queue.Queue)  # streamed tokens, sent before the answer
 
 
 class ModelServer:
@@ -163,16 +165,30 @@ class ModelServer:
                 return
             job = _Job(request)
             self.jobs.put(job)
-            while not job.done.wait(0.05):
-                readable, _, _ = select.select([conn], [], [], 0)
-                if readable and not conn.recv(1, socket.MSG_PEEK):  # end of file: the client is gone
-                    job.cancelled.set()
-                    job.done.wait()
-                    return
+            try:
+                while not job.done.wait(0.02 if request.get("stream") else 0.05):
+                    self._send_events(conn, job)
+                    readable, _, _ = select.select([conn], [], [], 0)
+                    if readable and not conn.recv(1, socket.MSG_PEEK):  # end of file: the client is gone
+                        raise ConnectionError("the client is gone")
+                self._send_events(conn, job)
+            except OSError:  # the client is gone (ConnectionError included): its generation stops after its current token
+                job.cancelled.set()
+                job.done.wait()
+                return
             try:
                 _send(conn, job.answer or {"ok": False, "status": 500, "detail": "no answer"})
             except OSError:
                 pass
+
+    @staticmethod
+    def _send_events(conn: socket.socket, job: _Job) -> None:
+        while True:
+            try:
+                event = job.events.get_nowait()
+            except queue.Empty:
+                return
+            _send(conn, {"event": event})
 
     def run_jobs(self) -> None:
         """The one thread that runs the model."""
@@ -189,7 +205,7 @@ class ModelServer:
                 if self.state == "error":
                     raise Unavailable(self.detail)
                 stop = time_limit(self.cfg.live_time_limit, job.cancelled.is_set)
-                job.answer = {"ok": True, "result": self.execute(job.request, stop)}
+                job.answer = {"ok": True, "result": self.execute(job.request, stop, job.events.put)}
                 result = job.answer["result"]
                 stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped")}
                 self._count("cancelled" if "cancelled" in stopped else "timed_out" if "time_limit" in stopped else "completed")
@@ -210,17 +226,39 @@ class ModelServer:
         with self.lock:
             self.counts[what] += 1
 
-    def execute(self, request: dict, stop: ShouldStop) -> dict:
+    def execute(self, request: dict, stop: ShouldStop, emit: Callable[[dict], None] = lambda event: None) -> dict:
         from .interventions import Intervention
 
         op = request.get("op")
         if op == "encode":
             result = self.runtime.encode(request["sae"], request["text"], request.get("feature"), int(request.get("top", 8)))
             return asdict(result)
-        if op == "generate":
+        if op in ("generate", "chat"):
             interventions = [Intervention(int(f), m, float(v)) for f, m, v in request["interventions"]]
             settings = GenerationConfig(**request["settings"])
-            return asdict(self.runtime.generate(request["sae"], request["prompt"], interventions, settings, stop))
+            prompt_ids, on_token = None, None
+            if op == "chat" or request.get("stream"):
+                from .streaming import TextDeltas, chat_prompt_ids
+
+                held = self.runtime.sae(request["sae"])
+                tokenizer = self.runtime.model(held.run.model).tokenizer
+                if op == "chat":
+                    prompt_ids = chat_prompt_ids(tokenizer, request["messages"], self.cfg.max_prompt_tokens)
+                if request.get("stream"):
+                    deltas: dict[str, TextDeltas] = {}
+
+                    def on_token(which: str, token_id: int) -> None:
+                        if which not in deltas:
+                            for other in deltas.values():
+                                other.flush()
+                            deltas[which] = TextDeltas(tokenizer, lambda text: emit({"which": which, "text": text}))
+                        deltas[which].add(token_id)
+
+            generated = self.runtime.generate(request["sae"], request.get("prompt", ""), interventions, settings, stop, on_token, prompt_ids)
+            if on_token is not None:
+                for d in deltas.values():
+                    d.flush()
+            return asdict(generated)
         raise LiveError(f"unknown request {op!r}")
 
     def serve(self, path: str) -> None:
@@ -338,6 +376,54 @@ class LiveClient:
             raise Unavailable("the model process closed the connection (it may have restarted)", retry_after=2) from exc
         finally:
             writer.close()
+        if message.get("ok"):
+            return message["result"]
+        status, detail = message.get("status"), message.get("detail", "the model process failed")
+        if status == 503:
+            raise (Loading if message.get("loading") else Unavailable)(detail, message.get("retry_after"))
+        if status == 404:
+            raise NotFound(detail)
+        if status == 422:
+            raise LiveError(detail)
+        raise RuntimeError(detail)
+
+    async def stream(
+        self, request: dict, disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[dict]:
+        """The model process's streamed events ({"which", "text"}) as they come, then {"result": ...};
+        raises as `call` does. Leaving the iteration early (the HTTP client went away: the response's task
+        is cancelled) closes the connection, which stops the generation after its current token."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path, limit=MAX_MESSAGE)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise Loading("the model process is starting", retry_after=LOADING_RETRY_AFTER) from exc
+        try:
+            data = json.dumps({**request, "stream": True}).encode()
+            writer.write(HEADER.pack(len(data)) + data)
+            await writer.drain()
+            while True:
+                read = asyncio.ensure_future(self._read(reader))
+                while True:
+                    done, _ = await asyncio.wait({read}, timeout=self.poll)
+                    if done:
+                        break
+                    if disconnected is not None and await disconnected():
+                        read.cancel()
+                        raise ClientGone()
+                try:
+                    message = read.result()
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    raise Unavailable("the model process closed the connection (it may have restarted)", retry_after=2) from exc
+                if "event" in message:
+                    yield message["event"]
+                    continue
+                yield {"result": self._answer(message)}
+                return
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _answer(message: dict) -> dict:
         if message.get("ok"):
             return message["result"]
         status, detail = message.get("status"), message.get("detail", "the model process failed")

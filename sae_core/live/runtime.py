@@ -93,11 +93,14 @@ class _LiveSAE:
 class _Stop(StoppingCriteria):
     """Asks `should_stop` after every generated token; a reason ends the generation there."""
 
-    def __init__(self, should_stop: ShouldStop):
+    def __init__(self, should_stop: ShouldStop, on_token: Callable[[int], None] | None = None):
         self.should_stop = should_stop
+        self.on_token = on_token  # told each generated token as it comes (streaming)
         self.reason: str | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.on_token is not None:
+            self.on_token(int(input_ids[0, -1]))
         self.reason = self.reason or self.should_stop()
         return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
 
@@ -238,7 +241,11 @@ class LiveRuntime:
         interventions: list[Intervention],
         settings: GenerationConfig,
         should_stop: ShouldStop = lambda: None,
+        on_token: Callable[[str, int], None] | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> GenerateResult:
+        """`on_token(which, id)` is told each token as it is generated ("default", then "steered"; a
+        cached default is told at once); `prompt_ids` replaces `prompt` (a chat turn through the template)."""
         held = self.sae(sae_name)
         lm = self.model(held.run.model)
         check_interventions(interventions, held.loaded.sae.cfg.n_latents, self.cfg.max_interventions)
@@ -246,20 +253,25 @@ class LiveRuntime:
             raise LiveError(f"max_new_tokens must be between 1 and {self.cfg.max_new_tokens_limit}")
         if settings.temperature < 0 or not 0 < settings.top_p <= 1:
             raise LiveError("temperature must be >= 0 and top_p in (0, 1]")
-        ids = self._tokenize(lm, prompt, "prompt")
+        ids = self._tokenize(lm, prompt, "prompt") if prompt_ids is None else list(prompt_ids)
         prompt_truncated = max(0, len(ids) - self.cfg.max_prompt_tokens)
         ids = ids[prompt_truncated:]  # the prompt's end, which the continuation follows
         key = (lm.name, str(lm.dtype), tuple(ids), settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed)
         default = self._defaults.get(key)
         if default is None:
-            default = self.continue_(lm, ids, settings, None, held.layer, should_stop)
+            tell = None if on_token is None else lambda i: on_token("default", i)
+            default = self.continue_(lm, ids, settings, None, held.layer, should_stop, tell)
             if default.stopped in ("eos", "length"):  # a cut-short run is not the answer to cache
                 self._defaults[key] = default
                 while len(self._defaults) > self.DEFAULTS_CACHED:
                     self._defaults.popitem(last=False)
         else:
             self._defaults.move_to_end(key)
-        steered = self.continue_(lm, ids, settings, SteeringHook(held.loaded.sae, interventions), held.layer, should_stop)
+            if on_token is not None:
+                for i in default.token_ids:
+                    on_token("default", i)
+        tell = None if on_token is None else lambda i: on_token("steered", i)
+        steered = self.continue_(lm, ids, settings, SteeringHook(held.loaded.sae, interventions), held.layer, should_stop, tell)
         diverges = next((i for i, (a, b) in enumerate(zip(default.token_ids, steered.token_ids)) if a != b), None)
         if diverges is None and len(default.token_ids) != len(steered.token_ids):
             diverges = min(len(default.token_ids), len(steered.token_ids))
@@ -277,6 +289,7 @@ class LiveRuntime:
         hook: SteeringHook | None,
         layer: int,
         should_stop: ShouldStop = lambda: None,
+        on_token: Callable[[int], None] | None = None,
     ) -> Continuation:
         """One continuation of `ids` through transformers' generate, with `hook` at `layer` (None: no hook at all)."""
         # Sampling tends to greedy decoding as the temperature falls, and below this logits / temperature
@@ -292,7 +305,7 @@ class LiveRuntime:
             eos_token_id=eos,
             pad_token_id=eos if eos is not None else 0,
         )
-        stop = _Stop(should_stop)
+        stop = _Stop(should_stop, on_token)
         input_ids = torch.tensor([ids], device=lm.device)
         if sampling:
             torch.manual_seed(settings.seed)
