@@ -29,14 +29,16 @@ from ..config import GenerationConfig, LiveConfig
 from ..errors import SaescopeError
 from ..model import LanguageModel, load_model, parse_hook
 from .errors import LiveError, NotFound, Unavailable
-from .interventions import Intervention, SteeringHook, check_interventions
+from .interventions import ConditionReader, Intervention, SteeringHook, check_interventions
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
     from transformers import PreTrainedTokenizerBase
 
     from ..interchange import LoadedSAE
+    from ..sae.base import DictionarySAE
     from ..store.weights import RunSAE
+    from .sweep import Progress, SweepRequest, SweepResult
 
 ShouldStop = Callable[[], str | None]  # a reason to stop now ("cancelled", "time_limit"), or None
 MAX_TOP_FEATURES = 64
@@ -80,6 +82,8 @@ class GenerateResult:
     interventions: list[Intervention] = field(default_factory=list)
     settings: GenerationConfig = field(default_factory=GenerationConfig)
     prompt_truncated: int = 0  # tokens cut from the prompt's start: its last max_prompt_tokens were continued
+    frozen: Continuation | None = None  # with frozen_attention: the steered run with the unsteered run's attention patterns
+    frozen_diverges_at: int | None = None  # first generated position where `frozen` differs from `default`
 
 
 @dataclass
@@ -115,6 +119,7 @@ class LiveRuntime:
     thread-safe: the worker pool runs one request at a time."""
 
     DEFAULTS_CACHED = 64
+    SWEEPS_CACHED = 32
 
     def __init__(
         self,
@@ -127,6 +132,7 @@ class LiveRuntime:
         self._source = sae_source
         self._saes: dict[str, _LiveSAE] = {}
         self._defaults: OrderedDict[tuple, Continuation] = OrderedDict()
+        self._sweeps: OrderedDict[str, SweepResult] = OrderedDict()  # by SweepRequest.key(): the permalinks' results
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -234,6 +240,38 @@ class LiveRuntime:
             acts = [0.0 if pos < held.skip else float(a) for pos, a in enumerate(z[:, feature].tolist())]
         return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts, truncated)
 
+    def condition_saes(
+        self, held: _LiveSAE, interventions: list[Intervention]
+    ) -> tuple[dict[str, ConditionReader], dict[str, DictionarySAE]]:
+        """The other SAEs the interventions' conditions read: readers at earlier hooks, SAEs at this hook."""
+        wanted: dict[str, list[int]] = {}
+        for iv in interventions:
+            c = iv.condition
+            if c is not None and c.kind == "feature" and c.sae is not None and c.feature is not None:
+                wanted.setdefault(c.sae, []).append(c.feature)
+        readers: dict[str, ConditionReader] = {}
+        same: dict[str, DictionarySAE] = {}
+        for name, features in wanted.items():
+            other = self.sae(name)
+            if other.run.model != held.run.model:
+                raise LiveError(f"the condition's SAE {name} reads {other.run.model}, not {held.run.model}")
+            if other.layer > held.layer:
+                raise LiveError(f"the condition's SAE {name} is at a later hook ({other.run.hook}) than {held.run.hook}")
+            width = other.loaded.sae.cfg.n_latents
+            if any(not 0 <= f < width for f in features):
+                raise NotFound(f"the condition's feature does not exist: {name} has features 0..{width - 1}")
+            if other.layer == held.layer:
+                same[name] = other.loaded.sae
+            else:
+                readers[name] = ConditionReader(other.loaded.sae, other.layer, features)
+        return readers, same
+
+    def check(
+        self, held: _LiveSAE, interventions: list[Intervention], readers: dict[str, ConditionReader], same: dict[str, DictionarySAE]
+    ) -> None:
+        widths = {name: r.sae.cfg.n_latents for name, r in readers.items()} | {name: s.cfg.n_latents for name, s in same.items()}
+        check_interventions(interventions, held.loaded.sae.cfg.n_latents, self.cfg.max_interventions, widths)
+
     def generate(
         self,
         sae_name: str,
@@ -243,12 +281,16 @@ class LiveRuntime:
         should_stop: ShouldStop = lambda: None,
         on_token: Callable[[str, int], None] | None = None,
         prompt_ids: list[int] | None = None,
+        frozen_attention: bool = False,
     ) -> GenerateResult:
-        """`on_token(which, id)` is told each token as it is generated ("default", then "steered"; a
-        cached default is told at once); `prompt_ids` replaces `prompt` (a chat turn through the template)."""
+        """`on_token(which, id)` is told each token as it is generated ("default", then "steered", then
+        "frozen"; a cached default is told at once); `prompt_ids` replaces `prompt` (a chat turn through the
+        template). With `frozen_attention` also the steered continuation whose attention layers use the
+        unsteered model's attention patterns on the same tokens (`frozen`, see frozen.py)."""
         held = self.sae(sae_name)
         lm = self.model(held.run.model)
-        check_interventions(interventions, held.loaded.sae.cfg.n_latents, self.cfg.max_interventions)
+        readers, same = self.condition_saes(held, interventions)
+        self.check(held, interventions, readers, same)
         if not 1 <= settings.max_new_tokens <= self.cfg.max_new_tokens_limit:
             raise LiveError(f"max_new_tokens must be between 1 and {self.cfg.max_new_tokens_limit}")
         if settings.temperature < 0 or not 0 < settings.top_p <= 1:
@@ -270,15 +312,39 @@ class LiveRuntime:
             if on_token is not None:
                 for i in default.token_ids:
                     on_token("default", i)
+        hook = SteeringHook(held.loaded.sae, interventions, len(ids), readers, same)
         tell = None if on_token is None else lambda i: on_token("steered", i)
-        steered = self.continue_(lm, ids, settings, SteeringHook(held.loaded.sae, interventions), held.layer, should_stop, tell)
-        diverges = next((i for i, (a, b) in enumerate(zip(default.token_ids, steered.token_ids)) if a != b), None)
-        if diverges is None and len(default.token_ids) != len(steered.token_ids):
-            diverges = min(len(default.token_ids), len(steered.token_ids))
+        steered = self.continue_(lm, ids, settings, hook, held.layer, should_stop, tell, readers)
+        frozen = None
+        if frozen_attention:
+            from .frozen import frozen_continuation
+
+            hook = SteeringHook(held.loaded.sae, interventions, len(ids), readers, same)
+            tell = None if on_token is None else lambda i: on_token("frozen", i)
+            frozen = frozen_continuation(lm, ids, settings, hook, held.layer, readers, should_stop, tell)
         prompt_tokens = token_texts(lm.tokenizer, ids)
         return GenerateResult(
-            sae_name, held.run.run_id, prompt_tokens, default, steered, diverges, list(interventions), settings, prompt_truncated
-        )
+            sae_name, held.run.run_id, prompt_tokens, default, steered, diverges_at(default, steered), list(interventions), settings,
+            prompt_truncated, frozen, diverges_at(default, frozen) if frozen is not None else None,
+        )  # fmt: skip
+
+    def sweep(self, request: SweepRequest, progress: Progress | None = None, should_stop: ShouldStop = lambda: None) -> SweepResult:
+        """A strength sweep (sweep.run_sweep); a complete result is kept under its request's key, so a
+        permalink reopened soon is answered from memory."""
+        from .sweep import run_sweep
+
+        key = request.key()
+        held = self.sae(request.sae)
+        cached = self._sweeps.get(key)
+        if cached is not None and cached.run_id == held.run.run_id:
+            self._sweeps.move_to_end(key)
+            return cached
+        result = run_sweep(self, request, progress, should_stop)
+        if result.stopped is None:
+            self._sweeps[key] = result
+            while len(self._sweeps) > self.SWEEPS_CACHED:
+                self._sweeps.popitem(last=False)
+        return result
 
     @torch.inference_mode()
     def continue_(
@@ -290,6 +356,7 @@ class LiveRuntime:
         layer: int,
         should_stop: ShouldStop = lambda: None,
         on_token: Callable[[int], None] | None = None,
+        readers: dict[str, ConditionReader] | None = None,
     ) -> Continuation:
         """One continuation of `ids` through transformers' generate, with `hook` at `layer` (None: no hook at all)."""
         # Sampling tends to greedy decoding as the temperature falls, and below this logits / temperature
@@ -309,7 +376,11 @@ class LiveRuntime:
         input_ids = torch.tensor([ids], device=lm.device)
         if sampling:
             torch.manual_seed(settings.seed)
-        with lm.replace_residual(layer, hook) if hook is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            for reader in (readers or {}).values():  # conditions on SAEs at earlier hooks record there first
+                stack.enter_context(lm.replace_residual(reader.layer, reader.record))
+            if hook is not None:
+                stack.enter_context(lm.replace_residual(layer, hook))
             out = lm.model.generate(  # type: ignore[operator]  # transformers types generate loosely
                 input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen, stopping_criteria=StoppingCriteriaList([stop])
             )
@@ -321,6 +392,14 @@ class LiveRuntime:
         else:
             reason = "length"
         return Continuation(new, token_texts(lm.tokenizer, new), lm.tokenizer.decode(new, skip_special_tokens=True), reason)
+
+
+def diverges_at(a: Continuation, b: Continuation) -> int | None:
+    """The first generated position where two continuations differ; None when identical."""
+    diverges = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+    if diverges is None and len(a.token_ids) != len(b.token_ids):
+        diverges = min(len(a.token_ids), len(b.token_ids))
+    return diverges
 
 
 def time_limit(seconds: float, cancelled: Callable[[], bool] = lambda: False) -> ShouldStop:
