@@ -12,11 +12,12 @@ ablations off unless --eval-probes) on --eval-tokens held-out tokens, one model 
 that already holds a trained SAE and its eval.json is reused, so a killed sweep resumes.
 - TopK, BatchTopK, Matryoshka BatchTopK: k = the target L0 (BatchTopK's k is per token on average).
 - JumpReLU has no k: its L0 comes from its thresholds and its L0 penalty. Calibration: the L0 coefficient
-  is TopK's marginal FVU per latent at that L0 (from this sweep's TopK runs: the FVU the penalty trades a
-  latent against); every threshold starts where the target L0 of latents fire at the tied init (the
-  thresholds then move ~lr per step in log space, so a short run keeps them near there); when seed 0's
-  L0 still misses the target by more than 20%, the start is rescaled by the factor that puts the
-  trained SAE's L0 on the target and seed 0 is trained again (once); seed 1 starts there too.
+  starts at TopK's marginal FVU per latent at that L0 (from this sweep's TopK runs: the FVU the penalty
+  trades a latent against); every threshold starts where the target L0 of latents fire at the tied init
+  (the thresholds then move at most ~lr per step in log space). While the first seed's L0 misses the
+  target by more than 20% (up to JUMPRELU_ROUNDS times), the start is rescaled by the factor that puts
+  the trained SAE's L0 on the target, the coefficient by L0 / target (a weaker penalty when too few fire),
+  and the first seed is trained again; the other seeds use the last settings. Every try is in the JSON.
 - With --store: each SAE is mined (--mine-tokens, from the corpus start) into the store so /compare can
   show it; with --bench also `saescope bench-sae` (sae_core.evaluation, when present) for each seed in
   --bench-seeds.
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 ALL_ARCHS = ["topk", "batchtopk", "jumprelu", "matryoshka_batchtopk"]
 METRICS = ["l0", "fvu", "fvu_batch_topk", "ce_score", "delta_ce", "kl", "dead_fraction"]  # eval.json / heldout.json fields
-JUMPRELU_TOLERANCE = 0.2  # relative L0 miss that triggers the one recalibration of seed 0
+JUMPRELU_TOLERANCE = 0.2  # relative L0 miss that makes the first seed train again with new settings
+JUMPRELU_ROUNDS = 3  # such retrainings at most
 FALLBACK_L0_COEF = {16: 4e-3, 32: 2e-3, 64: 7e-4}  # without TopK runs in the sweep: ~TopK's slope on the demo cache
 
 
@@ -347,14 +349,20 @@ def main(argv=None) -> int:
                 extra = calibrate(l0) if arch == "jumprelu" else {}
                 row = run_one(arch, l0, seed, extra)
                 if arch == "jumprelu" and not calibration[l0]["recalibrated"]:
-                    calibration[l0]["recalibrated"] = True  # checked once, on the first seed
-                    if abs(row["eval"]["l0"] / l0 - 1) > JUMPRELU_TOLERANCE:
+                    calibration[l0]["recalibrated"] = True  # calibrated once, on the first seed
+                    rounds = calibration[l0].setdefault("rounds", [])
+                    while abs(row["eval"]["l0"] / l0 - 1) > JUMPRELU_TOLERANCE and len(rounds) < JUMPRELU_ROUNDS:
+                        # the start rescaled to where the trained SAE would fire l0 latents, and the penalty in
+                        # proportion to the miss (too few latents: a weaker penalty)
                         factor, _ = threshold_factor(folder, cache, l0)
-                        calibration[l0].update(first_l0=row["eval"]["l0"], factor=factor,
-                                               init_threshold=calibration[l0]["init_threshold"] * factor)  # fmt: skip
+                        ratio = min(4.0, max(0.25, row["eval"]["l0"] / l0))
+                        c = calibration[l0]
+                        rounds.append({"l0": row["eval"]["l0"], "fvu": row["eval"]["fvu"], "l0_coef": c["l0_coef"],
+                                       "init_threshold": c["init_threshold"]})  # fmt: skip
+                        c.update(init_threshold=c["init_threshold"] * factor, l0_coef=c["l0_coef"] * ratio)
                         extra = calibrate(l0)
-                        log(f"jumprelu L0 {l0}: seed {seed} reached L0 {row['eval']['l0']:.1f}; thresholds x{factor:.3f} -> start "
-                            f"{extra['init_threshold']:.4g}, training seed {seed} again")  # fmt: skip
+                        log(f"jumprelu L0 {l0}: seed {seed} reached L0 {row['eval']['l0']:.1f}; start x{factor:.3f} -> "
+                            f"{extra['init_threshold']:.4g}, coefficient x{ratio:.2f} -> {extra['l0_coef']:.3g}; again")  # fmt: skip
                         import shutil
 
                         shutil.rmtree(folder)
@@ -452,8 +460,8 @@ def report(args, results: list[dict], calibration: dict, stored: bool, wall: flo
         parts = []
         for l0, c in sorted(calibration.items()):
             text = f"L0 {l0}: coefficient {c['l0_coef']:.3g} ({c['l0_coef_from']}), thresholds from {c['init_threshold']:.4g}"
-            if "factor" in c:
-                text += f" (rescaled x{c['factor']:.3f} after a first seed-0 run at L0 {c['first_l0']:.1f})"
+            for i, r in enumerate(c.get("rounds", [])):
+                text += f"; try {i + 1}: coefficient {r['l0_coef']:.3g}, start {r['init_threshold']:.4g} -> L0 {r['l0']:.1f}"
             parts.append(text)
         print("\nJumpReLU calibration: " + "; ".join(parts))
     print(f"\nwall {wall:.0f} s")
