@@ -269,3 +269,20 @@ def test_list_export_import_and_api_key(url):
         page = c.get(f"/lists/{lid}", headers=auth)
         assert page.status_code == 200 and "Activations on the common text are not shown" in page.text
         assert c.get(f"/lists/{lid}/export.csv", headers=auth).text.startswith("position,sae,index,note")
+
+
+def test_search_by_meaning_finds_what_no_word_matches(url):
+    from sae_core.explain.embed import model_dir
+
+    if not model_dir().exists():
+        pytest.skip("the sentence-embedding model is not installed (make venv installs it): search is full text alone")
+    sae = first_sae(url)
+    add_user(url, "ed", "editor")
+    with TestClient(make_app(url, auth=True)) as ed:
+        assert sign_in(ed, "ed").status_code == 303
+        assert put_annotation(ed, sae, 3, "dialogue", "quotation marks around what a character says").status_code == 200
+        assert put_annotation(ed, sae, 5, "numbers", "digits and counting words").status_code == 200
+        hits = ed.get("/api/v1/annotations/search", params={"q": "speech spoken by people"}).json()
+        assert hits[0]["annotation"]["index"] == 3 and hits[0]["semantic_rank"] == 1 and hits[0]["full_text_rank"] is None
+        hits = ed.get("/api/v1/annotations/search", params={"q": "digits", "sae": sae}).json()
+        assert hits[0]["annotation"]["index"] == 5 and hits[0]["full_text_rank"] == 1

@@ -218,8 +218,7 @@ async def annotation_search_api(
     limit: int = Query(20, ge=1, le=100),
 ) -> list[dict]:
     """Annotations by full text and by meaning (the label and note embedded like explanations), fused by rank."""
-    vector = await anyio.to_thread.run_sync(_query_vector, q)
-    hits = await _read(request, store.search, q, vector, sae, limit)
+    hits = await _read(request, store.search, q, _query_vector, sae, limit)
     return [
         {"annotation": h.view.as_dict(), "score": h.score, "full_text_rank": h.full_text_rank, "semantic_rank": h.semantic_rank}
         for h in hits
@@ -389,8 +388,7 @@ async def annotation_search_page(
 ) -> HTMLResponse:
     hits = []
     if q.strip():
-        vector = await anyio.to_thread.run_sync(_query_vector, q)
-        hits = await _read(request, store.search, q, vector, sae, 50)
+        hits = await _read(request, store.search, q, _query_vector, sae, 50)
     return _fragment(request, "lists/search.html", {"q": q, "hits": hits})
 
 

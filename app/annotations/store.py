@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Callable
 
 import numpy as np
 from markupsafe import Markup
@@ -179,10 +180,12 @@ class AnnotationHit:
     semantic_rank: int | None
 
 
-def search(conn: Connection, query: str, vector: np.ndarray | None, sae: str | None = None, limit: int = 20) -> list[AnnotationHit]:
+def search(
+    conn: Connection, query: str, embed_query: Callable[[str], np.ndarray | None] | None, sae: str | None = None, limit: int = 20
+) -> list[AnnotationHit]:
     """Annotations whose label or note matches `query`: full text (any of its words, as explanations'
-    search, store_search.words) and, with `vector` (the query embedded like explanations), by cosine to
-    each annotation's embedding; the rankings fused by reciprocal rank (store_search.fuse)."""
+    search, store_search.words) and, where annotations have embeddings, by cosine between theirs and the
+    query's (`embed_query`: embedded like explanations, only then); the rankings fused by reciprocal rank (store_search.fuse)."""
     terms = store_search.words(query)
     where = [] if sae is None else [Annotation.sae_id == sae_ref(conn, sae).id]
     rows = conn.execute(select(Annotation.id, Annotation.label, Annotation.note, Annotation.embedding).where(*where)).all()
@@ -198,7 +201,8 @@ def search(conn: Connection, query: str, vector: np.ndarray | None, sae: str | N
         text_hits = [store_search.Match(aid, "annotation", s) for s, aid in scored[:100]]
     semantic_hits: list[store_search.Match] = []
     embedded = [(r[0], r[3]) for r in rows if r[3]]
-    if vector is not None and embedded:
+    vector = embed_query(query) if embed_query is not None and embedded else None
+    if vector is not None:
         matrix = unpack_embeddings([e for _, e in embedded])
         if matrix.shape[1] == len(vector):
             sims = matrix @ vector
