@@ -134,3 +134,18 @@ def test_an_http_client_that_leaves_mid_stream_stops_its_generation(mined_store)
             assert now["pending"] == 0 and now["cancelled"] == before["cancelled"] + 1, now
     finally:
         server.stop()
+
+
+def test_the_pages_stream_endpoints_answer_a_refusal_as_one_error_event(live):
+    """The pages read the stream with fetch: a refusal is an `error` event with the reason (HTTP 200, as
+    the htmx cards are), so the browser logs no failed request."""
+    r = live.post("/saes/tiny-sae/chat/stream", data={"user": "hi", "feature": "999999", "mode": "add", "value": "1"})
+    events = parse_sse(r.text)
+    assert [k for k, _ in events] == ["error"] and events[0][1]["status"] == 404 and "999999" in events[0][1]["detail"]
+    r = live.post("/saes/tiny-sae/steer/stream", data={"prompt": "the cat", "max_new_tokens": "401"})
+    events = parse_sse(r.text)
+    assert r.status_code == 200 and events[0][0] == "error" and "400 new tokens" in events[0][1]["detail"], r.text
+    r = live.post("/saes/tiny-sae/steer/stream", data={"prompt": "the cat", "feature": "3", "mode": "add", "value": "40"})
+    events = parse_sse(r.text)
+    steered = "".join(d["text"] for k, d in events if k == "token" and d["which"] == "steered")
+    assert events[-1][0] == "done" and steered == events[-1][1]["steered"]["text"]

@@ -210,6 +210,18 @@ async def _stream(request: Request, payload: dict, finish: Callable[[dict], dict
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
+def stream_refused(exc: Exception) -> StreamingResponse:
+    """For the pages: a refusal as a stream of one `error` event (HTTP 200, as the htmx cards are), so
+    the page shows the reason and the browser logs no failed request."""
+    status = getattr(exc, "status", 404 if isinstance(exc, NotFound) else 422)
+    retry = getattr(exc, "retry_after", None)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield _sse("error", {"status": status, "detail": str(exc), "retry_after": retry})
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
 async def steer_stream(request: Request, body: SteerRequest) -> StreamingResponse:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
     return await _stream(request, _steer_payload(body), _steer_link(body))

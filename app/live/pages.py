@@ -6,11 +6,13 @@ the model is up is a fragment of its own (/live/status), never cached."""
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Annotated
+from typing import Annotated, Any, Awaitable, Callable
 
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from sae_core.config import GenerationConfig
 from sae_core.errors import NotFound
@@ -21,7 +23,7 @@ from sae_core.live.pool import ClientGone
 from ..deps import read_connection
 from ..render import heat, templates
 from . import gateway
-from .schemas import DETERMINISM, MAX_TEXT_CHARS, ActivationsRequest, InterventionModel, SteerRequest
+from .schemas import DETERMINISM, MAX_TEXT_CHARS, ActivationsRequest, ChatMessage, ChatRequest, InterventionModel, SteerRequest
 
 router = APIRouter(include_in_schema=False)
 SaeName = Path(max_length=200)
@@ -189,3 +191,138 @@ async def steer_result(
     }
     ctx["interventions"] = [Intervention(iv.feature, iv.mode, iv.value).spec() for iv in body.interventions]
     return templates.TemplateResponse(request, "_live_steer.html", ctx)
+
+
+def _rows(feature: list[str], mode: list[str], value: list[str]) -> list[dict]:
+    rows = [
+        {"feature": f, "mode": mode[i] if i < len(mode) else "clamp", "value": value[i] if i < len(value) else ""}
+        for i, f in enumerate(feature)
+        if f.strip()
+    ]
+    return rows + [{"feature": "", "mode": "clamp", "value": ""} for _ in range(max(1, 3 - len(rows)))]
+
+
+CHAT_DEFAULTS = GenerationConfig(max_new_tokens=64)
+
+
+@router.get("/saes/{sae}/chat")
+async def chat_page(
+    request: Request,
+    sae: str = SaeName,
+    system: str = Query("", max_length=MAX_TEXT_CHARS),
+    user: str = Query("", max_length=MAX_TEXT_CHARS),
+    feature: list[str] = Query([]),
+    mode: list[str] = Query([]),
+    value: list[str] = Query([]),
+    max_new_tokens: int = Query(CHAT_DEFAULTS.max_new_tokens, ge=1, le=4096),
+    temperature: float = Query(CHAT_DEFAULTS.temperature, ge=0, le=10),
+    top_p: float = Query(CHAT_DEFAULTS.top_p, gt=0, le=1),
+    seed: int = Query(CHAT_DEFAULTS.seed, ge=0, le=2**32 - 1),
+) -> Response:
+    """A chat turn (system and user message) through the model's chat template, the default and the
+    steered reply streamed side by side; the page's query is its permalink (the turn runs on load)."""
+    await gateway.sae_or_404(request, sae)
+    ctx = {
+        "sae": sae,
+        "system": system,
+        "user": user,
+        "rows": _rows(feature, mode, value),
+        "settings": GenerationConfig(max_new_tokens, temperature, top_p, seed),
+        "modes": MODES,
+        "determinism": DETERMINISM,
+        "run": bool(user.strip()),
+    }
+    return templates.TemplateResponse(request, "chat.html", ctx)
+
+
+def _refused(exc: ValidationError) -> LiveError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return LiveError(f"{where}: {first['msg']}" if where else first["msg"])
+
+
+def _streamed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """A page's stream endpoint: refusals as one `error` event (gateway.stream_refused), 499 when the client left."""
+
+    @functools.wraps(route)  # FastAPI reads the route's parameters through __wrapped__
+    async def streamed(*args: Any, **kwargs: Any) -> Response:
+        try:
+            return await route(*args, **kwargs)
+        except ClientGone:
+            return Response(status_code=499)
+        except (LiveError, NotFound) as exc:
+            return gateway.stream_refused(exc)
+
+    return streamed
+
+
+@router.post("/saes/{sae}/chat/stream")
+@_streamed
+async def chat_stream(
+    request: Request,
+    sae: str = SaeName,
+    system: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
+    user: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
+    feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+    mode: Annotated[list[str], Form()] = [],  # noqa: B006
+    value: Annotated[list[str], Form()] = [],  # noqa: B006
+    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = CHAT_DEFAULTS.max_new_tokens,
+    temperature: Annotated[float, Form(ge=0, le=10)] = CHAT_DEFAULTS.temperature,
+    top_p: Annotated[float, Form(gt=0, le=1)] = CHAT_DEFAULTS.top_p,
+    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = CHAT_DEFAULTS.seed,
+) -> Response:
+    """The chat page's form, streamed (server-sent events; errors before the first token as JSON 4xx)."""
+    if not user.strip():
+        raise LiveError("write a message first")
+    messages = ([ChatMessage(role="system", content=system)] if system.strip() else []) + [ChatMessage(role="user", content=user)]
+    try:
+        body = ChatRequest(
+            sae=sae,
+            messages=messages,
+            interventions=_form_interventions(feature, mode, value),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+    except ValidationError as exc:
+        raise _refused(exc) from exc
+    limits = request.app.state.live.limits
+    if len(body.interventions) > limits.max_interventions or body.max_new_tokens > limits.max_new_tokens_limit:
+        raise LiveError(f"at most {limits.max_interventions} interventions and {limits.max_new_tokens_limit} new tokens on this server")
+    return await gateway.chat_stream(request, body)
+
+
+@router.post("/saes/{sae}/steer/stream")
+@_streamed
+async def steer_stream(
+    request: Request,
+    sae: str = SaeName,
+    prompt: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
+    feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+    mode: Annotated[list[str], Form()] = [],  # noqa: B006
+    value: Annotated[list[str], Form()] = [],  # noqa: B006
+    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
+    temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
+    top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
+    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
+) -> Response:
+    """The steering page's form, streamed (server-sent events; errors before the first token as JSON 4xx)."""
+    if not prompt:
+        raise LiveError("write a prompt first")
+    try:
+        body = SteerRequest(
+            sae=sae,
+            prompt=prompt,
+            interventions=_form_interventions(feature, mode, value),
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+    except ValidationError as exc:
+        raise _refused(exc) from exc
+    limits = request.app.state.live.limits
+    if len(body.interventions) > limits.max_interventions or body.max_new_tokens > limits.max_new_tokens_limit:
+        raise LiveError(f"at most {limits.max_interventions} interventions and {limits.max_new_tokens_limit} new tokens on this server")
+    return await gateway.steer_stream(request, body)
