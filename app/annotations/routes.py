@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, Field
 
 from sae_core.errors import NotFound, SaescopeError
-from sae_core.live.errors import LiveError
+from sae_core.live.errors import LiveError, Loading
 
 from .. import queries
 from ..accounts import Principal, current_user, require_role
@@ -417,6 +417,8 @@ async def _activations(request: Request, view: store.ListView) -> tuple[dict[int
     for i, e in enumerate(view.entries):
         try:
             answer = await gateway.activations(request, e.sae, ActivationsRequest(text=view.common_text, feature=e.index, top=1))
+        except Loading:
+            return out, "the model is loading: reload this page in a moment"
         except (LiveError, NotFound) as exc:
             return out, str(exc)
         acts = answer.get("feature_acts") or []
