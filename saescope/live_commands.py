@@ -1,4 +1,4 @@
-"""`saescope activations` and `saescope steer`: the live runtime from the command line, in this process,
+"""`saescope activations`, `saescope steer` and `saescope sweep`: the live runtime from the command line, in this process,
 over the store's SAEs (the same weights the pages describe). Registered on the CLI by saescope/cli.py;
 nothing heavy is imported until a command runs, so `saescope --help` stays instant."""
 
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from sae_core.live.runtime import LiveRuntime
 
 LIVE_MODEL = ("live_device", "live_model_dtype")
+INTERVENTION_HELP = (
+    "An intervention FEATURE:MODE:VALUE[@CONDITION], MODE clamp, add, scale, cap or ortho; CONDITION gen, prompt, F>T or SAE:F>T"
+)
 
 
 def _arg(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -69,22 +72,35 @@ def register(app: typer.Typer, console: Console) -> None:
             _arg(
                 "feature",
                 list[str],
-                typer.Option(
-                    [], "--feature", help="An intervention FEATURE:MODE:VALUE, MODE one of clamp, add, scale; repeat for more features."
-                ),
+                typer.Option([], "--feature", help=INTERVENTION_HELP + "; repeat for more features."),
+            ),
+            _arg(
+                "frozen_attention",
+                bool,
+                typer.Option(False, "--frozen-attention", help="Also the steered run with the unsteered run's attention patterns."),
             ),
             *command_options(GenerationConfig),
             *_pick(ServeConfig, ("db",)),
             *_pick(LiveConfig, LIVE_MODEL),
         ]
     )
-    def steer(prompt: str, sae: str, feature: list[str], db: str | None, live_device: str, live_model_dtype: str, **values: Any) -> None:
+    def steer(
+        prompt: str,
+        sae: str,
+        feature: list[str],
+        frozen_attention: bool,
+        db: str | None,
+        live_device: str,
+        live_model_dtype: str,
+        **values: Any,
+    ) -> None:
         """Continue PROMPT twice, without and with the features changed at the SAE's hook, and print both."""
         from sae_core.live.interventions import Intervention
 
         interventions = [Intervention.parse(spec) for spec in feature]
         settings = from_options(GenerationConfig, values)
-        result = _runtime(db, live_device, live_model_dtype).generate(sae, prompt, interventions, settings)
+        runtime = _runtime(db, live_device, live_model_dtype)
+        result = runtime.generate(sae, prompt, interventions, settings, frozen_attention=frozen_attention)
         if result.prompt_truncated:
             note = f"note: continued the prompt's last {len(result.prompt_tokens)} tokens; its first {result.prompt_truncated} were cut"
             console.print(note, markup=False)
@@ -95,3 +111,65 @@ def register(app: typer.Typer, console: Console) -> None:
         print(prompt + result.steered.text)
         if result.diverges_at is not None:
             console.print(f"[dim]diverge at generated token {result.diverges_at}[/]")
+        if result.frozen is not None:
+            console.print(f"[bold]steered, frozen attention[/]  ({result.frozen.stopped})", highlight=False)
+            print(prompt + result.frozen.text)
+
+    @app.command()
+    @with_signature(
+        [
+            SAE_NAME,
+            _arg("feature", str, typer.Option(..., "--feature", help=INTERVENTION_HELP + " (its VALUE is replaced by each strength).")),
+            _arg("strength", list[float], typer.Option(..., "--strength", help="A strength to try; repeat (at most 16).")),
+            _arg("prompt", list[str], typer.Option([], "--prompt", help="A prompt to sweep over; repeat (default: a built-in set of 8).")),
+            _arg(
+                "heldout",
+                list[str],
+                typer.Option([], "--heldout", help="A held-out prompt to check the suggestion on (default: 4 built in)."),
+            ),
+            _arg(
+                "target_feature",
+                int | None,
+                typer.Option(None, "--target-feature", help="Lift read on this feature (default: the steered one)."),
+            ),
+            _arg("target_token", str | None, typer.Option(None, "--target-token", help="Lift = this token's probability instead.")),
+            _arg("new_tokens", int, typer.Option(32, "--new-tokens", min=1, help="Tokens generated per prompt and strength (greedy).")),
+            _arg(
+                "max_cost",
+                float,
+                typer.Option(1.0, "--max-cost", help="Fluency cost (nats/token) above the unsteered the suggestion may spend."),
+            ),
+            *_pick(ServeConfig, ("db",)),
+            *_pick(LiveConfig, LIVE_MODEL),
+        ]
+    )
+    def sweep(
+        sae: str, feature: str, strength: list[float], prompt: list[str], heldout: list[str], target_feature: int | None,
+        target_token: str | None, new_tokens: int, max_cost: float, db: str | None, live_device: str, live_model_dtype: str,
+    ) -> None:  # fmt: skip
+        """Run one intervention at several strengths over a set of prompts: lift, KL and fluency cost per strength, and a suggestion."""
+        from sae_core.live.interventions import Intervention
+        from sae_core.live.sweep import SweepRequest, sweep_permalink
+
+        request = SweepRequest(
+            sae, Intervention.parse(feature), tuple(strength), tuple(prompt) or None, tuple(heldout) or None,
+            target_feature, target_token, new_tokens, max_cost,
+        )  # fmt: skip
+        result = _runtime(db, live_device, live_model_dtype).sweep(request)
+        lift = "P(token)" if result.lift_kind == "token" else "lift"
+        console.print(f"{'strength':>10} {lift:>9} {'KL':>8} {'fluency':>8}", highlight=False)
+        for p in [result.baseline, *result.points]:
+            label = "unsteered" if p.strength is None else f"{p.strength:g}"
+            console.print(f"{label:>10} {p.lift:9.3f} {p.kl:8.3f} {p.fluency:8.3f}   {p.texts[0][:50]!r}", highlight=False, markup=False)
+        if result.suggested is None:
+            console.print("no strength lifts the target within the cost allowed", markup=False)
+        else:
+            console.print(f"suggested strength: {result.suggested:g}", highlight=False)
+            if len(result.heldout) == 2:
+                base, chosen = result.heldout
+                console.print(
+                    f"held out ({len(result.heldout_prompts)} prompts): lift {base.lift:.3f} -> {chosen.lift:.3f}, "
+                    f"KL {chosen.kl:.3f}, fluency {base.fluency:.3f} -> {chosen.fluency:.3f}",
+                    highlight=False,
+                )
+        console.print(f"permalink: {sweep_permalink(request)}", highlight=False, markup=False)

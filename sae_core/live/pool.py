@@ -51,6 +51,7 @@ from ..config import GenerationConfig, LiveConfig
 from .errors import LiveError, Loading, NotFound, Unavailable
 
 if TYPE_CHECKING:
+    from .interventions import Intervention
     from .runtime import LiveRuntime, ShouldStop
 
 log = logging.getLogger("saescope.live")
@@ -205,7 +206,8 @@ class ModelServer:
                 if self.state == "error":
                     raise Unavailable(self.detail)
                 stop = time_limit(self.cfg.live_time_limit, job.cancelled.is_set)
-                job.answer = {"ok": True, "result": self.execute(job.request, stop, job.events.put)}
+                emit = job.events.put if job.request.get("stream") else lambda event: None  # `call` reads one answer
+                job.answer = {"ok": True, "result": self.execute(job.request, stop, emit)}
                 result = job.answer["result"]
                 stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped")}
                 self._count("cancelled" if "cancelled" in stopped else "timed_out" if "time_limit" in stopped else "completed")
@@ -227,14 +229,12 @@ class ModelServer:
             self.counts[what] += 1
 
     def execute(self, request: dict, stop: ShouldStop, emit: Callable[[dict], None] = lambda event: None) -> dict:
-        from .interventions import Intervention
-
         op = request.get("op")
         if op == "encode":
             result = self.runtime.encode(request["sae"], request["text"], request.get("feature"), int(request.get("top", 8)))
             return asdict(result)
         if op in ("generate", "chat"):
-            interventions = [Intervention(int(f), m, float(v)) for f, m, v in request["interventions"]]
+            interventions = [parse_intervention(raw) for raw in request["interventions"]]
             settings = GenerationConfig(**request["settings"])
             prompt_ids, on_token = None, None
             if op == "chat" or request.get("stream"):
@@ -254,11 +254,22 @@ class ModelServer:
                             deltas[which] = TextDeltas(tokenizer, lambda text: emit({"which": which, "text": text}))
                         deltas[which].add(token_id)
 
-            generated = self.runtime.generate(request["sae"], request.get("prompt", ""), interventions, settings, stop, on_token, prompt_ids)
+            generated = self.runtime.generate(
+                request["sae"], request.get("prompt", ""), interventions, settings, stop, on_token, prompt_ids,
+                frozen_attention=bool(request.get("frozen_attention")),
+            )  # fmt: skip
             if on_token is not None:
                 for d in deltas.values():
                     d.flush()
             return asdict(generated)
+        if op == "sweep":  # {"op": "sweep", "request": SweepRequest as a dict}; progress events {"progress": {stage, done, total}}
+            from .sweep import SweepRequest
+
+            try:
+                sweep = SweepRequest.from_dict(request["request"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LiveError(f"not a sweep request: {exc}") from exc
+            return asdict(self.runtime.sweep(sweep, lambda p: emit({"progress": asdict(p)}), stop))
         raise LiveError(f"unknown request {op!r}")
 
     def serve(self, path: str) -> None:
@@ -271,6 +282,19 @@ class ModelServer:
         while True:
             conn, _ = listener.accept()
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+
+def parse_intervention(raw: object) -> Intervention:
+    """An intervention on the wire: [feature, mode, value], [feature, mode, value, condition spec or null],
+    or a spec string FEATURE:MODE:VALUE[@CONDITION]."""
+    from .interventions import Condition, Intervention
+
+    if isinstance(raw, str):
+        return Intervention.parse(raw)
+    if isinstance(raw, (list, tuple)) and len(raw) in (3, 4):
+        condition = Condition.parse(raw[3]) if len(raw) == 4 and raw[3] else None
+        return Intervention(int(raw[0]), raw[1], float(raw[2]), condition)
+    raise LiveError(f"not an intervention: {raw!r}")
 
 
 def _exit_with_parent(parent: int) -> None:
