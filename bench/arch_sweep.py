@@ -19,7 +19,8 @@ that already holds a trained SAE and its eval.json is reused, so a killed sweep 
   the trained SAE's L0 on the target, the coefficient by L0 / target (a weaker penalty when too few fire),
   and the first seed is trained again; the other seeds use the last settings. Every try is in the JSON.
 - With --store: each SAE is mined (--mine-tokens, from the corpus start) into the store so /compare can
-  show it; with --bench also `saescope bench-sae` (sae_core.evaluation, when present) for each seed in
+  show it (the store takes eval.json's metrics, so pair it with --eval-tokens > 0; heldout.json stays in
+  the folder and the JSON); with --bench also `saescope bench-sae` (sae_core.evaluation, when present) for each seed in
   --bench-seeds.
 Prints the table (app/compare.py's, the one the page shows) and, per architecture and L0, each metric's
 mean and spread (max - min) over the training seeds; --json writes everything.
