@@ -248,6 +248,19 @@ def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
     for path in paths:
         validate(json.loads(path.read_text()))
     assert {p.name for p in paths} >= {"core_eval_results.json", "meta_structure_decoder_variance_eval_results.json"}
+    # the command: another seed, stored beside the first, its JSON in the SAE folder
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    args = ["bench-sae", "--sae", name, "--seed", "1", "--db", url, "--tokens", "1024", "--window-stride", "1", "--meta-sae-steps", "30"]
+    args += ["--absorption-words", "200", "--n2g-features", "16", "--device", "cpu", "--model-dtype", "float32"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "core: fvu" in r.output and "stages:" in r.output
+    with Session(engine) as s:
+        assert [b.seed for b in read_benchmarks(s, name)] == [0, 1]
+    assert (folder / "saebench" / "seed1" / "core_eval_results.json").is_file()
 
 
 def test_first_letter_activations_from_the_cached_prefix_equal_whole_prompts(tiny_lm):
