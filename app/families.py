@@ -21,7 +21,7 @@ from sae_core.store.schema import SAE, Explanation, Feature, FeatureRelation, To
 
 from . import queries
 from .deps import read_connection
-from .render import fmt, pct, templates, visible
+from .render import VISIBLE, fmt, pct, templates
 
 router = APIRouter(include_in_schema=False)
 api_router = APIRouter(prefix="/api/v1", tags=["v1"])
@@ -187,6 +187,23 @@ def family(conn: Connection, sae: str, index: int) -> dict:
 NODE_W, NODE_H, GAP_X, GAP_Y, PAD = 150, 48, 16, 56, 12
 
 
+def svg_token(text: str) -> Markup:
+    """A token for SVG <text>: escaped, its whitespace as faint marks in <tspan>s. render.visible's <span> and
+    <br> are HTML: inside an inline <svg> the HTML parser ends the SVG at them (the rest of the tree then
+    spilled out as plain text after the first node whose token began with a space)."""
+    if text == "":
+        return Markup('<tspan class="ws">∅</tspan>')
+    out = []
+    for ch in text:
+        if ch in VISIBLE:
+            out.append(Markup('<tspan class="ws">{}</tspan>').format(VISIBLE[ch]))
+        elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0:
+            out.append(Markup('<tspan class="ws">{}</tspan>').format(f"\\x{ord(ch):02x}"))
+        else:
+            out.append(escape(ch))
+    return Markup("").join(out)
+
+
 def tree_svg(root: dict, focus: dict) -> Markup:
     """The family as SVG: one row per SAE width (narrowest on top), each member a linked box with its
     strongest token, each edge labelled with its decoder cosine. Presentation attributes and classes
@@ -242,7 +259,7 @@ def tree_svg(root: dict, focus: dict) -> Markup:
             f'<rect x="{left:.0f}" y="{y}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{"#fff4d6" if here else "#f4f6fa"}" '
             f'stroke="{"#c80" if here else "#99a"}"/>'
             f'<text x="{x:.0f}" y="{y + 18}" font-size="12" text-anchor="middle">{short}</text>'
-            f'<text x="{x:.0f}" y="{y + 36}" font-size="12" text-anchor="middle">{visible(token) if token is not None else "–"}'
+            f'<text x="{x:.0f}" y="{y + 36}" font-size="12" text-anchor="middle">{svg_token(token) if token is not None else "–"}'
             f" · {pct(node['density'], 3)}</text></a>"
         )
     out.append("</svg>")

@@ -228,6 +228,21 @@ def test_pages_link_parents_children_and_matches(family_store):
     assert tree["root"]["sae"] == "tiny-64" and tree["root"]["index"] == parent
 
 
+def test_family_tree_svg_holds_only_svg_elements():
+    """Tokens with whitespace or control characters stay inside the SVG: an HTML element such as <span> or
+    <br> in inline SVG ends it in the HTML parser, and the tree's other nodes then spill out as text."""
+    from app.families import tree_svg
+
+    def node(index: int, token: str, children: list) -> dict:
+        return {"sae": "s", "index": index, "n_latents": 8, "density": 0.01, "explanation": "x", "top_tokens": [token],
+                "cosine": 0.5, "children": children}  # fmt: skip
+
+    root = node(0, " believe", [node(1, " trust\n", []), node(2, "", []), node(3, "a\x01<b>", [])])
+    svg = str(tree_svg(root, {"sae": "s", "index": 0}))
+    assert set(re.findall(r"<([a-z]+)", svg)) <= {"svg", "line", "text", "a", "title", "rect", "tspan"}
+    assert svg.count("<rect") == 4 and '<tspan class="ws">·</tspan>believe' in svg and "&lt;b&gt;" in svg
+
+
 def test_stability_badge_counts_matches_in_other_seeds(family_store):
     from app.main import create_app
 
