@@ -40,7 +40,7 @@ from .distributed.mining_parts import Part, part_chunks
 from .distributed.mining_parts import plan as shard_plan
 from .errors import SaescopeError
 from .interchange import LoadedSAE, load_sae, sae_bytes
-from .model import LanguageModel, load_model, parse_hook
+from .model import LanguageModel, load_model, parse_hook_point
 from .sae.base import DictionarySAE
 from .shard_writer import CacheResult, ShardEncoder, fill_shards, finished
 from .store import db, write
@@ -291,7 +291,7 @@ def open_store(cfg: MineConfig, grid: Grid, plan: ShardPlan, job: MiningJob) -> 
 
 def prepare_model(job: MiningJob, cfg: MineConfig, lm: LanguageModel | None) -> LanguageModel:
     """The model the SAE reads (loaded unless given), checked against the SAE's hook and width."""
-    layer = parse_hook(job.hook)
+    layer = parse_hook_point(job.hook).layer  # a residual SAE's hook, or a transcoder's MLP input
     lm = lm or load_model(job.model_name, cfg.device, cfg.model_dtype)
     lm.check_layer(layer)
     if lm.d_model != job.sae.cfg.d_in:

@@ -8,6 +8,9 @@ Model names (one string, see `load_model`):
 
 Hook points use the TransformerLens / SAELens name of a layer's residual-stream output:
     blocks.{L}.hook_resid_post      L counts from 0, so blocks.0 is the first decoder layer's output.
+and, for transcoders (sae/transcoder.py), of what layer L's MLP reads and writes:
+    blocks.{L}.hook_mlp_in          the MLP's input: the output of the layer's pre-MLP norm (Llama: post_attention_layernorm)
+    blocks.{L}.hook_mlp_out         the MLP's output, before it is added to the residual stream
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ HOOK_PATTERN = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 # Where the final norm sits under `model.base_model`: Llama/Mistral/Qwen/Gemma, GPT-2/GPT-J/Bloom, GPT-NeoX, Phi,
 # OPT, multimodal wrappers. Other layouts are found by watching a forward pass (LanguageModel.final_norm).
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm", "language_model.norm")
+
+
+HOOK_POINT = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_in|mlp_out)$")
+
+
+class HookPoint(NamedTuple):
+    """A hook name read: the layer, and the site (resid_post, mlp_in or mlp_out)."""
+
+    layer: int
+    site: str
+
+
+def parse_hook_point(hook: str) -> HookPoint:
+    """The layer and site of `blocks.{L}.hook_resid_post`, `blocks.{L}.hook_mlp_in` or `blocks.{L}.hook_mlp_out`."""
+    match = HOOK_POINT.match(hook)
+    if not match:
+        raise SaescopeError(
+            f"hook {hook!r} is not of the form blocks.<layer>.hook_resid_post, blocks.<layer>.hook_mlp_in or blocks.<layer>.hook_mlp_out"
+        )
+    return HookPoint(int(match.group(1)), match.group(2))
 
 
 def parse_hook(hook: str) -> int:
@@ -217,6 +240,66 @@ class LanguageModel:
         finally:
             handle.remove()
         return captured[0]
+
+    def mlp(self, layer: int) -> nn.Module:
+        """Decoder layer `layer`'s MLP (its `mlp` submodule: Llama, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX)."""
+        self.check_layer(layer)
+        mlp = getattr(self.layers[layer], "mlp", None)
+        if not isinstance(mlp, nn.Module):
+            raise SaescopeError(f"cannot find the MLP of {type(self.layers[layer]).__name__} (no `mlp` submodule)")
+        return mlp
+
+    @torch.inference_mode()
+    def mlp_activations(self, input_ids: torch.Tensor, layers: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """One forward pass, up to the last of `layers`' MLPs: layer -> (MLP input, MLP output), each [batch, seq, d_model]."""
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        last = max(layers)
+
+        def grabber(layer: int) -> Callable[..., None]:
+            def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
+                x = args[0] if args else next(iter(kwargs.values()))
+                captured[layer] = (x, output[0] if isinstance(output, tuple) else output)
+                if layer == last:
+                    raise _StopForward
+
+            return grab
+
+        handles = [self.mlp(layer).register_forward_hook(grabber(layer), with_kwargs=True) for layer in sorted(set(layers))]
+        try:
+            self.model.base_model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    def activations(self, input_ids: torch.Tensor, hook: str) -> torch.Tensor:
+        """The activations at hook point `hook` (parse_hook_point), [batch, seq, d_model]; later layers never run."""
+        point = parse_hook_point(hook)
+        if point.site == "resid_post":
+            return self.residuals(input_ids, point.layer)
+        x, y = self.mlp_activations(input_ids, [point.layer])[point.layer]
+        return x if point.site == "mlp_in" else y
+
+    @contextlib.contextmanager
+    def replace_mlps(self, fns: dict[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+        """Within the block, layer L's MLP output is replaced by fns[L](MLP input), for every L in `fns` at once
+        (a transcoder standing in for each MLP)."""
+
+        def replacer(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+            def swap(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+                x = args[0] if args else next(iter(kwargs.values()))
+                return fn(x).to(output.dtype)
+
+            return swap
+
+        handles = [self.mlp(layer).register_forward_hook(replacer(fn), with_kwargs=True) for layer, fn in fns.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.inference_mode()
     def residuals(self, input_ids: torch.Tensor, layer: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from . import corpus as corpus_mod
 from .config import CacheConfig
 from .errors import SaescopeError
-from .model import LanguageModel, load_model, parse_hook
+from .model import LanguageModel, load_model, parse_hook_point
 from .windows import WindowSource
 
 
@@ -37,7 +37,7 @@ class ModelStream:
         if not 0 <= cfg.skip_positions < cfg.context_size:
             raise SaescopeError("--skip-positions must be smaller than --context-size")
         self.cfg = cfg
-        self.layer = parse_hook(cfg.hook)
+        self.layer = parse_hook_point(cfg.hook).layer
         self.lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
         self.lm.check_layer(self.layer)
         self.corpus = corpus_mod.open_corpus(cfg.corpus)

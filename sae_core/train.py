@@ -124,7 +124,15 @@ class Trainer:
     share of the activations with batch_size / dp_size rows of every global batch, each latent-parallel
     rank holds a slice of the latents; the default is one process, whose path no reduction touches."""
 
-    def __init__(self, cfg: TrainConfig, activations: Path | ModelStream, out: Path, resume: bool = False, grid: Grid | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        activations: Path | ModelStream,
+        out: Path,
+        resume: bool = False,
+        grid: Grid | None = None,
+        resume_state: dict | None = None,
+    ):
         keep_large_buffers()  # the step's encoder blocks would otherwise be mapped afresh each time
         self.cfg, self.out = cfg, Path(out)
         self.grid = grid = grid or single_process()
@@ -154,7 +162,9 @@ class Trainer:
             "cache_windows": full.n_windows,
             "d_in": source.d_model,
         }
-        if resume and self.ckpt_path.exists():
+        if resume_state is not None:  # a run of several SAEs keeps their states in one checkpoint (train_transcoders.py)
+            self._resume(resume_state)
+        elif resume and self.ckpt_path.exists():
             self._resume()
         else:
             if self.out.exists() and any(self.out.iterdir()) and not resume:
@@ -187,7 +197,7 @@ class Trainer:
                 sae.W_dec.copy_(torch.nn.functional.normalize(torch.randn(sae.W_dec.shape, generator=gen), dim=1))
                 sae.W_enc.copy_(torch.randn(sae.W_enc.shape, generator=gen) / self.source.d_model**0.5)
             if cfg.geometric_median_init:
-                sae.b_pre.copy_(geometric_median(sample[:4096] * self.scale))
+                sae.b_pre.copy_(geometric_median(sae.bias_init_rows(sample[:4096]) * self.scale))
         if self.grid.distributed:  # every rank starts from rank 0's scale and b_pre, and its group's slice
             self.scale = float(self.grid.world.broadcast_(torch.tensor([self.scale], dtype=torch.float64, device=self.device)).item())
             self.grid.world.broadcast_(sae.b_pre.data)
@@ -196,9 +206,10 @@ class Trainer:
         if cfg.ema:
             self.ema_state = {k: v.clone() for k, v in sae.state_dict().items()}
 
-    def _resume(self) -> None:
+    def _resume(self, state: dict | None = None) -> None:
         cfg, d_model = self.cfg, self.source.d_model
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes anywhere
+        if state is None:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)  # a GPU run's checkpoint resumes anywhere
         if state["config"] != cfg.identity() or state["d_in"] != d_model:
             diff = [k for k, v in cfg.identity().items() if state["config"].get(k) != v]
             if state["d_in"] != d_model:
@@ -226,20 +237,28 @@ class Trainer:
             kept = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.step_no]
             log.write_text("".join(ln + "\n" for ln in kept))
 
-    def checkpoint(self) -> None:
-        """Rank 0 writes the checkpoint; with latent parallelism each slice's state goes to a file of its
-        own first, and the checkpoint names the slices once all are written (distributed/checkpoint.py)."""
-        part = {
+    def checkpoint_state(self) -> dict:
+        """One process's whole training state, as `checkpoint` writes it and `_resume` reads it."""
+        meta = {"config": self.cfg.identity(), "d_in": self.source.d_model, "scale": self.scale, "step": self.step_no}
+        return {**meta, **self._state_part(), "world": self.grid.layout()}
+
+    def _state_part(self) -> dict:
+        return {
             "sae": self.sae.state_dict(),
             "opt": self.opt.state_dict(),
             "tokens_since_fired": self.tokens_since_fired.cpu(),
             "ema": self.ema_state,
         }
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes the checkpoint; with latent parallelism each slice's state goes to a file of its
+        own first, and the checkpoint names the slices once all are written (distributed/checkpoint.py)."""
+        part = self._state_part()
         meta = {"config": self.cfg.identity(), "d_in": self.source.d_model, "scale": self.scale, "step": self.step_no}
         if self.grid.lp.size > 1:
             save_sliced(self.ckpt_path, {**meta, "world": self.grid.layout()}, part, self.grid, self.step_no, _save_checkpoint)
         elif self.grid.is_main:
-            _save_checkpoint(self.ckpt_path, {**meta, **part, "world": self.grid.layout()})
+            _save_checkpoint(self.ckpt_path, self.checkpoint_state())
 
     def step(self, raw: torch.Tensor, where: str = "") -> StepResult:
         """One optimiser step on a batch of raw activations; `where` names the batch in errors."""
@@ -273,6 +292,20 @@ class Trainer:
         if self.step_no % LOG_EVERY == 0 or self.step_no == self.total_steps:
             result.dead_fraction = self._dead_fraction()
         return result
+
+    def finish(self, stats: dict) -> None:
+        """At the end of training: the EMA weights in place (where kept), the training record in the metadata."""
+        if self.ema_state is not None:
+            self.sae.load_state_dict(self.ema_state)
+        self.meta["training"] = {
+            **self.cfg.identity(),
+            "lr": self.lr,
+            "dead_tokens": self.dead_tokens,
+            "input_scale": self.scale,
+            "steps": self.step_no,
+            "tokens_trained": self.step_no * self.cfg.batch_size,
+            "final": stats,
+        }
 
     def _dead_fraction(self) -> float:
         dead = self.tokens_since_fired >= self.dead_tokens
@@ -323,17 +356,7 @@ class Trainer:
                         self.checkpoint()
         bar.close()
         elapsed = time.perf_counter() - t0
-        if self.ema_state is not None:
-            self.sae.load_state_dict(self.ema_state)
-        self.meta["training"] = {
-            **cfg.identity(),
-            "lr": self.lr,
-            "dead_tokens": self.dead_tokens,
-            "input_scale": self.scale,
-            "steps": self.step_no,
-            "tokens_trained": self.step_no * cfg.batch_size,
-            "final": stats,
-        }
+        self.finish(stats)
         whole = self.sae.gather()  # a latent-parallel slice gathers its group's (every rank of it takes part)
         if self.grid.is_main:
             save_sae(whole, self.out, scale=self.scale, metadata=self.meta)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import corpus as corpus_mod
-from .model import LanguageModel, parse_hook
+from .model import LanguageModel, parse_hook_point
 
 if TYPE_CHECKING:
     from .config import CacheConfig
@@ -76,7 +76,7 @@ class WindowSource:
         start: int,
         from_cache: CachedWindows | None = None,
     ):
-        self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook(cfg.hook), start
+        self.lm, self.corpus, self.cfg, self.layer, self.pos = lm, corpus, cfg, parse_hook_point(cfg.hook).layer, start
         self.cached = from_cache
         self.n_cached = from_cache.whole_windows if from_cache is not None else 0
         self.windows: Iterator[corpus_mod.Windows] | None = None  # opened at the first window past the cache
@@ -109,6 +109,10 @@ class WindowSource:
             acts,
         )
 
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's activations at the hook for windows `tokens` [windows, context_size]."""
+        return self.lm.activations(tokens, self.cfg.hook)
+
     def _run(self, n: int) -> WindowBatch | None:
         cfg = self.cfg
         if self.windows is None:
@@ -118,6 +122,6 @@ class WindowSource:
         if not batch:
             return None
         tokens = np.concatenate([w.tokens for w in batch])
-        acts = self.lm.residuals(torch.from_numpy(tokens).long(), self.layer)[:, cfg.skip_positions :]
+        acts = self.forward(torch.from_numpy(tokens).long())[:, cfg.skip_positions :]
         self.pos += len(batch)
         return WindowBatch(tokens, np.concatenate([w.doc_index for w in batch]), np.concatenate([w.doc_offset for w in batch]), acts)

@@ -116,6 +116,11 @@ class DictionaryParameters(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
+    def bias_init_rows(self, sample: torch.Tensor) -> torch.Tensor:
+        """The rows of a sample of training batches whose geometric median b_pre starts at (the inputs; a
+        transcoder's batch holds its targets too, and its b_pre is theirs)."""
+        return sample
+
     def begin_step(self, step: int) -> None:
         """Called by the trainer before each step's `loss_and_grads` with the steps done so far (JumpReLU's
         L0 warm-up reads it); most architectures ignore it."""

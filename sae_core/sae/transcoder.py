@@ -81,6 +81,9 @@ class TranscoderSAE(DictionarySAE):
         """The linear skip term's contribution for inputs x, or None without one."""
         return None
 
+    def bias_init_rows(self, sample: torch.Tensor) -> torch.Tensor:
+        return sample[:, self.cfg.d_in :]  # b_pre is the output's bias: it starts at the targets' geometric median
+
     def saelens_cfg_fields(self) -> dict:
         fields: dict = {"k": self.cfg.k, "d_out": self.cfg.d_in, "apply_b_dec_to_input": False}
         if self.cfg.layer is not None:
