@@ -204,3 +204,21 @@ def _with_head(allow: bytes) -> bytes:
     if "GET" in methods and "HEAD" not in methods:
         methods.insert(methods.index("GET") + 1, "HEAD")
     return ", ".join(methods).encode("latin-1")
+
+
+class RefuseNul:
+    """ASGI middleware, outermost: a request whose path or query holds a NUL character is answered 400
+    here. PostgreSQL stores no NUL in text, so such a value reached the store as a 500 (the search API's
+    `q`, any SAE name); no name, query or text of ours holds one, so nothing is lost by refusing it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            body = b'{"detail":"NUL characters are not accepted in a path or query"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 400, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

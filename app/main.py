@@ -31,7 +31,7 @@ from sae_core.store import db
 
 from . import accounts, annotations, api, compare, deps, families, feature_map, live, pages
 from .config import AppConfig
-from .http import HeadAsGet, HTTPPolicy
+from .http import HeadAsGet, HTTPPolicy, RefuseNul
 from .meaning_search import MeaningWarmUp
 from .render import templates
 from .response_cache import GZIP_LEVEL, MIN_COMPRESS, ResponseCache
@@ -189,5 +189,6 @@ def add_middleware(app: FastAPI, config: AppConfig) -> None:
     app.add_middleware(GZipMiddleware, minimum_size=MIN_COMPRESS, compresslevel=GZIP_LEVEL)
     # Who is asking (sessions, API keys), CSRF and the model's fair-use limits: outside the response cache.
     accounts.add_middleware(app)
-    # Outermost: HEAD runs as GET through everything above, so its headers are exactly the GET's.
+    # Outside all of the above: HEAD runs as GET through everything above, so its headers are exactly the GET's.
     app.add_middleware(HeadAsGet)
+    app.add_middleware(RefuseNul)  # before anything reads the path or query (PostgreSQL takes no NUL in text)

@@ -174,3 +174,19 @@ def test_head_over_a_real_server_sends_no_body(mined_store):
         conn.close()
     finally:
         server.stop()
+
+
+def test_nul_in_a_path_or_query_is_a_400_not_a_500_on_postgresql(pg_url):
+    """PostgreSQL stores no NUL in text: a NUL that reached a query there was a 500 (the search API's q)."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from sae_core.store import db as store_db
+
+    store_db.upgrade(store_db.make_engine(pg_url))
+    with TestClient(create_app(pg_url)) as pg_client:
+        assert pg_client.get("/api/v1/search", params={"q": "whale"}).status_code == 200
+        for path in ("/api/v1/search?q=wh%00ale", "/search?q=%00", "/api/v1/saes/a%00b", "/compare?saes=a%00b"):
+            r = pg_client.get(path)
+            assert r.status_code == 400, (path, r.status_code, r.text[:200])
+            assert "NUL" in r.json()["detail"]
