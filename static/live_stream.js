@@ -28,6 +28,8 @@
     const target = document.querySelector(form.dataset.target);
     const state = target.querySelector(".stream-state");
     const columns = {};
+    const html = target.querySelector(".stream-html");
+    if (html) html.textContent = "";
     target.querySelectorAll(".stream-text").forEach((el) => { el.textContent = ""; columns[el.dataset.which] = el; });
     target.dataset.events = "0";
     target.hidden = false;
@@ -63,6 +65,17 @@
             columns[data.which].textContent += data.text;
             target.dataset.events = String(Number(target.dataset.events || 0) + 1);
             state.textContent = `generating the ${data.which} reply…`;
+          } else if (event === "progress") {
+            const bar = target.querySelector(".stream-progress");
+            if (bar) { bar.max = data.total; bar.value = data.done; }
+            state.textContent = `${data.stage}: ${data.done} of ${data.total} tokens`;
+          } else if (event === "done" && data.html !== undefined) {
+            target.querySelector(".stream-html").innerHTML = data.html;  // our server's fragment: markup and SVG, no script
+            state.textContent = "";
+            const bar = target.querySelector(".stream-progress");
+            if (bar) bar.value = bar.max;
+            history.replaceState(null, "", data.permalink);
+            target.dataset.done = "true";
           } else if (event === "done") {
             ["default", "steered"].forEach((w) => { if (columns[w]) columns[w].textContent = data[w].text; });
             state.textContent = "";
@@ -74,6 +87,10 @@
             a.textContent = "Permalink";
             state.append(a);
             target.dataset.done = "true";
+          } else if (event === "error" && data.status === 503 && data.retry_after) {
+            // loading or busy: ask again by itself after the Retry-After, as the htmx pages do
+            state.textContent = `${data.detail}; trying again in ${Math.round(data.retry_after)} s…`;
+            setTimeout(() => { if (!running) run(form); }, data.retry_after * 1000);
           } else if (event === "error") {
             state.textContent = `${data.status}: ${data.detail}`;
             target.classList.add("stream-error");

@@ -20,6 +20,7 @@ from sae_core.errors import NotFound
 from sae_core.live.errors import LiveError, Unavailable
 from sae_core.live.interventions import Intervention, steer_permalink
 from sae_core.live.pool import ClientGone, LiveClient, ModelPool
+from sae_core.live.sweep import SweepRequest, sweep_permalink
 from sae_core.store.schema import SAE, Feature
 
 from .. import queries
@@ -193,9 +194,12 @@ async def _stream(request: Request, payload: dict, finish: Callable[[dict], dict
             event: dict | None = first
             while event is not None:
                 if "result" in event:
-                    yield _sse("done", SteerResponse.model_validate(finish(event["result"])).model_dump(mode="json"))
+                    yield _sse("done", finish(event["result"]))
                     return
-                yield _sse("token", event)
+                if "progress" in event:
+                    yield _sse("progress", event["progress"])
+                else:
+                    yield _sse("token", event)
                 event = await events.__anext__()
         except ClientGone:
             return
@@ -224,12 +228,35 @@ def stream_refused(exc: Exception) -> StreamingResponse:
 
 async def steer_stream(request: Request, body: SteerRequest) -> StreamingResponse:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
-    return await _stream(request, _steer_payload(body), _steer_link(body))
+    return await _stream(request, _steer_payload(body), lambda result: _answer(_steer_link(body)(result)))
 
 
 async def chat_stream(request: Request, body: ChatRequest) -> StreamingResponse:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
-    return await _stream(request, _chat_payload(body), lambda result: {**result, "permalink": chat_permalink(body)})
+    return await _stream(request, _chat_payload(body), lambda result: _answer({**result, "permalink": chat_permalink(body)}))
+
+
+def _answer(result: dict) -> dict:
+    """A generation's answer as the non-streamed endpoint gives it (its response model's fields)."""
+    return SteerResponse.model_validate(result).model_dump(mode="json")
+
+
+async def _check_sweep(request: Request, sweep: SweepRequest) -> None:
+    features = [sweep.intervention.feature] + ([sweep.target_feature] if sweep.target_feature is not None else [])
+    await read_connection(request, check, sweep.sae, features)
+
+
+async def sweep(request: Request, sweep: SweepRequest) -> dict:
+    """A strength sweep (sae_core/live/sweep.py) run by the model process, with its permalink."""
+    await _check_sweep(request, sweep)
+    result = await request.app.state.live.call(request, {"op": "sweep", "request": sweep.canonical()})
+    return {**result, "permalink": sweep_permalink(sweep)}
+
+
+async def sweep_stream(request: Request, sweep: SweepRequest, finish: Callable[[dict], dict]) -> StreamingResponse:
+    """The sweep's progress events ({stage, done, total}: generated tokens) as it runs, then `done`."""
+    await _check_sweep(request, sweep)
+    return await _stream(request, {"op": "sweep", "request": sweep.canonical()}, finish)
 
 
 async def or_gone(work: Awaitable[Any]) -> Any:

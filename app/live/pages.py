@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Annotated, Any, Awaitable, Callable
 
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from sae_core.config import GenerationConfig
+from sae_core.config import GenerationConfig, LiveConfig
 from sae_core.errors import NotFound
 from sae_core.live.errors import LiveError, Loading
 from sae_core.live.interventions import MODES, Intervention
 from sae_core.live.pool import ClientGone
+from sae_core.live.sweep import BUILTIN_PROMPTS, SweepRequest, sweep_permalink
 
 from ..deps import read_connection
 from ..render import heat, templates
+from ..svg_plots import Axis, Point, Series, scatter_svg
 from . import gateway
 from .schemas import DETERMINISM, MAX_TEXT_CHARS, ActivationsRequest, ChatMessage, ChatRequest, InterventionModel, SteerRequest
 
@@ -326,3 +329,136 @@ async def steer_stream(
     if len(body.interventions) > limits.max_interventions or body.max_new_tokens > limits.max_new_tokens_limit:
         raise LiveError(f"at most {limits.max_interventions} interventions and {limits.max_new_tokens_limit} new tokens on this server")
     return await gateway.steer_stream(request, body)
+
+
+# ---------------------------------------------------------------------- sweeps
+
+
+def _sweep_request(
+    sae: str, intervention: str, strengths: list[str], prompts: list[str], heldout: list[str], target_feature: str, target_token: str,
+    max_new_tokens: int, max_cost_increase: float, limits: LiveConfig,
+) -> SweepRequest:  # fmt: skip
+    """The sweep the form or the permalink asks for; LiveError with the reason otherwise. Strengths may
+    come one per field or comma-separated in one; prompts one per field or one per line (none: the built-in set)."""
+    from sae_core.live.sweep import MAX_PROMPTS, MAX_STRENGTHS
+
+    if not intervention.strip():
+        raise LiveError("name the intervention: FEATURE:MODE:VALUE, e.g. 3758:add:1 (the value is replaced by each strength)")
+    iv = Intervention.parse(intervention)
+    values: list[float] = []
+    for raw in (part for field in strengths for part in field.replace(";", ",").split(",")):
+        if raw.strip():
+            try:
+                values.append(float(raw))
+            except ValueError as exc:
+                raise LiveError(f"strength {raw.strip()!r} is not a number") from exc
+    if not values:
+        raise LiveError("give at least one strength (e.g. 1, 2, 4, 8)")
+    if len(values) > MAX_STRENGTHS or not all(math.isfinite(v) and abs(v) < 1e6 for v in values):
+        raise LiveError(f"at most {MAX_STRENGTHS} strengths, each finite and under 1e6 in size")
+    lines = [line.strip() for field in prompts for line in field.splitlines() if line.strip()]
+    held = [line.strip() for field in heldout for line in field.splitlines() if line.strip()]
+    if len(lines) > MAX_PROMPTS or len(held) > MAX_PROMPTS:
+        raise LiveError(f"at most {MAX_PROMPTS} prompts and {MAX_PROMPTS} held-out prompts")
+    if not 1 <= max_new_tokens <= min(limits.max_new_tokens_limit, 256):
+        raise LiveError(f"new tokens must be between 1 and {min(limits.max_new_tokens_limit, 256)}")
+    target = None
+    if target_feature.strip():
+        try:
+            target = int(target_feature)
+        except ValueError as exc:
+            raise LiveError(f"target feature {target_feature!r} is not a whole number") from exc
+    return SweepRequest(
+        sae, iv, tuple(values), tuple(lines) or None, tuple(held) or None, target, target_token or None, max_new_tokens, max_cost_increase
+    )
+
+
+@router.get("/saes/{sae}/sweep")
+async def sweep_page(
+    request: Request,
+    sae: str = SaeName,
+    intervention: str = Query("", max_length=200),
+    strength: list[str] = Query([]),
+    strengths: str = Query("", max_length=400),
+    prompt: list[str] = Query([]),
+    prompts: str = Query("", max_length=MAX_TEXT_CHARS),
+    heldout: list[str] = Query([]),
+    target_feature: str = Query("", max_length=12),
+    target_token: str = Query("", max_length=100),
+    max_new_tokens: int = Query(32, ge=1, le=4096),
+    max_cost_increase: float = Query(1.0, ge=0, le=100),
+    key: str = Query("", max_length=64),
+) -> Response:
+    """A strength sweep: the form, and (when the query names an intervention: a permalink) its result,
+    streamed: progress while the model process runs it, then the lift and cost charts."""
+    await gateway.sae_or_404(request, sae)
+    ctx = {
+        "sae": sae,
+        "intervention": intervention,
+        "strengths": ", ".join([s for s in strength if s.strip()] + ([strengths] if strengths.strip() else [])) or "1, 2, 4, 8, 16",
+        "prompts": "\n".join(prompt + ([prompts] if prompts.strip() else [])),
+        "heldout": "\n".join(heldout),
+        "target_feature": target_feature,
+        "target_token": target_token,
+        "max_new_tokens": max_new_tokens,
+        "max_cost_increase": f"{max_cost_increase:g}",
+        "builtin": BUILTIN_PROMPTS,
+        "run": bool(intervention.strip()),
+    }
+    return templates.TemplateResponse(request, "sweep.html", ctx)
+
+
+@router.post("/saes/{sae}/sweep/stream")
+@_streamed
+async def sweep_stream(
+    request: Request,
+    sae: str = SaeName,
+    intervention: Annotated[str, Form(max_length=200)] = "",
+    strengths: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+    prompts: Annotated[list[str], Form()] = [],  # noqa: B006
+    heldout: Annotated[list[str], Form()] = [],  # noqa: B006
+    target_feature: Annotated[str, Form(max_length=12)] = "",
+    target_token: Annotated[str, Form(max_length=100)] = "",
+    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = 32,
+    max_cost_increase: Annotated[float, Form(ge=0, le=100)] = 1.0,
+) -> Response:
+    """The sweep page's form, streamed: `progress` events, then `done` with the charts' fragment."""
+    sweep = _sweep_request(
+        sae, intervention, strengths, prompts, heldout, target_feature, target_token, max_new_tokens, max_cost_increase,
+        request.app.state.live.limits,
+    )  # fmt: skip
+
+    def finish(result: dict) -> dict:
+        link = sweep_permalink(sweep)
+        html = templates.get_template("_live_sweep.html").render(sweep_view(result, link))
+        return {"permalink": link, "html": html, "suggested": result["suggested"], "stopped": result["stopped"]}
+
+    return await gateway.sweep_stream(request, sweep, finish)
+
+
+def sweep_view(result: dict, permalink: str) -> dict:
+    """The sweep fragment's context: lift, and the cost (fluency, KL) against strength as SVG plots."""
+    points, base = result["points"], result["baseline"]
+    lift_name = "target token's probability" if result.get("lift_kind") == "token" else "feature's mean activation on the generated tokens"
+    suggested = result["suggested"]
+
+    def series(name: str, metric: str, style: int) -> Series:
+        pts = [Point(p["strength"], p[metric], f"strength {p['strength']:g}: {metric} {p[metric]:.4g}") for p in points]
+        return Series(name, pts, style)
+
+    def marks(metric: str, style: int) -> list[Series]:
+        out = [Series("unsteered", [Point(0.0, base[metric], f"unsteered: {metric} {base[metric]:.4g}")], 6)]
+        chosen = [p for p in points if suggested is not None and p["strength"] == suggested]
+        if chosen:
+            out.append(Series("suggested", [Point(suggested, chosen[0][metric], f"suggested {suggested:g}")], style))
+        return out
+
+    strength = Axis("strength")
+    lift_svg = scatter_svg(f"Lift: the {lift_name}", strength, Axis("lift"), [series("steered", "lift", 0), *marks("lift", 4)])
+    cost_svg = scatter_svg(
+        "Cost: fluency (unsteered model's loss on the steered text) and KL from the unsteered model",
+        strength,
+        Axis("nats per token"),
+        [series("fluency", "fluency", 1), series("KL", "kl", 2), *marks("fluency", 4)],
+    )
+    return {"r": result, "lift_svg": lift_svg, "cost_svg": cost_svg, "permalink": permalink, "lift_name": lift_name}
