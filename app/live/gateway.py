@@ -18,7 +18,7 @@ from sqlalchemy import Connection, select
 from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.live.errors import LiveError, Unavailable
-from sae_core.live.interventions import Intervention, steer_permalink
+from sae_core.live.interventions import Condition, Intervention, steer_permalink
 from sae_core.live.pool import ClientGone, LiveClient, ModelPool
 from sae_core.live.sweep import SweepRequest, sweep_permalink
 from sae_core.store.schema import SAE, Feature
@@ -131,20 +131,25 @@ def _steer_payload(body: SteerRequest) -> dict:
         "op": "generate",
         "sae": body.sae,
         "prompt": body.prompt,
-        "interventions": [[iv.feature, iv.mode, iv.value] for iv in body.interventions],
+        "interventions": [[iv.feature, iv.mode, iv.value, iv.condition] for iv in body.interventions],
         "settings": asdict(body.settings()),
+        "frozen_attention": body.frozen_attention,
     }
 
 
 def _steer_link(body: SteerRequest) -> Callable[[dict], dict]:
-    interventions = [Intervention(iv.feature, iv.mode, iv.value) for iv in body.interventions]
-    return lambda result: {**result, "permalink": steer_permalink(body.sae, body.prompt, interventions, body.settings())}
+    interventions = [
+        Intervention(iv.feature, iv.mode, iv.value, Condition.parse(iv.condition) if iv.condition else None) for iv in body.interventions
+    ]
+    link = steer_permalink(body.sae, body.prompt, interventions, body.settings()) + ("&frozen=1" if body.frozen_attention else "")
+    return lambda result: {**result, "permalink": link}
 
 
 async def steer(request: Request, body: SteerRequest) -> dict:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    link = _steer_link(body)  # a bad condition is a 422 before the model runs
     result = await request.app.state.live.call(request, _steer_payload(body))
-    return _steer_link(body)(result)
+    return link(result)
 
 
 def chat_permalink(body: ChatRequest) -> str:
@@ -168,7 +173,7 @@ def _chat_payload(body: ChatRequest) -> dict:
         "op": "chat",
         "sae": body.sae,
         "messages": [m.model_dump() for m in body.messages],
-        "interventions": [[iv.feature, iv.mode, iv.value] for iv in body.interventions],
+        "interventions": [[iv.feature, iv.mode, iv.value, iv.condition] for iv in body.interventions],
         "settings": asdict(body.settings()),
     }
 

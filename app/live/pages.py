@@ -108,15 +108,19 @@ async def feature_try(
     return templates.TemplateResponse(request, "_live_feature_text.html", view)
 
 
-def _form_interventions(features: list[str], modes: list[str], values: list[str]) -> list[InterventionModel]:
+def _form_interventions(
+    features: list[str], modes: list[str], values: list[str], whens: list[str] | None = None
+) -> list[InterventionModel]:
     out = []
+    whens = whens or []
     for i, raw in enumerate(features):
         if not raw.strip():
             continue
         mode = modes[i] if i < len(modes) and modes[i] in MODES else "clamp"
         value = values[i] if i < len(values) and values[i].strip() else "0"
+        when = whens[i].strip() if i < len(whens) and whens[i].strip() else None
         try:
-            out.append(InterventionModel(feature=int(raw), mode=mode, value=float(value)))  # type: ignore[arg-type]
+            out.append(InterventionModel(feature=int(raw), mode=mode, value=float(value), condition=when))  # type: ignore[arg-type]
         except ValueError as exc:
             raise LiveError(f"intervention {i + 1}: feature must be a whole number and value a number ({raw!r}, {value!r})") from exc
     return out
@@ -130,6 +134,8 @@ async def steer_page(
     feature: list[str] = Query([]),
     mode: list[str] = Query([]),
     value: list[str] = Query([]),
+    when: list[str] = Query([]),
+    frozen: str = Query("", max_length=5),
     max_new_tokens: int = Query(STEER_DEFAULTS.max_new_tokens, ge=1, le=4096),
     temperature: float = Query(STEER_DEFAULTS.temperature, ge=0, le=10),
     top_p: float = Query(STEER_DEFAULTS.top_p, gt=0, le=1),
@@ -137,11 +143,16 @@ async def steer_page(
 ) -> Response:
     await gateway.sae_or_404(request, sae)
     rows = [
-        {"feature": f, "mode": mode[i] if i < len(mode) else "clamp", "value": value[i] if i < len(value) else ""}
+        {
+            "feature": f,
+            "mode": mode[i] if i < len(mode) else "clamp",
+            "value": value[i] if i < len(value) else "",
+            "when": when[i] if i < len(when) else "",
+        }
         for i, f in enumerate(feature)
         if f.strip()
     ]
-    rows += [{"feature": "", "mode": "clamp", "value": ""} for _ in range(max(1, 4 - len(rows)))]
+    rows += [{"feature": "", "mode": "clamp", "value": "", "when": ""} for _ in range(max(1, 4 - len(rows)))]
     settings = GenerationConfig(max_new_tokens, temperature, top_p, seed)
     ctx = {
         "sae": sae,
@@ -151,6 +162,7 @@ async def steer_page(
         "modes": MODES,
         "determinism": DETERMINISM,
         "run": bool(prompt),
+        "frozen": bool(frozen),
     }
     return templates.TemplateResponse(request, "steer.html", ctx)
 
@@ -163,6 +175,8 @@ async def steer_result(
     feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
     mode: Annotated[list[str], Form()] = [],  # noqa: B006
     value: Annotated[list[str], Form()] = [],  # noqa: B006
+    when: Annotated[list[str], Form()] = [],  # noqa: B006
+    frozen: Annotated[str, Form(max_length=5)] = "",
     max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
     temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
     top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
@@ -174,11 +188,12 @@ async def steer_result(
         body = SteerRequest(
             sae=sae,
             prompt=prompt,
-            interventions=_form_interventions(feature, mode, value),
+            interventions=_form_interventions(feature, mode, value, when),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            frozen_attention=bool(frozen),
         )
         result = await gateway.steer(request, body)
     except ClientGone:
@@ -192,7 +207,9 @@ async def steer_result(
         "diverge": len(result["steered"]["tokens"]) if diverge is None else diverge,
         "determinism": DETERMINISM,
     }
-    ctx["interventions"] = [Intervention(iv.feature, iv.mode, iv.value).spec() for iv in body.interventions]
+    ctx["interventions"] = [
+        f"{iv.feature}:{iv.mode}:{iv.value:g}" + (f"@{iv.condition}" if iv.condition else "") for iv in body.interventions
+    ]
     return templates.TemplateResponse(request, "_live_steer.html", ctx)
 
 

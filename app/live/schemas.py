@@ -49,6 +49,11 @@ class InterventionModel(BaseModel):
     feature: int = Field(ge=0, le=MAX_INDEX)
     mode: Mode = Field(description="clamp: set the latent to value; add: add value x the decoder direction; scale: multiply it")
     value: float = Field(gt=-1e6, lt=1e6)
+    condition: str | None = Field(
+        None,
+        max_length=200,
+        description="apply only where it holds: gen (generated positions), prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD",
+    )
 
 
 class SteerRequest(BaseModel):
@@ -63,6 +68,7 @@ class SteerRequest(BaseModel):
     temperature: float = Field(0.0, ge=0, le=10, description="0: greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    frozen_attention: bool = Field(False, description="also the steered run with the unsteered run's attention patterns (`frozen`)")
 
     def settings(self) -> GenerationConfig:
         return GenerationConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
@@ -105,6 +111,8 @@ class SteerResponse(BaseModel):
     default: ContinuationModel
     steered: ContinuationModel
     diverges_at: int | None = Field(description="first generated position where the continuations differ")
+    frozen: ContinuationModel | None = Field(None, description="with frozen_attention: the steered run with the unsteered attention")
+    frozen_diverges_at: int | None = Field(None, description="first generated position where `frozen` differs from `default`")
     prompt_truncated: int = Field(
         0, description="tokens cut from the prompt's start (past max_prompt_tokens): prompt_tokens were continued"
     )
