@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=LiveConfig().live_threads, help="torch threads (the model process's --live-threads)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch-rows", type=int, default=64)
+    ap.add_argument("--one-by-one", type=int, default=40, help="how many of the 40 single generations to time (every k-th; scaled to 40)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="steer-sweep-"))
@@ -67,30 +68,40 @@ def main() -> None:
     runtime.generate(sae_name, "Hello", [], GenerationConfig(max_new_tokens=2))  # warm
 
     request = SweepRequest(sae_name, iv, strengths, tuple(BUILTIN_PROMPTS), (), max_new_tokens=args.new_tokens, batch_rows=args.batch_rows)
-    t0 = time.perf_counter()
-    result = runtime.sweep(request)
-    sweep_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = runtime.sweep(
+        request, progress=lambda p: p.done % 256 == 0 and print(f"  sweep {p.stage} {p.done}/{p.total}", file=sys.stderr, flush=True)
+    )
+    sweep_s, sweep_cpu = time.perf_counter() - t0, time.process_time() - c0
     load_mid = os.getloadavg()[0]
+    print(f"sweep done: {sweep_s:.1f} s wall, {sweep_cpu:.1f} s CPU", file=sys.stderr, flush=True)
 
     settings = GenerationConfig(max_new_tokens=args.new_tokens)
-    t0 = time.perf_counter()
+    rows = [(s, i) for s in strengths for i in range(len(BUILTIN_PROMPTS))]
+    step = max(1, len(rows) // args.one_by_one)
+    timed = rows[::step]
+    t0, c0 = time.perf_counter(), time.process_time()
     single: dict[tuple[float, int], list[int]] = {}
-    for s in strengths:
-        for i, prompt in enumerate(BUILTIN_PROMPTS):
-            ids = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            hook = SteeringHook(held.loaded.sae, [iv.with_value(s)], len(ids))
-            single[(s, i)] = runtime.continue_(lm, ids, settings, hook, held.layer).token_ids
-    one_s = time.perf_counter() - t0
-    agree = sum(single[(p.strength, i)] == ids for p in result.points for i, ids in enumerate(p.token_ids))  # type: ignore[index]
+    for s, i in timed:
+        ids = lm.tokenizer(BUILTIN_PROMPTS[i], add_special_tokens=False)["input_ids"]
+        hook = SteeringHook(held.loaded.sae, [iv.with_value(s)], len(ids))
+        single[(s, i)] = runtime.continue_(lm, ids, settings, hook, held.layer).token_ids
+        print(f"  one by one {len(single)}/{len(timed)}", file=sys.stderr, flush=True)
+    scale = len(rows) / len(timed)
+    one_s, one_cpu = (time.perf_counter() - t0) * scale, (time.process_time() - c0) * scale
+    swept = {(p.strength, i): ids for p in result.points for i, ids in enumerate(p.token_ids)}
+    agree = sum(swept[key] == ids for key, ids in single.items())
 
     print(f"\n{'strength':>9} {'lift':>8} {'KL':>8} {'fluency':>8}   first continuation")
     for p in [result.baseline, *result.points]:
         label = "none" if p.strength is None else f"{p.strength:g}"
         print(f"{label:>9} {p.lift:8.3f} {p.kl:8.3f} {p.fluency:8.3f}   {p.texts[0][:60]!r}")
     print(f"suggested strength: {result.suggested}")
-    print(f"\nsweep (48 rows generated + scored, batched): {sweep_s:6.1f} s")
-    print(f"one by one (40 generations only):           {one_s:6.1f} s")
-    print(f"ratio one-by-one / sweep: {one_s / sweep_s:.2f}x; rows with the same tokens: {agree}/40; "
+    print(f"\nsweep (48 rows generated + scored, batched): {sweep_s:6.1f} s wall {sweep_cpu:6.1f} s CPU")
+    note = "" if len(timed) == len(rows) else f" ({len(timed)} timed, scaled x{scale:g})"
+    print(f"one by one (40 generations only{note}): {one_s:6.1f} s wall {one_cpu:6.1f} s CPU")
+    print(f"ratio one-by-one / sweep: {one_s / sweep_s:.2f}x wall, {one_cpu / sweep_cpu:.2f}x CPU; rows with the same tokens: "
+          f"{agree}/{len(single)}; "
           f"load average {load_mid:.1f} after the sweep, {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     shutil.rmtree(tmp, ignore_errors=True)
 
