@@ -1,0 +1,115 @@
+"""Attribution-graph speed (issue 29 item 5): a prompt's graph on the bundled model, every layer's MLP replaced by a
+transcoder; node and edge counts before and after pruning, wall and CPU time, peak memory; the peer in the same run
+is one plain forward pass of the model on the same prompt (the graph's cost in forward passes).
+
+    nice .venv/bin/python bench/trace_speed.py --tokens 16 --tokens 64 --time-limit 900
+
+Transcoders: randomly initialised TopK transcoders of the trained ones' shape (n_latents, k), which cost about the same
+to trace: a TopK code has up to k active latents per position whichever weights it has (the counts printed say how
+many were active). Loading trained ones is the next step, once K1's per-layer set is saved.
+A build past --time-limit stops; its rate (targets per
+second, the share done) is printed with an extrapolation marked as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sae_core.circuits.attribution import AttributionConfig, GraphTimeLimit, attribute  # noqa: E402
+from sae_core.circuits.prune import prune  # noqa: E402
+from sae_core.circuits.scores import graph_scores  # noqa: E402
+from sae_core.model import load_model  # noqa: E402
+from sae_core.sae.transcoder import TranscoderConfig, TranscoderSAE  # noqa: E402
+
+TEXT = (
+    "The capital of the country whose largest city is Toronto is Ottawa, and the capital of the country whose "
+    "largest city is Sydney is Canberra. Rivers, mountains and lakes make the geography of a place; its people "
+    "make its history. In the morning the market opens early and the bakers sell fresh bread to the town."
+)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def transcoders(lm, n_latents: int, k: int) -> dict[int, TranscoderSAE]:
+    out = {}
+    for L in range(lm.n_layers):
+        g = torch.Generator().manual_seed(L)
+        tc = TranscoderSAE(TranscoderConfig(d_in=lm.d_model, n_latents=n_latents, k=k, layer=L))
+        tc.reset_parameters(g)
+        out[L] = tc.to(lm.dtype).eval().requires_grad_(False)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, action="append", help="prompt lengths (default 16)")
+    ap.add_argument("--n-latents", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--time-limit", type=float, default=900.0)
+    args = ap.parse_args()
+    lengths = args.tokens or [16]
+    print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
+    lm = load_model(device="cpu", dtype="float32")
+    model = lm.model.eval().requires_grad_(False)
+    tcs = transcoders(lm, args.n_latents, args.k)
+    ids_all = lm.tokenizer(TEXT, return_tensors="pt").input_ids[0]
+    print(
+        f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; transcoders n_latents {args.n_latents} k {args.k}"
+        f" (random init); peak RSS after load {peak_rss_mib():.0f} MiB"
+    )
+    for n in lengths:
+        ids = ids_all[:n]
+        assert len(ids) == n, f"the text has only {len(ids_all)} tokens"
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(ids[None])
+            fwd = time.perf_counter() - t0
+        seen: list[tuple[float, int, int]] = []
+        start = time.perf_counter()
+        cpu0 = time.process_time()
+
+        def progress(done: int, total: int, seen: list = seen, start: float = start, n: int = n) -> None:
+            seen.append((time.perf_counter() - start, done, total))
+            if len(seen) % 20 == 0 or done == total:
+                print(f"  {n} tokens: {done}/{total} targets, {seen[-1][0]:.0f} s", flush=True)
+
+        cfg = AttributionConfig(max_prompt_tokens=max(64, n), batch_size=args.batch_size, time_limit_s=args.time_limit)
+        try:
+            graph = attribute(model, tcs, ids, cfg, progress)
+        except GraphTimeLimit as e:
+            t, done, total = seen[-1] if seen else (time.perf_counter() - start, 0, 1)
+            print(
+                f"{n} tokens: {e}; {done}/{total} targets in {t:.0f} s "
+                f"(extrapolated, not measured: ~{t * total / max(done, 1):.0f} s for the whole graph; targets are "
+                f"ordered by layer and deeper ones cost more, so this underestimates); peak RSS {peak_rss_mib():.0f} MiB"
+            )
+            continue
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        t1 = time.perf_counter()
+        r = prune(graph)
+        prune_s = time.perf_counter() - t1
+        s = graph_scores(graph)
+        n_edges = int((graph.adjacency != 0).sum())
+        print(
+            f"{n} tokens: graph in {wall:.1f} s wall, {cpu:.1f} s CPU ({wall / fwd:.0f} forward passes of {fwd * 1e3:.0f} ms); "
+            f"{graph.n_nodes} nodes ({graph.n_features} features, {graph.n_errors} errors, {graph.n_pos} tokens, "
+            f"{graph.n_logits} logits), {n_edges} non-zero edges; pruned (0.8, 0.98) in {prune_s:.1f} s to "
+            f"{r.n_nodes} nodes, {r.n_edges} edges; replacement score {s.replacement:.3f}, completeness {s.completeness:.3f}; "
+            f"peak RSS {peak_rss_mib():.0f} MiB; load average {os.getloadavg()}"
+        )
+
+
+if __name__ == "__main__":
+    main()
