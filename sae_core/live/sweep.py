@@ -15,7 +15,8 @@ Batched: every (prompt, strength) row of a chunk is one transformers `generate` 
 prompts left-padded with an attention mask (position ids follow the mask), the hook steering each row at
 its own strength (SteeringHook row_values); the scoring forward runs the same rows unsteered. A row's
 continuation equals the single steering run's (LiveRuntime.generate, greedy) up to floating-point order
-of the padded batch (tests/test_sweep.py: the same tokens, metrics within 1e-4 relative).
+of the batch: in float32 token for token (tests/test_sweep.py on the tiny model; checked on the bundled
+model too), in bfloat16 rows part after a few tokens (batched GEMMs round differently; bench/RESULTS.md).
 
 Stored by a permalink of the request (sweep_permalink: the request in the query) and the request's hash
 (SweepRequest.key()), under which the runtime keeps recent results in memory: reopening a permalink
