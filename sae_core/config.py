@@ -108,7 +108,14 @@ class TrainConfig:
         min=1,
     )
 
-    NOT_IDENTITY = ("checkpoint_every", "device", "latent_parallel", "compile")  # the layout is checked on resume, with the world size
+    transcoders: str | None = option(
+        None,
+        "Train transcoders instead, one per layer, all in one pass over streamed tokens: `all` or layers such as 0,1,5 "
+        "(each reads blocks.L.hook_mlp_in and predicts blocks.L.hook_mlp_out; folders --out/layer_L). --architecture "
+        "skip_transcoder (the default here) or transcoder; --n-latents defaults to 4096 here.",
+    )
+
+    NOT_IDENTITY = ("checkpoint_every", "device", "latent_parallel", "compile", "transcoders")  # the layout is checked on resume
 
     def identity(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in self.NOT_IDENTITY}

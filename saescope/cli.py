@@ -31,6 +31,8 @@ from .accounts import register as register_accounts
 from .bench_sae import register as register_bench_sae
 from .live_commands import register as register_live
 from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
+from .transcoders import register as register_transcoders
+from .transcoders import train_transcoders_command
 
 app = typer.Typer(
     cls=LiteralHelpGroup,  # help texts as written: rich markup would drop "[bracketed words]"
@@ -112,6 +114,8 @@ def train(activations: Path | None, out: Path, resume: bool, **values: Any) -> N
 
     streaming = {name: values.pop(name) for name in STREAMING}
     cfg = from_options(TrainConfig, values)
+    if cfg.transcoders is not None:  # saescope/transcoders.py
+        return train_transcoders_command(cfg, streaming, activations, out, resume)
     grid = comms.from_environment(cfg.latent_parallel, cfg.device)
     source: Path | ModelStream
     if activations is not None:
@@ -326,6 +330,7 @@ def fetch_corpus() -> None:
 register_live(app, console)  # saescope activations, saescope steer (saescope/live_commands.py)
 register_accounts(app, console)  # saescope user, saescope key, saescope usage (saescope/accounts.py)
 register_bench_sae(app, console)  # saescope bench-sae (saescope/bench_sae.py)
+register_transcoders(app, console)  # saescope eval-transcoders; train --transcoders hands over to saescope/transcoders.py
 
 
 def main() -> None:

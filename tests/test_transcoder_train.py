@@ -165,3 +165,28 @@ def test_kill_9_and_resume_ends_with_the_uninterrupted_weights(tiny_model, tiny_
         b = load_sae(tmp_path / "cut" / f"layer_{layer}").sae.state_dict()
         for name in a:
             assert torch.equal(a[name], b[name]), (layer, name)
+
+
+def test_cli_trains_and_evaluates_transcoders(tiny_model, tiny_corpus, tmp_path):
+    """`saescope train --transcoders 1,3` then `saescope eval-transcoders`: each layer's FVU, and the CE loss with both
+    MLPs replaced at once between the clean one and the one with those MLPs zeroed."""
+    from typer.testing import CliRunner
+
+    from saescope.cli import app
+
+    runner = CliRunner()
+    args = ["--model", str(tiny_model), "--corpus", str(tiny_corpus), "--tokens", str(32 * 160), "--device", "cpu"]
+    train = ["train", "--transcoders", "1,3", "--out", str(tmp_path / "tc"), "--n-latents", "128", "--k", "8", "--batch-size", "128",
+             "--lr", "5e-3", *args]  # fmt: skip
+    result = runner.invoke(app, train)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 transcoders" in result.output
+    result = runner.invoke(app, ["eval-transcoders", "--out", str(tmp_path / "tc"), "--tokens", "1024", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "tc" / "eval_transcoders.json").read_text())
+    assert set(report["fvu"]) == {"1", "3"} and all(0 < v < 1 for v in report["fvu"].values()), report
+    # the tiny random model's MLPs barely move its CE (about log(vocab) whatever they do): compare the KLs
+    assert 0 < report["kl"] < report["kl_zeroed"]
+    assert report["ce_clean"] != report["ce_replaced"] and report["tokens"] == 32 * 31 + 24
+    failed = runner.invoke(app, ["train", "--transcoders", "1", "--out", str(tmp_path / "x"), "--model", str(tiny_model)])
+    assert isinstance(failed.exception, SaescopeError) and "--tokens" in str(failed.exception)
