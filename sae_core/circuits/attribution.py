@@ -61,6 +61,13 @@ def select_logits(logits: torch.Tensor, max_n_logits: int, desired_logit_prob: f
     return top_i[:n].tolist(), top_p[:n].tolist()
 
 
+def _pad(g: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """A derivative over the first P positions [B, P, d] as one over all T (zeros after P); None stays None."""
+    if g is None or g.shape[1] == T:
+        return g
+    return torch.cat([g, g.new_zeros(g.shape[0], T - g.shape[1], g.shape[2])], 1)
+
+
 def attribute(
     model: Any,
     transcoders: dict[int, TranscoderSAE],
@@ -139,8 +146,9 @@ def attribute_with_model(
         layers_needed = [t[1] for t in batch]
         stop = None if any(L is None for L in layers_needed) else max(L for L in layers_needed if L is not None)
         n_run = n_layers if stop is None else stop + 1
-        embed = torch.zeros(B, T, d, dtype=dtype, device=device, requires_grad=True)
-        writes = [torch.zeros(B, T, d, dtype=dtype, device=device, requires_grad=True) for _ in range(n_run)]
+        P = max(t[2] for t in batch) + 1  # causal: the batch's targets read only positions before P
+        embed = torch.zeros(B, P, d, dtype=dtype, device=device, requires_grad=True)
+        writes = [torch.zeros(B, P, d, dtype=dtype, device=device, requires_grad=True) for _ in range(n_run)]
         with torch.enable_grad():
             mlp_ins, final = rm.frozen_forward(embed, writes, stop)
             out = torch.zeros((), dtype=dtype, device=device)
@@ -152,13 +160,15 @@ def attribute_with_model(
                     vec = mlp_ins[tl][b, tp]
                 out = out + vec @ direction
             grads = torch.autograd.grad(out, [embed, *writes], allow_unused=True)
-        g_embed = grads[0] if grads[0] is not None else torch.zeros_like(embed)
-        g_writes = [g if g is not None else torch.zeros_like(embed) for g in grads[1:]]
+        g_embed, g_writes = _pad(grads[0], T), [_pad(g, T) for g in grads[1:]]
         target_rows = torch.tensor([t[0] for t in batch])
         block = torch.zeros(B, n_nodes, dtype=dtype)
-        block[:, emb_start:logit_start] = (g_embed * rm.embed[None]).sum(-1).cpu()
+        if g_embed is not None:
+            block[:, emb_start:logit_start] = (g_embed * rm.embed[None]).sum(-1).cpu()
         for L in range(n_run):
             g = g_writes[L]  # [B, T, d]
+            if g is None:  # no target of the batch reads this layer's writes
+                continue
             block[:, err_start + L * T : err_start + (L + 1) * T] = (g * errors[L][None]).sum(-1).cpu()
             lo, hi = int(layer_start[L]), int(layer_start[L + 1])
             if hi > lo:

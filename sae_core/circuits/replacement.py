@@ -146,23 +146,25 @@ class ReplacementModel:
     def frozen_forward(
         self, embed: torch.Tensor, writes: list[torch.Tensor], stop_layer: int | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Run the frozen model on writes [B, T, d] (embedding and one per layer). Returns the MLP inputs [B, T, d] of
-        layers 0..stop_layer (all layers if None) and, when stop_layer is None, the final normalised residual."""
+        """Run the frozen model on writes [B, P, d] (embedding and one per layer) over the first P <= T positions (the
+        model is causal: they do not read later ones). Returns the MLP inputs [B, P, d] of layers 0..stop_layer (all
+        layers if None) and, when stop_layer is None, the final normalised residual."""
+        P = embed.shape[1]
         h = embed
         last = self.n_layers - 1 if stop_layer is None else stop_layer
         mlp_ins = []
         for L in range(last + 1):
             layer, s = self.layers[L], self.states[L]
-            x = layer.input_layernorm.weight * (h * s.attn_denom)
-            h = h + self._attend(layer, x, s.attn_probs)
-            mlp_in = layer.post_attention_layernorm.weight * (h * s.mlp_denom)
+            x = layer.input_layernorm.weight * (h * s.attn_denom[:P])
+            h = h + self._attend(layer, x, s.attn_probs[:, :P, :P])
+            mlp_in = layer.post_attention_layernorm.weight * (h * s.mlp_denom[:P])
             mlp_ins.append(mlp_in)
             if L == last and stop_layer is not None:
                 return mlp_ins, None
             out = writes[L]
             skip = self.transcoders[L].skip(mlp_in)
             h = h + (out if skip is None else out + skip.to(out.dtype))
-        return mlp_ins, self.final_norm.weight * (h * self.final_denom)
+        return mlp_ins, self.final_norm.weight * (h * self.final_denom[:P])
 
     def replacement_logits(self) -> torch.Tensor:
         """The replacement model's logits [T, V] at the sources' real values (equal to the model's, up to rounding)."""
