@@ -28,8 +28,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward, re
 if TYPE_CHECKING:
     from ..config import GenerationConfig
     from ..model import LanguageModel
+    from .generation import Continuation, ShouldStop
     from .interventions import ConditionReader, SteeringHook
-    from .runtime import Continuation, ShouldStop
 
 
 class AttentionPatterns:
@@ -103,7 +103,7 @@ def frozen_continuation(
     on_token: Callable[[int], None] | None = None,
 ) -> Continuation:
     """The steered continuation of `ids` with the unsteered model's attention patterns (see the module)."""
-    from .runtime import MIN_SAMPLING_TEMPERATURE, Continuation, token_texts
+    from .generation import MIN_SAMPLING_TEMPERATURE, Continuation, token_texts
 
     eos = lm.eos_token_id
     generator = None

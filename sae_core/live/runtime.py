@@ -29,20 +29,18 @@ from ..config import GenerationConfig, LiveConfig
 from ..errors import SaescopeError
 from ..model import LanguageModel, load_model, parse_hook
 from .errors import LiveError, NotFound, Unavailable
+from .generation import MIN_SAMPLING_TEMPERATURE, Continuation, ShouldStop, token_texts
 from .interventions import ConditionReader, Intervention, SteeringHook, check_interventions
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
-    from transformers import PreTrainedTokenizerBase
 
     from ..interchange import LoadedSAE
     from ..sae.base import DictionarySAE
     from ..store.weights import RunSAE
     from .sweep import Progress, SweepRequest, SweepResult
 
-ShouldStop = Callable[[], str | None]  # a reason to stop now ("cancelled", "time_limit"), or None
 MAX_TOP_FEATURES = 64
-MIN_SAMPLING_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -61,14 +59,6 @@ class EncodeResult:
     feature: int | None = None
     feature_acts: list[float] | None = None  # the chosen feature's activation per token (0 on skipped positions)
     truncated: int = 0  # tokens past max_text_tokens, left out: the text's first max_text_tokens were read
-
-
-@dataclass
-class Continuation:
-    token_ids: list[int]
-    tokens: list[str]
-    text: str
-    stopped: str  # eos, length, time_limit or cancelled
 
 
 @dataclass
@@ -107,11 +97,6 @@ class _Stop(StoppingCriteria):
             self.on_token(int(input_ids[0, -1]))
         self.reason = self.reason or self.should_stop()
         return torch.full((input_ids.shape[0],), self.reason is not None, dtype=torch.bool, device=input_ids.device)
-
-
-def token_texts(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
-    """Each token decoded on its own, as the store's vocabulary holds them (store/write.token_strings)."""
-    return [t.replace("\x00", "\u2400") for t in tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)]
 
 
 class LiveRuntime:

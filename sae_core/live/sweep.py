@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import quote, urlencode
 
 import torch
@@ -37,12 +37,35 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import LiveError
+from .generation import ShouldStop
 from .interventions import Condition, ConditionReader, Intervention, SteeringHook
 
 if TYPE_CHECKING:
+    from ..config import LiveConfig
     from ..model import LanguageModel
     from ..sae.base import DictionarySAE
-    from .runtime import LiveRuntime, ShouldStop
+
+
+class SweepRuntime(Protocol):
+    """What a sweep asks of the live runtime (runtime.LiveRuntime, which calls run_sweep with itself): named
+    here so that this module does not import the runtime that imports it."""
+
+    cfg: LiveConfig
+
+    def sae(self, name: str) -> Any: ...  # the runtime's held SAE: .run (model, hook, run_id), .loaded.sae, .layer
+
+    def model(self, name: str) -> LanguageModel: ...
+
+    def condition_saes(
+        self, held: Any, interventions: list[Intervention]
+    ) -> tuple[dict[str, ConditionReader], dict[str, DictionarySAE]]: ...
+
+    def check(
+        self, held: Any, interventions: list[Intervention], readers: dict[str, ConditionReader], same: dict[str, DictionarySAE]
+    ) -> None: ...
+
+    def _tokenize(self, lm: LanguageModel, text: str, what: str) -> list[int]: ...
+
 
 # A small built-in set: varied openings a steered feature can show up in; the held-out ones check the suggestion.
 BUILTIN_PROMPTS = [
@@ -259,7 +282,7 @@ def _measure(rows: _Rows, scored: list[tuple[torch.Tensor, torch.Tensor]], targe
 
 
 def run_sweep(
-    runtime: LiveRuntime, request: SweepRequest, progress: Progress | None = None, should_stop: ShouldStop = lambda: None
+    runtime: SweepRuntime, request: SweepRequest, progress: Progress | None = None, should_stop: ShouldStop = lambda: None
 ) -> SweepResult:
     """The sweep of `request` on `runtime`'s model (see the module's doc)."""
     start = time.monotonic()
