@@ -25,7 +25,7 @@ from safetensors import safe_open
 from . import corpus as corpus_mod
 from .config import CacheConfig
 from .errors import SaescopeError
-from .model import LanguageModel, load_model, parse_hook
+from .model import LanguageModel, load_model, parse_hook_point
 from .shard_writer import DOCUMENTS, MANIFEST, CacheResult, ShardEncoder, fill_shards, finished, shard_path
 from .windows import WindowSource
 
@@ -43,7 +43,7 @@ def build_cache(cfg: CacheConfig, out: Path, lm: LanguageModel | None = None, pr
         return done
     corpus = corpus_mod.open_corpus(cfg.corpus)
     lm = lm or load_model(cfg.model, cfg.device, cfg.model_dtype)
-    lm.check_layer(parse_hook(cfg.hook))
+    lm.check_layer(parse_hook_point(cfg.hook).layer)
     return fill_shards(cfg, out, old, lm, corpus.doc_ids, lambda start: WindowSource(lm, corpus, cfg, start), encoder, progress)
 
 
@@ -55,7 +55,7 @@ def check_config(cfg: CacheConfig) -> None:
         raise SaescopeError("--skip-positions must be smaller than --context-size")
     if cfg.tokens <= 0:
         raise SaescopeError("--tokens must be positive")
-    parse_hook(cfg.hook)
+    parse_hook_point(cfg.hook)  # a residual hook, or an MLP's input or output (windows.py captures each)
 
 
 class ActivationCache:

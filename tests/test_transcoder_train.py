@@ -190,3 +190,29 @@ def test_cli_trains_and_evaluates_transcoders(tiny_model, tiny_corpus, tmp_path)
     assert report["ce_clean"] != report["ce_replaced"] and report["tokens"] == 32 * 31 + 24
     failed = runner.invoke(app, ["train", "--transcoders", "1", "--out", str(tmp_path / "x"), "--model", str(tiny_model)])
     assert isinstance(failed.exception, SaescopeError) and "--tokens" in str(failed.exception)
+
+
+def test_a_transcoder_is_mined_on_its_mlp_input_through_the_interface(tiny_lm, tiny_model, tiny_corpus, tmp_path):
+    """`saescope mine --sae <layer folder>`: the miner captures blocks.L.hook_mlp_in (windows.py) and encodes it with
+    the transcoder's own encoder (no input centring: encoder_affine), knowing nothing of the architecture."""
+    from conftest import mine_tiny
+    from sqlalchemy import text
+
+    from sae_core.mine import CodeEncoder
+    from sae_core.store import db
+
+    result = train_transcoders(small_cfg(), stream_cfg(tiny_model, tiny_corpus), "1,2", tmp_path / "tc", progress=False, lm=tiny_lm)
+    tc = load_sae(result.folders[2]).sae
+    ids = torch.randint(0, 250, (2, 32))
+    x = tiny_lm.activations(ids, "blocks.2.hook_mlp_in")
+    codes = CodeEncoder(tc, tc.code_width(64), torch.float32, {})(x)
+    with torch.inference_mode():
+        vals, idx = tc.encode_sparse(x.reshape(-1, x.shape[-1]))
+    torch.testing.assert_close(codes["vals"], vals)
+    assert torch.equal(codes["idx"].long().sort(-1).values, idx.sort(-1).values)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    mined = mine_tiny(result.folders[2], tiny_lm, url, windows=32)
+    assert mined.alive > 0 and mined.positions == 32 * 31
+    with db.open_store(url).connect() as conn:
+        hooks = [row[0] for row in conn.execute(text("SELECT hook FROM saes"))]
+    assert hooks == ["blocks.2.hook_mlp_in"]
