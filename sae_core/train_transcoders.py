@@ -284,7 +284,7 @@ def train_transcoders(
         assert isinstance(sae, TranscoderSAE)
         # trained on (x * s, y * ratio * s): fold s / (ratio * s) into the encoder, save with the targets' scale
         sae.fold_input_scale(1 / ratio)
-        trainer.meta["transcoder"] = {"layer": layer, "input_scale": trainer.scale, "output_scale": trainer.scale * ratio}
+        trainer.meta["scales"] = {"input_scale": trainer.scale, "output_scale": trainer.scale * ratio}
         folders[layer] = save_sae(sae, out / f"layer_{layer}", scale=trainer.scale * ratio, metadata=trainer.meta)
     summary = {"layers": chosen, "folders": {str(k): str(v) for k, v in folders.items()}, "steps": step, "final": final}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
