@@ -249,13 +249,14 @@ def test_list_export_import_and_api_key(url):
     app = make_app(url, auth=True)
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(app) as c:
-        body = {"name": "layer 1, odd", "description": "*why*", "visibility": "private", "common_text": "the cat sat",
+        body = {"name": "layer 1, odd ☃", "description": "*why*", "visibility": "private", "common_text": "the cat sat",
                 "entries": [{"sae": sae, "index": 7, "note": "a, b"}, {"sae": sae, "index": 2, "note": ""}]}  # fmt: skip
         r = c.post("/api/v1/lists", json=body, headers=auth)  # a key needs no CSRF token
         assert r.status_code == 201, r.text
         lid = r.json()["id"]
         exported = c.get(f"/api/v1/lists/{lid}/export", headers=auth)
         assert exported.status_code == 200 and exported.json()["format"] == "saescope.feature_list"
+        assert exported.headers["content-disposition"] == 'attachment; filename="layer-1--odd--.json"'
         rows = list(csv.reader(io.StringIO(c.get(f"/api/v1/lists/{lid}/export?format=csv", headers=auth).text)))
         assert rows == [["position", "sae", "index", "note"], ["0", sae, "7", "a, b"], ["1", sae, "2", ""]]
         imported = c.post("/api/v1/lists/import", json=exported.json(), headers=auth)

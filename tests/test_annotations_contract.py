@@ -10,7 +10,7 @@ import sqlite3
 import pytest
 from conftest import LiveServer, mine_tiny
 from test_accounts_contract import AUTH
-from test_api_contract import schemathesis, wait_ready
+from test_api_contract import schemathesis
 
 from app.accounts import store
 from app.config import AppConfig
@@ -26,7 +26,6 @@ def run(url: str, tmp_path) -> None:
         key, _ = store.add_key_for(conn, "ed", "schemathesis")
     server = LiveServer(create_app(config=AppConfig.resolve(url, auth=AUTH)))
     try:
-        wait_ready(server.url)
         schemathesis(server.url, tmp_path, "--checks", "all", *TAGS)
         schemathesis(server.url, tmp_path, "--checks", "all", "-H", f"Authorization: Bearer {key}", *TAGS)
         schemathesis(

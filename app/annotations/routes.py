@@ -33,15 +33,28 @@ from ..schemas import Problem
 from . import markdown, store
 
 log = logging.getLogger("saescope.annotations")
-read_api = APIRouter(prefix="/api/v1", tags=["annotations"])
-write_api = APIRouter(prefix="/api/v1", tags=["annotations"], dependencies=[Security(bearer)])
+# app.http.RefuseNul answers 400 to a NUL character in the path or query, before any route
+NUL_REFUSED: dict[int | str, dict] = {
+    400: {"model": Problem, "description": "A NUL character in the path or query, or a body that is not JSON"}
+}
+read_api = APIRouter(prefix="/api/v1", tags=["annotations"], responses=NUL_REFUSED)
+write_api = APIRouter(prefix="/api/v1", tags=["annotations"], dependencies=[Security(bearer)], responses=NUL_REFUSED)
 read_pages = APIRouter(include_in_schema=False)
 write_pages = APIRouter(include_in_schema=False)
 MAX_ID = 2**31 - 1
 ListId = Path(ge=1, le=MAX_ID, description="the list's id")
 Token = Path(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the list's public link token")
 NOT_FOUND: dict[int | str, dict] = {404: {"model": Problem, "description": "No such SAE, feature, annotation or list (that you can see)"}}
-UNPROCESSABLE: dict[int | str, dict] = {422: {"model": Problem, "description": "Invalid input"}}
+UNPROCESSABLE: dict[int | str, dict] = {
+    422: {
+        "description": "Invalid input: the fields' errors, or what the store refused (an empty label, too many entries...)",
+        "content": {
+            "application/json": {
+                "schema": {"anyOf": [{"$ref": "#/components/schemas/HTTPValidationError"}, {"$ref": "#/components/schemas/Problem"}]}
+            }
+        },
+    },
+}
 editor = require_role("editor")
 viewer = require_role("viewer")
 
@@ -266,13 +279,13 @@ async def import_list_api(request: Request, body: ListExport, user: Principal = 
     return _list_out(await _read(request, store.get_list, list_id, user.user_id), user)
 
 
-@write_api.get("/lists/{list_id}", response_model=ListOut, responses={**NEEDS_USER, **NOT_FOUND})
+@write_api.get("/lists/{list_id:int}", response_model=ListOut, responses={**NEEDS_USER, **NOT_FOUND})
 async def list_api(request: Request, list_id: int = ListId, user: Principal = Depends(viewer)) -> dict:
     """A list of yours or your team's."""
     return _list_out(await _read(request, store.get_list, list_id, user.user_id), user)
 
 
-@write_api.put("/lists/{list_id}", response_model=ListOut, responses={**NEEDS_USER, **NOT_FOUND, **UNPROCESSABLE})
+@write_api.put("/lists/{list_id:int}", response_model=ListOut, responses={**NEEDS_USER, **NOT_FOUND, **UNPROCESSABLE})
 async def update_list_api(request: Request, body: ListIn, list_id: int = ListId, user: Principal = Depends(editor)) -> dict:
     """Replace your list: its fields and its entries, in the order given."""
     await _write(
@@ -289,7 +302,7 @@ async def update_list_api(request: Request, body: ListIn, list_id: int = ListId,
     return _list_out(await _read(request, store.get_list, list_id, user.user_id), user)
 
 
-@write_api.delete("/lists/{list_id}", status_code=204, responses={**NEEDS_USER, **NOT_FOUND})
+@write_api.delete("/lists/{list_id:int}", status_code=204, responses={**NEEDS_USER, **NOT_FOUND})
 async def delete_list_api(request: Request, list_id: int = ListId, user: Principal = Depends(editor)) -> Response:
     """Delete your list."""
     await _write(request, store.delete_list, list_id, user.user_id)
@@ -297,7 +310,7 @@ async def delete_list_api(request: Request, list_id: int = ListId, user: Princip
 
 
 def _export(view: store.ListView, fmt: str) -> Response:
-    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in view.name)[:60] or "list"
+    stem = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in view.name)[:60] or "list"  # a header is latin-1
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
@@ -317,11 +330,11 @@ def _export(view: store.ListView, fmt: str) -> Response:
 
 
 EXPORT_RESPONSES: dict[int | str, dict] = {
-    200: {"content": {"application/json": {"schema": ListExport.model_json_schema()}, "text/csv": {"schema": {"type": "string"}}}}
+    200: {"model": ListExport, "description": "JSON (what import reads) or CSV", "content": {"text/csv": {"schema": {"type": "string"}}}}
 }
 
 
-@write_api.get("/lists/{list_id}/export", response_class=Response, responses={**EXPORT_RESPONSES, **NEEDS_USER, **NOT_FOUND})
+@write_api.get("/lists/{list_id:int}/export", response_class=Response, responses={**EXPORT_RESPONSES, **NEEDS_USER, **NOT_FOUND})
 async def export_list_api(
     request: Request, list_id: int = ListId, format: Literal["json", "csv"] = Query("json"), user: Principal = Depends(viewer)
 ) -> Response:
@@ -473,19 +486,19 @@ async def create_list_page(
     return RedirectResponse(f"/lists/{list_id}", status_code=303)
 
 
-@write_pages.get("/lists/{list_id}")
+@write_pages.get("/lists/{list_id:int}")
 async def list_page(request: Request, list_id: int = ListId, user: Principal = Depends(viewer)) -> HTMLResponse:
     return await _list_page(request, await _read(request, store.get_list, list_id, user.user_id), user)
 
 
-@write_pages.get("/lists/{list_id}/export.{fmt}")
+@write_pages.get("/lists/{list_id:int}/export.{fmt}")
 async def export_page(
     request: Request, list_id: int = ListId, fmt: Literal["json", "csv"] = Path(), user: Principal = Depends(viewer)
 ) -> Response:
     return _export(await _read(request, store.get_list, list_id, user.user_id), fmt)
 
 
-@write_pages.post("/lists/{list_id}")
+@write_pages.post("/lists/{list_id:int}")
 async def update_list_page(
     request: Request,
     list_id: int = ListId,
@@ -499,7 +512,7 @@ async def update_list_page(
     return RedirectResponse(f"/lists/{list_id}", status_code=303)
 
 
-@write_pages.post("/lists/{list_id}/entries")
+@write_pages.post("/lists/{list_id:int}/entries")
 async def add_entry_page(
     request: Request,
     list_id: int = ListId,
@@ -512,7 +525,7 @@ async def add_entry_page(
     return RedirectResponse(f"/lists/{list_id}", status_code=303)
 
 
-@write_pages.post("/lists/{list_id}/entries/{position}/delete")
+@write_pages.post("/lists/{list_id:int}/entries/{position}/delete")
 async def remove_entry_page(
     request: Request, list_id: int = ListId, position: int = Path(ge=0, le=store.MAX_ENTRIES), user: Principal = Depends(editor)
 ) -> Response:
@@ -520,7 +533,7 @@ async def remove_entry_page(
     return RedirectResponse(f"/lists/{list_id}", status_code=303)
 
 
-@write_pages.post("/lists/{list_id}/entries/{position}/move")
+@write_pages.post("/lists/{list_id:int}/entries/{position}/move")
 async def move_entry_page(
     request: Request,
     list_id: int = ListId,
@@ -532,7 +545,7 @@ async def move_entry_page(
     return RedirectResponse(f"/lists/{list_id}", status_code=303)
 
 
-@write_pages.post("/lists/{list_id}/delete")
+@write_pages.post("/lists/{list_id:int}/delete")
 async def delete_list_page(request: Request, list_id: int = ListId, user: Principal = Depends(editor)) -> Response:
     await _write(request, store.delete_list, list_id, user.user_id)
     return RedirectResponse("/lists", status_code=303)
