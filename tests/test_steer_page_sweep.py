@@ -81,3 +81,17 @@ def test_the_sweep_chart_in_chromium_from_a_permalink(server, page):  # noqa: F8
     assert page.locator("#sweep-suggestion").inner_text()
     assert "/saes/tiny-sae/sweep?intervention=3%3Aadd%3A1&strength=10&strength=40" in page.url
     assert page.get_attribute("#sweep-result a.permalink", "href") in page.url
+
+
+def test_the_sweep_api_answers_as_the_stream_ends_and_refuses_bad_input(live):
+    body = {"sae": "tiny-sae", "intervention": "3:add:1", "strengths": [10, 40], "prompts": ["the cat sat", "the king said"],
+            "heldout": ["the whale ran"], "max_new_tokens": 8}  # fmt: skip
+    whole = live.post("/api/v1/sweep", json=body)
+    assert whole.status_code == 200, whole.text
+    whole = whole.json()
+    assert [p["strength"] for p in whole["points"]] == [10, 40] and whole["permalink"].startswith("/saes/tiny-sae/sweep?")
+    events = parse_sse(live.post("/api/v1/sweep/stream", json=body).text)
+    assert events[-1][0] == "done" and events[-1][1] == whole  # the same request: the runtime's kept result
+    bad = live.post("/api/v1/sweep", json={**body, "intervention": "3:add"})
+    assert bad.status_code == 422 and "intervention" in bad.text and "3:add" in bad.text
+    assert live.post("/api/v1/sweep", json={**body, "strengths": []}).status_code == 422

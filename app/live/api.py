@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from sae_core.config import LiveConfig
 from sae_core.live.errors import LiveError
+from sae_core.live.sweep import SweepRequest, sweep_permalink
 
 from . import gateway
 from .schemas import (
@@ -18,6 +19,7 @@ from .schemas import (
     ChatRequest,
     SteerRequest,
     SteerResponse,
+    SweepBody,
     limited_chat_request,
     limited_steer_request,
 )
@@ -74,6 +76,30 @@ def limited_router(limits: LiveConfig) -> APIRouter:
     api.post("/api/v1/chat/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})(
         chat_stream_api
     )
+
+    async def sweep_request(body: SweepBody) -> SweepRequest:
+        from sae_core.live.interventions import Intervention
+
+        if body.max_new_tokens > limits.max_new_tokens_limit:
+            raise LiveError(f"max_new_tokens must be at most {limits.max_new_tokens_limit} on this server")
+        return SweepRequest(
+            body.sae, Intervention.parse(body.intervention), tuple(body.strengths),
+            tuple(body.prompts) if body.prompts else None, tuple(body.heldout) if body.heldout is not None else None,
+            body.target_feature, body.target_token, body.max_new_tokens, body.max_cost_increase,
+        )  # fmt: skip
+
+    @api.post("/api/v1/sweep", tags=["live"], responses=LIVE_ERRORS, response_model=None)
+    async def sweep_api(request: Request, body: SweepBody) -> dict | Response:
+        """A strength sweep: per strength the lift, the KL from the unsteered model and the fluency cost, the
+        suggested strength and its held-out check, and the sweep page's permalink."""
+        return await gateway.or_gone(gateway.sweep(request, await sweep_request(body)))
+
+    @api.post("/api/v1/sweep/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})
+    async def sweep_stream_api(request: Request, body: SweepBody) -> Response:
+        """The sweep with `progress` events ({stage, done, total} generated tokens) before `done` (the whole answer)."""
+        sweep = await sweep_request(body)
+        return await gateway.or_gone(gateway.sweep_stream(request, sweep, lambda r: {**r, "permalink": sweep_permalink(sweep)}))
+
     return api
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
@@ -52,6 +52,7 @@ class InterventionModel(BaseModel):
     condition: str | None = Field(
         None,
         max_length=200,
+        pattern=r"^(gen|prompt|([^:]+:)?\d+\s*>\s*-?\d+(\.\d*)?(e[-+]?\d+)?)$",
         description="apply only where it holds: gen (generated positions), prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD",
     )
 
@@ -155,6 +156,28 @@ STREAM_DOC = (
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": STREAM_DOC}
 }
+
+
+class SweepBody(BaseModel):
+    """A strength sweep (sae_core/live/sweep.py): the intervention at each strength over the prompts."""
+
+    sae: str = Field(max_length=200)
+    intervention: str = Field(
+        max_length=200,
+        pattern=r"^\d{1,9}:(clamp|add|scale|cap|ortho):-?\d{1,5}(\.\d{0,6})?$",
+        description="FEATURE:MODE:VALUE; the value is replaced by each strength",
+    )
+    strengths: list[Annotated[float, Field(gt=-1e6, lt=1e6)]] = Field(min_length=1, max_length=16)
+    prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        None, max_length=16, description="None: the built-in set"
+    )
+    heldout: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
+        None, max_length=16, description="None: the built-in held-out prompts; []: no check"
+    )
+    target_feature: int | None = Field(None, ge=0, le=MAX_INDEX, description="lift on this feature (None: the intervention's)")
+    target_token: str | None = Field(None, min_length=1, max_length=100, description="lift = this token's probability instead")
+    max_new_tokens: int = Field(32, ge=1, le=256)
+    max_cost_increase: float = Field(1.0, ge=0, le=100, description="nats per token over the unsteered fluency the suggestion may spend")
 
 
 class LiveProblem(BaseModel):

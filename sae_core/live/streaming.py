@@ -65,24 +65,17 @@ def check_messages(messages: list[dict]) -> list[dict[str, str]]:
         if role not in ROLES or not isinstance(content, str):
             raise LiveError(f"message {i + 1}: role must be system, user or assistant and content a text")
         out.append({"role": role, "content": content})
-    if out[-1]["role"] != "user":
-        raise LiveError("the last message must be the user's: the assistant's reply is generated")
-    if not any(m["content"].strip() for m in out if m["role"] == "user"):
-        raise LiveError("the user's message is empty")
     return out
 
 
 def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_tokens: int) -> list[int]:
     """The token ids of `messages` through the model's chat template, the assistant's turn opened.
-    LiveError when the model has no chat template or the turn is past `max_tokens` (cutting its start
-    would cut the template's own tokens)."""
+    LiveError when the model has no chat template. Past `max_tokens` the turn's last `max_tokens` are
+    continued, as a long steering prompt is (the answer's prompt_truncated says how many were cut)."""
     checked = check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         raise LiveError("this model has no chat template: use steering on a plain prompt")
     raw: Any = tokenizer.apply_chat_template(checked, add_generation_prompt=True, tokenize=True)
     if not isinstance(raw, list):  # transformers 5 answers a BatchEncoding
         raw = raw["input_ids"]
-    ids = [int(i) for i in raw]
-    if len(ids) > max_tokens:
-        raise LiveError(f"the chat turn is {len(ids)} tokens through the template; this server takes at most {max_tokens}")
-    return ids
+    return [int(i) for i in raw]
