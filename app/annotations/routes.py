@@ -443,7 +443,7 @@ async def _activations(request: Request, view: store.ListView) -> tuple[dict[int
 
 async def _list_page(request: Request, view: store.ListView, user: Principal | None) -> HTMLResponse:
     def details(conn: Any) -> list:
-        rows = []
+        rows: list[Any] = []
         for e in view.entries:
             try:
                 rows.append(queries.feature_detail(conn, e.sae, e.index))

@@ -127,12 +127,6 @@ def sae_annotations(conn: Connection, sae: str) -> list[AnnotationView]:
     return _views(conn, Annotation.sae_id == ref.id)
 
 
-def labels_of(conn: Connection, sae: str) -> dict[int, str]:
-    """{feature index: label} of one SAE: what the SAE table and the map show."""
-    ref = sae_ref(conn, sae)
-    return dict(conn.execute(select(Annotation.feature_index, Annotation.label).where(Annotation.sae_id == ref.id)).all())  # type: ignore[arg-type]
-
-
 def set_annotation(
     conn: Connection, sae: str, index: int, label: str, note: str, author_id: int, embedding: bytes | None = None
 ) -> AnnotationView:
