@@ -322,6 +322,8 @@ async def steer_stream(
     feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
     mode: Annotated[list[str], Form()] = [],  # noqa: B006
     value: Annotated[list[str], Form()] = [],  # noqa: B006
+    when: Annotated[list[str], Form()] = [],  # noqa: B006
+    frozen: Annotated[str, Form(max_length=5)] = "",
     max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
     temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
     top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
@@ -334,11 +336,12 @@ async def steer_stream(
         body = SteerRequest(
             sae=sae,
             prompt=prompt,
-            interventions=_form_interventions(feature, mode, value),
+            interventions=_form_interventions(feature, mode, value, when),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            frozen_attention=bool(frozen),
         )
     except ValidationError as exc:
         raise _refused(exc) from exc
