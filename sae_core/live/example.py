@@ -18,7 +18,10 @@ from .runtime import GenerateResult, LiveRuntime
 
 WORDS = (" war", " whale", " sea", " ship", " money")  # in order of preference: words the demo corpus is full of
 PROMPT = "My favourite thing to talk about is"
-MULTIPLE = 2.0  # times the feature's max activation over the mined tokens: at 3x and more the demo SAE's text breaks up
+# Times the feature's max activation over the mined tokens. 1x since the demo's recipe changed (2026-12-04): the
+# better-trained SAE's war feature writes "the war. The war was a brutal conflict..." at 1x and breaks the text up at 2x
+# (2x suited the old, barely trained SAE; README, steering example).
+MULTIPLE = 1.0
 
 
 @dataclass
