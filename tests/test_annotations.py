@@ -137,6 +137,7 @@ def test_editor_annotates_everyone_reads_with_history(url):
         assert put_annotation(ed, sae, 10**6, "x").status_code == 404
         assert put_annotation(ed, "no-such-sae", 1, "x").status_code == 404
         assert put_annotation(ed, sae, 1, " ").status_code == 422
+        assert put_annotation(ed, sae, 1, "a\x00b").status_code == 422  # PostgreSQL stores no NUL: refused on both
         # full-text search over label and note
         hits = anon.get("/api/v1/annotations/search", params={"q": "quotes"}).json()
         assert [(h["annotation"]["sae"], h["annotation"]["index"]) for h in hits] == [(sae, 3)] and hits[0]["full_text_rank"] == 1
@@ -265,6 +266,12 @@ def test_list_export_import_and_api_key(url):
         assert {k: imported.json()[k] for k in same} == {k: r.json()[k] for k in same} and imported.json()["visibility"] == "private"
         bad = {**exported.json(), "entries": [{"sae": "no-such-sae", "index": 0}]}
         assert c.post("/api/v1/lists/import", json=bad, headers=auth).status_code == 404
+        for nul in (
+            {"name": "a\x00"},
+            {"entries": [{"sae": "x\x00", "index": 0}]},
+            {"entries": [{"sae": sae, "index": 0, "note": "\x00"}]},
+        ):
+            assert c.post("/api/v1/lists/import", json={**exported.json(), **nul}, headers=auth).status_code == 422
         assert c.post("/api/v1/lists/import", json={**exported.json(), "format": "other"}, headers=auth).status_code == 422
         # the list page with live off says why it shows no activations
         page = c.get(f"/lists/{lid}", headers=auth)

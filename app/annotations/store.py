@@ -35,6 +35,12 @@ class AnnotationError(SaescopeError):
     """A write that cannot be done (empty label, unknown SAE, feature out of range...)."""
 
 
+def _no_nul(*texts: str) -> None:
+    """PostgreSQL stores no NUL character in text: refused alike on both stores."""
+    if any("\x00" in t for t in texts):
+        raise AnnotationError("text may not contain NUL characters")
+
+
 @dataclass(frozen=True)
 class SaeRef:
     id: int
@@ -131,6 +137,7 @@ def set_annotation(
     conn: Connection, sae: str, index: int, label: str, note: str, author_id: int, embedding: bytes | None = None
 ) -> AnnotationView:
     """Create or edit the annotation of feature `index` of `sae`; every call appends a revision."""
+    _no_nul(label, note, sae)
     label = " ".join(label.split())
     if not label or len(label) > MAX_LABEL:
         raise AnnotationError(f"a label is 1 to {MAX_LABEL} characters")
@@ -256,6 +263,7 @@ class ListView:
 
 
 def _check_list_fields(name: str, visibility: str, description: str, common_text: str) -> str:
+    _no_nul(name, visibility, description, common_text)
     name = " ".join(name.split())
     if not name or len(name) > MAX_LABEL:
         raise AnnotationError(f"a list's name is 1 to {MAX_LABEL} characters")
@@ -272,6 +280,7 @@ def _entries(conn: Connection, entries: list[Entry]) -> list[dict]:
     refs: dict[str, SaeRef] = {}
     rows = []
     for pos, e in enumerate(entries):
+        _no_nul(e.sae, e.note)
         if e.sae not in refs:
             refs[e.sae] = sae_ref(conn, e.sae)
         ref = refs[e.sae]
