@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field, create_model
 
 from sae_core.config import LiveConfig
 from sae_core.live.errors import LiveError
@@ -77,6 +78,12 @@ def limited_router(limits: LiveConfig) -> APIRouter:
         chat_stream_api
     )
 
+    sweep_body = create_model(
+        "SweepBody",
+        __base__=SweepBody,
+        max_new_tokens=(int, Field(min(32, limits.max_new_tokens_limit), ge=1, le=min(256, limits.max_new_tokens_limit))),
+    )
+
     async def sweep_request(body: SweepBody) -> SweepRequest:
         from sae_core.live.interventions import Intervention
 
@@ -88,18 +95,22 @@ def limited_router(limits: LiveConfig) -> APIRouter:
             body.target_feature, body.target_token, body.max_new_tokens, body.max_cost_increase,
         )  # fmt: skip
 
-    @api.post("/api/v1/sweep", tags=["live"], responses=LIVE_ERRORS, response_model=None)
     async def sweep_api(request: Request, body: SweepBody) -> dict | Response:
         """A strength sweep: per strength the lift, the KL from the unsteered model and the fluency cost, the
         suggested strength and its held-out check, and the sweep page's permalink."""
         return await gateway.or_gone(gateway.sweep(request, await sweep_request(body)))
 
-    @api.post("/api/v1/sweep/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})
     async def sweep_stream_api(request: Request, body: SweepBody) -> Response:
         """The sweep with `progress` events ({stage, done, total} generated tokens) before `done` (the whole answer)."""
         sweep = await sweep_request(body)
         return await gateway.or_gone(gateway.sweep_stream(request, sweep, lambda r: {**r, "permalink": sweep_permalink(sweep)}))
 
+    sweep_api.__annotations__ = {"request": Request, "body": sweep_body, "return": dict | Response}
+    api.post("/api/v1/sweep", tags=["live"], responses=LIVE_ERRORS, response_model=None)(sweep_api)
+    sweep_stream_api.__annotations__ = {"request": Request, "body": sweep_body, "return": Response}
+    api.post("/api/v1/sweep/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})(
+        sweep_stream_api
+    )
     return api
 
 
