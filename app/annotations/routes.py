@@ -42,6 +42,7 @@ write_api = APIRouter(prefix="/api/v1", tags=["annotations"], dependencies=[Secu
 read_pages = APIRouter(include_in_schema=False)
 write_pages = APIRouter(include_in_schema=False)
 MAX_ID = 2**31 - 1
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL stores no NUL character in text
 ListId = Path(ge=1, le=MAX_ID, description="the list's id")
 Token = Path(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the list's public link token")
 NOT_FOUND: dict[int | str, dict] = {404: {"model": Problem, "description": "No such SAE, feature, annotation or list (that you can see)"}}
@@ -108,8 +109,10 @@ def _query_vector(query: str) -> Any:
 
 
 class AnnotationIn(BaseModel):
-    label: str = Field(min_length=1, max_length=store.MAX_LABEL, description="a short name for the feature")
-    note: str = Field("", max_length=markdown.MAX_NOTE, description="Markdown; rendered to sanitised HTML (raw HTML is shown as text)")
+    label: str = Field(min_length=1, pattern=NO_NUL, max_length=store.MAX_LABEL, description="a short name for the feature")
+    note: str = Field(
+        "", pattern=NO_NUL, max_length=markdown.MAX_NOTE, description="Markdown; rendered to sanitised HTML (raw HTML is shown as text)"
+    )
 
 
 class AnnotationOut(BaseModel):
@@ -142,19 +145,21 @@ class AnnotationHitOut(BaseModel):
 
 
 class EntryIO(BaseModel):
-    sae: str = Field(min_length=1, max_length=200)
+    sae: str = Field(min_length=1, pattern=NO_NUL, max_length=200)
     index: int = Field(ge=0, le=MAX_ID)
-    note: str = Field("", max_length=markdown.MAX_NOTE)
+    note: str = Field("", pattern=NO_NUL, max_length=markdown.MAX_NOTE)
 
 
 Visibility = Literal["private", "team", "link"]
 
 
 class ListIn(BaseModel):
-    name: str = Field(min_length=1, max_length=store.MAX_LABEL)
-    description: str = Field("", max_length=markdown.MAX_NOTE)
+    name: str = Field(min_length=1, pattern=NO_NUL, max_length=store.MAX_LABEL)
+    description: str = Field("", pattern=NO_NUL, max_length=markdown.MAX_NOTE)
     visibility: Visibility = Field("private", description="private: you; team: every signed-in user; link: anyone with its link")
-    common_text: str = Field("", max_length=2000, description="the text every entry's activation is shown on (live runtime)")
+    common_text: str = Field(
+        "", pattern=NO_NUL, max_length=2000, description="the text every entry's activation is shown on (live runtime)"
+    )
     entries: list[EntryIO] = Field([], max_length=store.MAX_ENTRIES)
 
 
@@ -185,9 +190,9 @@ class ListExport(BaseModel):
 
     format: Literal["saescope.feature_list"] = "saescope.feature_list"
     version: Literal[1] = 1
-    name: str = Field(min_length=1, max_length=store.MAX_LABEL)
-    description: str = Field("", max_length=markdown.MAX_NOTE)
-    common_text: str = Field("", max_length=2000)
+    name: str = Field(min_length=1, pattern=NO_NUL, max_length=store.MAX_LABEL)
+    description: str = Field("", pattern=NO_NUL, max_length=markdown.MAX_NOTE)
+    common_text: str = Field("", pattern=NO_NUL, max_length=2000)
     entries: list[EntryIO] = Field([], max_length=store.MAX_ENTRIES)
 
 
