@@ -13,6 +13,7 @@ from .deps import read_connection
 
 router = APIRouter(prefix="/api/v1", tags=["v1"])
 SaeName = Path(description="the SAE's name (its URL slug)", max_length=200)
+NO_NUL = r"^[^\x00]*$"  # what a text parameter admits: http.RefuseNul answers 400 to a NUL before any route
 FeatureIndex = Path(description="feature (latent) index", ge=0, le=2**31 - 1)
 # Every store read answers with an ETag and a 304 to a matching If-None-Match (app/http.py).
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
@@ -111,8 +112,8 @@ async def examples(
 )
 async def search(
     request: Request,
-    q: str = Query(..., min_length=1, max_length=100),
-    sae: str | None = Query(None, max_length=200),
+    q: str = Query(..., min_length=1, max_length=100, pattern=NO_NUL),
+    sae: str | None = Query(None, max_length=200, pattern=NO_NUL),
     limit: int = Query(50, ge=1, le=500),
 ) -> DictJSON:
     await request.app.state.meaning.ready()  # the embedding model, if it is still loading since start-up

@@ -29,7 +29,7 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import accounts, annotations, api, compare, deps, families, feature_map, live, pages
+from . import accounts, annotations, api, compare, deps, families, feature_map, live, pages, schemas
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy, RefuseNul
 from .meaning_search import MeaningWarmUp
@@ -61,6 +61,8 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None, *,
         docs_url=None,
         redoc_url=None,
         lifespan=lifespan,
+        # every route can answer it: http.RefuseNul refuses a NUL in any path or query before routing
+        responses={400: {"model": schemas.Problem, "description": "A NUL character in the path or query"}},
     )
     open_store(app, config)  # raises SchemaOutOfDate / SaescopeError before anything is served
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

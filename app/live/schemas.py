@@ -15,6 +15,8 @@ MAX_TEXT_CHARS = 20_000  # before tokenizing; past LiveConfig's token caps a tex
 MAX_INDEX = 2**31 - 1  # a feature index, as the store keeps it
 DETERMINISM = "deterministic for a given seed, model dtype and machine kind"
 
+NO_NUL = r"^[^\x00]*$"  # an SAE name holds no NUL (PostgreSQL stores none in text; app.http.RefuseNul for paths)
+
 
 class ActivationsRequest(BaseModel):
     text: str = Field(
@@ -52,7 +54,7 @@ class InterventionModel(BaseModel):
     condition: str | None = Field(
         None,
         max_length=200,
-        pattern=r"^(gen|prompt|([^:]+:)?\d+\s*>\s*-?\d+(\.\d*)?(e[-+]?\d+)?)$",
+        pattern=r"^(gen|prompt|([^:\x00]+:)?\d+\s*>\s*-?\d+(\.\d*)?(e[-+]?\d+)?)$",
         description="apply only where it holds: gen (generated positions), prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD",
     )
 
@@ -60,7 +62,7 @@ class InterventionModel(BaseModel):
 class SteerRequest(BaseModel):
     """What the steering page's form gives; the API's model is `limited_steer_request`'s, with this server's caps."""
 
-    sae: str = Field(max_length=200)
+    sae: str = Field(max_length=200, pattern=NO_NUL)
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, description="past the server's max_prompt_tokens its end is continued")
     interventions: list[InterventionModel] = Field(
         default_factory=list, max_length=64, description="applied in order; several on one feature compose"
@@ -84,7 +86,7 @@ class ChatRequest(BaseModel):
     """A chat turn through the model's chat template: the messages (the last one the user's), the
     assistant's default and steered replies generated. The API's model is `limited_chat_request`'s."""
 
-    sae: str = Field(max_length=200)
+    sae: str = Field(max_length=200, pattern=NO_NUL)
     messages: list[ChatMessage] = Field(
         min_length=1, max_length=32, description="system, user and earlier assistant messages, the user's last"
     )
@@ -153,15 +155,21 @@ STREAM_DOC = (
     "event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
     "known before the first token (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
 )
+# One server-sent event as a client's parser hands it over (the fields of the SSE wire format; `data` is JSON text).
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}},
+    "required": ["data"],
+}
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": STREAM_DOC}
+    200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}, "description": STREAM_DOC},
 }
 
 
 class SweepBody(BaseModel):
     """A strength sweep (sae_core/live/sweep.py): the intervention at each strength over the prompts."""
 
-    sae: str = Field(max_length=200)
+    sae: str = Field(max_length=200, pattern=NO_NUL)
     intervention: str = Field(
         max_length=200,
         pattern=r"^\d{1,9}:(clamp|add|scale|cap|ortho):-?\d{1,5}(\.\d{0,6})?$",

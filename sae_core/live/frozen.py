@@ -87,6 +87,7 @@ def _pick(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Gen
     if settings.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < settings.top_p  # the smallest set reaching top_p
+        keep[0] = True  # the likeliest token always (as transformers' top-p keeps one): a top_p below float32's tiny kept none
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 

@@ -301,7 +301,8 @@ def run_sweep(
         raise LiveError(f"a sweep takes 1 to {MAX_PROMPTS} prompts (and at most {MAX_PROMPTS} held out)")
     steps = [request.intervention.with_value(s) for s in request.strengths]
     readers, same = runtime.condition_saes(held, [request.intervention])
-    runtime.check(held, steps, readers, same)
+    for step in steps:  # each strength is its own run: the per-request cap on interventions counts one
+        runtime.check(held, [step], readers, same)
     target = request.target_feature if request.target_feature is not None else request.intervention.feature
     if not 0 <= target < sae.cfg.n_latents:
         raise LiveError(f"target feature {target} does not exist: {request.sae} has features 0..{sae.cfg.n_latents - 1}")
