@@ -29,7 +29,8 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import accounts, annotations, api, compare, deps, families, feature_map, live, pages, schemas
+from . import accounts, api, compare, deps, families, feature_map, live, pages, schemas
+from . import annotations as notes  # not `annotations`: the name is taken by `from __future__ import annotations`
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy, RefuseNul
 from .meaning_search import MeaningWarmUp
@@ -118,7 +119,7 @@ def add_routers(app: FastAPI, config: AppConfig) -> None:
         app.include_router(router)
     app.add_api_route("/docs", docs_page, include_in_schema=False)
     accounts.install(app, config.auth)  # app.state.accounts; with --auth the account pages and API
-    annotations.install(app, config.auth)  # annotations and feature lists: reads always, writes with --auth
+    notes.install(app, config.auth)  # annotations and feature lists: reads always, writes with --auth
     app.include_router(pages.router)  # last: see ROUTERS
 
 

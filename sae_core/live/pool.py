@@ -411,9 +411,7 @@ class LiveClient:
             raise LiveError(detail)
         raise RuntimeError(detail)
 
-    async def stream(
-        self, request: dict, disconnected: Callable[[], Awaitable[bool]] | None = None
-    ) -> AsyncIterator[dict]:
+    async def stream(self, request: dict, disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[dict]:
         """The model process's streamed events ({"which", "text"}) as they come, then {"result": ...};
         raises as `call` does. Leaving the iteration early (the HTTP client went away: the response's task
         is cancelled) closes the connection, which stops the generation after its current token."""
