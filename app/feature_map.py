@@ -25,9 +25,10 @@ from sqlalchemy import Connection, Row, select
 
 from sae_core.relations import map as feature_map
 from sae_core.store import explanation_search as store_search
-from sae_core.store.schema import Explanation, Feature, FeatureMapPoint
+from sae_core.store.schema import SAE, Explanation, Feature, FeatureMapPoint
 
 from . import queries, schemas
+from .annotations.models import Annotation
 from .api import NOT_FOUND, NOT_MODIFIED, DictJSON
 from .deps import read_connection
 from .render import templates
@@ -117,7 +118,8 @@ async def map_points(request: Request, sae: str = SaeName) -> Response:
 
 
 def labels(conn: Connection, sae: str) -> dict:
-    """Per point, in points.bin's order: the strongest token and the best-scored explanation (None: none)."""
+    """Per point, in points.bin's order: the strongest token, the best-scored explanation and the team's
+    label (app/annotations; None: none). A label's edit bumps the SAE's revision, so this is never stale."""
     ref, info = _require_map(conn, sae)
     vocab = queries.VOCAB.get(conn, ref.model_id)
     points = conn.execute(
@@ -133,9 +135,13 @@ def labels(conn: Connection, sae: str) -> dict:
         value = -math.inf if score is None else score
         if i not in best or value > best[i][0]:
             best[i] = (value, text)
+    label_of = dict(
+        conn.execute(select(Annotation.feature_index, Annotation.label).join(SAE, SAE.id == Annotation.sae_id).where(SAE.name == sae)).all()
+    )
     return {
         "tokens": [queries.token_or_none(vocab, t) for _, t in points],
         "explanations": [best[i][1] if i in best else None for i, _ in points],
+        "labels": [label_of.get(i) for i, _ in points],
     }
 
 

@@ -280,6 +280,8 @@
       code.textContent = token === null ? "–" : token;
       t.appendChild(code);
       line("tip-expl", explanation || "no explanation yet");
+      const label = map.labels.labels ? map.labels.labels[i] : null;
+      if (label) line("tip-label", "label: " + label); // the team's annotation (textContent: never markup)
     } else {
       line("muted", "loading labels…");
     }

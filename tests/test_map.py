@@ -202,3 +202,20 @@ def test_feature_page_inset_marks_the_feature_and_lists_its_map_neighbours(clien
     if dead:
         assert "never fired" in client.get(f"/saes/tiny-sae/features/{dead[0]}/map-inset").text
     assert 'href="/saes/tiny-sae/map"' in client.get("/saes/tiny-sae").text
+
+
+def test_a_teams_label_is_in_the_map_hover_data(mapped, tmp_path):
+    """Issue 31: an annotation's label shows in the map's hover (labels.json, drawn by map.js as text)."""
+    from app.annotations.models import Annotation
+
+    url = copy_store(mapped[0], tmp_path / "labelled")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        sae_id = conn.execute(select(SAE.id).where(SAE.name == "tiny-sae")).scalar_one()
+        first = conn.execute(select(FeatureMapPoint.index).order_by(FeatureMapPoint.index)).scalars().first()
+        conn.execute(Annotation.__table__.insert().values(sae_id=sae_id, feature_index=first, label="<b>the team's</b> label", note=""))
+    engine.dispose()
+    with TestClient(create_app(url)) as c:
+        labels = c.get("/saes/tiny-sae/map/labels.json").json()
+    assert len(labels["labels"]) == len(labels["tokens"])
+    assert labels["labels"][0] == "<b>the team's</b> label" and not any(labels["labels"][1:])
