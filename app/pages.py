@@ -10,6 +10,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Connection
 
 from . import queries, schemas
+from .annotations import store as annotation_store
 from .deps import read_connection
 from .render import templates
 
@@ -44,7 +45,8 @@ async def sae_page(
 ) -> Response:
     def render(conn: Connection) -> Response:
         page = queries.feature_page(conn, sae, offset, limit, sort, order, filter)
-        ctx = {"sae": queries.sae_detail(conn, sae), "page": page, "sort": sort, "order": order, "filter": filter}
+        labels = annotation_store.labels(conn, sae, [f.index for f in page.features])  # the team's labels (issue 31)
+        ctx = {"sae": queries.sae_detail(conn, sae), "page": page, "sort": sort, "order": order, "filter": filter, "labels": labels}
         return templates.TemplateResponse(request, "_feature_table.html" if _is_htmx(request) else "sae.html", ctx)
 
     return await read_connection(request, render)

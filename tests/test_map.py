@@ -204,8 +204,9 @@ def test_feature_page_inset_marks_the_feature_and_lists_its_map_neighbours(clien
     assert 'href="/saes/tiny-sae/map"' in client.get("/saes/tiny-sae").text
 
 
-def test_a_teams_label_is_in_the_map_hover_data(mapped, tmp_path):
-    """Issue 31: an annotation's label shows in the map's hover (labels.json, drawn by map.js as text)."""
+def test_a_teams_label_is_in_the_map_hover_data_and_the_feature_table(mapped, tmp_path):
+    """Issue 31: an annotation's label shows in the map's hover (labels.json, drawn by map.js as text) and in
+    the SAE page's feature table, escaped."""
     from app.annotations.models import Annotation
 
     url = copy_store(mapped[0], tmp_path / "labelled")
@@ -217,5 +218,7 @@ def test_a_teams_label_is_in_the_map_hover_data(mapped, tmp_path):
     engine.dispose()
     with TestClient(create_app(url)) as c:
         labels = c.get("/saes/tiny-sae/map/labels.json").json()
+        table = c.get("/saes/tiny-sae", params={"offset": first, "limit": 5}).text
+    assert "&lt;b&gt;the team&#39;s&lt;/b&gt; label" in table and "<b>the team" not in table
     assert len(labels["labels"]) == len(labels["tokens"])
     assert labels["labels"][0] == "<b>the team's</b> label" and not any(labels["labels"][1:])

@@ -133,6 +133,18 @@ def sae_annotations(conn: Connection, sae: str) -> list[AnnotationView]:
     return _views(conn, Annotation.sae_id == ref.id)
 
 
+def labels(conn: Connection, sae: str, indices: list[int]) -> dict[int, str]:
+    """The team's label of each of `indices` that has one: the SAE page's feature table shows them."""
+    if not indices:
+        return {}
+    rows = conn.execute(
+        select(Annotation.feature_index, Annotation.label)
+        .join(SAE, SAE.id == Annotation.sae_id)
+        .where(SAE.name == sae, Annotation.feature_index.in_(indices))
+    ).all()
+    return {int(i): label for i, label in rows}
+
+
 def set_annotation(
     conn: Connection, sae: str, index: int, label: str, note: str, author_id: int, embedding: bytes | None = None
 ) -> AnnotationView:
