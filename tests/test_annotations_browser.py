@@ -6,9 +6,11 @@ common text (from the live model) are there. No console error and no script run 
 from __future__ import annotations
 
 import sqlite3
+import uuid
 
 import pytest
-from conftest import LiveServer
+from conftest import PG_URL, LiveServer, mine_tiny, pg_url_or_skip
+from sqlalchemy import create_engine, text
 from test_browser import page  # noqa: F401  (fixture; `browser` comes from conftest)
 from test_live_api import LIMITS
 
@@ -19,20 +21,35 @@ from sae_core.config import AuthConfig
 from sae_core.store import db
 
 PASSWORD = "correct horse battery"
+ADMIN = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test")  # connects on first use only
 NOTE = "Fires on *quotes*.\n\n<script>alert('note')</script> <img src=x onerror=alert(2)> [bad](javascript:alert(3)) <!-- c -->"
 
 
-@pytest.fixture(scope="module")
-def server(mined_store, tmp_path_factory):
-    copy = tmp_path_factory.mktemp("annotations-store") / "store.db"
-    with sqlite3.connect(mined_store.removeprefix("sqlite:///")) as src, sqlite3.connect(copy) as dst:
-        src.backup(dst)
-    url = f"sqlite:///{copy}"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, mined_store, tiny_sae_dir, tiny_lm, tmp_path_factory):
+    """A --auth server with the tiny mined SAE and an editor, on a copy of the SQLite store or in a fresh
+    PostgreSQL schema (the tiny SAE mined there)."""
+    schema = None
+    if request.param == "sqlite":
+        copy = tmp_path_factory.mktemp("annotations-store") / "store.db"
+        with sqlite3.connect(mined_store.removeprefix("sqlite:///")) as src, sqlite3.connect(copy) as dst:
+            src.backup(dst)
+        url = f"sqlite:///{copy}"
+    else:
+        pg_url_or_skip()
+        schema = f"t_{uuid.uuid4().hex[:10]}"
+        with ADMIN.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA {schema}"))
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        mine_tiny(tiny_sae_dir, tiny_lm, url)
     with store.transaction(db.make_engine(url)) as conn:
         store.add_user(conn, "ada", PASSWORD, "editor")
     live = LiveServer(create_app(config=AppConfig.resolve(url, live=LIMITS, auth=AuthConfig(auth=True))))
     yield live.url
     live.stop()
+    if schema is not None:
+        with ADMIN.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
 
 
 def test_annotate_build_a_list_share_it_and_open_the_link_elsewhere(server, page, browser):  # noqa: F811
