@@ -1,4 +1,4 @@
-"""`saescope activations`, `saescope steer` and `saescope sweep`: the live runtime from the command line, in this process,
+"""`saescope activations`, `saescope steer`, `saescope chat` and `saescope sweep`: the live runtime from the command line, in this process,
 over the store's SAEs (the same weights the pages describe). Registered on the CLI by saescope/cli.py;
 nothing heavy is imported until a command runs, so `saescope --help` stays instant."""
 
@@ -63,6 +63,67 @@ def register(app: typer.Typer, console: Console) -> None:
         if result.truncated:
             note = f"note: read the text's first {len(result.tokens)} tokens; {result.truncated} more are past the limit"
             console.print(note, markup=False)
+
+    @app.command()
+    @with_signature(
+        [
+            _arg("message", str, typer.Argument(..., help="The user's message.")),
+            SAE_NAME,
+            _arg("system", str, typer.Option("", "--system", help="A system message before it (none by default).")),
+            _arg(
+                "feature",
+                list[str],
+                typer.Option([], "--feature", help=INTERVENTION_HELP + "; repeat for more features."),
+            ),
+            *command_options(GenerationConfig),
+            *_pick(ServeConfig, ("db",)),
+            *_pick(LiveConfig, LIVE_MODEL),
+        ]
+    )
+    def chat(
+        message: str,
+        sae: str,
+        system: str,
+        feature: list[str],
+        db: str | None,
+        live_device: str,
+        live_model_dtype: str,
+        **values: Any,
+    ) -> None:
+        """One chat turn through the model's chat template: the assistant's default reply, then its reply with the
+        features changed, each streamed to the terminal as it is generated (as /saes/{sae}/chat does)."""
+        import sys
+
+        from sae_core.live.interventions import Intervention
+        from sae_core.live.streaming import TextDeltas, chat_prompt_ids, check_messages
+
+        interventions = [Intervention.parse(spec) for spec in feature]
+        settings = from_options(GenerationConfig, values)
+        runtime = _runtime(db, live_device, live_model_dtype)
+        messages = check_messages(([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}])
+        tokenizer = runtime.model(runtime.sae(sae).run.model).tokenizer
+        prompt_ids = chat_prompt_ids(tokenizer, messages, runtime.cfg.max_prompt_tokens)
+        specs = " ".join(iv.spec() for iv in interventions) or "(no interventions)"
+        deltas: dict[str, TextDeltas] = {}
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        def on_token(which: str, token_id: int) -> None:
+            if which not in deltas:
+                for other in deltas.values():
+                    other.flush()
+                    print(flush=True)
+                title = "default" if which == "default" else f"steered  {specs}"
+                console.print(f"[bold]{title}[/]", emoji=False, highlight=False)
+                deltas[which] = TextDeltas(tokenizer, write)
+            deltas[which].add(token_id)
+
+        runtime.generate(sae, "", interventions, settings, on_token=on_token, prompt_ids=prompt_ids)
+        for d in deltas.values():
+            d.flush()
+        print(flush=True)
 
     @app.command()
     @with_signature(
