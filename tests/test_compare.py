@@ -123,10 +123,13 @@ def test_mixing_models_or_hooks_is_refused_with_the_reason(client, names, word):
 def test_bad_input_is_a_4xx_with_the_reason(client):
     r = client.get("/api/v1/compare", params={"saes": "topk-16,nope,also-nope"})
     assert r.status_code == 404 and "'nope'" in r.json()["detail"] and "'also-nope'" in r.json()["detail"]
-    for bad in ("", "a,,b", ",a", "a\x00b", "topk-16,\n", ",".join(f"s{i}" for i in range(MAX_SAES + 1))):
+    for bad in ("", "a,,b", ",a", "topk-16,\n", ",".join(f"s{i}" for i in range(MAX_SAES + 1))):
         r = client.get("/api/v1/compare", params={"saes": bad})
         assert r.status_code == 422, bad
         assert r.json()["detail"][0]["loc"] == ["query", "saes"]
+    # a NUL anywhere in a query is refused before routing (app.http.RefuseNul), with the reason
+    r = client.get("/api/v1/compare", params={"saes": "a\x00b"})
+    assert r.status_code == 400 and "NUL" in r.json()["detail"]
     assert client.get("/api/v1/compare").status_code == 422
     assert client.get("/api/v1/compare", params={"saes": " "}).status_code == 404  # a blank name is no SAE's
     assert client.get("/compare", params={"saes": "nope"}).status_code == 404
@@ -205,7 +208,7 @@ def test_svg_escapes_names_and_says_when_empty():
 def test_api_on_postgresql(pg_url):
     fill(pg_url)
     with TestClient(create_app(pg_url)) as c:
-        assert c.get("/api/v1/compare", params={"saes": "topk-16,a\x00b"}).status_code == 422  # not a 500 from the driver
+        assert c.get("/api/v1/compare", params={"saes": "topk-16,a\x00b"}).status_code == 400  # not a 500 from the driver
         d = c.get("/api/v1/compare", params={"saes": "topk-16,topk-32"}).json()
         assert d["saes"][0]["bench"]["fvu"]["n"] == 2 and d["saes"][1]["eval"]["fvu"] == 0.22
         assert c.get("/api/v1/compare", params={"saes": "topk-16,other-model"}).status_code == 400
