@@ -74,6 +74,15 @@ class Reader:
             conn = self._local.conn = self.engine.connect()
         return conn
 
+    def close(self) -> None:
+        """Returns this thread's long-lived connection and closes the engine's pool: an app that has
+        stopped holds no database connection (a test process builds hundreds of apps)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        self.engine.dispose()
+
     async def read(self, work: Callable[..., T], *args: Any) -> T:
         """`work(connection, *args)` in one transaction, on the event loop or in a worker thread."""
         if self.limiter is None:

@@ -14,7 +14,6 @@ its own step to create_app.
 from __future__ import annotations
 
 import contextlib
-import gc
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
@@ -70,10 +69,6 @@ def create_app(url: str | None = None, live_config: LiveConfig | None = None, *,
     add_routers(app, config)
     add_error_pages(app)
     add_middleware(app, config)
-    # Objects that live as long as the process (modules, templates, the app; later each vocabulary, see
-    # queries.VocabCache) go to the collector's permanent generation: otherwise every full collection
-    # walks them: a 70 ms pause every few hundred page requests, stalling every queued request.
-    gc.freeze()
     return app
 
 
@@ -83,8 +78,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     embedding model of search by meaning (app/meaning_search.py) and the live model (the model process this app
     owns, if any; `saescope serve` starts its one before the workers). Pages answer meanwhile."""
     app.state.meaning.start(app.state.reader)
-    async with live.lifespan(app):  # starts and stops the model process this app owns, if any
-        yield
+    try:
+        async with live.lifespan(app):  # starts and stops the model process this app owns, if any
+            yield
+    finally:  # a stopped app holds no database connection: its listener, its reader's, its pool's
+        app.state.store_watch.close()
+        app.state.reader.close()
 
 
 def open_store(app: FastAPI, config: AppConfig) -> None:

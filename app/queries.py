@@ -43,7 +43,8 @@ class VocabCache:
                     for tid, txt in rows:
                         texts[tid] = txt
                     self._by_model[key] = texts
-                    gc.freeze()  # see app.main.create_app: long-lived objects out of the collector's way
+                    if gc.get_freeze_count():  # a server worker (app.server._AppFactory): long-lived objects out of the collector's way
+                        gc.freeze()
         return self._by_model[key]
 
     def lowered(self, conn: Connection, model_id: int) -> list[str]:

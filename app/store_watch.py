@@ -113,5 +113,8 @@ class StoreWatch:
         return [self._rows[name] for name in sorted(self._rows)]
 
     def close(self) -> None:
+        """Stops the listening thread and waits for it to hang up its connection."""
         if self._listener is not None:
             self._listener.stopping.set()
+            self._listener.join(timeout=2 * RECONNECT_S + 1)
+            self._listener = None

@@ -211,6 +211,7 @@ def pg_url_or_skip() -> str:
         engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/test", connect_args={"connect_timeout": 3})
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+        engine.dispose()  # the server allows 100 connections; a pooled one per test would use them up
     except Exception as exc:  # noqa: BLE001 - any failure to connect means "no server here"
         pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 (database test): {exc.__class__.__name__}")
     return PG_URL

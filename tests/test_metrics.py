@@ -163,6 +163,7 @@ def test_a_latent_firing_exactly_on_a_tag_is_recovered(demo_corpus, tiny_lm, can
     x = torch.randn(len(noun), 16, generator=g)
     x[:, 0], x[:, 1] = 3 * noun, 2 * moby  # activations with a noun direction and a Moby-Dick direction
     collector.add(doc, offset, x)
+    torch.manual_seed(0)  # the SAE's initialisation: the same chance losses whatever ran before
     sae = TopKSAE(TopKConfig(d_in=16, n_latents=64, k=4))
     with torch.no_grad():
         sae.W_enc[5], sae.W_enc[40] = torch.eye(16)[0], torch.eye(16)[1]  # latents 5 and 40 read them
@@ -175,7 +176,10 @@ def test_a_latent_firing_exactly_on_a_tag_is_recovered(demo_corpus, tiny_lm, can
     assert report.loss == pytest.approx(np.mean([t.loss for t in report.tasks]))
     collector.x = [torch.randn(len(noun), 16, generator=g)]  # activations that know nothing: every task near chance
     for task in collector.fit(sae, candidates=candidates).tasks:
-        assert LN2 - 0.05 < task.loss <= LN2 + 1e-6, task
+        # The loss is in-sample and the best of 64 latents: by chance it falls below ln 2 by about
+        # max chi2(1) of 64 / (2 n), n = 2 per_class; 6 / per_class bounds that at 99.9% (a 0.05 bound
+        # failed for a 32-per-class task on one SAE initialisation)
+        assert LN2 - max(0.05, 6 / task.per_class) < task.loss <= LN2 + 1e-6, task
 
 
 # ---------------------------------------------------------------- ablation sparsity
