@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Awaitable, Callable
 
-from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -167,34 +167,46 @@ async def steer_page(
     return templates.TemplateResponse(request, "steer.html", ctx)
 
 
-@router.post("/saes/{sae}/steer/result")
-async def steer_result(
-    request: Request,
-    sae: str = SaeName,
-    prompt: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
-    feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
-    mode: Annotated[list[str], Form()] = [],  # noqa: B006
-    value: Annotated[list[str], Form()] = [],  # noqa: B006
-    when: Annotated[list[str], Form()] = [],  # noqa: B006
-    frozen: Annotated[str, Form(max_length=5)] = "",
-    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
-    temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
-    top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
-    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
-) -> Response:
-    try:
-        if not prompt:
+class SteerForm:
+    """The steering page's form, defined once for its rendered result and its stream."""
+
+    def __init__(
+        self,
+        prompt: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
+        feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+        mode: Annotated[list[str], Form()] = [],  # noqa: B006
+        value: Annotated[list[str], Form()] = [],  # noqa: B006
+        when: Annotated[list[str], Form()] = [],  # noqa: B006
+        frozen: Annotated[str, Form(max_length=5)] = "",
+        max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
+        temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
+        top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
+        seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
+    ) -> None:
+        self.prompt, self.feature, self.mode, self.value, self.when, self.frozen = prompt, feature, mode, value, when, frozen
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+
+    def body(self, sae: str) -> SteerRequest:
+        """The steering request (LiveError without a prompt; pydantic's ValidationError for a bad field)."""
+        if not self.prompt:
             raise LiveError("write a prompt first")
-        body = SteerRequest(
+        interventions = _form_interventions(self.feature, self.mode, self.value, self.when)
+        return SteerRequest(
             sae=sae,
-            prompt=prompt,
-            interventions=_form_interventions(feature, mode, value, when),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            frozen_attention=bool(frozen),
+            prompt=self.prompt,
+            interventions=interventions,
+            frozen_attention=bool(self.frozen),
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
         )
+
+
+@router.post("/saes/{sae}/steer/result")
+async def steer_result(request: Request, form: Annotated[SteerForm, Depends()], sae: str = SaeName) -> Response:
+    try:
+        body = form.body(sae)
         result = await gateway.steer(request, body)
     except ClientGone:
         return Response(status_code=499)
@@ -315,34 +327,10 @@ async def chat_stream(
 
 @router.post("/saes/{sae}/steer/stream")
 @_streamed
-async def steer_stream(
-    request: Request,
-    sae: str = SaeName,
-    prompt: Annotated[str, Form(max_length=MAX_TEXT_CHARS)] = "",
-    feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
-    mode: Annotated[list[str], Form()] = [],  # noqa: B006
-    value: Annotated[list[str], Form()] = [],  # noqa: B006
-    when: Annotated[list[str], Form()] = [],  # noqa: B006
-    frozen: Annotated[str, Form(max_length=5)] = "",
-    max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = STEER_DEFAULTS.max_new_tokens,
-    temperature: Annotated[float, Form(ge=0, le=10)] = STEER_DEFAULTS.temperature,
-    top_p: Annotated[float, Form(gt=0, le=1)] = STEER_DEFAULTS.top_p,
-    seed: Annotated[int, Form(ge=0, le=2**32 - 1)] = STEER_DEFAULTS.seed,
-) -> Response:
+async def steer_stream(request: Request, form: Annotated[SteerForm, Depends()], sae: str = SaeName) -> Response:
     """The steering page's form, streamed (server-sent events; errors before the first token as JSON 4xx)."""
-    if not prompt:
-        raise LiveError("write a prompt first")
     try:
-        body = SteerRequest(
-            sae=sae,
-            prompt=prompt,
-            interventions=_form_interventions(feature, mode, value, when),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            frozen_attention=bool(frozen),
-        )
+        body = form.body(sae)
     except ValidationError as exc:
         raise _refused(exc) from exc
     limits = request.app.state.live.limits
