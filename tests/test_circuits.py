@@ -1,14 +1,21 @@
-"""Attribution graphs (issue 29 items 2, 4) on a tiny in-process Llama (grouped key/value heads, float64) with
-transcoders trained for a few steps: the replacement model reproduces the logits, and the edges equal finite
-differences of the frozen linear model."""
+"""Attribution graphs (issue 29 items 2, 4, 5) on a tiny in-process Llama (grouped key/value heads, float64) with
+transcoders trained for a few steps: the replacement model reproduces the logits, the edges equal finite
+differences of the frozen linear model and autograd through it, and a cap on feature nodes keeps the most
+influential ones (a cap at or above the active features gives the full graph exactly)."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
 from sae_core.circuits.attribution import AttributionConfig, GraphTimeLimit, attribute, attribute_with_model
+from sae_core.circuits.graph import AttributionGraph
+from sae_core.circuits.prune import normalize_rows, prune
 from sae_core.circuits.replacement import ReplacementModel
+from sae_core.circuits.scores import graph_scores
 from sae_core.errors import SaescopeError
 from sae_core.sae.transcoder import SkipTranscoderSAE, TranscoderConfig, TranscoderSAE
 
@@ -165,6 +172,10 @@ def test_bad_input_and_time_limit(setup):
         attribute(model, tcs, PROMPT, AttributionConfig(max_prompt_tokens=4))
     with pytest.raises(SaescopeError, match="desired_logit_prob"):
         AttributionConfig(desired_logit_prob=1.5)
+    with pytest.raises(SaescopeError, match="max_feature_nodes"):
+        AttributionConfig(max_feature_nodes=-1)
+    with pytest.raises(SaescopeError, match="update_interval"):
+        AttributionConfig(update_interval=0)
     with pytest.raises(SaescopeError, match="token ids"):
         attribute(model, tcs, [1, VOCAB + 3])
     with pytest.raises(SaescopeError, match="missing layers"):
@@ -174,3 +185,92 @@ def test_bad_input_and_time_limit(setup):
     assert seen and seen[-1][0] == seen[-1][1] and all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
     with pytest.raises(GraphTimeLimit, match="time limit"):
         attribute(model, tcs, PROMPT, AttributionConfig(batch_size=1, time_limit_s=1e-9))
+
+
+def _autograd_rows(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
+    """The full adjacency the slow way (a reference): for each target, autograd through the frozen forward on zero
+    writes, then the same dot products with the sources."""
+    T, d = rm.n_pos, rm.embed.shape[-1]
+    W_U = rm.unembed.weight.detach()
+    A = torch.zeros(graph.n_nodes, graph.n_nodes, dtype=torch.float64)
+    targets = [(graph.logit_node(j), None, T - 1, W_U[t] - W_U.mean(0)) for j, t in enumerate(graph.logit_tokens)]
+    for i, (L, p, f) in enumerate(graph.features.tolist()):
+        targets.append((i, L, p, rm.transcoders[L].W_enc.detach()[f]))
+    for row, L, p, direction in targets:
+        embed = torch.zeros(1, T, d, dtype=torch.float64, requires_grad=True)
+        writes = [torch.zeros(1, T, d, dtype=torch.float64, requires_grad=True) for _ in range(rm.n_layers)]
+        with torch.enable_grad():
+            mlp_ins, final = rm.frozen_forward(embed, writes, None)
+            vec = final[0, p] if L is None else mlp_ins[L][0, p]
+            grads = torch.autograd.grad(vec @ direction, [embed, *writes], allow_unused=True)
+        g_embed, g_writes = grads[0], grads[1:]
+        A[row, graph.embed_node(0) : graph.embed_node(0) + T] = (g_embed[0] * rm.embed).sum(-1)
+        for sL, g in enumerate(g_writes):
+            if g is None:
+                continue
+            A[row, graph.error_node(sL, 0) : graph.error_node(sL, 0) + T] = (g[0] * rm.states[sL].error).sum(-1)
+            for src, (fL, fp, ff) in enumerate(graph.features.tolist()):
+                if fL == sL:
+                    A[row, src] = graph.activations[src] * (g[0, fp] @ rm.transcoders[sL].W_dec.detach()[ff])
+    return A
+
+
+def test_transposed_pass_equals_autograd(setup):
+    model, tcs = setup
+    graph, rm = attribute_with_model(model, tcs, PROMPT, AttributionConfig(batch_size=5))
+    reference = _autograd_rows(rm, graph)
+    A = torch.tensor(graph.adjacency, dtype=torch.float64)
+    # float32 storage of float64 values: 1e-6 relative to the row's largest edge
+    scale = reference.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    assert ((A - reference).abs() / scale).max().item() < 1e-6
+    assert (reference != 0).sum() > 100
+
+
+def test_cap_at_or_above_the_active_features_is_the_full_graph(setup):
+    model, tcs = setup
+    full = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=None, batch_size=6))
+    n = full.n_features
+    assert full.meta["active_features"] == n and full.meta["dropped_edge_share"] == 0.0
+    for cap in (n, n + 50):
+        g = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=cap, batch_size=6))
+        assert np.array_equal(g.adjacency, full.adjacency) and np.array_equal(g.features, full.features)
+        assert np.array_equal(g.activations, full.activations) and g.logit_tokens == full.logit_tokens
+
+
+def test_capped_graph_keeps_the_most_influential_features(setup):
+    model, tcs = setup
+    full = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=None))
+    n_logits, n_feat = full.n_logits, full.n_features
+    # cap 4 in one round of 4: after the logits' rows the influence estimate is each feature's direct share of the
+    # logits' normalised inputs, so the 4 kept are the top 4 of it in the full graph
+    logit_rows = slice(full.n_nodes - n_logits, full.n_nodes)
+    direct = (np.asarray(full.logit_probabilities) @ normalize_rows(full.adjacency[logit_rows]))[:n_feat]
+    top4 = set(np.argsort(-direct)[:4].tolist())
+    seen: list[tuple[int, int]] = []
+    small = attribute(
+        model, tcs, PROMPT, AttributionConfig(max_feature_nodes=4, batch_size=4, update_interval=1), lambda d, t: seen.append((d, t))
+    )
+    assert {full.feature_node(*f) for f in small.features.tolist()} == top4
+    assert seen[-1] == (n_logits + 4, n_logits + 4)
+
+    # a cap needing several rounds: the kept rows and columns are the full graph's (edges from dropped features gone)
+    cap = n_feat // 3
+    g = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=cap, batch_size=4, update_interval=2))
+    assert g.n_features == cap and g.n_nodes == full.n_nodes - (n_feat - cap)
+    keep = [full.feature_node(*f) for f in g.features.tolist()]
+    assert None not in keep and keep == sorted(keep)  # kept in the full graph's node order
+    index = np.array(keep + list(range(n_feat, full.n_nodes)))
+    expected = full.adjacency[np.ix_(index, index)]
+    assert np.allclose(g.adjacency, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
+    dropped = np.setdiff1d(np.arange(n_feat), keep)
+    read = np.array(keep + list(range(full.n_nodes - n_logits, full.n_nodes)))
+    share = np.abs(full.adjacency[np.ix_(read, dropped)]).sum() / np.abs(full.adjacency[read]).sum()
+    assert g.meta["dropped_edge_share"] == pytest.approx(share, rel=1e-4)
+    assert 0 < g.meta["dropped_influence_share"] < 1
+    # the influence-ranked cap keeps more of the logits' influence than the same number of features taken in order
+    inf = prune(full).node_influence[:n_feat]
+    assert inf[keep].sum() > inf[:cap].sum()
+    # a capped graph is a graph like any other: pruning, scores and JSON work on it
+    assert prune(g).n_nodes > 0 and 0 <= graph_scores(g).completeness <= 1
+    again = AttributionGraph.from_json(json.loads(json.dumps(g.to_json())))
+    assert np.array_equal(again.adjacency, g.adjacency) and again.meta == g.meta

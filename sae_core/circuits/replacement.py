@@ -10,12 +10,17 @@ The frozen forward takes "writes" into the residual stream: the embedding [B, T,
 of the MLP's replacement output (decoded features + output bias + error) [B, T, d]; a skip transcoder's W_skip x
 stays a linear path inside the frozen forward (its x is the frozen-normalised MLP input).
 
+The frozen model is linear in its writes, so a target's derivatives do not need a forward pass: `transposed_pass` runs
+the transpose of each frozen layer from the targets down to the embedding (the skip term's W_skip^T, the frozen
+RMSNorm scales, the frozen attention's P^T through W_O^T and W_V^T), about a third of an autograd forward + backward.
+
 Llama layout only (the bundled model's): q/k/v/o projections with rotary embeddings and grouped key/value heads, RMSNorm
 before attention, before the MLP and before the unembedding, no attention biases.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,6 +170,71 @@ class ReplacementModel:
             skip = self.transcoders[L].skip(mlp_in)
             h = h + (out if skip is None else out + skip.to(out.dtype))
         return mlp_ins, self.final_norm.weight * (h * self.final_denom[:P])
+
+    def transposed_pass(
+        self,
+        layers: list[int | None],
+        positions: list[int],
+        directions: torch.Tensor,
+        on_write: Callable[[int, torch.Tensor], None],
+    ) -> torch.Tensor:
+        """Vector-Jacobian products of a batch of targets: target b reads layer layers[b]'s MLP input (None: the final
+        normalised residual) at positions[b] along directions[b] [B, d]. Calls on_write(L, g) with the derivative of
+        every target with respect to layer L's write, position-major [P, B, d] (P = max position + 1: later positions
+        cannot matter; position-major makes each position's batch one matmul), deepest layer first, for the layers some
+        target reads from above; g is only valid during the call. Returns the derivative with respect to the embedding
+        [P, B, d]. The derivative with respect to layer L's write is the residual's after layer L."""
+        B, P = len(layers), max(positions) + 1
+        dtype = self.embed.dtype
+        pos = torch.tensor(positions, device=directions.device)
+        dirs = directions.to(dtype)
+        g = torch.zeros(P, B, self.embed.shape[-1], dtype=dtype, device=directions.device)
+        logit_rows = [b for b, L in enumerate(layers) if L is None]
+        if logit_rows:
+            r = torch.tensor(logit_rows, device=g.device)
+            g[pos[r], r] = dirs[r] * self.final_norm.weight.to(dtype) * self.final_denom[pos[r]]
+            top = self.n_layers - 1
+        else:
+            top = max(L for L in layers if L is not None)
+        live = bool(logit_rows)  # whether any target has been seeded yet (above that, g is zero)
+        for L in range(top, -1, -1):
+            layer, s = self.layers[L], self.states[L]
+            post_w = layer.post_attention_layernorm.weight.to(dtype)
+            if live:
+                on_write(L, g)
+                # the skip term reads the MLP input: its transpose, through the frozen norm
+                W_skip = self._skip_weight(L)
+                if W_skip is not None:
+                    g = g + (g @ W_skip.to(dtype)).mul_(s.mlp_denom[:P, None]).mul_(post_w)
+            # the targets that read this layer's MLP input enter here
+            seeded = [b for b, tl in enumerate(layers) if tl == L]
+            if seeded:
+                r = torch.tensor(seeded, device=g.device)
+                g[pos[r], r] += dirs[r] * post_w * s.mlp_denom[pos[r]]
+                live = True
+            # through the attention block: h + attend(norm(h))
+            g_x = self._attend_transposed(L, g, s.attn_probs[:, :P, :P])
+            g = g + g_x.mul_(s.attn_denom[:P, None]).mul_(layer.input_layernorm.weight.to(dtype))
+        return g
+
+    def _skip_weight(self, L: int) -> torch.Tensor | None:
+        tc = self.transcoders[L]
+        W = getattr(tc, "W_skip", None)
+        if W is None and tc.skip(self.embed[:1]) is not None:
+            raise SaescopeError(f"layer {L}'s transcoder has a skip term but no W_skip matrix to transpose")
+        return None if W is None else W.detach()
+
+    def _attend_transposed(self, L: int, g: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The transpose of `_attend` (linear in x under frozen probabilities [H, P, P]) applied to g [P, B, d]: W_O^T,
+        each head's P^T (one matmul per head over the whole batch), the heads that share a key/value head summed (head
+        h reads key/value head h // group, as repeat_interleave lays them out), then W_V^T."""
+        a = self.layers[L].self_attn
+        P, B, _ = g.shape
+        H, kv, dh = self.n_heads, self.n_kv, self.head_dim
+        go = (g @ a.o_proj.weight.to(g.dtype)).view(P, B, H, dh).permute(2, 0, 1, 3).reshape(H, P, B * dh)
+        gv = torch.bmm(probs.transpose(-1, -2).contiguous(), go)  # [H, P, B * dh]
+        gv = gv.view(kv, H // kv, P * B * dh).sum(1).view(kv, P, B, dh).permute(1, 2, 0, 3).reshape(P, B, kv * dh)
+        return gv @ a.v_proj.weight.to(g.dtype)
 
     def replacement_logits(self) -> torch.Tensor:
         """The replacement model's logits [T, V] at the sources' real values (equal to the model's, up to rounding)."""
