@@ -31,6 +31,7 @@ from .accounts import register as register_accounts
 from .bench_sae import register as register_bench_sae
 from .live_commands import register as register_live
 from .options import LiteralHelpGroup, cli_fields, command_options, from_options, parameter, with_signature
+from .trace import register as register_trace
 from .transcoders import register as register_transcoders
 from .transcoders import train_transcoders_command
 
@@ -331,6 +332,7 @@ register_live(app, console)  # saescope activations, saescope steer (saescope/li
 register_accounts(app, console)  # saescope user, saescope key, saescope usage (saescope/accounts.py)
 register_bench_sae(app, console)  # saescope bench-sae (saescope/bench_sae.py)
 register_transcoders(app, console)  # saescope eval-transcoders; train --transcoders hands over to saescope/transcoders.py
+register_trace(app, console)  # saescope trace, saescope graphs (saescope/trace.py)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@
                                     ├─< explanations     per feature and method (N2G, LLM), scored
                                     ├── feature_maps ─< feature_map_points   2-D map of alive features
                                     └─< feature_relations  families across widths, matches across seeds
+    attribution_graphs         pruned attribution graphs of prompts (`saescope trace`), by permalink slug
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -293,6 +294,37 @@ class SAEBenchmark(Base):
     __table_args__ = (UniqueConstraint("sae_id", "seed", name="uq_sae_benchmarks_sae_seed"),)
 
 
+class AttributionGraphRecord(Base):
+    """One prompt's pruned attribution graph (`saescope trace`, sae_core/circuits/trace.py), found by its
+    permalink `slug`: a short hash of the prompt, the transcoder set's identity (a digest of every layer's
+    weights), the thresholds and the attribution settings, so tracing the same thing again finds this row.
+    `graph` is the pruned graph as zlib-compressed JSON (sae_core/store/graphs.py: kept nodes and edges
+    only; the unpruned matrix is quadratic in the nodes). The transcoder layers link to feature pages
+    through `layer_folders`: a mined transcoder's `saes.path` is its folder. Not tied to a mining run: a
+    graph outlives re-mines of its transcoders."""
+
+    __tablename__ = "attribution_graphs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(32), unique=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(512))  # the model the transcoders were trained on
+    transcoders: Mapped[str] = mapped_column(String(64))  # the transcoder set's identity (sha256 of its weights)
+    transcoders_path: Mapped[str] = mapped_column(Text)  # the `saescope train --transcoders` folder
+    layer_folders: Mapped[dict] = mapped_column(JSON, default=dict)  # {"layer": resolved folder}
+    config: Mapped[dict] = mapped_column(JSON, default=dict)  # thresholds and attribution settings
+    n_tokens: Mapped[int]
+    nodes_before: Mapped[int]
+    edges_before: Mapped[int]
+    nodes_after: Mapped[int]
+    edges_after: Mapped[int]
+    replacement_score: Mapped[float] = mapped_column(Float)  # of the unpruned graph (Ameisen et al. 2025)
+    completeness_score: Mapped[float] = mapped_column(Float)
+    scores: Mapped[dict] = mapped_column(JSON, default=dict)  # the same for the pruned graph, and the timings
+    seconds: Mapped[float] = mapped_column(Float)  # wall time of the build (load, attribution, pruning)
+    graph: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 __all__ = [
     "Base",
     "Model",
@@ -309,6 +341,7 @@ __all__ = [
     "FeatureMapPoint",
     "FeatureRelation",
     "SAEBenchmark",
+    "AttributionGraphRecord",
     "pack_ids",
     "unpack_ids",
     "pack_acts",

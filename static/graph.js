@@ -1,0 +1,272 @@
+// The attribution graph page (templates/graph.html; app/graphs.py serves the JSON it draws).
+//
+// An SVG built with DOM calls, offline and under the page's CSP (no inline script or style: geometry and colour are
+// SVG attributes). Rows are layers (token embeddings at the bottom, logits at the top), columns token positions;
+// a cell's nodes spread across its column. Edge width follows |weight|, colour its sign. Hover shows a node's
+// feature (explanation, strongest tokens); click opens the feature page; shift-click pins a node, and the pinned
+// nodes, kept in the URL's #pin=..., can be shown alone as a subgraph.
+(function () {
+  "use strict";
+
+  const frame = document.getElementById("attribution-graph");
+  if (!frame) return;
+  const svg = document.getElementById("graph-svg");
+  const tip = document.getElementById("graph-tip");
+  const status = document.getElementById("graph-status");
+  const pinnedOnly = document.getElementById("graph-pinned-only");
+  const pinList = document.getElementById("graph-pin-list");
+  const NS = "http://www.w3.org/2000/svg";
+  const MAX_EDGES = 4000; // the strongest edges drawn; the rest add ink, not information
+  const ROW = 30, LEFT = 56, TOP = 34, BOTTOM = 46, RIGHT = 16;
+  const POS = "#2563eb", NEG = "#dc2626";
+  const MIN_COLUMN = 44; // px per token position at the least
+
+  const state = { graph: null, byId: new Map(), place: new Map(), nodeEls: new Map(), edgeEls: [], pins: new Set() };
+
+  function el(name, attrs, parent) {
+    const e = document.createElementNS(NS, name);
+    for (const k in attrs) e.setAttribute(k, attrs[k]);
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+
+  function visibleText(t) {
+    return t.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "→");
+  }
+
+  function readPins() {
+    const m = /pin=([0-9,]*)/.exec(location.hash);
+    state.pins = new Set(m && m[1] ? m[1].split(",").map(Number) : []);
+  }
+
+  function writePins() {
+    const ids = Array.from(state.pins).sort((a, b) => a - b);
+    history.replaceState(null, "", ids.length ? "#pin=" + ids.join(",") : location.pathname + location.search);
+  }
+
+  function label(n) {
+    if (n.kind === "embedding") return "token " + JSON.stringify(n.text) + " @" + n.pos;
+    if (n.kind === "logit") return "output " + JSON.stringify(n.text) + " (p " + n.probability.toFixed(3) + ")";
+    if (n.kind === "error") return "error node, layer " + n.layer + " @" + n.pos;
+    return (n.sae ? n.sae : "layer " + n.layer) + " #" + n.feature + " @" + n.pos;
+  }
+
+  function layout(g) {
+    const T = g.tokens.length;
+    const width = Math.max(frame.clientWidth - 2, LEFT + RIGHT + T * MIN_COLUMN); // fits the frame; scrolls past 64 tokens
+    const colW = (width - LEFT - RIGHT) / T;
+    const rows = g.n_layers + 2;
+    const height = TOP + rows * ROW + BOTTOM;
+    const cells = new Map();
+    for (const n of g.nodes) {
+      if (n.kind === "logit") continue;
+      const key = n.layer + ":" + n.pos;
+      if (!cells.has(key)) cells.set(key, []);
+      cells.get(key).push(n);
+    }
+    const y = (layer) => TOP + (g.n_layers - layer) * ROW + ROW / 2; // logits (layer n_layers) on top
+    for (const list of cells.values()) {
+      list.sort((a, b) => (a.kind === "error") - (b.kind === "error") || b.influence - a.influence);
+      list.forEach((n, j) => {
+        const x0 = LEFT + n.pos * colW;
+        state.place.set(n.id, { x: x0 + ((j + 1) / (list.length + 1)) * colW, y: y(n.layer) });
+      });
+    }
+    const logits = g.nodes.filter((n) => n.kind === "logit").sort((a, b) => a.rank - b.rank);
+    const span = Math.min(width - LEFT - RIGHT, logits.length * 90);
+    logits.forEach((n, j) => {
+      state.place.set(n.id, { x: width - RIGHT - span + ((j + 0.5) / logits.length) * span, y: y(g.n_layers) });
+    });
+    return { width, height, colW, y };
+  }
+
+  function draw() {
+    const g = state.graph;
+    svg.textContent = "";
+    state.place.clear();
+    state.nodeEls.clear();
+    state.edgeEls = [];
+    const { width, height, colW, y } = layout(g);
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    svg.setAttribute("width", width);
+    svg.setAttribute("height", height);
+    const axis = el("g", { class: "axis" }, svg);
+    for (let L = -1; L <= g.n_layers; L++) {
+      const name = L === -1 ? "tokens" : L === g.n_layers ? "logits" : "L" + L;
+      el("line", { x1: LEFT, x2: width - RIGHT, y1: y(L), y2: y(L), class: "row" }, axis);
+      el("text", { x: 4, y: y(L) + 4, class: "row-label" }, axis).textContent = name;
+    }
+    g.tokens.forEach((t, p) => {
+      const x = LEFT + (p + 0.5) * colW;
+      const text = el("text", { x: x, y: height - BOTTOM / 2 + 6, class: "token", "text-anchor": "middle" }, axis);
+      const shown = visibleText(t);
+      text.textContent = shown.length > 10 ? shown.slice(0, 9) + "…" : shown;
+      el("title", {}, text).textContent = t;
+    });
+    const edges = g.edges.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
+    const maxW = edges.length ? Math.abs(edges[0].weight) || 1 : 1;
+    const edgeLayer = el("g", { class: "edges" }, svg);
+    for (const e of edges) {
+      const a = state.place.get(e.source), b = state.place.get(e.target);
+      if (!a || !b) continue;
+      const mid = (a.y + b.y) / 2;
+      const path = el("path", {
+        d: "M" + a.x.toFixed(1) + " " + a.y.toFixed(1) + " C" + a.x.toFixed(1) + " " + mid.toFixed(1) + " " + b.x.toFixed(1) + " " + mid.toFixed(1) + " " + b.x.toFixed(1) + " " + b.y.toFixed(1),
+        stroke: e.weight >= 0 ? POS : NEG,
+        "stroke-width": (0.3 + 4.5 * Math.abs(e.weight) / maxW).toFixed(2),
+        fill: "none",
+        class: "edge",
+      }, edgeLayer);
+      state.edgeEls.push({ e: e, path: path });
+    }
+    const nodeLayer = el("g", { class: "nodes" }, svg);
+    for (const n of g.nodes) {
+      const p = state.place.get(n.id);
+      if (!p) continue;
+      let shape;
+      if (n.kind === "feature") {
+        shape = el("circle", { cx: p.x, cy: p.y, r: 5, class: "node feature" + (n.url ? " linked" : "") }, nodeLayer);
+      } else if (n.kind === "error") {
+        shape = el("rect", { x: p.x - 3.5, y: p.y - 3.5, width: 7, height: 7, class: "node error" }, nodeLayer);
+      } else if (n.kind === "embedding") {
+        shape = el("rect", { x: p.x - 6, y: p.y - 6, width: 12, height: 12, rx: 2, class: "node embedding" }, nodeLayer);
+      } else {
+        shape = el("g", { class: "node logit" }, nodeLayer);
+        el("rect", { x: p.x - 40, y: p.y - 11, width: 80, height: 22, rx: 4 }, shape);
+        const t = el("text", { x: p.x, y: p.y + 4, "text-anchor": "middle" }, shape);
+        const shown = visibleText(n.text);
+        t.textContent = (shown.length > 8 ? shown.slice(0, 7) + "…" : shown) + " " + (100 * n.probability).toFixed(0) + "%";
+      }
+      shape.dataset.node = n.id;
+      state.nodeEls.set(n.id, shape);
+    }
+    applyPins();
+    status.textContent = g.nodes.length + " nodes, " + g.edges.length + " edges" + (g.edges.length > edges.length ? " (the " + edges.length + " strongest drawn)" : "");
+  }
+
+  function visible(n) {
+    if (!pinnedOnly.checked) return true;
+    return n.kind === "embedding" || n.kind === "logit" || state.pins.has(n.id);
+  }
+
+  function applyPins() {
+    for (const [id, shape] of state.nodeEls) {
+      const n = state.byId.get(id);
+      shape.classList.toggle("pinned", state.pins.has(id));
+      shape.classList.toggle("hidden", !visible(n));
+    }
+    for (const { e, path } of state.edgeEls) {
+      // the pinned subgraph: edges between shown nodes that touch a pinned one (not every token-to-logit edge)
+      const shown = visible(state.byId.get(e.source)) && visible(state.byId.get(e.target));
+      path.classList.toggle("hidden", !shown || (pinnedOnly.checked && !state.pins.has(e.source) && !state.pins.has(e.target)));
+    }
+    document.querySelectorAll("button.pin").forEach((b) => {
+      const on = state.pins.has(Number(b.dataset.node));
+      b.setAttribute("aria-pressed", on ? "true" : "false");
+      b.textContent = on ? "unpin" : "pin";
+    });
+    pinList.textContent = "";
+    if (!state.pins.size) {
+      const li = document.createElement("li");
+      li.className = "muted small";
+      li.textContent = "none yet";
+      pinList.appendChild(li);
+    }
+    for (const id of Array.from(state.pins).sort((a, b) => a - b)) {
+      const n = state.byId.get(id);
+      if (!n) continue;
+      const li = document.createElement("li");
+      li.appendChild(document.createTextNode(label(n) + (n.explanation ? ": " + n.explanation : "") + " "));
+      if (n.url) {
+        const a = document.createElement("a");
+        a.href = n.url;
+        a.textContent = "feature";
+        li.appendChild(a);
+        li.appendChild(document.createTextNode(" · "));
+        const s = document.createElement("a");
+        s.href = n.steer_url;
+        s.textContent = "steer";
+        li.appendChild(s);
+        li.appendChild(document.createTextNode(" "));
+      }
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = "unpin";
+      b.addEventListener("click", () => togglePin(id));
+      li.appendChild(b);
+      pinList.appendChild(li);
+    }
+  }
+
+  function togglePin(id) {
+    if (state.pins.has(id)) state.pins.delete(id);
+    else state.pins.add(id);
+    writePins();
+    applyPins();
+  }
+
+  function nodeOf(target) {
+    const shape = target.closest ? target.closest("[data-node]") : null;
+    return shape && svg.contains(shape) ? state.byId.get(Number(shape.dataset.node)) : null;
+  }
+
+  function showTip(n, ev) {
+    tip.textContent = "";
+    const head = document.createElement("strong");
+    head.textContent = label(n);
+    tip.appendChild(head);
+    const lines = [];
+    if (n.kind === "feature") {
+      lines.push("activation " + n.activation.toPrecision(3) + " · influence " + n.influence.toPrecision(3));
+      if (n.explanation) lines.push(n.explanation);
+      if (n.top_token) lines.push("fires most on " + JSON.stringify(n.top_token));
+      if (n.promotes && n.promotes.length) lines.push("promotes " + n.promotes.map((t) => JSON.stringify(t)).join(", "));
+      lines.push(n.url ? "click: feature page · shift-click: pin" : "layer not mined: no feature page · click: pin");
+    } else {
+      lines.push("influence " + n.influence.toPrecision(3));
+    }
+    for (const line of lines) {
+      const d = document.createElement("div");
+      d.textContent = line;
+      tip.appendChild(d);
+    }
+    const box = frame.getBoundingClientRect();
+    tip.hidden = false;
+    tip.style.left = Math.min(ev.clientX - box.left + frame.scrollLeft + 14, frame.scrollWidth - 300) + "px";
+    tip.style.top = ev.clientY - box.top + frame.scrollTop + 14 + "px";
+    for (const { e, path } of state.edgeEls) path.classList.toggle("hot", e.source === n.id || e.target === n.id);
+  }
+
+  svg.addEventListener("mousemove", (ev) => {
+    const n = nodeOf(ev.target);
+    if (n) showTip(n, ev);
+    else if (!tip.hidden) {
+      tip.hidden = true;
+      for (const { path } of state.edgeEls) path.classList.remove("hot");
+    }
+  });
+  svg.addEventListener("mouseleave", () => { tip.hidden = true; });
+  svg.addEventListener("click", (ev) => {
+    const n = nodeOf(ev.target);
+    if (!n) return;
+    if (n.url && !ev.shiftKey) location.href = n.url;
+    else togglePin(n.id);
+  });
+  document.querySelectorAll("button.pin").forEach((b) => b.addEventListener("click", () => togglePin(Number(b.dataset.node))));
+  pinnedOnly.addEventListener("change", applyPins);
+  document.getElementById("graph-clear-pins").addEventListener("click", () => {
+    state.pins.clear();
+    writePins();
+    applyPins();
+  });
+
+  readPins();
+  fetch(frame.dataset.src, { headers: { Accept: "application/json" } })
+    .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
+    .then((g) => {
+      state.graph = g;
+      for (const n of g.nodes) state.byId.set(n.id, n);
+      draw();
+    })
+    .catch((err) => { status.textContent = "could not load the graph: " + err.message; });
+})();
