@@ -98,6 +98,9 @@ def test_permalink_is_idempotent_and_force_rebuilds(traced, tc_dir, store, tiny_
     assert again.reused and again.slug == first.slug and again.graph_id == first.graph_id and again.graph == first.graph
     other = trace(TraceConfig(PROMPT, tc_dir, db=store, node_threshold=NODES, edge_threshold=0.9), lm=tiny_lm)
     assert not other.reused and other.slug != first.slug and other.edges_after <= first.edges_after
+    capped = trace(TraceConfig(PROMPT, tc_dir, db=store, node_threshold=NODES, max_feature_nodes=5), lm=tiny_lm)
+    assert capped.slug not in (first.slug, other.slug) and capped.nodes_before < first.nodes_before
+    assert sum(n["kind"] == "feature" for n in capped.graph["nodes"]) <= 5
     forced = trace(TraceConfig(PROMPT, tc_dir, db=store, node_threshold=NODES, force=True), lm=tiny_lm)
     assert not forced.reused and forced.slug == first.slug and forced.graph_id != first.graph_id
     assert forced.graph["edges"] == first.graph["edges"]

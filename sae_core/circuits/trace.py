@@ -12,7 +12,6 @@ its strongest token-to-top-logit path (`top_path`), read by `saescope trace`, th
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -44,7 +43,8 @@ class TraceConfig:
     max_prompt_tokens: int = 64  # longer prompts are refused (Neuronpedia's cap)
     max_n_logits: int = 10  # output logits as targets, at most ...
     desired_logit_prob: float = 0.95  # ... fewer once their probabilities add up to this
-    max_feature_nodes: int | None = None  # the strongest features kept as nodes (None: all), where attribution has it
+    # feature nodes chosen by influence during attribution (None: every active feature); attribution's default
+    max_feature_nodes: int | None = AttributionConfig.max_feature_nodes
     time_limit_s: float | None = 600.0  # the build stops with an error past this
     device: str = "auto"
     force: bool = False  # build again even when the permalink is stored
@@ -67,16 +67,14 @@ class TraceConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the stored graph (with the prompt and the transcoder set: the slug)."""
-        out = {
+        return {
             "node_threshold": self.node_threshold,
             "edge_threshold": self.edge_threshold,
             "max_prompt_tokens": self.max_prompt_tokens,
             "max_n_logits": self.max_n_logits,
             "desired_logit_prob": self.desired_logit_prob,
+            "max_feature_nodes": self.max_feature_nodes,
         }
-        if self.max_feature_nodes is not None:
-            out["max_feature_nodes"] = self.max_feature_nodes
-        return out
 
 
 @dataclass
@@ -265,17 +263,13 @@ def top_path(stored: dict[str, Any]) -> list[int]:
 
 
 def _attribution_config(cfg: TraceConfig) -> AttributionConfig:
-    settings: dict[str, Any] = {
-        "max_prompt_tokens": cfg.max_prompt_tokens,
-        "max_n_logits": cfg.max_n_logits,
-        "desired_logit_prob": cfg.desired_logit_prob,
-        "time_limit_s": cfg.time_limit_s,
-    }
-    if cfg.max_feature_nodes is not None:
-        if "max_feature_nodes" not in {f.name for f in dataclasses.fields(AttributionConfig)}:
-            raise SaescopeError("this saescope's attribution has no max_feature_nodes: leave --max-feature-nodes out")
-        settings["max_feature_nodes"] = cfg.max_feature_nodes
-    return AttributionConfig(**settings)
+    return AttributionConfig(
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        max_n_logits=cfg.max_n_logits,
+        desired_logit_prob=cfg.desired_logit_prob,
+        time_limit_s=cfg.time_limit_s,
+        max_feature_nodes=cfg.max_feature_nodes,
+    )
 
 
 def _result(row: Any, graph: dict[str, Any], reused: bool, layer_saes: dict[int, tuple[str, int]]) -> TraceResult:
