@@ -67,9 +67,16 @@
     const y = (layer) => TOP + (g.n_layers - layer) * ROW + ROW / 2; // logits (layer n_layers) on top
     for (const list of cells.values()) {
       list.sort((a, b) => (a.kind === "error") - (b.kind === "error") || b.influence - a.influence);
+      // a crowded cell wraps onto up to three lines inside its row, and its nodes shrink to fit
+      const perLine = Math.max(1, Math.floor(colW / 10));
+      const lines = Math.min(3, Math.ceil(list.length / perLine));
+      const across = Math.ceil(list.length / lines);
+      const r = Math.max(1.5, Math.min(5, colW / (across + 1) / 2.2, lines > 1 ? ROW / lines / 2.4 : 5));
       list.forEach((n, j) => {
+        const line = Math.floor(j / across), k = j % across;
         const x0 = LEFT + n.pos * colW;
-        state.place.set(n.id, { x: x0 + ((j + 1) / (list.length + 1)) * colW, y: y(n.layer) });
+        const dy = lines > 1 ? (line - (lines - 1) / 2) * (ROW / lines) : 0;
+        state.place.set(n.id, { x: x0 + ((k + 1) / (across + 1)) * colW, y: y(n.layer) + dy, r: r });
       });
     }
     const logits = g.nodes.filter((n) => n.kind === "logit").sort((a, b) => a.rank - b.rank);
@@ -125,9 +132,10 @@
       if (!p) continue;
       let shape;
       if (n.kind === "feature") {
-        shape = el("circle", { cx: p.x, cy: p.y, r: 5, class: "node feature" + (n.url ? " linked" : "") }, nodeLayer);
+        shape = el("circle", { cx: p.x, cy: p.y, r: p.r, class: "node feature" + (n.url ? " linked" : "") }, nodeLayer);
       } else if (n.kind === "error") {
-        shape = el("rect", { x: p.x - 3.5, y: p.y - 3.5, width: 7, height: 7, class: "node error" }, nodeLayer);
+        const h = Math.min(3.5, p.r * 0.7);
+        shape = el("rect", { x: p.x - h, y: p.y - h, width: 2 * h, height: 2 * h, class: "node error" }, nodeLayer);
       } else if (n.kind === "embedding") {
         shape = el("rect", { x: p.x - 6, y: p.y - 6, width: 12, height: 12, rx: 2, class: "node embedding" }, nodeLayer);
       } else {
@@ -233,7 +241,9 @@
     const box = frame.getBoundingClientRect();
     tip.hidden = false;
     tip.style.left = Math.min(ev.clientX - box.left + frame.scrollLeft + 14, frame.scrollWidth - 300) + "px";
-    tip.style.top = ev.clientY - box.top + frame.scrollTop + 14 + "px";
+    let top = ev.clientY - box.top + frame.scrollTop + 14;
+    if (top + tip.offsetHeight > frame.scrollTop + frame.clientHeight) top = Math.max(frame.scrollTop, top - tip.offsetHeight - 28); // above the cursor near the bottom
+    tip.style.top = top + "px";
     for (const { e, path } of state.edgeEls) path.classList.toggle("hot", e.source === n.id || e.target === n.id);
   }
 

@@ -2,8 +2,8 @@
 
     TraceConfig -> trace() -> TraceResult
 
-The transcoder set is a `saescope train --transcoders all --out DIR` folder (one transcoder per layer, loaded through the
-one SAE loader, interchange.load_sae); the model is the one their provenance names. The permalink slug is a short hash of the prompt,
+The transcoder set is a `saescope train --transcoders all --out DIR` folder (one transcoder per layer, loaded through
+the one SAE loader, interchange.load_sae); the model is the one their provenance names. The permalink slug is a short hash of the prompt,
 the transcoder set's identity (a digest of every layer's weights file: retraining into the same folder is another
 set), the thresholds and the attribution settings, so tracing the same thing again returns the stored graph without
 loading the model (unless `force`). What is stored is the pruned graph (`stored_graph`: kept nodes and edges only) and
@@ -13,6 +13,7 @@ its strongest token-to-top-logit path (`top_path`), read by `saescope trace`, th
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,18 @@ class TranscoderSet:
     model: str
     layer_folders: dict[int, Path]  # resolved
     identity: str  # sha256 over the layers and their weights files
-    loaded: dict[int, TranscoderSAE]
+
+    def load(self) -> dict[int, TranscoderSAE]:
+        """Every layer's transcoder, through the one SAE loader (interchange.load_sae)."""
+        from ..interchange import load_sae
+
+        out = {}
+        for layer, path in self.layer_folders.items():
+            sae = load_sae(path).sae
+            if not isinstance(sae, TranscoderSAE):
+                raise SaescopeError(f"{self.folder}: layer {layer}'s folder holds a {sae.architecture}, not a transcoder")
+            out[layer] = sae
+        return out
 
 
 def _file_digest(path: Path) -> str:
@@ -122,9 +134,10 @@ def _file_digest(path: Path) -> str:
 
 
 def transcoder_set(folder: str | Path) -> TranscoderSet:
-    """A `saescope train --transcoders` folder, loaded (through the one SAE loader) and checked: each layer's folder
-    holds a transcoder reading that layer's MLP input, all of one model; its identity is a digest of the weights."""
-    from ..interchange import WEIGHTS, load_sae
+    """A `saescope train --transcoders` folder, checked from its configs (each layer's folder holds a transcoder
+    reading that layer's MLP input, all of one model), with an identity: a digest of the weights files. The weights
+    load later (`TranscoderSet.load`), only when a graph is built."""
+    from ..interchange import CFG, WEIGHTS, provenance
     from ..model import parse_hook_point
     from ..train_transcoders import SUMMARY, layer_folders
 
@@ -137,23 +150,26 @@ def transcoder_set(folder: str | Path) -> TranscoderSet:
         layers = layer_folders(folder)
     except (ValueError, KeyError, TypeError) as exc:
         raise SaescopeError(f"{folder}/{SUMMARY} is unreadable ({exc}); train the transcoders again") from exc
-    models, resolved, loaded = set(), {}, {}
+    models, resolved = set(), {}
     h = hashlib.sha256()
     for layer, path in sorted(layers.items()):
         if not path.is_absolute() and not path.exists():  # --out was relative to another working directory
             path = folder / path.name
-        if not (path / WEIGHTS).is_file():
-            raise SaescopeError(f"{folder}: layer {layer}'s transcoder folder {path} has no {WEIGHTS}")
-        item = load_sae(path)
-        model, hook = item.provenance.require(path)
-        if not isinstance(item.sae, TranscoderSAE) or parse_hook_point(hook) != (layer, "mlp_in"):
+        if not (path / WEIGHTS).is_file() or not (path / CFG).is_file():
+            raise SaescopeError(f"{folder}: layer {layer}'s transcoder folder {path} has no {WEIGHTS} and {CFG}")
+        try:
+            cfg = json.loads((path / CFG).read_text())
+        except ValueError as exc:
+            raise SaescopeError(f"{path}/{CFG} is not JSON ({exc})") from exc
+        model, hook = provenance(cfg).require(path)
+        if parse_hook_point(hook) != (layer, "mlp_in"):
             raise SaescopeError(f"{folder}: layer {layer}'s folder does not hold a transcoder reading blocks.{layer}.hook_mlp_in")
         models.add(model)
         h.update(f"{layer}:{_file_digest(path / WEIGHTS)}\n".encode())
-        resolved[layer], loaded[layer] = path.resolve(), item.sae
+        resolved[layer] = path.resolve()
     if len(models) != 1:
         raise SaescopeError(f"{folder}: its transcoders read different models ({sorted(models)})")
-    return TranscoderSet(folder.resolve(), models.pop(), resolved, h.hexdigest(), loaded)
+    return TranscoderSet(folder.resolve(), models.pop(), resolved, h.hexdigest())
 
 
 def graph_slug(prompt: str, set_identity: str, settings: dict[str, Any]) -> str:
@@ -327,7 +343,7 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
         if len(ids) > cfg.max_prompt_tokens:
             raise SaescopeError(f"the prompt has {len(ids)} tokens; attribution graphs take at most {cfg.max_prompt_tokens}")
         dtype = lm.model.get_output_embeddings().weight.dtype
-        transcoders = {layer: sae.to(lm.device, dtype).eval() for layer, sae in tset.loaded.items()}
+        transcoders = {layer: sae.to(lm.device, dtype).eval() for layer, sae in tset.load().items()}
         t_attr = time.monotonic()
         graph = attribute(lm.model, transcoders, ids, attribution_cfg, progress)
         t_prune = time.monotonic()
