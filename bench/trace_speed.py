@@ -2,7 +2,10 @@
 transcoder; node and edge counts before and after pruning, wall and CPU time, peak memory; the peer in the same run
 is one plain forward pass of the model on the same prompt (the graph's cost in forward passes).
 
-    nice .venv/bin/python bench/trace_speed.py --tokens 16 --tokens 64 --time-limit 900
+    nice .venv/bin/python bench/trace_speed.py --tokens 16 --tokens 64 --max-feature-nodes 1024 --time-limit 900
+
+--max-feature-nodes caps the feature nodes chosen by influence (AttributionConfig.max_feature_nodes; "all" for every
+active feature); it may be given more than once, each cap is run on each prompt length.
 
 Transcoders: randomly initialised TopK transcoders of the trained ones' shape (n_latents, k), which cost about the same
 to trace: a TopK code has up to k active latents per position whichever weights it has (the counts printed say how
@@ -33,7 +36,8 @@ from sae_core.sae.transcoder import TranscoderConfig, TranscoderSAE  # noqa: E40
 TEXT = (
     "The capital of the country whose largest city is Toronto is Ottawa, and the capital of the country whose "
     "largest city is Sydney is Canberra. Rivers, mountains and lakes make the geography of a place; its people "
-    "make its history. In the morning the market opens early and the bakers sell fresh bread to the town."
+    "make its history. In the morning the market opens early and the bakers sell fresh bread to the town. "
+    "At night the harbour lights guide the fishing boats home."
 )
 
 
@@ -56,7 +60,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, action="append", help="prompt lengths (default 16)")
     ap.add_argument("--n-latents", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
+    ap.add_argument("--max-feature-nodes", action="append", help="feature-node caps (an int or 'all'; default 1024)")
     ap.add_argument("--time-limit", type=float, default=900.0)
     args = ap.parse_args()
     lengths = args.tokens or [16]
@@ -69,46 +74,64 @@ def main() -> None:
         f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; transcoders n_latents {args.n_latents} k {args.k}"
         f" (random init); peak RSS after load {peak_rss_mib():.0f} MiB"
     )
+    caps = [None if c == "all" else int(c) for c in (args.max_feature_nodes or [str(AttributionConfig.max_feature_nodes)])]
     for n in lengths:
-        ids = ids_all[:n]
-        assert len(ids) == n, f"the text has only {len(ids_all)} tokens"
-        with torch.no_grad():
+        for cap in caps:
+            run_one(model, tcs, ids_all, n, cap, args)
+
+
+def run_one(model, tcs: dict[int, TranscoderSAE], ids_all: torch.Tensor, n: int, cap: int | None, args) -> None:
+    ids = ids_all[:n]
+    assert len(ids) == n, f"the text has only {len(ids_all)} tokens"
+    with torch.no_grad():
+        model(ids[None])  # warm
+        times = []
+        for _ in range(5):
             t0 = time.perf_counter()
             model(ids[None])
-            fwd = time.perf_counter() - t0
-        seen: list[tuple[float, int, int]] = []
-        start = time.perf_counter()
-        cpu0 = time.process_time()
+            times.append(time.perf_counter() - t0)
+        fwd = sorted(times)[2]  # the median of 5: the machine is shared
+    seen: list[tuple[float, int, int]] = []
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+    label = f"{n} tokens, cap {cap if cap is not None else 'all'}"
 
-        def progress(done: int, total: int, seen: list = seen, start: float = start, n: int = n) -> None:
-            seen.append((time.perf_counter() - start, done, total))
-            if len(seen) % 20 == 0 or done == total:
-                print(f"  {n} tokens: {done}/{total} targets, {seen[-1][0]:.0f} s", flush=True)
+    def progress(done: int, total: int) -> None:  # a text progress bar, one line per tenth
+        seen.append((time.perf_counter() - start, done, total))
+        tenth = 10 * done // total
+        if len(seen) == 1 or tenth > 10 * seen[-2][1] // total:
+            bar = "#" * tenth + "." * (10 - tenth)
+            print(f"  {label}: [{bar}] {done}/{total} targets, {seen[-1][0]:.1f} s", flush=True)
 
-        cfg = AttributionConfig(max_prompt_tokens=max(64, n), batch_size=args.batch_size, time_limit_s=args.time_limit)
-        try:
-            graph = attribute(model, tcs, ids, cfg, progress)
-        except GraphTimeLimit as e:
-            t, done, total = seen[-1] if seen else (time.perf_counter() - start, 0, 1)
-            print(
-                f"{n} tokens: {e}; {done}/{total} targets in {t:.0f} s "
-                f"(extrapolated, not measured: ~{t * total / max(done, 1):.0f} s for the whole graph; targets are "
-                f"ordered by layer and deeper ones cost more, so this underestimates); peak RSS {peak_rss_mib():.0f} MiB"
-            )
-            continue
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-        t1 = time.perf_counter()
-        r = prune(graph)
-        prune_s = time.perf_counter() - t1
-        s = graph_scores(graph)
-        n_edges = int((graph.adjacency != 0).sum())
+    cfg = AttributionConfig(max_prompt_tokens=max(64, n), batch_size=args.batch_size, time_limit_s=args.time_limit, max_feature_nodes=cap)
+    try:
+        graph = attribute(model, tcs, ids, cfg, progress)
+    except GraphTimeLimit as e:
+        t, done, total = seen[-1] if seen else (time.perf_counter() - start, 0, 1)
         print(
-            f"{n} tokens: graph in {wall:.1f} s wall, {cpu:.1f} s CPU ({wall / fwd:.0f} forward passes of {fwd * 1e3:.0f} ms); "
-            f"{graph.n_nodes} nodes ({graph.n_features} features, {graph.n_errors} errors, {graph.n_pos} tokens, "
-            f"{graph.n_logits} logits), {n_edges} non-zero edges; pruned (0.8, 0.98) in {prune_s:.1f} s to "
-            f"{r.n_nodes} nodes, {r.n_edges} edges; replacement score {s.replacement:.3f}, completeness {s.completeness:.3f}; "
-            f"peak RSS {peak_rss_mib():.0f} MiB; load average {os.getloadavg()}"
+            f"{label}: {e}; {done}/{total} targets in {t:.0f} s "
+            f"(extrapolated, not measured: ~{t * total / max(done, 1):.0f} s for the whole graph); "
+            f"peak RSS {peak_rss_mib():.0f} MiB"
         )
+        return
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    t1 = time.perf_counter()
+    r = prune(graph)
+    prune_s = time.perf_counter() - t1
+    s = graph_scores(graph)
+    n_edges = int((graph.adjacency != 0).sum())
+    m = graph.meta
+    print(
+        f"{label}: graph in {wall:.1f} s wall, {cpu:.1f} s CPU ({wall / fwd:.0f} forward passes of {fwd * 1e3:.0f} ms, the median of 5); "
+        f"{m['active_features']} active features, {m['targets']} targets; graph {graph.n_nodes} nodes "
+        f"({graph.n_features} features, {graph.n_errors} errors, {graph.n_pos} tokens, {graph.n_logits} logits), "
+        f"{n_edges} non-zero edges; dropped features' share of the kept targets' edge magnitude "
+        f"{m['dropped_edge_share']:.3f}, of the estimated feature influence {m['dropped_influence_share']:.3f}; "
+        f"pruned (0.8, 0.98) in {prune_s:.1f} s to {r.n_nodes} nodes, {r.n_edges} edges; "
+        f"replacement score {s.replacement:.3f}, completeness {s.completeness:.3f}; "
+        f"peak RSS {peak_rss_mib():.0f} MiB; load average {os.getloadavg()}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -42,12 +42,12 @@ class AttributionConfig:
     max_prompt_tokens: int = 64  # longer prompts are refused (Neuronpedia's cap)
     max_n_logits: int = 10  # at most this many output logits as targets
     desired_logit_prob: float = 0.95  # ... fewer once their probabilities add up to this
-    batch_size: int = 64  # targets per transposed pass
+    batch_size: int = 128  # targets per transposed pass (128 was ~20% faster than 64 on 2 cores)
     time_limit_s: float | None = None  # refuse to go on past this many seconds
     # feature nodes chosen by influence (None: every active feature). 1024 keeps a 16-token graph on the bundled model
     # (15,360 active features) to ~1,000 transposed passes, seconds on 2 cores; circuit-tracer's users pick ~7,500 on GPUs
     max_feature_nodes: int | None = 1024
-    update_interval: int = 4  # batches between two re-rankings of the features by influence
+    update_interval: int = 2  # batches between two re-rankings of the features by influence (256 targets)
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:

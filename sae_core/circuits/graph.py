@@ -4,6 +4,11 @@ Node order (circuit-tracer's): active features, then error nodes (layer-major, n
 embeddings (n_pos), then logits. adjacency[target, source] is the edge weight: the source's activation times the
 derivative of the target's pre-activation along the frozen linear paths. Rows of error and embedding nodes are zero
 (they have no inputs in the replacement model).
+
+Feature nodes are the active features the build visited: all of them, or under AttributionConfig.max_feature_nodes the
+most influential ones; edges from the others are not in the matrix. meta then says how many were active
+("active_features"), the cap ("max_feature_nodes"), and what the dropped ones carried ("dropped_edge_share": of the
+kept targets' incoming edge magnitude; "dropped_influence_share": of the features' estimated influence on the logits).
 """
 
 from __future__ import annotations
