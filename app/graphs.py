@@ -14,7 +14,7 @@ bounded model process), never in a page handler: these routes only read the stor
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
@@ -119,8 +119,10 @@ def graph_list(conn: Connection, offset: int, limit: int) -> dict:
 
 
 def steer_url(sae: str, index: int, prompt: str) -> str:
+    """The steering page on the graph's prompt with the feature ablated; it runs on opening (a transcoder's
+    feature is steered at its MLP's output, sae_core/live/interventions.py)."""
     query = urlencode({"prompt": prompt, "feature": index, "mode": "clamp", "value": f"{STEER_VALUE:g}"})
-    return f"/saes/{sae}/steer?{query}"
+    return f"/saes/{quote(sae, safe='')}/steer?{query}"
 
 
 def graph_detail(conn: Connection, slug: str) -> dict:

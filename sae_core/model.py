@@ -62,6 +62,39 @@ def parse_hook_point(hook: str) -> HookPoint:
     return HookPoint(int(match.group(1)), match.group(2))
 
 
+# The order in which a forward pass reaches a layer's hook points (a layer's MLP runs before its output).
+SITE_ORDER = {"mlp_in": 0, "mlp_out": 1, "resid_post": 2}
+
+
+class Site(NamedTuple):
+    """Where a dictionary reads its code and where its decoder writes: the same hook for an SAE, the MLP's
+    input and output of one layer for a transcoder (its cfg.json's hook_name_out)."""
+
+    reads: HookPoint
+    writes: HookPoint
+
+    @classmethod
+    def of(cls, reads: str, writes: str | None = None) -> Site:
+        site = cls(parse_hook_point(reads), parse_hook_point(writes or reads))
+        if site.reads != site.writes and (site.reads.layer, site.reads.site, site.writes.site) != (site.writes.layer, "mlp_in", "mlp_out"):
+            raise SaescopeError(f"a dictionary reading {reads} and writing {writes} cannot be edited live: it must write where it reads, "
+                                "or read a layer's MLP input and write that MLP's output (a transcoder)")  # fmt: skip
+        return site
+
+    @classmethod
+    def residual(cls, layer: int) -> Site:
+        return cls.of(hook_name(layer))
+
+    @property
+    def reads_hook(self) -> str:
+        return f"blocks.{self.reads.layer}.hook_{self.reads.site}"
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Where the code is read in a forward pass: earlier sites compare smaller."""
+        return self.reads.layer, SITE_ORDER[self.reads.site]
+
+
 def parse_hook(hook: str) -> int:
     """The layer index of a hook name `blocks.{L}.hook_resid_post`."""
     match = HOOK_PATTERN.match(hook)
@@ -350,6 +383,54 @@ class LanguageModel:
                     del m.forward
                 else:
                     m.forward = old
+
+    @contextlib.contextmanager
+    def edit(self, where: Site | int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+        """Within the block, the activation `w` at `where.writes` is replaced by fn(a, w), `a` being the activation at
+        `where.reads` in the same forward (an int: the residual after that layer, read and written). A transcoder's
+        site calls fn(MLP input, MLP output) once the MLP has run and its result is the MLP's output."""
+        site = Site.residual(where) if isinstance(where, int) else where
+        self.check_layer(site.reads.layer)
+        if site.reads.site == "resid_post":
+            with self.replace_residual(site.reads.layer, lambda h: fn(h, h)):
+                yield
+            return
+        mlp = self.mlp(site.reads.layer)
+
+        def first(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+            return args[0] if args else next(iter(kwargs.values()))
+
+        def pre(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            x = first(args, kwargs)
+            new = fn(x, x).to(x.dtype)
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, next(iter(kwargs)): new}
+
+        def post(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            y = output[0] if isinstance(output, tuple) else output
+            new = fn(first(args, kwargs) if site.reads.site == "mlp_in" else y, y).to(y.dtype)
+            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+        if site.writes.site == "mlp_in":
+            handle = mlp.register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            handle = mlp.register_forward_hook(post, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def watch(self, hook: str, fn: Callable[[torch.Tensor], object]) -> Iterator[None]:
+        """Within the block, fn(activation at `hook`) is called in every forward; nothing is changed."""
+
+        def look(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            fn(a)
+            return w
+
+        with self.edit(Site.of(hook), look):
+            yield
 
     @contextlib.contextmanager
     def replace_residual(self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:

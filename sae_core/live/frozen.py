@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward, re
 
 if TYPE_CHECKING:
     from ..config import GenerationConfig
-    from ..model import LanguageModel
+    from ..model import LanguageModel, Site
     from .generation import Continuation, ShouldStop
     from .interventions import ConditionReader, SteeringHook
 
@@ -98,7 +98,7 @@ def frozen_continuation(
     ids: list[int],
     settings: GenerationConfig,
     hook: SteeringHook,
-    layer: int,
+    site: Site | int,
     readers: dict[str, ConditionReader] | None = None,
     should_stop: ShouldStop = lambda: None,
     on_token: Callable[[int], None] | None = None,
@@ -121,8 +121,8 @@ def frozen_continuation(
             patterns.mode = "replay"
             with contextlib.ExitStack() as stack:
                 for reader in (readers or {}).values():
-                    stack.enter_context(lm.replace_residual(reader.layer, reader.record))
-                stack.enter_context(lm.replace_residual(layer, hook))
+                    stack.enter_context(lm.watch(reader.hook, reader.record))
+                stack.enter_context(lm.edit(site, hook))
                 logits = lm.model(input_ids=current, cache=steered_cache, use_cache=True).logits[0, -1]
             token = _pick(logits, settings, generator)
             new.append(token)

@@ -6,6 +6,8 @@ With z = SAE code of the residual x and z' the code after the interventions, the
 
 (the decoder is linear; b_pre cancels). The SAE's reconstruction error x - decode(z) stays in the
 residual, so an empty intervention, or one that leaves every code unchanged, is exactly the identity.
+A transcoder (reads layer L's MLP input x, predicts its output y) is steered the same way on y: z is the
+code of x and y' = y + decode(z') - decode(z), its error y - transcode(x) kept; cap and ortho act on y.
 Modes on the code (the SAE's view):
     clamp v   z'_f = v           (Anthropic's clamping; v often a multiple of the feature's max activation)
     add v     z'_f = z_f + v     i.e. x + v W_dec[f]: a multiple of the unit-norm decoder direction (Neuronpedia)
@@ -132,10 +134,12 @@ def check_interventions(interventions: list[Intervention], n_latents: int, limit
 
 class ConditionReader:
     """Records a condition SAE's feature activations at an earlier hook for the forward under way, so a
-    later hook's conditions can read them. Register `record` at `layer` (it returns the residual as is)."""
+    later hook's conditions can read them. Watch `hook` with `record` (LanguageModel.watch); `where`: the hook
+    the SAE reads (an int: the residual after that layer)."""
 
-    def __init__(self, sae: DictionarySAE, layer: int, features: list[int]) -> None:
-        self.sae, self.layer = sae, layer
+    def __init__(self, sae: DictionarySAE, where: int | str, features: list[int]) -> None:
+        self.sae = sae
+        self.hook = f"blocks.{where}.hook_resid_post" if isinstance(where, int) else where
         self.features = torch.tensor(sorted(set(features)))
         self.acts: dict[int, torch.Tensor] = {}  # feature -> [..., seq] activations of the current forward
 
@@ -147,7 +151,10 @@ class ConditionReader:
 
 
 class SteeringHook:
-    """fn(residual) -> steered residual, for `LanguageModel.replace_residual` at the SAE's hook.
+    """fn(residual) -> steered residual, for `LanguageModel.replace_residual` at the SAE's hook; or
+    fn(code input, target) -> steered target, for `LanguageModel.edit` at a transcoder's site: the code is read
+    from the MLP's input x and the MLP's output y is edited, y' = y + decode(z') - decode(z), so y's part the
+    transcoder misses stays as the residual SAE's error does; cap and ortho act on y along W_dec[f].
 
     prompt_len: the (padded) prompt's length, for the gen/prompt conditions: the hook counts the positions
     it has seen (a KV-cached generation feeds the prompt once, then one position per step); a fresh hook
@@ -214,23 +221,24 @@ class SteeringHook:
         return acts > c.threshold
 
     @torch.no_grad()
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return self._steer(h)
+            return self._steer(h, h if target is None else target)
         finally:
             self.seen += h.shape[-2]
 
-    def _steer(self, h: torch.Tensor) -> torch.Tensor:
+    def _steer(self, h_in: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """`h_in`: what the code reads; `h`: what is edited (the same tensor for an SAE)."""
         if not self.interventions:
             return h
-        x = h.float()
+        x = h_in.float()
         own = [iv.condition for iv in self.interventions if iv.condition is not None]
         need_code = len(self.features) > 0 or any(c.kind == "feature" and c.sae is None for c in own)
         z_full = self.sae.encode(x) if need_code else None
         masks = [self._mask(iv, x, z_full) for iv in self.interventions]
         if not self.always and not any(m is None or bool(m.any()) for m in masks):
             return h  # nothing applies at these positions: exactly the residual that came in
-        out = x
+        out = h.float()  # x itself for an SAE
         if len(self.features):
             assert z_full is not None
             z = z_full[..., self.features.to(x.device)]  # [..., u]: each changed feature's current code
@@ -243,7 +251,7 @@ class SteeringHook:
                 m = masks[i]
                 code[j] = new if m is None else torch.where(m, new, code[j])
             target = torch.stack(code, dim=-1)
-            out = x + (target - z) @ self.directions.to(x.device)
+            out = out + (target - z) @ self.directions.to(x.device)
         for i, mode in enumerate(self.modes):
             if mode in CODE_MODES:
                 continue

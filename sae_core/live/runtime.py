@@ -6,9 +6,10 @@
 
 An SAE is the one its store's visible run was mined with (store/weights.py: the weights stored with the
 run, else the SAE folder), re-read when a re-mine switches the run, so live answers always match the
-pages. Generation is transformers' own `generate` (KV cache) with the steering hook on the SAE's layer
-(interventions.SteeringHook); a `should_stop` callback (client gone, time limit) ends it through a
-StoppingCriteria. The same prompt, settings and seed give the same tokens for a given model dtype and
+pages. Generation is transformers' own `generate` (KV cache) with the steering hook at the SAE's site
+(interventions.SteeringHook; model.Site: an SAE reads and edits its hook, a transcoder reads its layer's MLP
+input and edits that MLP's output, as its cfg.json's hook_name_out says); a `should_stop` callback (client
+gone, time limit) ends it through a StoppingCriteria. The same prompt, settings and seed give the same tokens for a given model dtype and
 machine kind: greedy decoding is deterministic, and sampling seeds torch's generator before each run.
 """
 
@@ -27,7 +28,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..config import GenerationConfig, LiveConfig
 from ..errors import SaescopeError
-from ..model import LanguageModel, load_model, parse_hook
+from ..model import LanguageModel, Site, load_model
 from .errors import LiveError, NotFound, Unavailable
 from .generation import MIN_SAMPLING_TEMPERATURE, Continuation, ShouldStop, token_texts
 from .interventions import ConditionReader, Intervention, SteeringHook, check_interventions
@@ -80,8 +81,13 @@ class GenerateResult:
 class _LiveSAE:
     run: RunSAE
     loaded: LoadedSAE
-    layer: int
+    site: Site  # where its code is read and where its decoder writes
     skip: int  # leading positions per window the SAE was not trained on
+
+    @property
+    def layer(self) -> int:
+        """The layer whose activation the code reads."""
+        return self.site.reads.layer
 
 
 class _Stop(StoppingCriteria):
@@ -153,12 +159,15 @@ class LiveRuntime:
                 return held
             run, loaded = self._load(name)
             lm = self.model(run.model)
-            layer = parse_hook(run.hook)
-            lm.check_layer(layer)
+            try:
+                site = Site.of(run.hook, loaded.cfg.get("hook_name_out"))  # the SAE's own hooks, whatever its architecture
+                lm.check_layer(site.reads.layer)
+            except SaescopeError as exc:
+                raise Unavailable(f"{name} cannot run live: {exc}") from exc
             if loaded.sae.cfg.d_in != lm.d_model:
                 raise Unavailable(f"{name} reads width {loaded.sae.cfg.d_in} but {run.model} has width {lm.d_model}")
             loaded.sae.to(lm.device).eval()
-            held = self._saes[name] = _LiveSAE(run, loaded, layer, loaded.provenance.skip_positions)
+            held = self._saes[name] = _LiveSAE(run, loaded, site, loaded.provenance.skip_positions)
             return held
 
     def model(self, name: str) -> LanguageModel:
@@ -211,7 +220,7 @@ class LiveRuntime:
         ids = self._tokenize(lm, text, "text")
         truncated = max(0, len(ids) - self.cfg.max_text_tokens)
         ids = ids[: self.cfg.max_text_tokens]  # the text's beginning, as a reader starts
-        x = lm.residuals(torch.tensor([ids]), held.layer)[0].float()
+        x = lm.activations(torch.tensor([ids]), held.site.reads_hook)[0].float()
         z = sae.encode(x)  # [seq, n_latents]
         vals, idx = z.topk(min(top, z.shape[-1]), dim=-1)
         texts = token_texts(lm.tokenizer, ids)
@@ -228,7 +237,8 @@ class LiveRuntime:
     def condition_saes(
         self, held: _LiveSAE, interventions: list[Intervention]
     ) -> tuple[dict[str, ConditionReader], dict[str, DictionarySAE]]:
-        """The other SAEs the interventions' conditions read: readers at earlier hooks, SAEs at this hook."""
+        """The other SAEs the interventions' conditions read: readers at hooks a forward reaches earlier, SAEs
+        reading this very hook."""
         wanted: dict[str, list[int]] = {}
         for iv in interventions:
             c = iv.condition
@@ -240,15 +250,15 @@ class LiveRuntime:
             other = self.sae(name)
             if other.run.model != held.run.model:
                 raise LiveError(f"the condition's SAE {name} reads {other.run.model}, not {held.run.model}")
-            if other.layer > held.layer:
+            if other.site.order > held.site.order:
                 raise LiveError(f"the condition's SAE {name} is at a later hook ({other.run.hook}) than {held.run.hook}")
             width = other.loaded.sae.cfg.n_latents
             if any(not 0 <= f < width for f in features):
                 raise NotFound(f"the condition's feature does not exist: {name} has features 0..{width - 1}")
-            if other.layer == held.layer:
+            if other.site.order == held.site.order:
                 same[name] = other.loaded.sae
             else:
-                readers[name] = ConditionReader(other.loaded.sae, other.layer, features)
+                readers[name] = ConditionReader(other.loaded.sae, other.site.reads_hook, features)
         return readers, same
 
     def check(
@@ -287,7 +297,7 @@ class LiveRuntime:
         default = self._defaults.get(key)
         if default is None:
             tell = None if on_token is None else lambda i: on_token("default", i)
-            default = self.continue_(lm, ids, settings, None, held.layer, should_stop, tell)
+            default = self.continue_(lm, ids, settings, None, held.site, should_stop, tell)
             if default.stopped in ("eos", "length"):  # a cut-short run is not the answer to cache
                 self._defaults[key] = default
                 while len(self._defaults) > self.DEFAULTS_CACHED:
@@ -299,14 +309,14 @@ class LiveRuntime:
                     on_token("default", i)
         hook = SteeringHook(held.loaded.sae, interventions, len(ids), readers, same)
         tell = None if on_token is None else lambda i: on_token("steered", i)
-        steered = self.continue_(lm, ids, settings, hook, held.layer, should_stop, tell, readers)
+        steered = self.continue_(lm, ids, settings, hook, held.site, should_stop, tell, readers)
         frozen = None
         if frozen_attention:
             from .frozen import frozen_continuation
 
             hook = SteeringHook(held.loaded.sae, interventions, len(ids), readers, same)
             tell = None if on_token is None else lambda i: on_token("frozen", i)
-            frozen = frozen_continuation(lm, ids, settings, hook, held.layer, readers, should_stop, tell)
+            frozen = frozen_continuation(lm, ids, settings, hook, held.site, readers, should_stop, tell)
         prompt_tokens = token_texts(lm.tokenizer, ids)
         return GenerateResult(
             sae_name, held.run.run_id, prompt_tokens, default, steered, diverges_at(default, steered), list(interventions), settings,
@@ -338,12 +348,13 @@ class LiveRuntime:
         ids: list[int],
         settings: GenerationConfig,
         hook: SteeringHook | None,
-        layer: int,
+        site: Site | int,
         should_stop: ShouldStop = lambda: None,
         on_token: Callable[[int], None] | None = None,
         readers: dict[str, ConditionReader] | None = None,
     ) -> Continuation:
-        """One continuation of `ids` through transformers' generate, with `hook` at `layer` (None: no hook at all)."""
+        """One continuation of `ids` through transformers' generate, with `hook` at `site` (an int: the residual
+        after that layer; None: no hook at all)."""
         # Sampling tends to greedy decoding as the temperature falls, and below this logits / temperature
         # overflow to inf (NaN probabilities): such temperatures decode greedily.
         sampling = settings.temperature >= MIN_SAMPLING_TEMPERATURE
@@ -363,9 +374,9 @@ class LiveRuntime:
             torch.manual_seed(settings.seed)
         with contextlib.ExitStack() as stack:
             for reader in (readers or {}).values():  # conditions on SAEs at earlier hooks record there first
-                stack.enter_context(lm.replace_residual(reader.layer, reader.record))
+                stack.enter_context(lm.watch(reader.hook, reader.record))
             if hook is not None:
-                stack.enter_context(lm.replace_residual(layer, hook))
+                stack.enter_context(lm.edit(site, hook))
             out = lm.model.generate(  # type: ignore[operator]  # transformers types generate loosely
                 input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen, stopping_criteria=StoppingCriteriaList([stop])
             )

@@ -2,8 +2,8 @@
 
 Per strength (and for the unsteered model, the baseline) over the prompts' greedy continuations:
     lift      the target feature's mean activation on the generated tokens, read by the SAE on the
-              unsteered model's residual over the steered text (what the text carries, not what the hook
-              wrote); or, with a target token, that token's mean next-token probability under steering
+              unsteered model's activations (residual; a transcoder: MLP input) over the steered text (what
+              the text carries, not what the hook wrote); or, with a target token, that token's mean next-token probability under steering
     kl        mean over generated positions of KL(steered || unsteered) between the next-token
               distributions on the same prefix (the steered text's), in nats
     fluency   the unsteered model's mean loss (nats per token) on the steered generated tokens
@@ -42,7 +42,7 @@ from .interventions import Condition, ConditionReader, Intervention, SteeringHoo
 
 if TYPE_CHECKING:
     from ..config import LiveConfig
-    from ..model import LanguageModel
+    from ..model import LanguageModel, Site
     from ..sae.base import DictionarySAE
 
 
@@ -52,7 +52,7 @@ class SweepRuntime(Protocol):
 
     cfg: LiveConfig
 
-    def sae(self, name: str) -> Any: ...  # the runtime's held SAE: .run (model, hook, run_id), .loaded.sae, .layer
+    def sae(self, name: str) -> Any: ...  # the runtime's held SAE: .run (model, hook, run_id), .loaded.sae, .site
 
     def model(self, name: str) -> LanguageModel: ...
 
@@ -192,7 +192,7 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
 @torch.inference_mode()
 def generate_rows(
     lm: LanguageModel,
-    layer: int,
+    site: Site | int,
     prompts: list[list[int]],
     max_new_tokens: int,
     hook_for: Callable[[int], SteeringHook] | None,
@@ -215,9 +215,9 @@ def generate_rows(
 
     with contextlib.ExitStack() as stack:
         for reader in (readers or {}).values():
-            stack.enter_context(lm.replace_residual(reader.layer, reader.record))
+            stack.enter_context(lm.watch(reader.hook, reader.record))
         if hook_for is not None:
-            stack.enter_context(lm.replace_residual(layer, hook_for(ids.shape[1])))
+            stack.enter_context(lm.edit(site, hook_for(ids.shape[1])))
         out = lm.model.generate(  # type: ignore[operator]  # transformers types generate loosely
             ids, attention_mask=mask, generation_config=gen, stopping_criteria=StoppingCriteriaList([tick])
         )
@@ -235,7 +235,7 @@ def generate_rows(
 
 @torch.inference_mode()
 def score_rows(
-    lm: LanguageModel, layer: int, sae: DictionarySAE, prompts: list[list[int]], rows: _Rows, target_feature: int
+    lm: LanguageModel, site: Site | int, sae: DictionarySAE, prompts: list[list[int]], rows: _Rows, target_feature: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The unsteered model over prompt + continuation, per row: its next-token log-probs at the generated
     positions [len_i, vocab], and the target feature's activation on the generated tokens [len_i]."""
@@ -245,11 +245,8 @@ def score_rows(
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     captured: list[torch.Tensor] = []
 
-    def keep(h: torch.Tensor) -> torch.Tensor:
-        captured.append(h.clone())
-        return h
-
-    with lm.replace_residual(layer, keep):
+    hook = f"blocks.{site}.hook_resid_post" if isinstance(site, int) else site.reads_hook
+    with lm.watch(hook, lambda a: captured.append(a.clone())):
         logits = lm.model(
             input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), position_ids=positions.to(lm.device), use_cache=False
         ).logits
@@ -351,12 +348,12 @@ def run_sweep(
                 row_values = torch.tensor([[float(v)] for v, _ in chunk])  # type: ignore[arg-type]  # steered chunks have values
                 hook_for = lambda plen, rv=row_values: SteeringHook(sae, [request.intervention], plen, readers, same, rv)  # noqa: E731
             rows, reason = generate_rows(
-                lm, held.layer, chunk_prompts, request.max_new_tokens, hook_for, readers, on_token_for(len(chunk)), should_stop
+                lm, held.site, chunk_prompts, request.max_new_tokens, hook_for, readers, on_token_for(len(chunk)), should_stop
             )
             stopped = stopped or reason
             new += rows.new
             lps += rows.logprobs
-            scored += score_rows(lm, held.layer, sae, chunk_prompts, rows, target)
+            scored += score_rows(lm, held.site, sae, chunk_prompts, rows, target)
         points = []
         n = len(prompt_ids)
         for k, v in enumerate(values):
