@@ -354,9 +354,14 @@ def test_saelens_reads_what_we_save_and_we_read_what_it_saves(trained, cache_dir
         ours = load_sae(trained[arch].out).sae
         with torch.no_grad():
             z = ours.encode(x)
+            # a pre-activation within rounding of its latent's threshold fires on one side and not on the other
+            # (SAELens sums the GEMM in another order): 1 of 507,904 codes did on a 2-core CI machine
+            margin = (ours.pre_activations(x) - ours.activation_thresholds()).abs()
         theirs = report["ours"][arch]
         assert theirs["class"] == "JumpReLUSAE"
-        torch.testing.assert_close(theirs["z"], z, rtol=1e-4, atol=1e-5)
+        on_edge = margin <= 2e-6 * (1 + ours.activation_thresholds().abs())  # fp32 GEMM rounding, with room
+        assert float(on_edge.float().mean()) < 1e-4, arch  # a few dozen codes of 507,904 at most, or the test means nothing
+        torch.testing.assert_close(theirs["z"][~on_edge], z[~on_edge], rtol=1e-4, atol=1e-5, msg=lambda m: f"{arch}: {m}")
         assert (z > 0).sum(1).float().mean() > 1
     for folder, info in report["theirs"].items():
         loaded = load_sae(tmp_path / "saelens" / folder)
