@@ -7,6 +7,12 @@ is one plain forward pass of the model on the same prompt (the graph's cost in f
 --max-feature-nodes caps the feature nodes chosen by influence (AttributionConfig.max_feature_nodes; "all" for every
 active feature); it may be given more than once, each cap is run on each prompt length.
 
+    nice .venv/bin/python bench/trace_speed.py --tokens 16 --selection-check --max-feature-nodes 256 \
+        --max-feature-nodes 1024 --max-feature-nodes 4096
+
+--selection-check builds the uncapped graph too and says how much of its features' influence on the logits each cap's
+kept features hold, against the best possible (the uncapped graph's top features) and as many random features.
+
 Transcoders: randomly initialised TopK transcoders of the trained ones' shape (n_latents, k), which cost about the same
 to trace: a TopK code has up to k active latents per position whichever weights it has (the counts printed say how
 many were active). Loading trained ones is the next step, once K1's per-layer set is saved.
@@ -23,12 +29,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_core.circuits.attribution import AttributionConfig, GraphTimeLimit, attribute  # noqa: E402
-from sae_core.circuits.prune import prune  # noqa: E402
+from sae_core.circuits.prune import influence, logit_weights, normalize_rows, prune  # noqa: E402
 from sae_core.circuits.scores import graph_scores  # noqa: E402
 from sae_core.model import load_model  # noqa: E402
 from sae_core.sae.transcoder import TranscoderConfig, TranscoderSAE  # noqa: E402
@@ -63,6 +70,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
     ap.add_argument("--max-feature-nodes", action="append", help="feature-node caps (an int or 'all'; default 1024)")
     ap.add_argument("--time-limit", type=float, default=900.0)
+    ap.add_argument("--selection-check", action="store_true", help="compare each cap's features with the uncapped graph's")
     args = ap.parse_args()
     lengths = args.tokens or [16]
     print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
@@ -76,8 +84,34 @@ def main() -> None:
     )
     caps = [None if c == "all" else int(c) for c in (args.max_feature_nodes or [str(AttributionConfig.max_feature_nodes)])]
     for n in lengths:
+        if args.selection_check:
+            selection_check(model, tcs, ids_all[:n], [c for c in caps if c is not None])
+            continue
         for cap in caps:
             run_one(model, tcs, ids_all, n, cap, args)
+
+
+def selection_check(model, tcs: dict[int, TranscoderSAE], ids: torch.Tensor, caps: list[int]) -> None:
+    cfg = AttributionConfig(max_prompt_tokens=max(64, len(ids)), max_feature_nodes=None)
+    full = attribute(model, tcs, ids, cfg)
+    n = full.n_features
+    inf = influence(normalize_rows(full.adjacency), logit_weights(full))[:n]  # each feature's, in the uncapped graph
+    del full.adjacency
+    node = {tuple(f): i for i, f in enumerate(full.features.tolist())}
+    best = np.argsort(-inf)
+    print(f"{len(ids)} tokens: uncapped graph in {full.meta['seconds']:.1f} s, {n} features", flush=True)
+    for cap in caps:
+        g = attribute(model, tcs, ids, AttributionConfig(max_prompt_tokens=cfg.max_prompt_tokens, max_feature_nodes=cap))
+        kept = [node[tuple(f)] for f in g.features.tolist()]
+        random_ones = np.random.default_rng(0).choice(n, min(cap, n), replace=False)
+        print(
+            f"  cap {cap}: the kept features hold {inf[kept].sum() / inf.sum():.3f} of the uncapped graph's feature "
+            f"influence on the logits; its top {cap} hold {inf[best[:cap]].sum() / inf.sum():.3f}, {cap} random ones "
+            f"{inf[random_ones].sum() / inf.sum():.3f}; {len(set(kept) & set(best[:cap].tolist())) / cap:.3f} of the "
+            f"kept are among its top {cap}; the build's own estimate of the dropped share "
+            f"{g.meta['dropped_influence_share']:.3f}; {g.meta['seconds']:.1f} s",
+            flush=True,
+        )
 
 
 def run_one(model, tcs: dict[int, TranscoderSAE], ids_all: torch.Tensor, n: int, cap: int | None, args) -> None:
