@@ -15,7 +15,9 @@ kept features hold, against the best possible (the uncapped graph's top features
 
 Transcoders: randomly initialised TopK transcoders of the trained ones' shape (n_latents, k), which cost about the same
 to trace: a TopK code has up to k active latents per position whichever weights it has (the counts printed say how
-many were active). Loading trained ones is the next step, once K1's per-layer set is saved.
+many were active). Loading trained ones is the next step, once K1's per-layer set is saved. --architecture
+skip_transcoder (the default, as `saescope train --transcoders all` trains) adds the linear skip term, one more d x d
+matrix per layer in every transposed pass.
 A build past --time-limit stops; its rate (targets per
 second, the share done) is printed with an extrapolation marked as one.
 """
@@ -38,7 +40,7 @@ from sae_core.circuits.attribution import AttributionConfig, GraphTimeLimit, att
 from sae_core.circuits.prune import influence, logit_weights, normalize_rows, prune  # noqa: E402
 from sae_core.circuits.scores import graph_scores  # noqa: E402
 from sae_core.model import load_model  # noqa: E402
-from sae_core.sae.transcoder import TranscoderConfig, TranscoderSAE  # noqa: E402
+from sae_core.sae.transcoder import SkipTranscoderSAE, TranscoderConfig, TranscoderSAE  # noqa: E402
 
 TEXT = (
     "The capital of the country whose largest city is Toronto is Ottawa, and the capital of the country whose "
@@ -52,12 +54,16 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def transcoders(lm, n_latents: int, k: int) -> dict[int, TranscoderSAE]:
+def transcoders(lm, n_latents: int, k: int, skip: bool = False) -> dict[int, TranscoderSAE]:
     out = {}
     for L in range(lm.n_layers):
         g = torch.Generator().manual_seed(L)
-        tc = TranscoderSAE(TranscoderConfig(d_in=lm.d_model, n_latents=n_latents, k=k, layer=L))
+        cls = SkipTranscoderSAE if skip else TranscoderSAE
+        tc = cls(TranscoderConfig(d_in=lm.d_model, n_latents=n_latents, k=k, layer=L))
         tc.reset_parameters(g)
+        if isinstance(tc, SkipTranscoderSAE):  # W_skip starts at zero; a trained one is not (its cost is the same)
+            with torch.no_grad():
+                tc.W_skip.normal_(0, 0.02, generator=g)
         out[L] = tc.to(lm.dtype).eval().requires_grad_(False)
     return out
 
@@ -66,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, action="append", help="prompt lengths (default 16)")
     ap.add_argument("--n-latents", type=int, default=4096)
+    ap.add_argument("--architecture", choices=["skip_transcoder", "transcoder"], default="skip_transcoder")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=AttributionConfig.batch_size)
     ap.add_argument("--max-feature-nodes", action="append", help="feature-node caps (an int or 'all'; default 1024)")
@@ -76,10 +83,10 @@ def main() -> None:
     print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
     lm = load_model(device="cpu", dtype="float32")
     model = lm.model.eval().requires_grad_(False)
-    tcs = transcoders(lm, args.n_latents, args.k)
+    tcs = transcoders(lm, args.n_latents, args.k, skip=args.architecture == "skip_transcoder")
     ids_all = lm.tokenizer(TEXT, return_tensors="pt").input_ids[0]
     print(
-        f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; transcoders n_latents {args.n_latents} k {args.k}"
+        f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; {args.architecture}s n_latents {args.n_latents} k {args.k}"
         f" (random init); peak RSS after load {peak_rss_mib():.0f} MiB"
     )
     caps = [None if c == "all" else int(c) for c in (args.max_feature_nodes or [str(AttributionConfig.max_feature_nodes)])]
