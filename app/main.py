@@ -28,7 +28,7 @@ from sae_core.config import LiveConfig
 from sae_core.errors import NotFound
 from sae_core.store import db
 
-from . import accounts, api, compare, deps, families, feature_map, graphs, live, pages, schemas
+from . import accounts, api, compare, deps, families, feature_map, graph_groups, graphs, live, pages, schemas
 from . import annotations as notes  # not `annotations`: the name is taken by `from __future__ import annotations`
 from .config import AppConfig
 from .http import HeadAsGet, HTTPPolicy, RefuseNul
@@ -108,6 +108,7 @@ ROUTERS: list[APIRouter] = [
     families.router,
     compare.api_router,  # SAEs of one model and hook side by side: /api/v1/compare
     compare.router,  # /compare
+    graph_groups.api_router,  # suggested supernodes: /api/v1/graphs/{slug}/supernodes
     graphs.api_router,  # attribution graphs stored by `saescope trace`: /api/v1/graphs
     graphs.router,  # /graphs and /graphs/{slug}
 ]

@@ -4,7 +4,9 @@
 // SVG attributes). Rows are layers (token embeddings at the bottom, logits at the top), columns token positions;
 // a cell's nodes spread across its column. Edge width follows |weight|, colour its sign. Hover shows a node's
 // feature (explanation, strongest tokens); click opens the feature page; shift-click pins a node, and the pinned
-// nodes, kept in the URL's #pin=..., can be shown alone as a subgraph.
+// nodes, kept in the URL's #pin=..., can be shown alone as a subgraph. Supernodes (static/graph_groups part below):
+// pinned nodes merged under a label, or a group suggested by /api/v1/graphs/{slug}/supernodes and accepted, drawn as
+// one node (members hidden, their edges summed), kept in the URL's #group=label~id.id|... so the view is shareable.
 (function () {
   "use strict";
 
@@ -21,7 +23,12 @@
   const POS = "#2563eb", NEG = "#dc2626";
   const MIN_COLUMN = 44; // px per token position at the least
 
-  const state = { graph: null, byId: new Map(), place: new Map(), nodeEls: new Map(), edgeEls: [], pins: new Set() };
+  const state = {
+    graph: null, byId: new Map(), place: new Map(), nodeEls: new Map(), edgeEls: [], pins: new Set(),
+    groups: [], // [{label, members: [node ids]}], in the URL's #group=
+    supers: new Map(), // "s<i>" -> the drawn supernode of groups[i]
+    suggestions: [], dismissed: new Set(),
+  };
 
   function el(name, attrs, parent) {
     const e = document.createElementNS(NS, name);
@@ -37,17 +44,41 @@
   function readPins() {
     const m = /pin=([0-9,]*)/.exec(location.hash);
     state.pins = new Set(m && m[1] ? m[1].split(",").map(Number) : []);
+    // #group=label~3.4.5|label~7.8: a label is URI-encoded (it has no "|"); its members follow the last "~"
+    const g = /group=([^&]*)/.exec(location.hash);
+    state.groups = [];
+    for (const part of g && g[1] ? g[1].split("|") : []) {
+      const cut = part.lastIndexOf("~");
+      if (cut < 0) continue;
+      const members = part.slice(cut + 1).split(".").filter((x) => /^[0-9]+$/.test(x)).map(Number);
+      let text;
+      try { text = decodeURIComponent(part.slice(0, cut)); } catch (err) { text = part.slice(0, cut); }
+      if (members.length >= 2) state.groups.push({ label: text, members: members });
+    }
   }
 
   function writePins() {
     const ids = Array.from(state.pins).sort((a, b) => a - b);
-    history.replaceState(null, "", ids.length ? "#pin=" + ids.join(",") : location.pathname + location.search);
+    const parts = [];
+    if (ids.length) parts.push("pin=" + ids.join(","));
+    if (state.groups.length) parts.push("group=" + state.groups.map((g) => encodeURIComponent(g.label) + "~" + g.members.join(".")).join("|"));
+    history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname + location.search);
+  }
+
+  function nodeById(id) {
+    return typeof id === "string" ? state.supers.get(id) : state.byId.get(id);
+  }
+
+  function isPinned(id) {
+    const s = typeof id === "string" ? state.supers.get(id) : null;
+    return s ? s.members.some((m) => state.pins.has(m)) : state.pins.has(id);
   }
 
   function label(n) {
     if (n.kind === "embedding") return "token " + JSON.stringify(n.text) + " @" + n.pos;
     if (n.kind === "logit") return "output " + JSON.stringify(n.text) + " (p " + n.probability.toFixed(3) + ")";
     if (n.kind === "error") return "error node, layer " + n.layer + " @" + n.pos;
+    if (n.kind === "supernode") return "supernode " + JSON.stringify(n.label) + " (" + n.members.length + " nodes)";
     return (n.sae ? n.sae : "layer " + n.layer) + " #" + n.feature + " @" + n.pos;
   }
 
@@ -110,7 +141,7 @@
       text.textContent = shown.length > 10 ? shown.slice(0, 9) + "…" : shown;
       el("title", {}, text).textContent = t;
     });
-    const edges = g.edges.slice().sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
+    const edges = groupedEdges(g).sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, MAX_EDGES);
     const maxW = edges.length ? Math.abs(edges[0].weight) || 1 : 1;
     const edgeLayer = el("g", { class: "edges" }, svg);
     for (const e of edges) {
@@ -129,7 +160,7 @@
     const nodeLayer = el("g", { class: "nodes" }, svg);
     for (const n of g.nodes) {
       const p = state.place.get(n.id);
-      if (!p) continue;
+      if (!p || state.memberOf.has(n.id)) continue; // a supernode's members are drawn as it
       let shape;
       if (n.kind === "feature") {
         shape = el("circle", { cx: p.x, cy: p.y, r: p.r, class: "node feature" + (n.url ? " linked" : "") }, nodeLayer);
@@ -148,25 +179,198 @@
       shape.dataset.node = n.id;
       state.nodeEls.set(n.id, shape);
     }
+    for (const s of state.supers.values()) {
+      const p = state.place.get(s.id);
+      const shape = el("g", { class: "node supernode" }, nodeLayer);
+      const shown = s.label.length > 22 ? s.label.slice(0, 21) + "…" : s.label;
+      const w = Math.max(40, 6.2 * shown.length + 14);
+      el("rect", { x: p.x - w / 2, y: p.y - 9, width: w, height: 18, rx: 9 }, shape);
+      el("text", { x: p.x, y: p.y + 4, "text-anchor": "middle" }, shape).textContent = shown;
+      shape.dataset.node = s.id;
+      state.nodeEls.set(s.id, shape);
+    }
     applyPins();
-    status.textContent = g.nodes.length + " nodes, " + g.edges.length + " edges" + (g.edges.length > edges.length ? " (the " + edges.length + " strongest drawn)" : "");
+    renderGroups();
+    const merged = state.supers.size ? " · " + state.supers.size + " supernode(s): " + edges.length + " edges drawn, parallel ones summed" : "";
+    status.textContent = g.nodes.length + " nodes, " + g.edges.length + " edges" + (!merged && g.edges.length > edges.length ? " (the " + edges.length + " strongest drawn)" : "") + merged;
+  }
+
+  // --- supernodes ------------------------------------------------------------------------------------
+
+  // The groups whose members are in this graph (a node in one group only: the first that claims it), their drawn
+  // nodes at the members' centroid, and the edges with members replaced by their group, parallel ones summed.
+  function groupedEdges(g) {
+    state.supers.clear();
+    state.memberOf = new Map();
+    state.groups.forEach((grp, i) => {
+      const members = grp.members.filter((m) => state.byId.has(m) && !state.memberOf.has(m) && state.byId.get(m).kind !== "logit");
+      if (members.length < 2) return;
+      const id = "s" + i;
+      let x = 0, y = 0, influence = 0, layer = 0, pos = 0;
+      for (const m of members) {
+        const p = state.place.get(m), n = state.byId.get(m);
+        x += p.x; y += p.y; influence += n.influence; layer = Math.max(layer, n.layer); pos = Math.max(pos, n.pos);
+        state.memberOf.set(m, id);
+      }
+      state.supers.set(id, { id: id, kind: "supernode", label: grp.label, members: members, influence: influence, layer: layer, pos: pos });
+      state.place.set(id, { x: x / members.length, y: y / members.length, r: 9 });
+    });
+    if (!state.supers.size) return g.edges.slice();
+    const summed = new Map();
+    for (const e of g.edges) {
+      const s = state.memberOf.get(e.source) || e.source, t = state.memberOf.get(e.target) || e.target;
+      if (s === t) continue; // inside a supernode
+      const key = s + ">" + t;
+      const had = summed.get(key);
+      if (had) had.weight += e.weight;
+      else summed.set(key, { source: s, target: t, weight: e.weight });
+    }
+    return Array.from(summed.values());
+  }
+
+  function make(tag, props, parent) {
+    const e = document.createElement(tag);
+    for (const k in props) e[k] = props[k];
+    if (parent) parent.appendChild(e);
+    return e;
+  }
+
+  // the panel, built here so the page's template stays as it is: below the pinned list
+  const panel = make("section", { className: "card graph-groups", id: "graph-groups" });
+  make("strong", { textContent: "Supernodes" }, panel);
+  make("span", { className: "muted small", textContent: " (drawn as one node, members hidden and their edges summed; kept in the link's #group=…)" }, panel);
+  const mergeRow = make("div", { className: "group-merge" }, panel);
+  const mergeLabel = make("input", { type: "text", id: "graph-group-label", placeholder: "label", maxLength: 80 }, mergeRow);
+  mergeLabel.setAttribute("aria-label", "supernode label");
+  const mergeButton = make("button", { type: "button", id: "graph-merge", textContent: "merge pinned into a supernode" }, mergeRow);
+  const mergeNote = make("span", { className: "muted small", id: "graph-merge-note" }, mergeRow);
+  const groupList = make("ul", { id: "graph-group-list", className: "pin-list" }, panel);
+  const suggestHead = make("div", { className: "group-suggest-head" }, panel);
+  make("strong", { textContent: "Suggested groups" }, suggestHead);
+  const suggestStatus = make("span", { className: "muted small", id: "graph-suggest-status", textContent: " loading…" }, suggestHead);
+  const suggestList = make("ul", { id: "graph-suggest-list", className: "pin-list" }, panel);
+  const pinSection = document.getElementById("graph-pins");
+  if (pinSection) pinSection.after(panel);
+  else frame.after(panel);
+
+  function addGroup(text, members) {
+    const taken = new Set(members);
+    // a node lives in one supernode: the new group takes it from any other, which dissolves below two members
+    state.groups = state.groups.map((grp) => ({ label: grp.label, members: grp.members.filter((m) => !taken.has(m)) })).filter((grp) => grp.members.length >= 2);
+    state.groups.push({ label: text, members: members.slice() });
+    writePins();
+    draw();
+  }
+
+  function sameSet(a, b) {
+    if (a.length !== b.length) return false;
+    const s = new Set(a);
+    return b.every((x) => s.has(x));
+  }
+
+  mergeButton.addEventListener("click", () => {
+    const members = Array.from(state.pins).filter((id) => state.byId.has(id) && ["feature", "error"].includes(state.byId.get(id).kind));
+    if (members.length < 2) {
+      mergeNote.textContent = " pin two or more feature nodes first (shift-click)";
+      return;
+    }
+    const first = state.byId.get(members[0]);
+    const text = mergeLabel.value.trim() || (first.explanation ? first.explanation : "group " + (state.groups.length + 1));
+    for (const m of members) state.pins.delete(m);
+    mergeLabel.value = "";
+    mergeNote.textContent = "";
+    addGroup(text, members);
+  });
+
+  function reasonText(reasons) {
+    const names = { explanation: "explanations' Jaccard", decoder: "decoder cosine", cofire: "co-firing Jaccard" };
+    const by = new Map();
+    for (const r of reasons) {
+      if (!by.has(r.kind)) by.set(r.kind, []);
+      by.get(r.kind).push(r.value);
+    }
+    const parts = [];
+    for (const [kind, values] of by) {
+      const lo = Math.min(...values), hi = Math.max(...values);
+      const range = lo === hi ? lo.toFixed(2) : lo.toFixed(2) + "–" + hi.toFixed(2);
+      parts.push((names[kind] || kind) + " " + range + " (" + values.length + (values.length === 1 ? " pair)" : " pairs)"));
+    }
+    return parts.join("; ");
+  }
+
+  function renderGroups() {
+    groupList.textContent = "";
+    if (!state.supers.size) make("li", { className: "muted small", textContent: "none yet" }, groupList);
+    for (const s of state.supers.values()) {
+      const li = make("li", { className: "group" }, groupList);
+      const input = make("input", { type: "text", value: s.label, maxLength: 80 }, li);
+      input.setAttribute("aria-label", "rename supernode");
+      input.addEventListener("change", () => {
+        const grp = state.groups[Number(s.id.slice(1))];
+        if (grp && input.value.trim()) grp.label = input.value.trim();
+        writePins();
+        draw();
+      });
+      make("span", { className: "muted small", textContent: " " + s.members.length + " nodes, influence " + s.influence.toPrecision(3) + " " }, li);
+      const b = make("button", { type: "button", className: "ungroup", textContent: "ungroup" }, li);
+      b.addEventListener("click", () => {
+        state.groups.splice(Number(s.id.slice(1)), 1);
+        writePins();
+        draw();
+      });
+    }
+    renderSuggestions();
+  }
+
+  function renderSuggestions() {
+    suggestList.textContent = "";
+    const shown = state.suggestions.filter((sg, i) => !state.dismissed.has(i) && !state.groups.some((grp) => sameSet(grp.members, sg.members)));
+    state.suggestions.forEach((sg, i) => {
+      if (!shown.includes(sg)) return;
+      const li = make("li", { className: "suggestion" }, suggestList);
+      const input = make("input", { type: "text", value: sg.label, maxLength: 80 }, li);
+      input.setAttribute("aria-label", "label of the suggested supernode");
+      const names = sg.members.slice(0, 4).map((m) => (state.byId.has(m) ? label(state.byId.get(m)) : "#" + m)).join(", ");
+      make("span", { className: "small", textContent: " " + sg.members.length + " nodes (" + names + (sg.members.length > 4 ? ", …" : "") + "): " + reasonText(sg.reasons) + " " }, li);
+      const accept = make("button", { type: "button", className: "accept", textContent: "accept" }, li);
+      accept.addEventListener("click", () => addGroup(input.value.trim() || sg.label, sg.members));
+      const dismiss = make("button", { type: "button", className: "dismiss", textContent: "dismiss" }, li);
+      dismiss.addEventListener("click", () => {
+        state.dismissed.add(i);
+        renderSuggestions();
+      });
+    });
+    if (state.suggestions.length && !shown.length) make("li", { className: "muted small", textContent: "all accepted or dismissed" }, suggestList);
+  }
+
+  function loadSuggestions() {
+    fetch(frame.dataset.src + "/supernodes", { headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
+      .then((body) => {
+        state.suggestions = body.suggestions.filter((sg) => sg.members.every((m) => state.byId.has(m)));
+        const t = body.thresholds;
+        suggestStatus.textContent = " " + state.suggestions.length + " found: feature nodes within " + t.max_pos_gap + " position(s) whose explanations' Jaccard ≥ " + t.explanation_jaccard +
+          ", decoder cosine ≥ " + t.decoder_cosine + " (same layer) or co-firing Jaccard ≥ " + t.cofire_jaccard + " (mined layers)";
+        renderSuggestions();
+      })
+      .catch((err) => { suggestStatus.textContent = " could not load suggestions: " + err.message; });
   }
 
   function visible(n) {
     if (!pinnedOnly.checked) return true;
-    return n.kind === "embedding" || n.kind === "logit" || state.pins.has(n.id);
+    return n.kind === "embedding" || n.kind === "logit" || isPinned(n.id);
   }
 
   function applyPins() {
     for (const [id, shape] of state.nodeEls) {
-      const n = state.byId.get(id);
-      shape.classList.toggle("pinned", state.pins.has(id));
+      const n = nodeById(id);
+      shape.classList.toggle("pinned", isPinned(id));
       shape.classList.toggle("hidden", !visible(n));
     }
     for (const { e, path } of state.edgeEls) {
       // the pinned subgraph: edges between shown nodes that touch a pinned one (not every token-to-logit edge)
-      const shown = visible(state.byId.get(e.source)) && visible(state.byId.get(e.target));
-      path.classList.toggle("hidden", !shown || (pinnedOnly.checked && !state.pins.has(e.source) && !state.pins.has(e.target)));
+      const shown = visible(nodeById(e.source)) && visible(nodeById(e.target));
+      path.classList.toggle("hidden", !shown || (pinnedOnly.checked && !isPinned(e.source) && !isPinned(e.target)));
     }
     document.querySelectorAll("button.pin").forEach((b) => {
       const on = state.pins.has(Number(b.dataset.node));
@@ -215,7 +419,9 @@
 
   function nodeOf(target) {
     const shape = target.closest ? target.closest("[data-node]") : null;
-    return shape && svg.contains(shape) ? state.byId.get(Number(shape.dataset.node)) : null;
+    if (!shape || !svg.contains(shape)) return null;
+    const id = shape.dataset.node;
+    return /^s[0-9]+$/.test(id) ? state.supers.get(id) : state.byId.get(Number(id));
   }
 
   function showTip(n, ev) {
@@ -230,6 +436,14 @@
       if (n.top_token) lines.push("fires most on " + JSON.stringify(n.top_token));
       if (n.promotes && n.promotes.length) lines.push("promotes " + n.promotes.map((t) => JSON.stringify(t)).join(", "));
       lines.push(n.url ? "click: feature page · shift-click: pin" : "layer not mined: no feature page · click: pin");
+    } else if (n.kind === "supernode") {
+      lines.push("influence " + n.influence.toPrecision(3) + " (summed) · its edges are its members' summed");
+      for (const m of n.members.slice(0, 8)) {
+        const member = state.byId.get(m);
+        if (member) lines.push("· " + label(member) + (member.explanation ? ": " + member.explanation : ""));
+      }
+      if (n.members.length > 8) lines.push("· and " + (n.members.length - 8) + " more");
+      lines.push("ungroup it under Supernodes below");
     } else {
       lines.push("influence " + n.influence.toPrecision(3));
     }
@@ -258,7 +472,7 @@
   svg.addEventListener("mouseleave", () => { tip.hidden = true; });
   svg.addEventListener("click", (ev) => {
     const n = nodeOf(ev.target);
-    if (!n) return;
+    if (!n || n.kind === "supernode") return;
     if (n.url && !ev.shiftKey) location.href = n.url;
     else togglePin(n.id);
   });
@@ -277,6 +491,7 @@
       state.graph = g;
       for (const n of g.nodes) state.byId.set(n.id, n);
       draw();
+      loadSuggestions();
     })
     .catch((err) => { status.textContent = "could not load the graph: " + err.message; });
 })();
