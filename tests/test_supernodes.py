@@ -72,40 +72,56 @@ def test_unrelated_nodes_and_bad_settings():
 
 def test_endpoint_on_a_traced_graph(traced, store, tc_dir):  # noqa: F811
     from fastapi.testclient import TestClient
+    from sqlalchemy import create_engine, select
 
     from app.main import create_app
     from sae_core.interchange import load_sae
+    from sae_core.store.schema import SAE, Feature
 
     result, _ = traced
+    nodes = {n["id"]: n for n in result.graph["nodes"]}
+    layers = {n["layer"] for n in nodes.values() if n["kind"] == "feature"}
+    engine = create_engine(store)
+    with engine.connect() as conn:  # layer 1 is mined: its co-activation rows are what the endpoint should quote
+        run_id = conn.execute(select(SAE.active_run_id).where(SAE.name == "layer_1")).scalar_one()
+        coact = {
+            i: {p[0]: p[3] for p in rows or []}
+            for i, rows in conn.execute(select(Feature.index, Feature.coactivation).where(Feature.run_id == run_id))
+        }
+    engine.dispose()
     with TestClient(create_app(store)) as client:
-        got = client.get(f"/api/v1/graphs/{result.slug}/supernodes", params={"decoder_cosine": 0.3})
+        # low thresholds, so that the tiny graph's pairs of distinct features link and their numbers can be checked
+        got = client.get(f"/api/v1/graphs/{result.slug}/supernodes", params={"decoder_cosine": 0.01, "cofire_jaccard": 0.01})
         assert got.status_code == 200, got.text
         body = got.json()
-        nodes = {n["id"]: n for n in result.graph["nodes"]}
-        layers = {n["layer"] for n in nodes.values() if n["kind"] == "feature"}
-        assert set(body["decoder_sources"]) == {str(layer) for layer in layers}
-        if 1 in layers:  # the mined layer's rows come from the store, the others' from the traced folder
-            assert body["decoder_sources"]["1"].startswith("store: layer_1")
+        assert set(body["decoder_sources"]) == {str(layer) for layer in layers} and 1 in layers
+        assert body["decoder_sources"]["1"].startswith("store: layer_1")  # the mined run's weights, the others the folder's
         assert all(v.startswith("folder: ") for k, v in body["decoder_sources"].items() if k != "1")
-        assert body["suggestions"], "the tiny graph has features near enough to group at cosine 0.3"
-        checked = 0
+        assert body["cofire_layers"] == [1]
+        kinds: dict[str, int] = {}
         for s in body["suggestions"]:
             assert len(s["members"]) >= 2 and all(nodes[m]["kind"] == "feature" for m in s["members"]) and s["label"]
             for r in s["reasons"]:
                 a, b = nodes[r["source"]], nodes[r["target"]]
-                assert abs(a["pos"] - b["pos"]) <= 1
-                if r["kind"] == "decoder":
-                    assert a["layer"] == b["layer"] and r["value"] >= 0.3
+                assert abs(a["pos"] - b["pos"]) <= 1 and r["source"] in s["members"] and r["target"] in s["members"]
+                if r["kind"] == "decoder" and a["feature"] != b["feature"]:
+                    assert a["layer"] == b["layer"] and r["value"] >= 0.01
                     w = load_sae(tc_dir / f"layer_{a['layer']}").sae.W_dec.detach().double().numpy()
                     u, v = w[a["feature"]], w[b["feature"]]
                     assert r["value"] == pytest.approx(u @ v / np.linalg.norm(u) / np.linalg.norm(v), abs=1e-3)
-                    checked += 1
-        assert checked
-        strict = client.get(f"/api/v1/graphs/{result.slug}/supernodes", params={"decoder_cosine": 1.0}).json()
-        assert len(strict["suggestions"]) <= len(body["suggestions"])
+                elif r["kind"] == "cofire":
+                    assert a["layer"] == b["layer"] == 1
+                    expected = max(coact[a["feature"]].get(b["feature"], 0), coact[b["feature"]].get(a["feature"], 0))
+                    assert r["value"] == pytest.approx(expected, abs=1e-4) and expected >= 0.01
+                key = "same feature" if r["kind"] == "decoder" and a["feature"] == b["feature"] else r["kind"]
+                kinds[key] = kinds.get(key, 0) + 1
+        assert {"decoder", "cofire", "same feature"} <= set(kinds), kinds
+        default = client.get(f"/api/v1/graphs/{result.slug}/supernodes").json()
+        assert 1 <= len(default["suggestions"]) <= len(body["suggestions"])
         missing = client.get("/api/v1/graphs/0123456789ab/supernodes")
         assert missing.status_code == 404 and "no attribution graph" in missing.text and "0123456789ab" in missing.text
-        assert client.get(f"/api/v1/graphs/{result.slug}/supernodes", params={"decoder_cosine": 2}).status_code == 422
+        for bad in ({"decoder_cosine": 2}, {"cofire_jaccard": 0}, {"max_pos_gap": -1}):
+            assert client.get(f"/api/v1/graphs/{result.slug}/supernodes", params=bad).status_code == 422
 
 
 def test_merge_and_accept_in_a_browser(traced, store, browser):  # noqa: F811
