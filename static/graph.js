@@ -4,9 +4,9 @@
 // SVG attributes). Rows are layers (token embeddings at the bottom, logits at the top), columns token positions;
 // a cell's nodes spread across its column. Edge width follows |weight|, colour its sign. Hover shows a node's
 // feature (explanation, strongest tokens); click opens the feature page; shift-click pins a node, and the pinned
-// nodes, kept in the URL's #pin=..., can be shown alone as a subgraph. Supernodes (static/graph_groups part below):
-// pinned nodes merged under a label, or a group suggested by /api/v1/graphs/{slug}/supernodes and accepted, drawn as
-// one node (members hidden, their edges summed), kept in the URL's #group=label~id.id|... so the view is shareable.
+// nodes, kept in the URL's #pin=..., can be shown alone as a subgraph. Supernodes: pinned nodes merged under a label,
+// or a group suggested by /api/v1/graphs/{slug}/supernodes and accepted (the panel: static/graph_groups.js), drawn
+// as one node (members hidden, their edges summed), kept in the URL's #group=label~id.id|... so the view is shareable.
 (function () {
   "use strict";
 
@@ -27,7 +27,7 @@
     graph: null, byId: new Map(), place: new Map(), nodeEls: new Map(), edgeEls: [], pins: new Set(),
     groups: [], // [{label, members: [node ids]}], in the URL's #group=
     supers: new Map(), // "s<i>" -> the drawn supernode of groups[i]
-    suggestions: [], dismissed: new Set(),
+    panel: null, // static/graph_groups.js: render() after each draw, load() the suggestions once
   };
 
   function el(name, attrs, parent) {
@@ -190,7 +190,7 @@
       state.nodeEls.set(s.id, shape);
     }
     applyPins();
-    renderGroups();
+    if (state.panel) state.panel.render();
     const merged = state.supers.size ? " · " + state.supers.size + " supernode(s): " + edges.length + " edges drawn, parallel ones summed" : "";
     status.textContent = g.nodes.length + " nodes, " + g.edges.length + " edges" + (!merged && g.edges.length > edges.length ? " (the " + edges.length + " strongest drawn)" : "") + merged;
   }
@@ -226,134 +226,6 @@
       else summed.set(key, { source: s, target: t, weight: e.weight });
     }
     return Array.from(summed.values());
-  }
-
-  function make(tag, props, parent) {
-    const e = document.createElement(tag);
-    for (const k in props) e[k] = props[k];
-    if (parent) parent.appendChild(e);
-    return e;
-  }
-
-  // the panel, built here so the page's template stays as it is: below the pinned list
-  const panel = make("section", { className: "card graph-groups", id: "graph-groups" });
-  make("strong", { textContent: "Supernodes" }, panel);
-  make("span", { className: "muted small", textContent: " (drawn as one node, members hidden and their edges summed; kept in the link's #group=…)" }, panel);
-  const mergeRow = make("div", { className: "group-merge" }, panel);
-  const mergeLabel = make("input", { type: "text", id: "graph-group-label", placeholder: "label", maxLength: 80 }, mergeRow);
-  mergeLabel.setAttribute("aria-label", "supernode label");
-  const mergeButton = make("button", { type: "button", id: "graph-merge", textContent: "merge pinned into a supernode" }, mergeRow);
-  const mergeNote = make("span", { className: "muted small", id: "graph-merge-note" }, mergeRow);
-  const groupList = make("ul", { id: "graph-group-list", className: "pin-list" }, panel);
-  const suggestHead = make("div", { className: "group-suggest-head" }, panel);
-  make("strong", { textContent: "Suggested groups" }, suggestHead);
-  const suggestStatus = make("span", { className: "muted small", id: "graph-suggest-status", textContent: " loading…" }, suggestHead);
-  const suggestList = make("ul", { id: "graph-suggest-list", className: "pin-list" }, panel);
-  const pinSection = document.getElementById("graph-pins");
-  if (pinSection) pinSection.after(panel);
-  else frame.after(panel);
-
-  function addGroup(text, members) {
-    const taken = new Set(members);
-    // a node lives in one supernode: the new group takes it from any other, which dissolves below two members
-    state.groups = state.groups.map((grp) => ({ label: grp.label, members: grp.members.filter((m) => !taken.has(m)) })).filter((grp) => grp.members.length >= 2);
-    state.groups.push({ label: text, members: members.slice() });
-    writePins();
-    draw();
-  }
-
-  function sameSet(a, b) {
-    if (a.length !== b.length) return false;
-    const s = new Set(a);
-    return b.every((x) => s.has(x));
-  }
-
-  mergeButton.addEventListener("click", () => {
-    const members = Array.from(state.pins).filter((id) => state.byId.has(id) && ["feature", "error"].includes(state.byId.get(id).kind));
-    if (members.length < 2) {
-      mergeNote.textContent = " pin two or more feature nodes first (shift-click)";
-      return;
-    }
-    const first = state.byId.get(members[0]);
-    const text = mergeLabel.value.trim() || (first.explanation ? first.explanation : "group " + (state.groups.length + 1));
-    for (const m of members) state.pins.delete(m);
-    mergeLabel.value = "";
-    mergeNote.textContent = "";
-    addGroup(text, members);
-  });
-
-  function reasonText(reasons) {
-    const names = { explanation: "explanations' Jaccard", decoder: "decoder cosine", cofire: "co-firing Jaccard" };
-    const by = new Map();
-    for (const r of reasons) {
-      if (!by.has(r.kind)) by.set(r.kind, []);
-      by.get(r.kind).push(r.value);
-    }
-    const parts = [];
-    for (const [kind, values] of by) {
-      const lo = Math.min(...values), hi = Math.max(...values);
-      const range = lo === hi ? lo.toFixed(2) : lo.toFixed(2) + "–" + hi.toFixed(2);
-      parts.push((names[kind] || kind) + " " + range + " (" + values.length + (values.length === 1 ? " pair)" : " pairs)"));
-    }
-    return parts.join("; ");
-  }
-
-  function renderGroups() {
-    groupList.textContent = "";
-    if (!state.supers.size) make("li", { className: "muted small", textContent: "none yet" }, groupList);
-    for (const s of state.supers.values()) {
-      const li = make("li", { className: "group" }, groupList);
-      const input = make("input", { type: "text", value: s.label, maxLength: 80 }, li);
-      input.setAttribute("aria-label", "rename supernode");
-      input.addEventListener("change", () => {
-        const grp = state.groups[Number(s.id.slice(1))];
-        if (grp && input.value.trim()) grp.label = input.value.trim();
-        writePins();
-        draw();
-      });
-      make("span", { className: "muted small", textContent: " " + s.members.length + " nodes, influence " + s.influence.toPrecision(3) + " " }, li);
-      const b = make("button", { type: "button", className: "ungroup", textContent: "ungroup" }, li);
-      b.addEventListener("click", () => {
-        state.groups.splice(Number(s.id.slice(1)), 1);
-        writePins();
-        draw();
-      });
-    }
-    renderSuggestions();
-  }
-
-  function renderSuggestions() {
-    suggestList.textContent = "";
-    const shown = state.suggestions.filter((sg, i) => !state.dismissed.has(i) && !state.groups.some((grp) => sameSet(grp.members, sg.members)));
-    state.suggestions.forEach((sg, i) => {
-      if (!shown.includes(sg)) return;
-      const li = make("li", { className: "suggestion" }, suggestList);
-      const input = make("input", { type: "text", value: sg.label, maxLength: 80 }, li);
-      input.setAttribute("aria-label", "label of the suggested supernode");
-      const names = sg.members.slice(0, 4).map((m) => (state.byId.has(m) ? label(state.byId.get(m)) : "#" + m)).join(", ");
-      make("span", { className: "small", textContent: " " + sg.members.length + " nodes (" + names + (sg.members.length > 4 ? ", …" : "") + "): " + reasonText(sg.reasons) + " " }, li);
-      const accept = make("button", { type: "button", className: "accept", textContent: "accept" }, li);
-      accept.addEventListener("click", () => addGroup(input.value.trim() || sg.label, sg.members));
-      const dismiss = make("button", { type: "button", className: "dismiss", textContent: "dismiss" }, li);
-      dismiss.addEventListener("click", () => {
-        state.dismissed.add(i);
-        renderSuggestions();
-      });
-    });
-    if (state.suggestions.length && !shown.length) make("li", { className: "muted small", textContent: "all accepted or dismissed" }, suggestList);
-  }
-
-  function loadSuggestions() {
-    fetch(frame.dataset.src + "/supernodes", { headers: { Accept: "application/json" } })
-      .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
-      .then((body) => {
-        state.suggestions = body.suggestions.filter((sg) => sg.members.every((m) => state.byId.has(m)));
-        const t = body.thresholds;
-        suggestStatus.textContent = " " + state.suggestions.length + " found: feature nodes within " + t.max_pos_gap + " position(s) whose explanations' Jaccard ≥ " + t.explanation_jaccard +
-          ", decoder cosine ≥ " + t.decoder_cosine + " (same layer) or co-firing Jaccard ≥ " + t.cofire_jaccard + " (mined layers)";
-        renderSuggestions();
-      })
-      .catch((err) => { suggestStatus.textContent = " could not load suggestions: " + err.message; });
   }
 
   function visible(n) {
@@ -484,14 +356,26 @@
     applyPins();
   });
 
+  // the supernodes panel (static/graph_groups.js), loaded beside this file; the graph draws without it if it fails
+  const groupsReady = new Promise((resolve) => {
+    const script = document.createElement("script");
+    script.src = new URL("graph_groups.js", document.currentScript ? document.currentScript.src : location.origin + "/static/").href;
+    script.onload = () => resolve(window.saescopeGraphGroups || null);
+    script.onerror = () => resolve(null);
+    document.head.appendChild(script);
+  });
+
   readPins();
-  fetch(frame.dataset.src, { headers: { Accept: "application/json" } })
-    .then((r) => (r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status))))
+  Promise.all([fetch(frame.dataset.src, { headers: { Accept: "application/json" } }), groupsReady])
+    .then(([r, makePanel]) => {
+      if (makePanel) state.panel = makePanel({ state: state, frame: frame, label: label, draw: draw, writePins: writePins });
+      return r.ok ? r.json() : Promise.reject(new Error("HTTP " + r.status));
+    })
     .then((g) => {
       state.graph = g;
       for (const n of g.nodes) state.byId.set(n.id, n);
       draw();
-      loadSuggestions();
+      if (state.panel) state.panel.load();
     })
     .catch((err) => { status.textContent = "could not load the graph: " + err.message; });
 })();
