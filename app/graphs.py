@@ -4,7 +4,7 @@
     /graphs/{slug}               a graph's page (templates/graph.html; static/graph.js draws it from the JSON)
     /api/v1/graphs               the list as JSON
     /api/v1/graphs/{slug}        a graph: nodes (with their SAE, explanation and strongest tokens where the transcoder
-                                 of their layer was mined) and edges
+                                 of their layer was mined), edges and its check by ablation (faithfulness)
 
 A graph's feature nodes link to feature pages through the SAE mined from their layer's transcoder folder, looked up
 when the graph is read (a transcoder mined after the trace links too). Graphs are built by the CLI (or, later, the
@@ -63,6 +63,38 @@ class GraphEdge(BaseModel):
     weight: float = Field(description="source activation x derivative of the target's pre-activation (signed)")
 
 
+class EdgeCheck(BaseModel):
+    source: int = Field(description="node id of the ablated feature")
+    target: int = Field(description="node id whose change was measured")
+    weight: float = Field(description="the edge's weight in the graph")
+    predicted: float = Field(description="the graph's prediction for the target's change: -weight")
+    measured: float = Field(description="the target's change in the real model with the source ablated")
+    match: bool = Field(description="same sign and within the factor")
+
+
+class NodeCheck(BaseModel):
+    node: int = Field(description="node id of the strongest kept feature node (by influence)")
+    layer: int
+    pos: int
+    feature: int
+    logit_token: int = Field(description="the top logit's token id")
+    predicted: float = Field(description="the graph's sum over paths for the demeaned top logit's change")
+    predicted_direct: float = Field(description="the direct edge only (every other feature held)")
+    measured: float = Field(description="the demeaned top logit's change in the real model")
+    match: bool = Field(description="measured vs predicted: same sign and within the factor")
+    match_direct: bool = Field(description="measured vs predicted_direct, by the same rule")
+
+
+class Verification(BaseModel):
+    checked: int = Field(description="edges checked by ablation (the strongest kept edges with a feature source)")
+    matched: int
+    share: float | None = Field(description="matched / checked (None when nothing was checked)")
+    factor: float
+    rule: str = Field(description="when an edge matches")
+    edges: list[EdgeCheck]
+    strongest: NodeCheck | None = Field(description="ablating the strongest feature node: the top logit's change")
+
+
 class GraphSummary(BaseModel):
     slug: str
     url: str
@@ -93,6 +125,9 @@ class GraphDetail(GraphSummary):
     pruned_scores: dict = Field(description="replacement and completeness of the pruned graph")
     seconds: float = Field(description="wall time of the build")
     top_path: list[int] = Field(description="node ids of the strongest chain from a token to the top logit")
+    verification: Verification | None = Field(
+        None, description="the graph checked by ablation in the real model (sae_core/circuits/verify.py); None if not checked"
+    )
     nodes: list[GraphNode]
     edges: list[GraphEdge]
 
@@ -166,6 +201,7 @@ def graph_detail(conn: Connection, slug: str) -> dict:
         "pruned_scores": row.scores.get("pruned", {}),
         "seconds": row.seconds,
         "top_path": graph["top_path"],
+        "verification": row.scores.get("verification"),
         "nodes": nodes,
         "edges": [{"source": s, "target": t, "weight": w} for s, t, w in graph["edges"]],
         "layer_folders": row.layer_folders,

@@ -25,6 +25,28 @@ def path_in_words(db: str | None, slug: str) -> list[str]:
     return [node_label(detail["nodes"][i]) for i in detail["top_path"]]
 
 
+def verification_lines(checked: dict | None) -> list[str]:
+    """The graph's check by ablation (sae_core/circuits/verify.py) in words; nothing when it was not checked."""
+    if not checked:
+        return []
+    lines = []
+    if checked["checked"]:
+        lines.append(
+            f"faithfulness: {checked['matched']} of {checked['checked']} checked edges match (sign and within {checked['factor']:g}x)"
+        )
+    else:
+        lines.append("faithfulness: no kept edge has a feature source to check")
+    node = checked.get("strongest")
+    if node:
+        lines.append(
+            f"ablating the strongest feature (layer {node['layer']} #{node['feature']} at position {node['pos']}) moves the top "
+            f"logit by {node['measured']:+.3g}; the graph predicts {node['predicted']:+.3g} over all its paths "
+            f"({'matches' if node['match'] else 'does not match'}), {node['predicted_direct']:+.3g} by the direct edge alone "
+            f"({'matches' if node['match_direct'] else 'does not match'})"
+        )
+    return lines
+
+
 def register(app: typer.Typer, console: Console) -> None:
     @app.command("trace")
     def trace_command(
@@ -40,6 +62,9 @@ def register(app: typer.Typer, console: Console) -> None:
         time_limit: float = typer.Option(600.0, help="Stop the build with an error after this many seconds."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         force: bool = typer.Option(False, "--force", help="Build and store the graph again even if this permalink is stored."),
+        verify_edges: int = typer.Option(
+            20, help="Check this many of the strongest kept feature-source edges by ablation in the real model; 0: no check."
+        ),
     ) -> None:
         """Build the attribution graph of a prompt over the transcoders of every layer (the local replacement model,
         Ameisen et al. 2025), prune it, score it and store it; prints the node and edge counts before and after
@@ -60,6 +85,7 @@ def register(app: typer.Typer, console: Console) -> None:
             time_limit_s=time_limit,
             device=device,
             force=force,
+            verify_edges=verify_edges,
         )
         columns = (TextColumn("attributing"), BarColumn(), MofNCompleteColumn(), TextColumn("targets"), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as bar:
@@ -80,6 +106,8 @@ def register(app: typer.Typer, console: Console) -> None:
             f"replacement score {result.replacement_score:.3f}, completeness score {result.completeness_score:.3f}"
             + (f" (pruned graph: {pruned['replacement']:.3f}, {pruned['completeness']:.3f})" if pruned else "")
         )
+        for line in verification_lines(result.verification):
+            console.print(line, highlight=False)
         steps = path_in_words(db, result.slug)
         if steps:
             console.print("strongest path: " + escape(" -> ".join(steps)), highlight=False)

@@ -8,6 +8,8 @@ the transcoder set's identity (a digest of every layer's weights file: retrainin
 set), the thresholds and the attribution settings, so tracing the same thing again returns the stored graph without
 loading the model (unless `force`). What is stored is the pruned graph (`stored_graph`: kept nodes and edges only) and
 its strongest token-to-top-logit path (`top_path`), read by `saescope trace`, the page and the API (app/graphs.py).
+After pruning, the strongest kept feature-source edges and the strongest feature node are checked by ablation in the
+real model (verify.py; `verify_edges`); the figure is stored in the row's scores JSON ("verification"), no new column.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from ..errors import SaescopeError
 from ..sae.transcoder import TranscoderSAE
 from ..store import db
 from ..store import graphs as store_graphs
-from .attribution import AttributionConfig, Progress, attribute
+from .attribution import AttributionConfig, Progress, attribute_with_model
 from .graph import AttributionGraph
 from .prune import Pruned, prune, pruned_graph
 from .scores import graph_scores
+from .verify import verify
 
 GRAPH_FORMAT = 1  # the stored graph's layout (stored_graph); bump when it changes
 
@@ -49,6 +52,9 @@ class TraceConfig:
     time_limit_s: float | None = 600.0  # the build stops with an error past this
     device: str = "auto"
     force: bool = False  # build again even when the permalink is stored
+    # check this many of the strongest kept feature-source edges by ablation in the real model (verify.py; 0: none).
+    # Not part of the permalink: it checks the graph, it does not change it
+    verify_edges: int = 20
 
     def __post_init__(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -65,6 +71,8 @@ class TraceConfig:
             raise SaescopeError(f"max-feature-nodes must be at least 1 (got {self.max_feature_nodes})")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise SaescopeError(f"the time limit must be positive (got {self.time_limit_s})")
+        if self.verify_edges < 0:
+            raise SaescopeError(f"verify-edges must be 0 (no check) or more (got {self.verify_edges})")
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the stored graph (with the prompt and the transcoder set: the slug)."""
@@ -96,6 +104,7 @@ class TraceResult:
     reused: bool  # the permalink was stored already: nothing was built
     graph: dict[str, Any] = field(repr=False)  # the stored graph (stored_graph)
     layer_saes: dict[int, tuple[str, int]] = field(default_factory=dict)  # layer -> (mined SAE name, run id)
+    verification: dict[str, Any] | None = None  # verify.Verification.to_json of the stored graph, if it was checked
 
     @property
     def url(self) -> str:
@@ -306,6 +315,7 @@ def _result(row: Any, graph: dict[str, Any], reused: bool, layer_saes: dict[int,
         reused=reused,
         graph=graph,
         layer_saes=layer_saes,
+        verification=row.scores.get("verification"),
     )
 
 
@@ -345,13 +355,25 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
         dtype = lm.model.get_output_embeddings().weight.dtype
         transcoders = {layer: sae.to(lm.device, dtype).eval() for layer, sae in tset.load().items()}
         t_attr = time.monotonic()
-        graph = attribute(lm.model, transcoders, ids, attribution_cfg, progress)
+        graph, rm = attribute_with_model(lm.model, transcoders, ids, attribution_cfg, progress)
         t_prune = time.monotonic()
         pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)
         full, kept = graph_scores(graph), graph_scores(pruned_graph(graph, pruned))
         stored = stored_graph(graph, pruned, cfg.prompt, lm.tokenizer)
+        t_verify = time.monotonic()
+        scores: dict[str, Any] = {"pruned": {"replacement": kept.replacement, "completeness": kept.completeness}}
+        if cfg.verify_edges:
+            checked = verify(lm, rm, graph, pruned, cfg.verify_edges)
+            scores["verification"] = checked.to_json(np.nonzero(pruned.node_mask)[0])
+        del rm
         t_end = time.monotonic()
-        timings = {"load": t_attr - start, "attribution": t_prune - t_attr, "prune_and_score": t_end - t_prune}
+        timings = {
+            "load": t_attr - start,
+            "attribution": t_prune - t_attr,
+            "prune_and_score": t_verify - t_prune,
+            "verify": t_end - t_verify,
+        }
+        scores["seconds"] = timings
         values = {
             "slug": slug,
             "prompt": cfg.prompt,
@@ -367,7 +389,7 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
             "edges_after": pruned.n_edges,
             "replacement_score": full.replacement,
             "completeness_score": full.completeness,
-            "scores": {"pruned": {"replacement": kept.replacement, "completeness": kept.completeness}, "seconds": timings},
+            "scores": scores,
             "seconds": t_end - start,
         }
         store_graphs.save_graph(engine, values, stored, replace=cfg.force)
