@@ -6,7 +6,9 @@
 The graph page (static/graph.js) lists them for the user to accept, rename or dismiss; accepted groups live in the
 page's URL (#group=...), not in the store. Decoder rows come from the run's stored weights where the layer's transcoder
 was mined (what the feature pages describe), else from the folder the graph was traced from; co-activation only from
-mined layers. The extracted rows are cached per graph and run, so a reload does not read the weights again.
+mined layers. The extracted rows are cached per graph and run, so a reload does not read the weights again: reading
+one 8192 x 576 transcoder takes ~0.25 s on 2 cores (folder or stored bytes alike), so a graph over all 30 of the
+bundled model's layers costs ~8 s on its first request and milliseconds after (the tiny test graph: 145 ms, then 13 ms).
 """
 
 from __future__ import annotations
@@ -73,11 +75,12 @@ def _decoder_rows(conn: Connection, layer: int, wanted: list[int], sae: str | No
 
 
 def _all_rows(
-    conn: Connection, slug: str, detail: dict, by_layer: dict[int, list[int]]
+    conn: Connection, slug: str, detail: dict, runs: dict[int, tuple[str, int]], by_layer: dict[int, list[int]]
 ) -> tuple[dict[int, dict[int, np.ndarray]], dict[str, str]]:
-    saes = detail["layer_saes"]
+    saes = {str(layer): name for layer, (name, _) in runs.items()}
     folders = {int(k): v for k, v in detail["layer_folders"].items()}
-    key = (slug, detail["created_at"], tuple(sorted(saes.items())), tuple(sorted((k, tuple(v)) for k, v in by_layer.items())))
+    # a re-trace (created_at) or a re-mine (run ids) changes the key: cached rows are never stale
+    key = (slug, detail["created_at"], tuple(sorted(runs.items())), tuple(sorted((k, tuple(v)) for k, v in by_layer.items())))
     if key in _rows_cache:
         _rows_cache.move_to_end(key)
         return _rows_cache[key]
@@ -97,9 +100,8 @@ def _all_rows(
     return rows, sources
 
 
-def _cofire(conn: Connection, detail: dict, by_layer: dict[int, list[int]]) -> dict[int, dict[int, dict[int, float]]]:
+def _cofire(conn: Connection, runs: dict[int, tuple[str, int]], by_layer: dict[int, list[int]]) -> dict[int, dict[int, dict[int, float]]]:
     """layer -> feature -> partner -> Jaccard, from each mined layer's co-activation rows."""
-    runs = store_graphs.transcoder_saes(conn, detail["layer_folders"])
     out: dict[int, dict[int, dict[int, float]]] = {}
     for layer, (_, run_id) in runs.items():
         wanted = by_layer.get(layer)
@@ -122,8 +124,9 @@ def supernode_suggestions(conn: Connection, slug: str, cfg: SupernodeConfig) -> 
             by_layer[n["layer"]].append(n["feature"])
     for wanted in by_layer.values():
         wanted.sort()
-    decoders, sources = _all_rows(conn, slug, detail, by_layer)
-    cofire = _cofire(conn, detail, by_layer)
+    runs = store_graphs.transcoder_saes(conn, detail["layer_folders"])
+    decoders, sources = _all_rows(conn, slug, detail, runs, by_layer)
+    cofire = _cofire(conn, runs, by_layer)
     nodes = [
         FeatureNode(n["id"], n["layer"], n["pos"], n["feature"], n["influence"], n.get("explanation"), n.get("top_token")) for n in features
     ]
