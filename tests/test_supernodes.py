@@ -172,6 +172,16 @@ def test_merge_and_accept_in_a_browser(traced, store, browser):  # noqa: F811
         assert all(page.locator(f'#graph-svg [data-node="{i}"]').count() == 0 for i in first)
         assert "group=accepted%20group~" in page.url and suggestions.count() == n_suggested - 1
         page.screenshot(path=str(ARTIFACTS / "graph_supernode_accepted.png"), full_page=True)
+        rename = page.locator("#graph-group-list li.group input")
+        rename.fill("renamed")
+        rename.press("Enter")  # change fires: the drawn label and the link follow
+        assert page.locator("#graph-svg .node.supernode").text_content() == "renamed" and "group=renamed~" in page.url
+        page.click("#graph-group-list button.ungroup")  # the suggestion comes back; dismissing it clears the list
+        assert suggestions.count() == n_suggested
+        for _ in range(n_suggested):
+            suggestions.first.locator("button.dismiss").click()
+        assert suggestions.count() == 0 and "all accepted or dismissed" in page.locator("#graph-suggest-list").inner_text()
+        assert "group=" not in page.url and page.locator("#graph-svg .node.supernode").count() == 0
         assert errors == []
         page.close()
     finally:
