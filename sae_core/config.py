@@ -232,13 +232,22 @@ class MapConfig:
 
     seed: int = option(0, "UMAP's random_state: the same seed, store and SAE give the same map.")
     n_neighbors: int = option(
-        15, "UMAP: nearest features (decoder cosine) each feature is tied to; more keeps more global shape.", min=2, max=200
+        15, "UMAP: nearest features (see --neighbours) each feature is tied to; more keeps more global shape.", min=2, max=200
     )
     min_dist: float = option(0.1, "UMAP: how tightly points may pack on the map.", min=0.0, max=1.0)
+    neighbours: str = option(
+        "decoder",
+        "What ties a feature to its neighbours: decoder (cosine of decoder rows, the papers' map) or coactivation (the features "
+        "that fire on the same tokens, by Jaccard index, as mining stored them: a small SAE's near-orthogonal decoders give a "
+        "featureless disk, its co-firing gives islands).",
+    )
     min_cluster_size: int | None = option(
         None, "HDBSCAN on the map: the fewest features a cluster holds.", min=2, show_default="alive features / 400, at least 10"
     )
     force: bool = option(False, "Compute the map again even though the SAE's live run has one.")
+    keep_existing: bool = option(
+        False, "Leave a map the live run already has, whatever its settings (the demo's rerun over an older demo's store).", cli=False
+    )
     db: str | None = db_option()
 
 

@@ -222,3 +222,42 @@ def test_a_teams_label_is_in_the_map_hover_data_and_the_feature_table(mapped, tm
     assert "&lt;b&gt;the team&#39;s&lt;/b&gt; label" in table and "<b>the team" not in table
     assert len(labels["labels"]) == len(labels["tokens"])
     assert labels["labels"][0] == "<b>the team's</b> label" and not any(labels["labels"][1:])
+
+
+def test_a_map_by_coactivation_ties_each_feature_to_its_mined_partners(mined_store, tmp_path):
+    """--neighbours coactivation: UMAP's graph is each feature's stored co-firing partners (1 - Jaccard), so
+    features that fire together sit together; the same seed gives the same map, and it is told apart from a
+    decoder map (a rerun with the other basis asks for --force)."""
+    from sae_core.relations.map import coactivation_graph
+
+    url = copy_store(mined_store, tmp_path / "co")
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        run_id = conn.scalar(select(SAE.active_run_id))
+        rows = conn.execute(select(Feature.index, Feature.coactivation).where(Feature.run_id == run_id, Feature.n_fired > 0)).all()
+        live = sorted(r[0] for r in rows)
+        knn, dist = coactivation_graph(conn, run_id, live, 6)
+    engine.dispose()
+    partners = {index: co for index, co in rows}
+    for i, index in enumerate(live):
+        assert knn[i, 0] == i and dist[i, 0] == 0
+        expected = [(live.index(p[0]), 1 - p[3]) for p in partners[index] if p[0] in set(live)][:5]
+        got = [(int(q), float(d)) for q, d in zip(knn[i, 1:], dist[i, 1:]) if q >= 0]
+        assert [q for q, _ in got] == [q for q, _ in expected], index
+        assert [d for _, d in got] == pytest.approx([d for _, d in expected], abs=1e-6), index
+    cfg = MapConfig(db=url, neighbours="coactivation", n_neighbors=6, min_cluster_size=5)
+    first = build_map("tiny-sae", cfg)
+    assert first.n_points == len(live) and not first.skipped
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert conn.scalar(select(FeatureMap.config))["metric"] == "coactivation jaccard"
+    engine.dispose()
+    layout = points(url)
+    again = build_map("tiny-sae", MapConfig(db=url, neighbours="coactivation", n_neighbors=6, min_cluster_size=5, force=True))
+    assert not again.skipped and points(url) == layout  # the same seed: the same map
+    with pytest.raises(SaescopeError, match="other settings"):
+        build_map("tiny-sae", MapConfig(db=url, n_neighbors=6, min_cluster_size=5))  # decoder now: a different map
+    with pytest.raises(SaescopeError, match="lower --n-neighbors"):
+        build_map("tiny-sae", MapConfig(db=url, neighbours="coactivation", n_neighbors=60, force=True))
+    with pytest.raises(SaescopeError, match="decoder or coactivation"):
+        build_map("tiny-sae", MapConfig(db=url, neighbours="cosine"))

@@ -4,7 +4,10 @@ Anthropic's "Scaling Monosemanticity" reads features through such neighbourhoods
 directions under the cosine metric. Here:
 
     decoder rows of the features that fired in mining (the live run's), normalised
-      -> exact cosine k-nearest neighbours (blocks of KNN_BLOCK rows, the running result kept on disk)
+      -> exact cosine k-nearest neighbours (blocks of KNN_BLOCK rows, the running result kept on disk); or, with
+         `neighbours="coactivation"`, the co-firing partners mining stored (1 - Jaccard): a small SAE's decoder rows
+         are nearly orthogonal (the demo's 8k: nearest-neighbour cosine median 0.23, 0.16 for random directions), so
+         their map is a featureless disk, while what fires together forms islands (bench/RESULTS.md)
       -> UMAP layout from that graph (umap-learn, random_state = seed: the same seed gives the same map)
       -> HDBSCAN clusters on the map (scikit-learn; leaf clusters), numbered by size
       -> each point's MAP_NEIGHBOURS nearest features on the map, and a coarse density grid
@@ -253,8 +256,15 @@ def _min_cluster_size(cfg: MapConfig, n: int) -> int:
     return min(n, cfg.min_cluster_size or max(10, n // 400))
 
 
-def compute_layout(rows: np.ndarray, cfg: MapConfig, work: Path | None = None, progress: Progress = _quiet) -> Layout:
-    """The map of decoder `rows` [n, d]: positions, clusters, map neighbours and density grid.
+def compute_layout(
+    rows: np.ndarray,
+    cfg: MapConfig,
+    work: Path | None = None,
+    progress: Progress = _quiet,
+    graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Layout:
+    """The map of decoder `rows` [n, d]: positions, clusters, map neighbours and density grid. `graph`, when
+    given, is the (neighbour indices, distances) [n, n_neighbors] UMAP lays out instead of the rows' cosine kNN.
     With `work`, the kNN blocks and the layout are kept there and reused by a later call."""
     n = len(rows)
     if n <= cfg.n_neighbors:
@@ -262,11 +272,11 @@ def compute_layout(rows: np.ndarray, cfg: MapConfig, work: Path | None = None, p
     timings: dict[str, float] = {}
     t = time.perf_counter()
     unit = _unit_rows(rows)
-    knn, dist = cosine_knn(unit, cfg.n_neighbors, work, progress)
+    knn, dist = graph if graph is not None else cosine_knn(unit, cfg.n_neighbors, work, progress)
     timings["neighbours"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    saved = work / f"layout-seed{cfg.seed}-nn{cfg.n_neighbors}-md{cfg.min_dist:g}.npy" if work is not None else None
+    saved = work / f"layout-{cfg.neighbours}-seed{cfg.seed}-nn{cfg.n_neighbors}-md{cfg.min_dist:g}.npy" if work is not None else None
     if saved is not None and saved.exists():
         xy = np.load(saved)
         progress("layout", 1, 1)
@@ -307,8 +317,8 @@ def _settings(cfg: MapConfig, n: int) -> dict:
 
     return {
         "method": f"umap-learn {umap.__version__}",
-        "metric": "cosine",
-        "knn": "exact",
+        "metric": "cosine" if cfg.neighbours == "decoder" else "coactivation jaccard",
+        "knn": "exact" if cfg.neighbours == "decoder" else "mined co-firing partners",
         "n_neighbors": cfg.n_neighbors,
         "min_dist": cfg.min_dist,
         "min_cluster_size": _min_cluster_size(cfg, n),
@@ -337,9 +347,40 @@ def _decoder_rows(conn: Connection, sae_name: str, indices: Sequence[int]) -> np
     return w_dec[np.asarray(indices, dtype=np.int64)]
 
 
+def coactivation_graph(conn: Connection, run_id: int, alive: Sequence[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP's neighbour graph from the co-firing partners mining stored (Feature.coactivation, strongest first):
+    each feature itself at distance 0, then its alive partners at 1 - Jaccard; -1 pads a feature with fewer."""
+    at = {index: i for i, index in enumerate(alive)}
+    knn = np.full((len(alive), k), -1, dtype=np.int64)
+    dist = np.full((len(alive), k), np.inf, dtype=np.float32)
+    rows = conn.execute(
+        select(Feature.index, Feature.coactivation).where(Feature.run_id == run_id, Feature.n_fired > 0).order_by(Feature.index)
+    )
+    stored = 0
+    for index, partners in rows:
+        if partners is None:
+            raise SaescopeError(
+                f"run {run_id} was mined without co-activation (--coactivation 0): map it with --neighbours decoder, or mine again"
+            )
+        i = at[index]
+        knn[i, 0], dist[i, 0] = i, 0.0
+        kept = [(at[p[0]], 1.0 - float(p[3])) for p in partners if p[0] in at][: k - 1]
+        stored = max(stored, len(partners))
+        for j, (q, d) in enumerate(kept, start=1):
+            knn[i, j], dist[i, j] = q, d
+    if stored + 1 < k:
+        raise SaescopeError(
+            f"mining kept {stored} co-firing partners per feature; --n-neighbors {k} needs {k - 1}: lower --n-neighbors "
+            f"or mine again with --coactivation {k - 1}"
+        )
+    return knn, dist
+
+
 def build_map(sae_name: str, cfg: MapConfig, progress: Progress = _quiet) -> MapResult:
     """Compute and store the map of the SAE's live run (see the module's docstring)."""
     t0 = time.perf_counter()
+    if cfg.neighbours not in ("decoder", "coactivation"):
+        raise SaescopeError(f"--neighbours is decoder or coactivation, not {cfg.neighbours!r}")
     engine = db.open_store(cfg.db)
     try:
         with engine.connect() as conn:
@@ -353,19 +394,20 @@ def build_map(sae_name: str, cfg: MapConfig, progress: Progress = _quiet) -> Map
             wanted = _settings(cfg, len(alive))
             if existing is not None and not cfg.force:
                 same = existing.seed == cfg.seed and all(existing.config.get(k) == v for k, v in wanted.items() if k != "method")
-                if not same:
+                if not same and not cfg.keep_existing:
                     raise SaescopeError(
                         f"run {run_id} of {sae_name} already has a map made with other settings (seed {existing.seed}, "
-                        f"{json.dumps({k: existing.config.get(k) for k in ('n_neighbors', 'min_dist', 'min_cluster_size')})}): "
+                        f"{json.dumps({k: existing.config.get(k) for k in ('metric', 'n_neighbors', 'min_dist', 'min_cluster_size')})}): "
                         "add --force to replace it"
                     )
                 return MapResult(sae_name, run_id, len(alive), existing.n_clusters, existing.seed, 0.0, True, {})
             rows = _decoder_rows(conn, sae_name, alive)
+            graph = coactivation_graph(conn, run_id, alive, cfg.n_neighbors) if cfg.neighbours == "coactivation" else None
         digest = hashlib.sha256(_unit_rows(rows).tobytes()).hexdigest()
         if cfg.force:
             shutil.rmtree(_work_folder(engine, sae_name, run_id, digest))
         work = _work_folder(engine, sae_name, run_id, digest)
-        layout = compute_layout(rows, cfg, work, progress)
+        layout = compute_layout(rows, cfg, work, progress, graph)
         seconds = time.perf_counter() - t0
         t = time.perf_counter()
         write_map(engine, sae_id, run_id, alive, layout, cfg, wanted, seconds)
