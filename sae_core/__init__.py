@@ -10,9 +10,10 @@ Where each stage lives, in pipeline order; each takes a config (sae_core/config.
     shard_writer.py   the resumable sharded writer (and its folder format) the cache and the miner share
     cache.py          `saescope cache`: activations on disk; ActivationCache, the one reader of its shards
     stream.py         activations streamed from the model instead of a cache
-    sae/              one file per SAE architecture (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU) beside its
-                      config, behind the interface in sae/base.py and the registry in sae/__init__.py
+    sae/              one file per architecture (TopK, BatchTopK, JumpReLU, Matryoshka, ReLU, the transcoder)
+                      beside its config, behind the interface in sae/base.py and the registry in sae/__init__.py
     train.py          `saescope train`: the Trainer (init or resume, step, checkpoint)
+    train_transcoders.py  `saescope train --transcoders`: one Trainer per layer, all stepping on one model pass
     evaluate.py       `saescope eval`: L0, FVU, dead fraction, downstream loss; metrics/: probe loss, ablation sparsity
     evaluation/       `saescope bench-sae`: the SAEBench metrics that hold up on CPU (issue 28)
     interchange.py    save and load SAEs: the one loader (ours, SAELens, sparsify, OpenAI) with its Provenance
@@ -23,7 +24,8 @@ Where each stage lives, in pipeline order; each takes a config (sae_core/config.
                       mining run), codec (packed arrays), weights, explanation_search (full text, embeddings)
     explain/          `saescope explain`: each feature explained (n2g, llm), scored, embedded (explain/embed.py)
     relations/        `saescope map`, `saescope family`: the feature map, and families across SAE widths
-    live/             features on your own text and steering: the runtime, interventions, the model process
+    live/             features on your own text and steering: the runtime, interventions, sweeps, the model process
+    circuits/         `saescope trace`: the replacement model, attribution, pruning, scores, supernodes, verification
     distributed/      torchrun: data- and latent-parallel training, checkpoints, the parts of a sharded mining run
 
 Beneath them all: config.py (every option defined once, with options.py's plain metadata), settings.py

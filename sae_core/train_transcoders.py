@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -168,9 +168,10 @@ class TranscodersResult:
     folders: dict[int, Path]
     steps: int
     tokens: int
-    final: dict[int, dict]  # layer -> its last logged statistics (fvu, l0, dead fraction, ...)
+    final: dict[int, dict]  # layer -> its last logged statistics (fvu, l0, dead fraction, ...), as train_log.jsonl has them
     tokens_per_s: float
     resumed_from_step: int = 0
+    last: dict[int, StepResult] = field(default_factory=dict)  # layer -> its last logged step, typed (empty: nothing trained)
 
 
 def train_transcoders(
@@ -248,6 +249,7 @@ def train_transcoders(
         dynamic_ncols=True,
     )
     final: dict[int, dict] = {}
+    last: dict[int, StepResult] = {}
     t0 = time.perf_counter()
     with open(out / LOG, "a") as log_fh:
         while step < total:
@@ -267,7 +269,7 @@ def train_transcoders(
                 if results[0].dead_fraction is not None:
                     entry: dict = {"step": step, "tokens": step * batch_size}
                     for layer, result in zip(chosen, results):
-                        final[layer] = result.stats()
+                        final[layer], last[layer] = result.stats(), result
                         entry[f"layer_{layer}"] = {k: round(v, 6) for k, v in final[layer].items()}
                     log_fh.write(json.dumps(entry) + "\n")
                     fvus = [r.fvu for r in results]
@@ -290,7 +292,7 @@ def train_transcoders(
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
     trained = (step - start_step) * batch_size
     return TranscodersResult(
-        out, chosen, folders, step, step * batch_size, final, trained / elapsed if elapsed and trained else 0.0, start_step
+        out, chosen, folders, step, step * batch_size, final, trained / elapsed if elapsed and trained else 0.0, start_step, last
     )
 
 

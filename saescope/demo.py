@@ -72,7 +72,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
             sae_dir,
             resume=(sae_dir / "checkpoint.pt").exists(),
         )
-        console.print(f"      FVU {result.final.get('fvu', float('nan')):.3f}, dead {result.final.get('dead_fraction', 0):.1%}")
+        last = result.last  # None when the checkpoint was already at the end
+        done = f"      FVU {last.fvu:.3f}, dead {last.dead_fraction or 0:.1%}" if last else "      already trained (checkpoint at the end)"
+        console.print(done)
 
     stage(4, f"evaluation on {cfg.eval_tokens:,} held-out tokens")
     if (sae_dir / EVAL_RESULT).exists():

@@ -31,11 +31,12 @@ def train_transcoders_command(cfg: TrainConfig, streaming: dict[str, Any], activ
     assert cfg.transcoders is not None
     stream = CacheConfig(model=streaming["model"], corpus=streaming["corpus"], tokens=cfg.tokens, device=cfg.device)
     result = train_transcoders(cfg, stream, cfg.transcoders, out, resume=resume)
-    worst: tuple[int | None, dict] = max(result.final.items(), key=lambda kv: kv[1].get("fvu", 0.0), default=(None, {}))
-    mean = sum(s.get("fvu", 0.0) for s in result.final.values()) / max(len(result.final), 1)
+    fvus = {layer: step.fvu for layer, step in result.last.items()}  # empty when the checkpoint was already at the end
+    worst = max(fvus, key=fvus.__getitem__, default=None)
+    mean = sum(fvus.values()) / len(fvus) if fvus else float("nan")
     console.print(
         f"trained {len(result.layers)} transcoders, {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s): "
-        f"FVU of the MLP outputs mean {mean:.4f}, worst {worst[1].get('fvu', float('nan')):.4f} (layer {worst[0]}) "
+        f"FVU of the MLP outputs mean {mean:.4f}, worst {fvus[worst] if worst is not None else float('nan'):.4f} (layer {worst}) "
         f"-> {escape(str(out))}/layer_<L>"
     )
 
