@@ -58,6 +58,7 @@ def test_the_steering_page_streams_its_three_columns_and_ends_as_the_api_answers
     assert int(page.get_attribute("#steer-result", "data-events")) >= 10
     # the streamed columns gave way to the result fragment: every token, the divergence marked, all three columns
     assert page.locator("#steer-result .stream-live").is_hidden()
+    assert page.get_attribute("[data-if-field=frozen]", "hidden") is None  # the frozen column was shown while it streamed
     for which in ("default", "steered", "frozen"):
         assert page.locator(f"#steer-{which} .tok").count() == len(answer[which]["tokens"]), which
     assert page.locator("#steer-steered .tok.diverged").count() >= 1
