@@ -1,8 +1,11 @@
 // Streamed live results (server-sent events read with fetch: EventSource cannot POST, and a POST is what
 // the accounts' rate limits and CSRF check count). A form with data-stream posts its fields there; each
-// `token` event's text is appended to the column of its `which`, `done` shows the permalink, `error` the
-// reason. The form's own GET link is the permalink: submitting puts it in the address bar. Leaving the
-// page (or sending again) aborts the request, which stops the generation on the server.
+// `token` event's text is appended to the column of its `which` (default, steered, frozen), `progress`
+// moves the bar, `done` shows the permalink (and the server's result fragment, `html`, where the page has a
+// .stream-html: the streamed columns, .stream-live, give way to it), `error` the reason. The address bar
+// takes the form's own GET link at the start and the answer's permalink at the end. A column marked
+// data-if-field shows only when the form sends that field (the steering page's frozen column). Leaving
+// the page (or sending again) aborts the request, which stops the generation on the server.
 (function () {
   let running = null;
 
@@ -27,15 +30,20 @@
     running = controller;
     const target = document.querySelector(form.dataset.target);
     const state = target.querySelector(".stream-state");
+    const fields = new FormData(form);
     const columns = {};
     const html = target.querySelector(".stream-html");
     if (html) html.textContent = "";
+    target.querySelectorAll(".stream-live").forEach((el) => { el.hidden = false; });
+    target.querySelectorAll("[data-if-field]").forEach((el) => { el.hidden = !fields.get(el.dataset.ifField); });
     target.querySelectorAll(".stream-text").forEach((el) => { el.textContent = ""; columns[el.dataset.which] = el; });
     target.dataset.events = "0";
+    delete target.dataset.done;
+    delete target.dataset.waiting;
+    target.classList.remove("stream-error");
     target.hidden = false;
     target.setAttribute("aria-busy", "true");
     state.textContent = "generating…";
-    const fields = new FormData(form);
     const link = `${form.action}?${new URLSearchParams(fields)}`;
     history.replaceState(null, "", link);
     const headers = { Accept: "text/event-stream" };
@@ -50,7 +58,6 @@
         target.classList.add("stream-error");
         return;
       }
-      target.classList.remove("stream-error");
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
@@ -64,32 +71,34 @@
           if (event === "token" && columns[data.which]) {
             columns[data.which].textContent += data.text;
             target.dataset.events = String(Number(target.dataset.events || 0) + 1);
-            state.textContent = `generating the ${data.which} reply…`;
+            state.textContent = `generating: ${data.which}…`;
           } else if (event === "progress") {
             const bar = target.querySelector(".stream-progress");
             if (bar) { bar.max = data.total; bar.value = data.done; }
             state.textContent = `${data.stage}: ${data.done} of ${data.total} tokens`;
-          } else if (event === "done" && data.html !== undefined) {
-            target.querySelector(".stream-html").innerHTML = data.html;  // our server's fragment: markup and SVG, no script
+          } else if (event === "done") {
+            // the streamed columns keep what streamed (each `which`'s texts concatenate to its final text)
             state.textContent = "";
+            if (html && data.html !== undefined) {
+              html.innerHTML = data.html;  // our server's fragment: markup and SVG, no script
+              target.querySelectorAll(".stream-live").forEach((el) => { el.hidden = true; });
+            } else if (data.default) {
+              const counts = ["default", "steered", "frozen"].filter((w) => data[w]).map((w) => data[w].token_ids.length);
+              state.append(`${counts.join(" and ")} tokens · run ${data.run_id} · `);
+              const a = document.createElement("a");
+              a.href = data.permalink;
+              a.className = "permalink";
+              a.textContent = "Permalink";
+              state.append(a);
+            }
             const bar = target.querySelector(".stream-progress");
             if (bar) bar.value = bar.max;
-            history.replaceState(null, "", data.permalink);
-            target.dataset.done = "true";
-          } else if (event === "done") {
-            ["default", "steered"].forEach((w) => { if (columns[w]) columns[w].textContent = data[w].text; });
-            state.textContent = "";
-            const note = `${data.default.token_ids.length} and ${data.steered.token_ids.length} tokens · run ${data.run_id} · `;
-            state.append(note);
-            const a = document.createElement("a");
-            a.href = data.permalink;
-            a.className = "permalink";
-            a.textContent = "Permalink";
-            state.append(a);
+            if (data.permalink) history.replaceState(null, "", data.permalink);
             target.dataset.done = "true";
           } else if (event === "error" && data.status === 503 && data.retry_after) {
             // loading or busy: ask again by itself after the Retry-After, as the htmx pages do
             state.textContent = `${data.detail}; trying again in ${Math.round(data.retry_after)} s…`;
+            target.dataset.waiting = "true";
             setTimeout(() => { if (!running) run(form); }, data.retry_after * 1000);
           } else if (event === "error") {
             state.textContent = `${data.status}: ${data.detail}`;
@@ -109,7 +118,6 @@
     const form = event.target;
     if (!(form instanceof HTMLFormElement) || !form.dataset.stream) return;
     event.preventDefault();
-    delete document.querySelector(form.dataset.target).dataset.done;
     run(form);
   });
   window.addEventListener("pagehide", () => { if (running) running.abort(); });

@@ -92,15 +92,17 @@ def test_feature_page_try_box_highlights_the_text_by_that_feature(server, page):
 
 
 def test_a_permalink_opened_while_the_model_loads_says_so_then_shows_its_result(mined_store, page):  # noqa: F811
-    """Right after a start the result card says "The model is loading" and asks again by itself until the
-    model answers: the reader of a shared link waits, without reloading, and gets the result."""
+    """Right after a start the streamed result says the model process is starting and asks again by itself
+    after the Retry-After until the model answers: the reader of a shared link waits, without reloading,
+    and gets the result."""
     live = LiveServer(create_app(mined_store, live_config=LIMITS))  # its model process is still importing torch
     try:
         page.goto(live.url + "/saes/tiny-sae/steer?prompt=the+cat+sat&feature=3&mode=add&value=150&max_new_tokens=8")
-        page.wait_for_selector("#steer-result .live-loading", timeout=10_000)
-        assert "The model is loading" in page.inner_text("#steer-result")
+        page.wait_for_selector("#steer-result[data-waiting]", timeout=10_000)
+        assert "the model process is starting; trying again in" in page.inner_text("#steer-result")
         page.wait_for_selector("#steer-steered .tok", timeout=120_000)
-        assert page.locator("#steer-result .live-loading").count() == 0
+        assert page.get_attribute("#steer-result", "data-waiting") is None
+        assert page.get_attribute("#steer-result", "data-done") == "true"
     finally:
         page.goto("about:blank")  # nothing on the page asks this server anything once it stops
         live.stop()

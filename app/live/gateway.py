@@ -137,11 +137,15 @@ def _steer_payload(body: SteerRequest) -> dict:
     }
 
 
-def _steer_link(body: SteerRequest) -> Callable[[dict], dict]:
-    interventions = [
+def _interventions(body: SteerRequest | ChatRequest) -> list[Intervention]:
+    """The request's interventions as the runtime's (LiveError for a condition the runtime cannot read)."""
+    return [
         Intervention(iv.feature, iv.mode, iv.value, Condition.parse(iv.condition) if iv.condition else None) for iv in body.interventions
     ]
-    link = steer_permalink(body.sae, body.prompt, interventions, body.settings()) + ("&frozen=1" if body.frozen_attention else "")
+
+
+def _steer_link(body: SteerRequest) -> Callable[[dict], dict]:
+    link = steer_permalink(body.sae, body.prompt, _interventions(body), body.settings()) + ("&frozen=1" if body.frozen_attention else "")
     return lambda result: {**result, "permalink": link}
 
 
@@ -153,12 +157,17 @@ async def steer(request: Request, body: SteerRequest) -> dict:
 
 
 def chat_permalink(body: ChatRequest) -> str:
-    """The chat page's URL for this turn: its system and user messages, interventions, seed and settings."""
+    """The chat page's URL for this turn: its system and user messages, interventions (with their `when`
+    as the steering page's permalink has it), seed and settings."""
     query: list[tuple[str, object]] = []
     for m in body.messages:
         query.append((m.role, m.content))
-    for iv in body.interventions:
+    interventions = _interventions(body)
+    conditional = any(iv.condition is not None for iv in interventions)
+    for iv in interventions:
         query += [("feature", iv.feature), ("mode", iv.mode), ("value", f"{iv.value:g}")]
+        if conditional:  # one `when` per intervention, aligned ("" = always), only when some are conditional
+            query.append(("when", iv.condition.spec() if iv.condition else ""))
     query += [
         ("max_new_tokens", body.max_new_tokens),
         ("temperature", f"{body.temperature:g}"),
@@ -180,8 +189,9 @@ def _chat_payload(body: ChatRequest) -> dict:
 
 async def chat(request: Request, body: ChatRequest) -> dict:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
+    link = chat_permalink(body)  # a bad condition is a 422 before the model runs
     result = await request.app.state.live.call(request, _chat_payload(body))
-    return {**result, "permalink": chat_permalink(body)}
+    return {**result, "permalink": link}
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -231,14 +241,22 @@ def stream_refused(exc: Exception) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
-async def steer_stream(request: Request, body: SteerRequest) -> StreamingResponse:
+async def steer_stream(request: Request, body: SteerRequest, page: Callable[[dict], dict] | None = None) -> StreamingResponse:
+    """`page`: what the steering page adds to the `done` event, made from the answer (its result fragment)."""
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
-    return await _stream(request, _steer_payload(body), lambda result: _answer(_steer_link(body)(result)))
+    link = _steer_link(body)
+
+    def finish(result: dict) -> dict:
+        answer = _answer(link(result))
+        return {**answer, **page(answer)} if page is not None else answer
+
+    return await _stream(request, _steer_payload(body), finish)
 
 
 async def chat_stream(request: Request, body: ChatRequest) -> StreamingResponse:
     await read_connection(request, check, body.sae, [iv.feature for iv in body.interventions])
-    return await _stream(request, _chat_payload(body), lambda result: _answer({**result, "permalink": chat_permalink(body)}))
+    link = chat_permalink(body)
+    return await _stream(request, _chat_payload(body), lambda result: _answer({**result, "permalink": link}))
 
 
 def _answer(result: dict) -> dict:

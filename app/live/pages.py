@@ -1,8 +1,9 @@
 """The live pages: features on the user's own text (`/saes/{sae}/inference`, the feature page's "try it"
-box) and steering (`/saes/{sae}/steer?...`). The GET pages render the form from the store alone; their
-results come from a POST fragment that htmx requests on load, so a steering permalink (prompt,
-interventions, seed and settings in its query) reproduces its result whenever it is opened. Whether
-the model is up is a fragment of its own (/live/status), never cached."""
+box), steering (`/saes/{sae}/steer?...`), chat and sweeps. The GET pages render the form from the store
+alone; their results come from a POST that the page makes on load (a fragment htmx requests, or for
+steering, chat and sweeps a stream of server-sent events that static/live_stream.js reads), so a
+permalink (prompt, interventions, seed and settings in its query) reproduces its result whenever it is
+opened. Whether the model is up is a fragment of its own (/live/status), never cached."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import json
 import math
 from typing import Annotated, Any, Awaitable, Callable
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
@@ -121,9 +123,25 @@ def _form_interventions(
         when = whens[i].strip() if i < len(whens) and whens[i].strip() else None
         try:
             out.append(InterventionModel(feature=int(raw), mode=mode, value=float(value), condition=when))  # type: ignore[arg-type]
+        except ValidationError as exc:  # a ValueError too: the field's own reason, not the parsing one below
+            raise LiveError(f"intervention {i + 1}: {_refused(exc)}") from exc
         except ValueError as exc:
             raise LiveError(f"intervention {i + 1}: feature must be a whole number and value a number ({raw!r}, {value!r})") from exc
     return out
+
+
+def _rows(feature: list[str], mode: list[str], value: list[str], when: list[str], at_least: int) -> list[dict]:
+    """The intervention table's rows from a permalink's aligned lists, padded with empty rows."""
+
+    def at(values: list[str], i: int, default: str) -> str:
+        return values[i] if i < len(values) else default
+
+    rows = [
+        {"feature": f, "mode": at(mode, i, "clamp"), "value": at(value, i, ""), "when": at(when, i, "")}
+        for i, f in enumerate(feature)
+        if f.strip()
+    ]
+    return rows + [{"feature": "", "mode": "clamp", "value": "", "when": ""} for _ in range(max(1, at_least - len(rows)))]
 
 
 @router.get("/saes/{sae}/steer")
@@ -142,17 +160,7 @@ async def steer_page(
     seed: int = Query(STEER_DEFAULTS.seed, ge=0, le=2**32 - 1),
 ) -> Response:
     await gateway.sae_or_404(request, sae)
-    rows = [
-        {
-            "feature": f,
-            "mode": mode[i] if i < len(mode) else "clamp",
-            "value": value[i] if i < len(value) else "",
-            "when": when[i] if i < len(when) else "",
-        }
-        for i, f in enumerate(feature)
-        if f.strip()
-    ]
-    rows += [{"feature": "", "mode": "clamp", "value": "", "when": ""} for _ in range(max(1, 4 - len(rows)))]
+    rows = _rows(feature, mode, value, when, 4)
     settings = GenerationConfig(max_new_tokens, temperature, top_p, seed)
     ctx = {
         "sae": sae,
@@ -203,8 +211,38 @@ class SteerForm:
         )
 
 
+def _spec(iv: InterventionModel) -> str:
+    return f"{iv.feature}:{iv.mode}:{iv.value:g}" + (f"@{iv.condition}" if iv.condition else "")
+
+
+def _sweep_link(sae: str, body: SteerRequest) -> str | None:
+    """The sweep page for the request's first intervention (a sweep takes one), at strengths from a quarter
+    to four times its value (the sweep page's own strengths for a value of 0), over the built-in prompts."""
+    if not body.interventions:
+        return None
+    iv = body.interventions[0]
+    query: list[tuple[str, str]] = [("intervention", _spec(iv))]
+    if iv.value:
+        query += [("strength", f"{iv.value * k:g}") for k in (0.25, 0.5, 1, 2, 4) if abs(iv.value * k) < 1e6]
+    return f"/saes/{quote(sae, safe='')}/sweep?{urlencode(query)}"
+
+
+def _steer_view(sae: str, body: SteerRequest, result: dict) -> dict:
+    """The steering result fragment's context (_live_steer.html), for the rendered result and the stream's end."""
+    diverge = result["diverges_at"]
+    return {
+        "sae": sae,
+        "result": result,
+        "diverge": len(result["steered"]["tokens"]) if diverge is None else diverge,
+        "determinism": DETERMINISM,
+        "interventions": [_spec(iv) for iv in body.interventions],
+        "sweep_link": _sweep_link(sae, body),
+    }
+
+
 @router.post("/saes/{sae}/steer/result")
 async def steer_result(request: Request, form: Annotated[SteerForm, Depends()], sae: str = SaeName) -> Response:
+    """The steering result as one fragment (the page streams it instead: steer_stream)."""
     try:
         body = form.body(sae)
         result = await gateway.steer(request, body)
@@ -212,26 +250,7 @@ async def steer_result(request: Request, form: Annotated[SteerForm, Depends()], 
         return Response(status_code=499)
     except (LiveError, NotFound) as exc:
         return _error(request, exc, "#steer-form")
-    diverge = result["diverges_at"]
-    ctx = {
-        "sae": sae,
-        "result": result,
-        "diverge": len(result["steered"]["tokens"]) if diverge is None else diverge,
-        "determinism": DETERMINISM,
-    }
-    ctx["interventions"] = [
-        f"{iv.feature}:{iv.mode}:{iv.value:g}" + (f"@{iv.condition}" if iv.condition else "") for iv in body.interventions
-    ]
-    return templates.TemplateResponse(request, "_live_steer.html", ctx)
-
-
-def _rows(feature: list[str], mode: list[str], value: list[str]) -> list[dict]:
-    rows = [
-        {"feature": f, "mode": mode[i] if i < len(mode) else "clamp", "value": value[i] if i < len(value) else ""}
-        for i, f in enumerate(feature)
-        if f.strip()
-    ]
-    return rows + [{"feature": "", "mode": "clamp", "value": ""} for _ in range(max(1, 3 - len(rows)))]
+    return templates.TemplateResponse(request, "_live_steer.html", _steer_view(sae, body, result))
 
 
 CHAT_DEFAULTS = GenerationConfig(max_new_tokens=64)
@@ -246,6 +265,7 @@ async def chat_page(
     feature: list[str] = Query([]),
     mode: list[str] = Query([]),
     value: list[str] = Query([]),
+    when: list[str] = Query([]),
     max_new_tokens: int = Query(CHAT_DEFAULTS.max_new_tokens, ge=1, le=4096),
     temperature: float = Query(CHAT_DEFAULTS.temperature, ge=0, le=10),
     top_p: float = Query(CHAT_DEFAULTS.top_p, gt=0, le=1),
@@ -258,7 +278,7 @@ async def chat_page(
         "sae": sae,
         "system": system,
         "user": user,
-        "rows": _rows(feature, mode, value),
+        "rows": _rows(feature, mode, value, when, 3),
         "settings": GenerationConfig(max_new_tokens, temperature, top_p, seed),
         "modes": MODES,
         "determinism": DETERMINISM,
@@ -298,6 +318,7 @@ async def chat_stream(
     feature: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
     mode: Annotated[list[str], Form()] = [],  # noqa: B006
     value: Annotated[list[str], Form()] = [],  # noqa: B006
+    when: Annotated[list[str], Form()] = [],  # noqa: B006
     max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = CHAT_DEFAULTS.max_new_tokens,
     temperature: Annotated[float, Form(ge=0, le=10)] = CHAT_DEFAULTS.temperature,
     top_p: Annotated[float, Form(gt=0, le=1)] = CHAT_DEFAULTS.top_p,
@@ -311,7 +332,7 @@ async def chat_stream(
         body = ChatRequest(
             sae=sae,
             messages=messages,
-            interventions=_form_interventions(feature, mode, value),
+            interventions=_form_interventions(feature, mode, value, when),
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -328,7 +349,8 @@ async def chat_stream(
 @router.post("/saes/{sae}/steer/stream")
 @_streamed
 async def steer_stream(request: Request, form: Annotated[SteerForm, Depends()], sae: str = SaeName) -> Response:
-    """The steering page's form, streamed (server-sent events; errors before the first token as JSON 4xx)."""
+    """The steering page's form, streamed (server-sent events; errors before the first token as JSON 4xx).
+    Its `done` event also carries `html`: the result fragment (tokens, where they diverge, the permalink)."""
     try:
         body = form.body(sae)
     except ValidationError as exc:
@@ -336,7 +358,11 @@ async def steer_stream(request: Request, form: Annotated[SteerForm, Depends()], 
     limits = request.app.state.live.limits
     if len(body.interventions) > limits.max_interventions or body.max_new_tokens > limits.max_new_tokens_limit:
         raise LiveError(f"at most {limits.max_interventions} interventions and {limits.max_new_tokens_limit} new tokens on this server")
-    return await gateway.steer_stream(request, body)
+
+    def fragment(answer: dict) -> dict:
+        return {"html": templates.get_template("_live_steer.html").render(_steer_view(sae, body, answer))}
+
+    return await gateway.steer_stream(request, body, fragment)
 
 
 # ---------------------------------------------------------------------- sweeps

@@ -150,8 +150,9 @@ def limited_chat_request(limits: LiveConfig) -> type[ChatRequest]:
 
 
 STREAM_DOC = (
-    "Server-sent events (text/event-stream): `token` events {which: default|steered, text} as the tokens are generated "
-    "(the default reply first, then the steered one; each one's texts concatenate to its final text), then one `done` "
+    "Server-sent events (text/event-stream): `token` events {which: default|steered|frozen, text} as the tokens are generated "
+    "(the default reply first, then the steered one, then with frozen_attention the `frozen` one; each one's texts "
+    "concatenate to its final text), then one `done` "
     "event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
     "known before the first token (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
 )

@@ -20,7 +20,7 @@ still queued, stopped after its current token if generating. A generation stops 
 
 Wire format: each message is 4 bytes of big-endian length, then UTF-8 JSON.
     request   {"op": "encode" | "generate" | "chat" | "status", ...arguments, "stream": true to stream}
-    events    {"event": {"which": "default" | "steered", "text": "..."}}, streamed before the answer
+    events    {"event": {"which": "default" | "steered" | "frozen", "text": "..."}}, streamed before the answer
     answer    {"ok": true, "result": {...}} or {"ok": false, "status": 404/422/503/500, "detail": "...", "retry_after": s}
 """
 
