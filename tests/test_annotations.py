@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+import time
 from html.parser import HTMLParser
 
 import pytest
@@ -294,3 +295,145 @@ def test_search_by_meaning_finds_what_no_word_matches(url):
         assert hits[0]["annotation"]["index"] == 3 and hits[0]["semantic_rank"] == 1 and hits[0]["full_text_rank"] is None
         hits = ed.get("/api/v1/annotations/search", params={"q": "digits", "sae": sae}).json()
         assert hits[0]["annotation"]["index"] == 5 and hits[0]["full_text_rank"] == 1
+
+
+# ---------------------------------------------------------------------- the list page and the model
+
+
+@pytest.fixture
+def model(url):
+    """A real model process over the test's store, which several apps (different --auth settings) share."""
+    import asyncio
+
+    from test_live_api import LIMITS
+
+    from sae_core.live.errors import Loading
+    from sae_core.live.pool import LiveClient, ModelPool
+
+    with ModelPool(url, LIMITS) as pool:
+        client, deadline = LiveClient(pool.socket), time.time() + 90
+        while True:
+            try:
+                if asyncio.run(client.call({"op": "status"}))["state"] == "ready":
+                    break
+            except Loading:
+                pass
+            assert time.time() < deadline, "the model process did not become ready"
+            time.sleep(0.3)
+        yield pool.socket
+
+
+def live_app(url: str, socket: str, **auth):
+    """An app on the shared model process; its gateway's calls go to the model and are recorded."""
+    from test_live_api import LIMITS
+
+    from app.config import AppConfig
+    from app.live.gateway import LiveLink
+    from sae_core.config import AuthConfig
+
+    app = create_app(config=AppConfig.resolve(url, live=LiveLink(LIMITS, socket=socket), auth=AuthConfig(**auth)))
+    real, calls = app.state.live.call, []
+
+    async def recorded(request, payload):
+        calls.append(payload)
+        return await real(request, payload)
+
+    app.state.live.call = recorded
+    return app, calls
+
+
+def usage(url: str) -> dict[str, tuple[int, int]]:
+    """Model requests and refusals per client (sign-ins count in a bucket of their own)."""
+    from app.accounts import store as accounts_store
+
+    with db.make_engine(url).connect() as conn:
+        return {u.subject: (u.requests, u.refused) for u in accounts_store.usage(conn) if u.bucket == "live"}
+
+
+def same_minute() -> None:
+    """Wait for a fresh minute if this one ends soon: the limits count in fixed one-minute windows."""
+    if time.time() % 60 > 45:
+        time.sleep(61 - time.time() % 60)
+
+
+def shown(page) -> int:
+    return page.text.count('class="context live-tokens"')
+
+
+TEXT = "The cat sat over the big red house. Then the king said that the whale ran."
+
+
+def test_list_page_runs_the_model_batched_cached_and_metered(url, model):
+    """Under --anonymous read a visitor with the link runs no model and is told why; the owner's view asks
+    the model once for all entries of the SAE and counts one model request; a cached view costs nothing;
+    past the per-minute limit the page says so instead of showing activations."""
+    sae = first_sae(url)
+    ada_id = add_user(url, "ada", "editor")
+    app, calls = live_app(url, model, auth=True, live_per_minute=2)
+    same_minute()
+    with signed_in(app, "ada") as ada, TestClient(app) as anon:
+        h = {"X-CSRF-Token": csrf(ada)}
+        body = {"name": "three", "visibility": "link", "common_text": TEXT,
+                "entries": [{"sae": sae, "index": 7}, {"sae": sae, "index": 2}, {"sae": sae, "index": 3}]}  # fmt: skip
+        r = ada.post("/api/v1/lists", json=body, headers=h)
+        lid, share = r.json()["id"], r.json()["share_path"]
+        page = anon.get(share)
+        assert page.status_code == 200 and "Activations on the common text are not shown" in page.text
+        assert "sign in to see them" in page.text and shown(page) == 0
+        assert calls == [] and usage(url) == {}
+
+        page = ada.get(f"/lists/{lid}")
+        assert shown(page) == 3 and "not shown" not in page.text
+        assert [(c["op"], c["sae"], c["features"]) for c in calls] == [("encode", sae, [2, 3, 7])]  # one call for the SAE
+        assert usage(url) == {f"user:{ada_id}": (1, 0)}
+        assert shown(ada.get(share)) == 3 and len(calls) == 1 and usage(url) == {f"user:{ada_id}": (1, 0)}  # cached: no model, no count
+
+        # each edit is a new version: the next view asks the model again, and the third is past the limit
+        assert ada.put(f"/api/v1/lists/{lid}", json={**body, "common_text": TEXT + " Again."}, headers=h).status_code == 200
+        assert shown(ada.get(f"/lists/{lid}")) == 3 and len(calls) == 2
+        assert ada.put(f"/api/v1/lists/{lid}", json={**body, "common_text": TEXT + " Once more."}, headers=h).status_code == 200
+        page = ada.get(f"/lists/{lid}")
+        assert page.status_code == 200 and shown(page) == 0 and len(calls) == 2
+        assert "your account has used its 2 model requests this minute; they show again in" in page.text
+        assert usage(url) == {f"user:{ada_id}": (2, 1)}
+
+
+def test_list_page_under_anonymous_live_is_metered_per_address(url, model):
+    from app.accounts.store import transaction
+    from app.annotations import store as lists
+
+    sae = first_sae(url)
+    ada_id = add_user(url, "ada", "editor")
+    with transaction(db.make_engine(url)) as conn:
+        first = lists.create_list(conn, ada_id, "a", "", "link", TEXT, [lists.Entry(sae, 1), lists.Entry(sae, 4)])
+        second = lists.create_list(conn, ada_id, "b", "", "link", TEXT, [lists.Entry(sae, 5)])
+        tokens = [lists.get_list(conn, i, ada_id).token for i in (first, second)]
+    app, calls = live_app(url, model, auth=True, anonymous="live", live_per_minute_address=1)
+    same_minute()
+    with TestClient(app) as anon:
+        assert shown(anon.get(f"/lists/shared/{tokens[0]}")) == 2 and len(calls) == 1
+        page = anon.get(f"/lists/shared/{tokens[1]}")
+        assert shown(page) == 0 and "your address has used its 1 model requests this minute" in page.text and len(calls) == 1
+        assert shown(anon.get(f"/lists/shared/{tokens[0]}")) == 2 and len(calls) == 1  # the first list's answer is cached
+    assert usage(url) == {"addr:testclient": (1, 1)}
+
+
+def test_activation_cache_expires_and_stays_within_its_size():
+    from array import array
+
+    from app.annotations.activations import ActivationCache, Encoded
+
+    def answer(n_tokens: int) -> Encoded:
+        return Encoded(tuple("t" * n_tokens), {3: array("f", [1.0] * n_tokens)})
+
+    cache = ActivationCache(ttl_s=10, max_values=10)
+    cache.put((1, "v1", "text", "sae"), answer(4), now=0)
+    assert cache.get((1, "v1", "text", "sae"), now=9) is not None and cache.get((1, "v2", "text", "sae"), now=9) is None
+    assert cache.get((1, "v1", "text", "sae"), now=10) is None and cache.values == 0  # expired, and dropped
+    cache.put((1, "a", "t", "s"), answer(4), now=0)
+    cache.put((1, "b", "t", "s"), answer(4), now=0)
+    cache.get((1, "a", "t", "s"), now=1)  # used last: kept
+    cache.put((1, "c", "t", "s"), answer(4), now=1)
+    assert [k[1] for k in cache.entries] == ["a", "c"] and cache.values == 8
+    cache.put((1, "d", "t", "s"), answer(11), now=1)  # larger than the whole cache: not kept
+    assert [k[1] for k in cache.entries] == ["a", "c"]

@@ -1,7 +1,8 @@
 """Annotations and feature lists in a real browser (Playwright + Debian's chromium, CSP on): sign in,
 annotate a feature with hostile Markdown (it renders inert), build a list, share it by link with a common
-text, and open the link in a fresh context with no session: the entry, its note and its activations on the
-common text (from the live model) are there. No console error and no script run (the `page` fixture checks)."""
+text (the owner sees each entry's activations on it, from the live model), and open the link in a fresh
+context with no session: the entry and its note are there, and under --anonymous read a note instead of the
+activations (the model is for signed-in users). No console error and no script run (the `page` fixture checks)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,12 @@ def test_annotate_build_a_list_share_it_and_open_the_link_elsewhere(server, page
     page.wait_for_selector("tr.entry a:has-text('tiny-sae #3')")
     share = page.get_attribute("#share-link", "href")
     assert share and share.startswith("/lists/shared/")
+    for _ in range(60):  # the owner sees activations on the common text, from the live model (which may still be loading)
+        if page.locator("tr.entry .live-tokens .tok").count() or "loading" not in page.inner_text("main"):
+            break
+        page.wait_for_timeout(1500)
+        page.reload()
+    assert page.locator(".live-off").count() == 0 and page.locator("tr.entry .live-tokens .tok").count() > 0
 
     # someone with the link and no account, in a fresh browser context
     other = browser.new_context()
@@ -99,12 +106,8 @@ def test_annotate_build_a_list_share_it_and_open_the_link_elsewhere(server, page
     assert response is not None and response.status == 200 and "content-security-policy" in response.headers
     visitor.wait_for_selector("h1:has-text('dialogue features')")
     assert visitor.locator("tr.entry td:has-text('the clearest one')").count() == 1
-    for _ in range(60):  # activations on the common text, from the live model (which may still be loading)
-        if visitor.locator("tr.entry .live-tokens .tok").count() or "loading" not in visitor.inner_text("main"):
-            break
-        visitor.wait_for_timeout(1500)
-        visitor.reload()
-    assert visitor.locator(".live-off").count() == 0 and visitor.locator("tr.entry .live-tokens .tok").count() > 0
+    # under --anonymous read the model is not theirs to run: the list without activations, and why
+    assert "sign in to see them" in visitor.inner_text(".live-off") and visitor.locator("tr.entry .live-tokens .tok").count() == 0
     assert visitor.locator("main form[method=post]").count() == 0 and visitor.locator("#share-link").count() == 0
     visitor.goto(f"{server}/saes/tiny-sae/features/3")
     visitor.wait_for_selector("#annotation .annotation-label:has-text('quotation marks')")

@@ -44,6 +44,21 @@ def test_encode_lists_each_tokens_strongest_features_and_a_features_activation(r
     assert result.feature_acts is not None and max(result.feature_acts) == pytest.approx(float(z[1:, result.feature].max()))
 
 
+def test_encode_gives_several_features_at_once_as_one_each(runtime):
+    """A feature list's page asks for all of an SAE's entries in one encode: the same values as one by one."""
+    z, _ = code(runtime, TEXT)
+    strongest = z[1:].amax(0).topk(2).indices.tolist()
+    features = [strongest[0], 3, strongest[1]]
+    result = runtime.encode("tiny", TEXT, top=1, features=features)
+    assert result.features == features and result.features_acts is not None
+    for f, acts in zip(result.features, result.features_acts):
+        assert acts == pytest.approx(runtime.encode("tiny", TEXT, feature=f).feature_acts)
+    assert any(max(acts) > 0 for acts in result.features_acts)  # not vacuously equal
+    assert all(acts[0] == 0.0 for acts in result.features_acts) and result.tokens[0].skipped  # the attention sink reads 0
+    with pytest.raises(NotFound):
+        runtime.encode("tiny", TEXT, features=[3, 128])
+
+
 def test_encode_rejects_bad_input(runtime):
     with pytest.raises(NotFound):
         runtime.encode("tiny", TEXT, feature=128)

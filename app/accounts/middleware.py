@@ -12,13 +12,16 @@ Per request (ASGI, outermost but for nothing):
 4. The model: POST routes of app/live* (activations, steering, what comes later there) count against the
    caller's quota: the key's, the signed-in user's, or the address's if not signed in; past it, 429 with
    Retry-After. Counters live in the store (store.hit), so every worker process shares them. The live
-   model's bounded queue (503) stays the last line behind this.
+   model's bounded queue (503) stays the last line behind this. The feature-list pages, GETs that run the
+   model for their activations, count the same way through `model_quota` and `Accounts.charge`
+   (app/annotations/activations.py).
 With accounts off and no per-address limit, it passes every request straight through.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, TypeVar
 from urllib.parse import parse_qs, quote
@@ -46,6 +49,32 @@ OPEN_PATHS = (LOGIN_PATH, "/account/nav", "/account/oidc", "/account/oidc/callba
 OPEN_PREFIXES = ("/static/",)
 MAX_FORM_BYTES = 1 << 20  # a form read for its CSRF field (the live pages' texts are at most 20,000 characters)
 KEY_TOUCH_S = 60  # last_used_at is written at most once a minute per key
+
+
+NO_ANONYMOUS_MODEL = "the model is for signed-in users and API keys here"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Whose model use a request counts against, and that client's requests per minute (0: no limit)."""
+
+    subject: str  # key:N, user:N or addr:HOST (store.hit's subject)
+    limit: int
+    counted: bool  # with accounts off and no per-address limit nothing is counted (the anonymous demo)
+
+    def refusal(self) -> str:
+        who = "this API key" if self.subject.startswith("key:") else "your address" if self.subject.startswith("addr:") else "your account"
+        return f"{who} has used its {self.limit} model requests this minute"
+
+
+def model_quota(cfg: AuthConfig, principal: Principal | None, client: str) -> Quota | None:
+    """The quota a model request runs under; None where it may not run at all (accounts on, not signed in,
+    and --anonymous is not live). The live POST routes and the list pages' activations share it."""
+    if principal is None and cfg.auth and cfg.anonymous != "live":
+        return None
+    if principal is not None:
+        return Quota(principal.subject, cfg.live_per_minute, True)
+    return Quota(f"addr:{client}", cfg.live_per_minute_address, cfg.auth or cfg.live_per_minute_address > 0)
 
 
 class Accounts:
@@ -79,6 +108,13 @@ class Accounts:
     def _write(self, work: Callable[..., T], *args: Any) -> T:
         with store.transaction(self.engine) as conn:
             return work(conn, *args)
+
+    async def charge(self, quota: Quota) -> float | None:
+        """Count one model request against `quota` (in the store, so every worker shares the counts): the
+        seconds until its window ends if it is past the limit, else None."""
+        if not quota.counted:
+            return None
+        return await self.write(store.hit, quota.subject, "live", quota.limit)
 
     def is_model_route(self, app: Any, path: str) -> bool:
         """A POST route defined in app/live (or its package): each call runs the model."""
@@ -187,19 +223,12 @@ class AccountsMiddleware:
                         return await _refuse(scope, send, 403, "the CSRF token is missing or wrong: reload the page and try again")
 
         if method == "POST" and acc.is_model_route(scope["app"], path):
-            if principal is None and cfg.auth and cfg.anonymous != "live":
-                return await _refuse(scope, send, 401, "the model is for signed-in users and API keys here", {"WWW-Authenticate": "Bearer"})
-            if principal is not None:
-                subject, limit = principal.subject, cfg.live_per_minute
-            else:
-                subject, limit = f"addr:{(scope.get('client') or ('unknown',))[0]}", cfg.live_per_minute_address
-            if cfg.auth or limit:
-                retry = await acc.write(store.hit, subject, "live", limit)
-                if retry is not None:
-                    who = "this API key" if subject.startswith("key:") else "your account" if principal else "your address"
-                    return await _refuse(
-                        scope, send, 429, f"{who} has used its {limit} model requests this minute", {"Retry-After": str(int(retry + 0.999))}
-                    )
+            quota = model_quota(cfg, principal, (scope.get("client") or ("unknown",))[0])
+            if quota is None:
+                return await _refuse(scope, send, 401, NO_ANONYMOUS_MODEL, {"WWW-Authenticate": "Bearer"})
+            retry = await acc.charge(quota)
+            if retry is not None:
+                return await _refuse(scope, send, 429, quota.refusal(), {"Retry-After": str(int(retry + 0.999))})
 
         if not cfg.auth:
             return await self.app(scope, receive, send)

@@ -21,7 +21,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import BaseModel, Field
 
 from sae_core.errors import NotFound, SaescopeError
-from sae_core.live.errors import LiveError, Loading
 
 from .. import queries
 from ..accounts import Principal, current_user, require_role
@@ -30,7 +29,7 @@ from ..accounts.store import transaction
 from ..api import FeatureIndex, SaeName
 from ..render import heat, templates
 from ..schemas import Problem
-from . import markdown, store
+from . import activations, markdown, store
 
 log = logging.getLogger("saescope.annotations")
 # app.http.RefuseNul answers 400 to a NUL character in the path or query, before any route
@@ -424,28 +423,6 @@ async def annotate_page(
     return RedirectResponse(f"/saes/{sae}/features/{index}", status_code=303)
 
 
-async def _activations(request: Request, view: store.ListView) -> tuple[dict[int, dict], str | None]:
-    """Each entry's activation on the list's common text, from the live runtime; or why there is none."""
-    if not view.common_text.strip():
-        return {}, None
-    from ..live import gateway
-    from ..live.schemas import ActivationsRequest
-
-    out: dict[int, dict] = {}
-    for i, e in enumerate(view.entries):
-        try:
-            answer = await gateway.activations(request, e.sae, ActivationsRequest(text=view.common_text, feature=e.index, top=1))
-        except Loading:
-            return out, "the model is loading: reload this page in a moment"
-        except (LiveError, NotFound) as exc:
-            return out, str(exc)
-        acts = answer.get("feature_acts") or []
-        tokens = [t["text"] for t in answer.get("tokens", [])]
-        top = max(acts, default=0.0)
-        out[i] = {"max": top, "tokens": list(zip(tokens, acts)), "scale": top or 1.0}
-    return out, None
-
-
 async def _list_page(request: Request, view: store.ListView, user: Principal | None) -> HTMLResponse:
     def details(conn: Any) -> list:
         rows: list[Any] = []
@@ -457,7 +434,8 @@ async def _list_page(request: Request, view: store.ListView, user: Principal | N
         return rows
 
     features = await _read(request, details)
-    acts, live_error = await _activations(request, view)
+    # batched per SAE, cached, and metered like the live routes (activations.py says why)
+    acts, live_error = await activations.list_activations(request, view, [f is not None for f in features])
     owner = user is not None and user.user_id == view.owner_id and user.can("editor")
     context = {"l": view, "features": features, "acts": acts, "live_error": live_error, "owner": owner}
     return _fragment(request, "lists/list.html", context)

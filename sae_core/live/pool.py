@@ -231,7 +231,9 @@ class ModelServer:
     def execute(self, request: dict, stop: ShouldStop, emit: Callable[[dict], None] = lambda event: None) -> dict:
         op = request.get("op")
         if op == "encode":
-            result = self.runtime.encode(request["sae"], request["text"], request.get("feature"), int(request.get("top", 8)))
+            features = request.get("features")  # several at once (a feature list's page)
+            features = None if features is None else [int(f) for f in features]
+            result = self.runtime.encode(request["sae"], request["text"], request.get("feature"), int(request.get("top", 8)), features)
             return asdict(result)
         if op in ("generate", "chat"):
             interventions = [parse_intervention(raw) for raw in request["interventions"]]

@@ -60,6 +60,8 @@ class EncodeResult:
     feature: int | None = None
     feature_acts: list[float] | None = None  # the chosen feature's activation per token (0 on skipped positions)
     truncated: int = 0  # tokens past max_text_tokens, left out: the text's first max_text_tokens were read
+    features: list[int] | None = None  # several features asked at once (a feature list's page: one encode per SAE)
+    features_acts: list[list[float]] | None = None  # each of `features`' activation per token, in that order
 
 
 @dataclass
@@ -210,11 +212,14 @@ class LiveRuntime:
         return ids
 
     @torch.inference_mode()
-    def encode(self, sae_name: str, text: str, feature: int | None = None, top: int = 8) -> EncodeResult:
+    def encode(self, sae_name: str, text: str, feature: int | None = None, top: int = 8, features: list[int] | None = None) -> EncodeResult:
+        """The text's strongest features per token; with `feature` that feature's activation per token, with
+        `features` each of theirs (the same one forward pass and encode for all of them)."""
         held = self.sae(sae_name)
         sae, lm = held.loaded.sae, self.model(held.run.model)
-        if feature is not None and not 0 <= feature < sae.cfg.n_latents:
-            raise NotFound(f"feature {feature} does not exist: {sae_name} has features 0..{sae.cfg.n_latents - 1}")
+        for f in ([] if feature is None else [feature]) + (features or []):
+            if not 0 <= f < sae.cfg.n_latents:
+                raise NotFound(f"feature {f} does not exist: {sae_name} has features 0..{sae.cfg.n_latents - 1}")
         if not 1 <= top <= MAX_TOP_FEATURES:
             raise LiveError(f"top must be between 1 and {MAX_TOP_FEATURES}")
         ids = self._tokenize(lm, text, "text")
@@ -232,7 +237,12 @@ class LiveRuntime:
         acts = None
         if feature is not None:
             acts = [0.0 if pos < held.skip else float(a) for pos, a in enumerate(z[:, feature].tolist())]
-        return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts, truncated)
+        many = None
+        if features is not None:
+            chosen = z[:, features]  # a copy (advanced indexing)
+            chosen[: held.skip] = 0.0  # the skipped positions read 0, as in `feature_acts`
+            many = chosen.T.tolist()
+        return EncodeResult(sae_name, held.run.run_id, tokens, feature, acts, truncated, features, many)
 
     def condition_saes(
         self, held: _LiveSAE, interventions: list[Intervention]
