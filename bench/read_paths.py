@@ -5,7 +5,9 @@ page and its feature table, the SAE list, the SAE's detail), in process, without
 
 Each path is requested `--n` times per round through Starlette's TestClient (every request renders:
 the response cache is off and every URL is distinct where the endpoint allows); prints the median of
-the rounds' per-request times. Run it in two trees (PYTHONPATH) on the same store to compare commits.
+the rounds' per-request times, wall and CPU (the process's CPU time: the app runs in TestClient's thread in
+this process, so a loaded machine moves it far less than the wall time). Run it in two trees (PYTHONPATH) on
+the same store to compare commits.
 """
 
 from __future__ import annotations
@@ -40,13 +42,18 @@ def main() -> None:
         for name, path in paths.items():
             for i in range(20):  # warm-up: vocabulary, statement caches
                 assert client.get(path(i)).status_code == 200, path(i)
-            rounds = []
+            rounds, cpu = [], []
             for r in range(args.rounds):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for i in range(args.n):
                     client.get(path(r * args.n + i))
                 rounds.append((time.perf_counter() - t) / args.n)
-            print(f"| {name} | {statistics.median(rounds) * 1e3:.2f} ms | min {min(rounds) * 1e3:.2f} |", flush=True)
+                cpu.append((time.process_time() - c) / args.n)
+            print(
+                f"| {name} | {statistics.median(rounds) * 1e3:.2f} ms | min {min(rounds) * 1e3:.2f} "
+                f"| CPU {statistics.median(cpu) * 1e3:.2f} ms | min {min(cpu) * 1e3:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
