@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 from markupsafe import Markup
-from sqlalchemy import Connection, and_, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, delete, func, insert, or_, select, update
 
 from sae_core.errors import NotFound, SaescopeError
 from sae_core.store import explanation_search as store_search
@@ -93,7 +93,7 @@ class AnnotationView:
         }
 
 
-def _views(conn: Connection, where) -> list[AnnotationView]:  # type: ignore[no-untyped-def]
+def _views(conn: Connection, where: ColumnElement[bool]) -> list[AnnotationView]:
     revisions = select(AnnotationRevision.annotation_id, func.count().label("n")).group_by(AnnotationRevision.annotation_id).subquery()
     rows = conn.execute(
         select(
@@ -380,7 +380,7 @@ def delete_list(conn: Connection, list_id: int, user_id: int) -> None:
     conn.execute(delete(FeatureList).where(FeatureList.id == list_id))
 
 
-def _load(conn: Connection, where) -> ListView | None:  # type: ignore[no-untyped-def]
+def _load(conn: Connection, where: ColumnElement[bool]) -> ListView | None:
     row = conn.execute(
         select(
             FeatureList.id,
