@@ -57,6 +57,13 @@ CONDITION = re.compile(rf"^(?:(gen|prompt)|(?:(.+):)?(\d+)\s*>\s*({_NUM}))$")
 ConditionKind = Literal["feature", "generated", "prompt"]
 
 
+def number(x: float) -> str:
+    """x as short as it reads back exactly: %g where that loses nothing (10, 0.5), else repr (0.1234567), so a
+    spec (and the sweep permalink's key made of it) names exactly the value that ran."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
 @dataclass(frozen=True)
 class Condition:
     """Where an intervention applies: `generated` positions, `prompt` positions, or where `feature` (of
@@ -81,7 +88,7 @@ class Condition:
             return "gen"
         if self.kind == "prompt":
             return "prompt"
-        return f"{self.sae + ':' if self.sae else ''}{self.feature}>{self.threshold:g}"
+        return f"{self.sae + ':' if self.sae else ''}{self.feature}>{number(self.threshold)}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,7 @@ class Intervention:
         return cls(int(m.group(1)), m.group(2), float(m.group(3)), condition)  # type: ignore[arg-type]  # the pattern admits the modes only
 
     def spec(self) -> str:
-        return f"{self.feature}:{self.mode}:{self.value:g}" + (f"@{self.condition.spec()}" if self.condition else "")
+        return f"{self.feature}:{self.mode}:{number(self.value)}" + (f"@{self.condition.spec()}" if self.condition else "")
 
     def with_value(self, value: float) -> Intervention:
         return Intervention(self.feature, self.mode, value, self.condition)
