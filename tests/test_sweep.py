@@ -159,3 +159,31 @@ def test_a_batched_sweeps_lift_kl_and_fluency_equal_one_by_one_runs(runtime, fea
         for name in ("lift", "kl", "fluency"):
             mean = sum(getattr(r, name) * w for r, w in zip(runs, n)) / sum(n)
             assert getattr(point, name) == pytest.approx(mean, rel=METRIC_REL, abs=METRIC_ABS), (point.strength, name)
+
+
+def _run_job(runtime, cfg: LiveConfig, request: dict) -> tuple[dict, dict]:
+    """One request through the model process's job loop (ModelServer.run_jobs, where the time limits apply)."""
+    import threading
+
+    from sae_core.live.pool import ModelServer, _Job
+
+    server = ModelServer(runtime, cfg)
+    server.state = "ready"
+    threading.Thread(target=server.run_jobs, daemon=True).start()
+    job = _Job(request)
+    server.pending += 1
+    server.jobs.put(job)
+    assert job.done.wait(300)
+    assert job.answer is not None
+    return job.answer, server.counts
+
+
+def test_a_sweep_runs_under_its_own_time_limit_not_a_generations(runtime, feature):
+    """live_time_limit bounds one generation; a sweep, many generations in one request, has live_sweep_time_limit."""
+    body = {"sae": "tiny", "intervention": f"{feature}:add:1", "strengths": [10, 40], "prompts": list(PROMPTS), "heldout": [],
+            "max_new_tokens": 24, "batch_rows": 1}  # 12 generations of 24 tokens, one by one  # fmt: skip
+    whole, counts = _run_job(runtime, LiveConfig(live_time_limit=0.05, live_sweep_time_limit=300), {"op": "sweep", "request": body})
+    assert whole["ok"] and whole["result"]["stopped"] is None and counts["completed"] == 1, whole
+    assert whole["result"]["seconds"] > 0.05  # it ran past the generation limit and was not stopped
+    cut, counts = _run_job(runtime, LiveConfig(live_time_limit=300, live_sweep_time_limit=0.05), {"op": "sweep", "request": body})
+    assert cut["ok"] and cut["result"]["stopped"] == "time_limit" and counts["timed_out"] == 1, cut

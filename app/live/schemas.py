@@ -153,10 +153,11 @@ def limited_chat_request(limits: LiveConfig) -> type[ChatRequest]:
 
 
 STREAM_DOC = (
-    "Server-sent events (text/event-stream): `token` events {which: default|steered, text} as the tokens are generated "
-    "(the default reply first, then the steered one; each one's texts concatenate to its final text), then one `done` "
-    "event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
-    "known before the first token (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
+    "Server-sent events (text/event-stream): `token` events {which: default|steered|frozen, text} as the tokens are generated "
+    "(the default reply first, then the steered one, then with frozen_attention the frozen one; each one's texts concatenate to "
+    "its final text), for a sweep `progress` events {stage: baseline|sweep|heldout, done, total} (generated tokens), then one "
+    "`done` event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
+    "known before the first event (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
 )
 # One server-sent event as a client's parser hands it over (the fields of the SSE wire format; `data` is JSON text).
 SSE_EVENT: dict[str, Any] = {
