@@ -90,9 +90,10 @@ def limited_router(limits: LiveConfig) -> APIRouter:
         max_new_tokens=(int, Field(min(32, limits.max_new_tokens_limit), ge=1, le=min(256, limits.max_new_tokens_limit))),
     )
 
-    async def sweep_request(body: SweepBody) -> SweepRequest:
+    async def sweep_request(request: Request, body: SweepBody) -> SweepRequest:
         from sae_core.live.interventions import Intervention
 
+        await gateway.sae_or_404(request, body.sae)  # an unknown SAE is a 404 whatever else the body says
         if body.max_new_tokens > limits.max_new_tokens_limit:
             raise LiveError(f"max_new_tokens must be at most {limits.max_new_tokens_limit} on this server")
         return SweepRequest(
@@ -105,11 +106,11 @@ def limited_router(limits: LiveConfig) -> APIRouter:
         """A strength sweep: per strength the lift, the KL from the unsteered model and the fluency cost, the
         suggested strength and its held-out check, and the sweep page's permalink. A finished sweep is stored
         (GET /api/v1/sweeps/{key}); the same request again is answered from the store (`stored`: true)."""
-        return await gateway.or_gone(gateway.sweep(request, await sweep_request(body)))
+        return await gateway.or_gone(gateway.sweep(request, await sweep_request(request, body)))
 
     async def sweep_stream_api(request: Request, body: SweepBody) -> Response:
         """The sweep with `progress` events ({stage, done, total} generated tokens) before `done` (the whole answer)."""
-        sweep = await sweep_request(body)
+        sweep = await sweep_request(request, body)
         return await gateway.or_gone(gateway.sweep_stream(request, sweep, lambda r: {**r, "permalink": sweep_permalink(sweep)}))
 
     sweep_api.__annotations__ = {"request": Request, "body": sweep_body, "return": dict | Response}

@@ -51,8 +51,10 @@ MODES: tuple[Mode, ...] = ("clamp", "add", "scale", "cap", "ortho")
 CODE_MODES = ("clamp", "add", "scale")
 RESIDUAL_MODES = ("cap", "ortho")
 _NUM = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
-SPEC = re.compile(rf"^\s*(\d+)\s*:\s*(clamp|add|scale|cap|ortho)\s*:\s*({_NUM})\s*(?:@\s*(.+?))?\s*$")
-CONDITION = re.compile(rf"^(?:(gen|prompt)|(?:(.+):)?(\d+)\s*>\s*({_NUM}))$")
+# DOTALL: whatever the API's patterns admit (an SAE name may hold any character but ':' and NUL) parses here, so a
+# schema-valid request is refused, if at all, for a reason (an unknown SAE: 404), never as unparseable.
+SPEC = re.compile(rf"^\s*(\d+)\s*:\s*(clamp|add|scale|cap|ortho)\s*:\s*({_NUM})\s*(?:@\s*(.+?))?\s*$", re.DOTALL)
+CONDITION = re.compile(rf"^(?:(gen|prompt)|(?:(.+):)?(\d+)\s*>\s*({_NUM}))$", re.DOTALL)
 
 ConditionKind = Literal["feature", "generated", "prompt"]
 

@@ -16,6 +16,7 @@ machine kind: greedy decoding is deterministic, and sampling seeds torch's gener
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .sweep import Progress, SweepRequest, SweepResult
 
 MAX_TOP_FEATURES = 64
+log = logging.getLogger("saescope.live")
 
 
 @dataclass
@@ -344,9 +346,14 @@ class LiveRuntime:
             from dataclasses import asdict
             from datetime import datetime
 
+            from sqlalchemy.exc import SQLAlchemyError
+
             from ..store.sweeps import save_sweep
 
-            save_sweep(self.engine, asdict(result), datetime.fromisoformat(result.computed_at))
+            try:
+                save_sweep(self.engine, asdict(result), datetime.fromisoformat(result.computed_at))
+            except SQLAlchemyError as exc:  # the answer is computed: it still goes out, only its permalink will rerun it
+                log.warning("could not store sweep %s: %s", result.key, exc)
         return result
 
     @torch.inference_mode()
