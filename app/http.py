@@ -81,7 +81,7 @@ def _gzip_tag(tag: str) -> str:
 def _scope_of(path: str) -> tuple[bool, str | None]:
     """(cacheable, SAE name it depends on; None: on every SAE)."""
     if m := _SAE_PATH.match(path):
-        if path.endswith("/jump"):
+        if path.endswith(("/jump", "/sweep")):  # the sweep page shows a sweep once it is stored: not a function of the runs
             return False, None
         return True, unquote(m.group(1))
     return path in _STORE_PATHS, None

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from sqlalchemy import delete
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,6 +34,7 @@ from sae_core.live.interventions import Intervention, SteeringHook  # noqa: E402
 from sae_core.live.runtime import LiveRuntime  # noqa: E402
 from sae_core.live.sweep import BUILTIN_PROMPTS, SweepRequest  # noqa: E402
 from sae_core.store import db as store_db  # noqa: E402
+from sae_core.store.schema import SweepRecord  # noqa: E402
 
 MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -52,6 +54,8 @@ def main() -> None:
         if (Path(args.home) / name).exists():
             shutil.copy(Path(args.home) / name, tmp / name)
     engine = store_db.open_store(f"sqlite:///{tmp / 'saescope.db'}", upgrade_schema=True)  # the copy, brought to this schema
+    with engine.begin() as conn:  # a sweep stored in the home store would be read back, not run: time a computation
+        conn.execute(delete(SweepRecord))
     runtime = LiveRuntime(LiveConfig(max_new_tokens_limit=256), engine=engine)
     sae_name = args.sae or runtime.preload()
     assert sae_name is not None, "no mined SAE in the store"
@@ -73,6 +77,7 @@ def main() -> None:
         request, progress=lambda p: p.done % 256 == 0 and print(f"  sweep {p.stage} {p.done}/{p.total}", file=sys.stderr, flush=True)
     )
     sweep_s, sweep_cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert not result.stored, "the sweep was read from the store, not computed"
     load_mid = os.getloadavg()[0]
     print(f"sweep done: {sweep_s:.1f} s wall, {sweep_cpu:.1f} s CPU", file=sys.stderr, flush=True)
 

@@ -188,6 +188,7 @@ def register(app: typer.Typer, console: Console) -> None:
                 list[str],
                 typer.Option([], "--heldout", help="A held-out prompt to check the suggestion on (default: 4 built in)."),
             ),
+            _arg("no_heldout", bool, typer.Option(False, "--no-heldout", help="No held-out check of the suggestion.")),
             _arg(
                 "target_feature",
                 int | None,
@@ -205,15 +206,19 @@ def register(app: typer.Typer, console: Console) -> None:
         ]
     )
     def sweep(
-        sae: str, feature: str, strength: list[float], prompt: list[str], heldout: list[str], target_feature: int | None,
-        target_token: str | None, new_tokens: int, max_cost: float, db: str | None, live_device: str, live_model_dtype: str,
+        sae: str, feature: str, strength: list[float], prompt: list[str], heldout: list[str], no_heldout: bool,
+        target_feature: int | None, target_token: str | None, new_tokens: int, max_cost: float, db: str | None, live_device: str,
+        live_model_dtype: str,
     ) -> None:  # fmt: skip
-        """Run one intervention at several strengths over a set of prompts: lift, KL and fluency cost per strength, and a suggestion."""
+        """Run one intervention at several strengths over a set of prompts: lift, KL and fluency cost per strength, and a suggestion.
+        A sweep that finishes is stored (its permalink shows it on the sweep page); the same sweep again is read from the store."""
         from sae_core.live.interventions import Intervention
         from sae_core.live.sweep import SweepRequest, sweep_permalink
 
+        if no_heldout and heldout:
+            raise typer.BadParameter("--heldout and --no-heldout exclude each other")
         request = SweepRequest(
-            sae, Intervention.parse(feature), tuple(strength), tuple(prompt) or None, tuple(heldout) or None,
+            sae, Intervention.parse(feature), tuple(strength), tuple(prompt) or None, () if no_heldout else tuple(heldout) or None,
             target_feature, target_token, new_tokens, max_cost,
         )  # fmt: skip
         result = _runtime(db, live_device, live_model_dtype).sweep(request)
@@ -233,4 +238,10 @@ def register(app: typer.Typer, console: Console) -> None:
                     f"KL {chosen.kl:.3f}, fluency {base.fluency:.3f} -> {chosen.fluency:.3f}",
                     highlight=False,
                 )
+        if result.stored:
+            console.print(f"read from the store: computed {result.computed_at} (the model did not run)", highlight=False, markup=False)
+        elif result.stopped is None:
+            console.print(f"stored: computed {result.computed_at} in {result.seconds:.1f} s", highlight=False, markup=False)
+        else:
+            console.print(f"stopped early ({result.stopped}): partial, not stored", highlight=False, markup=False)
         console.print(f"permalink: {sweep_permalink(request)}", highlight=False, markup=False)

@@ -12,7 +12,8 @@ from sqlalchemy import inspect, text
 
 from sae_core.store import db
 
-TABLES = {"models", "vocab", "saes", "mining_runs", "features", "examples", "token_features", "run_weights", "explanations"}
+TABLES = {"models", "vocab", "saes", "mining_runs", "features", "examples", "token_features", "run_weights", "explanations",
+          "sweeps"}
 
 
 def _round_trip(url: str) -> None:

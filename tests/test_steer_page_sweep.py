@@ -15,8 +15,8 @@ from app.main import create_app
 
 FORM = {"intervention": "3:add:1", "strengths": "10, 40", "prompts": "the cat sat\nthe king said", "heldout": "the whale ran",
         "max_new_tokens": "8"}  # fmt: skip
-LINK = (
-    "/saes/tiny-sae/sweep?intervention=3:add:1&strength=10&strength=40&prompt=the+cat+sat&prompt=the+king+said"
+LINK = (  # not FORM's sweep (strength 30): this one is streamed in chromium, then stored
+    "/saes/tiny-sae/sweep?intervention=3:add:1&strength=10&strength=30&prompt=the+cat+sat&prompt=the+king+said"
     "&heldout=the+whale+ran&max_new_tokens=8"
 )
 
@@ -42,8 +42,9 @@ def test_the_sweep_stream_sends_progress_then_the_charts_and_the_permalink(live)
     assert ("Held-out check" in html) == (suggested is not None) and ("Suggested strength" in html) == (suggested is not None), html
     link = events[-1][1]["permalink"]
     assert link.startswith("/saes/tiny-sae/sweep?intervention=3%3Aadd%3A1&strength=10&strength=40&prompt=the+cat+sat")
-    reopened = live.get(link)
-    assert reopened.status_code == 200 and "data-autostart" in reopened.text and "the king said" in reopened.text
+    reopened = live.get(link)  # the sweep is stored: its permalink shows it from the store, no stream, no model run
+    assert reopened.status_code == 200 and "data-autostart" not in reopened.text and "the king said" in reopened.text
+    assert "Stored sweep, computed" in reopened.text and reopened.text.count("<svg") == 2
 
 
 @pytest.mark.parametrize(
@@ -79,8 +80,12 @@ def test_the_sweep_chart_in_chromium_from_a_permalink(server, page):  # noqa: F8
     assert lift.bounding_box()["width"] > 200 and cost.bounding_box()["height"] > 150
     assert page.locator(".sweep-table tbody tr").count() == 3
     assert page.locator("#sweep-suggestion").inner_text()
-    assert "/saes/tiny-sae/sweep?intervention=3%3Aadd%3A1&strength=10&strength=40" in page.url
+    assert "/saes/tiny-sae/sweep?intervention=3%3Aadd%3A1&strength=10&strength=30" in page.url
     assert page.get_attribute("#sweep-result a.permalink", "href") in page.url
+    page.reload()  # the permalink again: the stored sweep, drawn by the server, with when it was computed
+    page.wait_for_selector("#sweep-provenance")
+    assert "Stored sweep, computed" in page.inner_text("#sweep-provenance")
+    assert page.locator("#sweep-lift svg").count() == 1 and page.locator(".sweep-table tbody tr").count() == 3
 
 
 def test_the_sweep_api_answers_as_the_stream_ends_and_refuses_bad_input(live):
@@ -91,7 +96,8 @@ def test_the_sweep_api_answers_as_the_stream_ends_and_refuses_bad_input(live):
     whole = whole.json()
     assert [p["strength"] for p in whole["points"]] == [10, 40] and whole["permalink"].startswith("/saes/tiny-sae/sweep?")
     events = parse_sse(live.post("/api/v1/sweep/stream", json=body).text)
-    assert events[-1][0] == "done" and events[-1][1] == whole  # the same request: the runtime's kept result
+    # the same request: the stored result (the first answer may have run it)
+    assert events[-1][0] == "done" and events[-1][1] == {**whole, "stored": True}
     bad = live.post("/api/v1/sweep", json={**body, "intervention": "3:add"})
     assert bad.status_code == 422 and "intervention" in bad.text and "pattern" in bad.text  # the field and the reason
     assert live.post("/api/v1/sweep", json={**body, "strengths": []}).status_code == 422

@@ -94,7 +94,6 @@ def test_the_suggestion_is_the_highest_lift_within_the_cost_and_is_checked_on_he
     if result.suggested is not None:
         assert [p.strength for p in result.heldout] == [None, result.suggested]
         assert all(len(p.token_ids) == 2 for p in result.heldout)
-    assert runtime.sweep(request) is result  # the permalink's key answers from memory
     link = sweep_permalink(request)
     assert link.startswith("/saes/tiny/sweep?") and f"key={request.key()}" in link
     assert SweepRequest.from_dict(result.request) == request
@@ -126,3 +125,65 @@ def test_the_model_process_runs_a_sweep_and_streams_its_progress(runtime, featur
     assert parse_intervention([feature, "add", 2]) == parse_intervention(f"{feature}:add:2") == Intervention(feature, "add", 2.0)
     with pytest.raises(LiveError):
         server.execute({"op": "sweep", "request": {"sae": "tiny"}}, lambda: None)
+
+
+# Batching changes the metrics by floating-point order only: in float32, relative 1e-4 (absolute 1e-5 for a
+# KL near zero).
+METRIC_REL, METRIC_ABS = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def dense_feature(runtime):
+    """The feature firing on the most tokens of TEXT: its lift on any continuation is not zero."""
+    held = runtime.sae("tiny")
+    ids = runtime.lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    z = held.loaded.sae.encode(runtime.lm.residuals(torch.tensor([ids]), held.layer)[0].float())
+    return int((z[1:] > 0).float().mean(0).argmax())
+
+
+@pytest.mark.parametrize("lift", ["feature", "token"])
+def test_a_batched_sweeps_lift_kl_and_fluency_equal_one_by_one_runs(runtime, feature, dense_feature, lift):
+    """Each (prompt, strength) run alone (a one-prompt sweep in batches of one row: no padding, no other rows)
+    gives per-token measures; their token-weighted means are the batched sweep's points (4 prompts of
+    different lengths, left-padded, 5 rows a batch)."""
+    strengths = (0.0, 20.0, 80.0)
+    target = {"target_feature": dense_feature} if lift == "feature" else {"target_token": " the"}
+    iv = Intervention(feature, "add", 1.0)
+    batched = runtime.sweep(SweepRequest("tiny", iv, strengths, PROMPTS, (), max_new_tokens=10, batch_rows=5, **target))
+    alone = [runtime.sweep(SweepRequest("tiny", iv, strengths, (p,), (), max_new_tokens=10, batch_rows=1, **target)) for p in PROMPTS]
+    assert any(p.lift > 0 for p in batched.points), "a lift that is zero everywhere would test nothing"
+    for k, point in enumerate([batched.baseline, *batched.points]):
+        runs = [one.baseline if k == 0 else one.points[k - 1] for one in alone]
+        assert [r.token_ids[0] for r in runs] == point.token_ids, point.strength
+        n = [len(r.token_ids[0]) for r in runs]
+        for name in ("lift", "kl", "fluency"):
+            mean = sum(getattr(r, name) * w for r, w in zip(runs, n)) / sum(n)
+            assert getattr(point, name) == pytest.approx(mean, rel=METRIC_REL, abs=METRIC_ABS), (point.strength, name)
+
+
+def _run_job(runtime, cfg: LiveConfig, request: dict) -> tuple[dict, dict]:
+    """One request through the model process's job loop (ModelServer.run_jobs, where the time limits apply)."""
+    import threading
+
+    from sae_core.live.pool import ModelServer, _Job
+
+    server = ModelServer(runtime, cfg)
+    server.state = "ready"
+    threading.Thread(target=server.run_jobs, daemon=True).start()
+    job = _Job(request)
+    server.pending += 1
+    server.jobs.put(job)
+    assert job.done.wait(300)
+    assert job.answer is not None
+    return job.answer, server.counts
+
+
+def test_a_sweep_runs_under_its_own_time_limit_not_a_generations(runtime, feature):
+    """live_time_limit bounds one generation; a sweep, many generations in one request, has live_sweep_time_limit."""
+    body = {"sae": "tiny", "intervention": f"{feature}:add:1", "strengths": [10, 40], "prompts": list(PROMPTS), "heldout": [],
+            "max_new_tokens": 24, "batch_rows": 1}  # 12 generations of 24 tokens, one by one  # fmt: skip
+    whole, counts = _run_job(runtime, LiveConfig(live_time_limit=0.05, live_sweep_time_limit=300), {"op": "sweep", "request": body})
+    assert whole["ok"] and whole["result"]["stopped"] is None and counts["completed"] == 1, whole
+    assert whole["result"]["seconds"] > 0.05  # it ran past the generation limit and was not stopped
+    cut, counts = _run_job(runtime, LiveConfig(live_time_limit=300, live_sweep_time_limit=0.05), {"op": "sweep", "request": body})
+    assert cut["ok"] and cut["result"]["stopped"] == "time_limit" and counts["timed_out"] == 1, cut

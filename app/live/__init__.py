@@ -2,8 +2,9 @@
 
 gateway.py  where the model is (LiveLink, Gateway) and the work the API and pages share
 schemas.py  the API's request and response models and error responses
-api.py      /api/v1/saes/{sae}/activations, /api/v1/steer, /api/v1/live
-pages.py    the inference and steering pages, the feature page's "try it" box, /live/status
+api.py      /api/v1/saes/{sae}/activations, /api/v1/steer, /api/v1/chat, /api/v1/sweep (each with /stream),
+            /api/v1/sweeps/{key} (a stored sweep, from the store alone), /api/v1/live
+pages.py    the inference, steering, chat and sweep pages, the feature page's "try it" box, /live/status
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The live API endpoints: a text's features (activations) and steering, as POSTs (model answers are not
-store reads: no ETag, no response cache), and whether the model is up (never cached)."""
+"""The live API endpoints: a text's features (activations), steering, chat and strength sweeps, as POSTs (model
+answers are not store reads: no ETag, no response cache), their streams, whether the model is up (never
+cached), and the stored sweeps (GET /api/v1/sweeps/{key}: the store alone, no model process needed)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, create_model
 
 from sae_core.config import LiveConfig
+from sae_core.errors import NotFound
 from sae_core.live.errors import LiveError
 from sae_core.live.sweep import SweepRequest, sweep_permalink
+from sae_core.store.sweeps import find_sweep
 
+from ..deps import read_connection
+from ..schemas import Problem
 from . import gateway
 from .schemas import (
     LIVE_ERRORS,
@@ -21,6 +26,7 @@ from .schemas import (
     SteerRequest,
     SteerResponse,
     SweepBody,
+    SweepResponse,
     limited_chat_request,
     limited_steer_request,
 )
@@ -84,9 +90,10 @@ def limited_router(limits: LiveConfig) -> APIRouter:
         max_new_tokens=(int, Field(min(32, limits.max_new_tokens_limit), ge=1, le=min(256, limits.max_new_tokens_limit))),
     )
 
-    async def sweep_request(body: SweepBody) -> SweepRequest:
+    async def sweep_request(request: Request, body: SweepBody) -> SweepRequest:
         from sae_core.live.interventions import Intervention
 
+        await gateway.sae_or_404(request, body.sae)  # an unknown SAE is a 404 whatever else the body says
         if body.max_new_tokens > limits.max_new_tokens_limit:
             raise LiveError(f"max_new_tokens must be at most {limits.max_new_tokens_limit} on this server")
         return SweepRequest(
@@ -97,21 +104,38 @@ def limited_router(limits: LiveConfig) -> APIRouter:
 
     async def sweep_api(request: Request, body: SweepBody) -> dict | Response:
         """A strength sweep: per strength the lift, the KL from the unsteered model and the fluency cost, the
-        suggested strength and its held-out check, and the sweep page's permalink."""
-        return await gateway.or_gone(gateway.sweep(request, await sweep_request(body)))
+        suggested strength and its held-out check, and the sweep page's permalink. A finished sweep is stored
+        (GET /api/v1/sweeps/{key}); the same request again is answered from the store (`stored`: true)."""
+        return await gateway.or_gone(gateway.sweep(request, await sweep_request(request, body)))
 
     async def sweep_stream_api(request: Request, body: SweepBody) -> Response:
         """The sweep with `progress` events ({stage, done, total} generated tokens) before `done` (the whole answer)."""
-        sweep = await sweep_request(body)
+        sweep = await sweep_request(request, body)
         return await gateway.or_gone(gateway.sweep_stream(request, sweep, lambda r: {**r, "permalink": sweep_permalink(sweep)}))
 
     sweep_api.__annotations__ = {"request": Request, "body": sweep_body, "return": dict | Response}
-    api.post("/api/v1/sweep", tags=["live"], responses=LIVE_ERRORS, response_model=None)(sweep_api)
+    api.post("/api/v1/sweep", tags=["live"], responses=LIVE_ERRORS, response_model=SweepResponse)(sweep_api)
     sweep_stream_api.__annotations__ = {"request": Request, "body": sweep_body, "return": Response}
     api.post("/api/v1/sweep/stream", response_class=StreamingResponse, tags=["live"], responses={**LIVE_ERRORS, **STREAM_RESPONSE})(
         sweep_stream_api
     )
     return api
+
+
+SWEEP_NOT_STORED: dict[int | str, dict] = {404: {"model": Problem, "description": "No sweep with this key is stored"}}
+
+
+@router.get("/api/v1/sweeps/{key}", tags=["live"], response_model=SweepResponse, responses=SWEEP_NOT_STORED)
+async def stored_sweep_api(
+    request: Request, key: str = Path(pattern="^[0-9a-f]{1,64}$", description="the sweep's key (its permalink's `key`)")
+) -> dict:
+    """A stored sweep (one that finished whole), from the store alone: the model does not run. After a re-mine,
+    the sweep on the SAE's live run if there is one, else the newest (`run_id` says which)."""
+    found = await read_connection(request, find_sweep, key)
+    if found is None:
+        raise NotFound(f"no sweep with key {key} is stored (a sweep is stored when it finishes whole)")
+    link = sweep_permalink(SweepRequest.from_dict(found.request))
+    return {**found.result, "computed_at": found.created_at.isoformat(timespec="seconds"), "stored": True, "permalink": link}
 
 
 @router.get("/api/v1/live", tags=["live"])

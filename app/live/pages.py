@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from sqlalchemy import Connection
 
 from sae_core.config import GenerationConfig, LiveConfig
 from sae_core.errors import NotFound
@@ -23,6 +24,7 @@ from sae_core.live.errors import LiveError, Loading
 from sae_core.live.interventions import MODES, Intervention
 from sae_core.live.pool import ClientGone
 from sae_core.live.sweep import BUILTIN_PROMPTS, SweepRequest, sweep_permalink
+from sae_core.store.sweeps import find_sweep
 
 from ..deps import read_connection
 from ..render import heat, templates
@@ -370,14 +372,16 @@ async def steer_stream(request: Request, form: Annotated[SteerForm, Depends()], 
 
 def _sweep_request(
     sae: str, intervention: str, strengths: list[str], prompts: list[str], heldout: list[str], target_feature: str, target_token: str,
-    max_new_tokens: int, max_cost_increase: float, limits: LiveConfig,
+    max_new_tokens: int, max_cost_increase: float, limits: LiveConfig, no_heldout: bool = False, verbatim: list[str] | None = None,
 ) -> SweepRequest:  # fmt: skip
     """The sweep the form or the permalink asks for; LiveError with the reason otherwise. Strengths may
-    come one per field or comma-separated in one; prompts one per field or one per line (none: the built-in set)."""
+    come one per field or comma-separated in one; prompts one per line of the form's fields (none: the
+    built-in set), and `verbatim` prompts (the permalink's `prompt`s) as they are. `no_heldout`: no held-out
+    check (the permalink's `no_heldout=1`; an empty held-out field means the built-in held-out prompts)."""
     from sae_core.live.sweep import MAX_PROMPTS, MAX_STRENGTHS
 
     if not intervention.strip():
-        raise LiveError("name the intervention: FEATURE:MODE:VALUE, e.g. 3758:add:1 (the value is replaced by each strength)")
+        raise LiveError("name the intervention: FEATURE:MODE:VALUE[@CONDITION], e.g. 3758:add:1 (the value is replaced by each strength)")
     iv = Intervention.parse(intervention)
     values: list[float] = []
     for raw in (part for field in strengths for part in field.replace(";", ",").split(",")):
@@ -390,8 +394,10 @@ def _sweep_request(
         raise LiveError("give at least one strength (e.g. 1, 2, 4, 8)")
     if len(values) > MAX_STRENGTHS or not all(math.isfinite(v) and abs(v) < 1e6 for v in values):
         raise LiveError(f"at most {MAX_STRENGTHS} strengths, each finite and under 1e6 in size")
-    lines = [line.strip() for field in prompts for line in field.splitlines() if line.strip()]
+    lines = [p for p in verbatim or [] if p] + [line.strip() for field in prompts for line in field.splitlines() if line.strip()]
     held = [line.strip() for field in heldout for line in field.splitlines() if line.strip()]
+    if no_heldout and held:
+        raise LiveError("held-out prompts are given and the held-out check is off: clear one")
     if len(lines) > MAX_PROMPTS or len(held) > MAX_PROMPTS:
         raise LiveError(f"at most {MAX_PROMPTS} prompts and {MAX_PROMPTS} held-out prompts")
     if not 1 <= max_new_tokens <= min(limits.max_new_tokens_limit, 256):
@@ -402,9 +408,22 @@ def _sweep_request(
             target = int(target_feature)
         except ValueError as exc:
             raise LiveError(f"target feature {target_feature!r} is not a whole number") from exc
+    held_out = () if no_heldout else tuple(held) or None
     return SweepRequest(
-        sae, iv, tuple(values), tuple(lines) or None, tuple(held) or None, target, target_token or None, max_new_tokens, max_cost_increase
+        sae, iv, tuple(values), tuple(lines) or None, held_out, target, target_token or None, max_new_tokens, max_cost_increase
     )
+
+
+def _stored_view(conn: Connection, key: str) -> dict | None:
+    """The stored sweep with this key as the result fragment's context (None: not stored)."""
+    found = find_sweep(conn, key)
+    if found is None:
+        return None
+    link = sweep_permalink(SweepRequest.from_dict(found.request))
+    view = sweep_view({**found.result, "stored": True}, link)
+    view["computed_at"] = found.created_at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    view["live_run_id"] = None if found.current else found.live_run_id
+    return view
 
 
 @router.get("/saes/{sae}/sweep")
@@ -417,27 +436,44 @@ async def sweep_page(
     prompt: list[str] = Query([]),
     prompts: str = Query("", max_length=MAX_TEXT_CHARS),
     heldout: list[str] = Query([]),
+    no_heldout: str = Query("", max_length=5),
     target_feature: str = Query("", max_length=12),
     target_token: str = Query("", max_length=100),
     max_new_tokens: int = Query(32, ge=1, le=4096),
     max_cost_increase: float = Query(1.0, ge=0, le=100),
     key: str = Query("", max_length=64),
 ) -> Response:
-    """A strength sweep: the form, and (when the query names an intervention: a permalink) its result,
-    streamed: progress while the model process runs it, then the lift and cost charts."""
+    """A strength sweep: the form, and (when the query names an intervention: a permalink) its result. A
+    stored sweep (the request's digest, recomputed from the query, is in the store) is shown from the store
+    with when it was computed: no model runs, and it shows even with the live features off. Otherwise the
+    result is streamed: progress while the model process runs it, then the lift and cost charts. The query's
+    `key` is not trusted: a hand-edited query is a different request."""
     await gateway.sae_or_404(request, sae)
+    stored = None
+    if intervention.strip():
+        try:
+            sweep = _sweep_request(
+                sae, intervention, [*strength, strengths], [prompts], heldout, target_feature, target_token, max_new_tokens,
+                max_cost_increase, request.app.state.live.limits, bool(no_heldout), prompt,
+            )  # fmt: skip
+        except LiveError:
+            sweep = None  # the stream says why
+        if sweep is not None:
+            stored = await read_connection(request, _stored_view, sweep.key())
     ctx = {
         "sae": sae,
         "intervention": intervention,
         "strengths": ", ".join([s for s in strength if s.strip()] + ([strengths] if strengths.strip() else [])) or "1, 2, 4, 8, 16",
         "prompts": "\n".join(prompt + ([prompts] if prompts.strip() else [])),
         "heldout": "\n".join(heldout),
+        "no_heldout": bool(no_heldout),
         "target_feature": target_feature,
         "target_token": target_token,
         "max_new_tokens": max_new_tokens,
         "max_cost_increase": f"{max_cost_increase:g}",
         "builtin": BUILTIN_PROMPTS,
-        "run": bool(intervention.strip()),
+        "run": bool(intervention.strip()) and stored is None,
+        "stored": stored,
     }
     return templates.TemplateResponse(request, "sweep.html", ctx)
 
@@ -451,6 +487,7 @@ async def sweep_stream(
     strengths: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
     prompts: Annotated[list[str], Form()] = [],  # noqa: B006
     heldout: Annotated[list[str], Form()] = [],  # noqa: B006
+    no_heldout: Annotated[str, Form(max_length=5)] = "",
     target_feature: Annotated[str, Form(max_length=12)] = "",
     target_token: Annotated[str, Form(max_length=100)] = "",
     max_new_tokens: Annotated[int, Form(ge=1, le=4096)] = 32,
@@ -459,7 +496,7 @@ async def sweep_stream(
     """The sweep page's form, streamed: `progress` events, then `done` with the charts' fragment."""
     sweep = _sweep_request(
         sae, intervention, strengths, prompts, heldout, target_feature, target_token, max_new_tokens, max_cost_increase,
-        request.app.state.live.limits,
+        request.app.state.live.limits, bool(no_heldout),
     )  # fmt: skip
 
     def finish(result: dict) -> dict:

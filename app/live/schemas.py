@@ -15,6 +15,14 @@ MAX_TEXT_CHARS = 20_000  # before tokenizing; past LiveConfig's token caps a tex
 MAX_INDEX = 2**31 - 1  # a feature index, as the store keeps it
 DETERMINISM = "deterministic for a given seed, model dtype and machine kind"
 
+# A condition as steering and sweeps take it (sae_core/live/interventions.py's CONDITION, without NULs).
+CONDITION_PATTERN = r"(gen|prompt|([^:\x00]+:)?\d+\s*>\s*-?\d+(\.\d*)?(e[-+]?\d+)?)"
+CONDITION_DOC = "apply only where it holds: gen (generated positions), prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD"
+MODE_DOC = (
+    "clamp: set the latent to value; add: add value x the unit decoder direction; scale: multiply the latent by value; "
+    "cap: limit the residual's component along the unit decoder direction to value (below it, untouched); "
+    "ortho: scale that component by value, the orthogonal rest untouched (Neuronpedia's orthogonal decomposition)"
+)
 NO_NUL = r"^[^\x00]*$"  # an SAE name holds no NUL (PostgreSQL stores none in text; app.http.RefuseNul for paths)
 
 
@@ -49,14 +57,9 @@ class ActivationsResponse(BaseModel):
 
 class InterventionModel(BaseModel):
     feature: int = Field(ge=0, le=MAX_INDEX)
-    mode: Mode = Field(description="clamp: set the latent to value; add: add value x the decoder direction; scale: multiply it")
+    mode: Mode = Field(description=MODE_DOC)
     value: float = Field(gt=-1e6, lt=1e6)
-    condition: str | None = Field(
-        None,
-        max_length=200,
-        pattern=r"^(gen|prompt|([^:\x00]+:)?\d+\s*>\s*-?\d+(\.\d*)?(e[-+]?\d+)?)$",
-        description="apply only where it holds: gen (generated positions), prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD",
-    )
+    condition: str | None = Field(None, max_length=200, pattern=f"^{CONDITION_PATTERN}$", description=CONDITION_DOC)
 
 
 class SteerRequest(BaseModel):
@@ -151,10 +154,10 @@ def limited_chat_request(limits: LiveConfig) -> type[ChatRequest]:
 
 STREAM_DOC = (
     "Server-sent events (text/event-stream): `token` events {which: default|steered|frozen, text} as the tokens are generated "
-    "(the default reply first, then the steered one, then with frozen_attention the `frozen` one; each one's texts "
-    "concatenate to its final text), then one `done` "
-    "event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
-    "known before the first token (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
+    "(the default reply first, then the steered one, then with frozen_attention the frozen one; each one's texts concatenate to "
+    "its final text), for a sweep `progress` events {stage: baseline|sweep|heldout, done, total} (generated tokens), then one "
+    "`done` event with the whole answer (the non-streamed endpoint's body), or one `error` event {status, detail}. Refusals "
+    "known before the first event (404, 422, 503) are plain statuses. A client that closes the connection stops the generation."
 )
 # One server-sent event as a client's parser hands it over (the fields of the SSE wire format; `data` is JSON text).
 SSE_EVENT: dict[str, Any] = {
@@ -173,8 +176,9 @@ class SweepBody(BaseModel):
     sae: str = Field(max_length=200, pattern=NO_NUL)
     intervention: str = Field(
         max_length=200,
-        pattern=r"^\d{1,9}:(clamp|add|scale|cap|ortho):-?\d{1,5}(\.\d{0,6})?$",
-        description="FEATURE:MODE:VALUE; the value is replaced by each strength",
+        pattern=rf"^\d{{1,9}}:(clamp|add|scale|cap|ortho):-?\d{{1,5}}(\.\d{{0,6}})?(@{CONDITION_PATTERN})?$",
+        description="FEATURE:MODE:VALUE[@CONDITION], as steering takes them (MODE: clamp, add, scale, cap or ortho; CONDITION: "
+        "gen, prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD); the value is replaced by each strength",
     )
     strengths: list[Annotated[float, Field(gt=-1e6, lt=1e6)]] = Field(min_length=1, max_length=16)
     prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] | None = Field(
@@ -187,6 +191,34 @@ class SweepBody(BaseModel):
     target_token: str | None = Field(None, min_length=1, max_length=100, description="lift = this token's probability instead")
     max_new_tokens: int = Field(32, ge=1, le=256)
     max_cost_increase: float = Field(1.0, ge=0, le=100, description="nats per token over the unsteered fluency the suggestion may spend")
+
+
+class SweepPointModel(BaseModel):
+    strength: float | None = Field(description="null: the unsteered model (the baseline)")
+    lift: float = Field(description="the target feature's mean activation on the generated tokens, or the target token's probability")
+    kl: float = Field(description="mean KL(steered || unsteered) of the next-token distributions, nats")
+    fluency: float = Field(description="the unsteered model's mean loss on the steered generated tokens, nats per token")
+    texts: list[str] = Field(description="one continuation per prompt")
+    token_ids: list[list[int]]
+
+
+class SweepResponse(BaseModel):
+    sae: str
+    run_id: int = Field(description="the mining run whose SAE weights answered")
+    key: str = Field(description="the digest of the canonical request: GET /api/v1/sweeps/{key} returns the stored sweep")
+    request: dict[str, Any] = Field(description="the canonical request")
+    prompts: list[str]
+    baseline: SweepPointModel
+    points: list[SweepPointModel] = Field(description="one per strength, in the order given")
+    suggested: float | None = Field(description="the highest lift whose fluency cost stays within max_cost_increase; null: none")
+    heldout_prompts: list[str]
+    heldout: list[SweepPointModel] = Field(description="[unsteered, suggested] on the held-out prompts; [] without a suggestion")
+    stopped: str | None = Field(description="cancelled or time_limit when cut short (the points are partial; not stored)")
+    seconds: float = Field(description="the computation's wall time")
+    lift_kind: Literal["feature", "token"]
+    computed_at: str = Field(description="when the sweep finished (UTC, ISO 8601)")
+    stored: bool = Field(description="answered from the store: computed earlier (at computed_at), not run for this request")
+    permalink: str = Field(description="the sweep page of this request, which shows the stored result")
 
 
 class LiveProblem(BaseModel):

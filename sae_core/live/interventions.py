@@ -51,10 +51,19 @@ MODES: tuple[Mode, ...] = ("clamp", "add", "scale", "cap", "ortho")
 CODE_MODES = ("clamp", "add", "scale")
 RESIDUAL_MODES = ("cap", "ortho")
 _NUM = r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?"
-SPEC = re.compile(rf"^\s*(\d+)\s*:\s*(clamp|add|scale|cap|ortho)\s*:\s*({_NUM})\s*(?:@\s*(.+?))?\s*$")
-CONDITION = re.compile(rf"^(?:(gen|prompt)|(?:(.+):)?(\d+)\s*>\s*({_NUM}))$")
+# DOTALL: whatever the API's patterns admit (an SAE name may hold any character but ':' and NUL) parses here, so a
+# schema-valid request is refused, if at all, for a reason (an unknown SAE: 404), never as unparseable.
+SPEC = re.compile(rf"^\s*(\d+)\s*:\s*(clamp|add|scale|cap|ortho)\s*:\s*({_NUM})\s*(?:@\s*(.+?))?\s*$", re.DOTALL)
+CONDITION = re.compile(rf"^(?:(gen|prompt)|(?:(.+):)?(\d+)\s*>\s*({_NUM}))$", re.DOTALL)
 
 ConditionKind = Literal["feature", "generated", "prompt"]
+
+
+def number(x: float) -> str:
+    """x as short as it reads back exactly: %g where that loses nothing (10, 0.5), else repr (0.1234567), so a
+    spec (and the sweep permalink's key made of it) names exactly the value that ran."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class Condition:
             return "gen"
         if self.kind == "prompt":
             return "prompt"
-        return f"{self.sae + ':' if self.sae else ''}{self.feature}>{self.threshold:g}"
+        return f"{self.sae + ':' if self.sae else ''}{self.feature}>{number(self.threshold)}"
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,7 @@ class Intervention:
         return cls(int(m.group(1)), m.group(2), float(m.group(3)), condition)  # type: ignore[arg-type]  # the pattern admits the modes only
 
     def spec(self) -> str:
-        return f"{self.feature}:{self.mode}:{self.value:g}" + (f"@{self.condition.spec()}" if self.condition else "")
+        return f"{self.feature}:{self.mode}:{number(self.value)}" + (f"@{self.condition.spec()}" if self.condition else "")
 
     def with_value(self, value: float) -> Intervention:
         return Intervention(self.feature, self.mode, value, self.condition)

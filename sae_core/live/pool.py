@@ -16,10 +16,11 @@ The model process runs one request at a time. A request arriving when `live_queu
 waiting is refused at once with 503 and a Retry-After estimated from recent requests' durations: the
 queue never piles up. Each request has its own connection; when the client goes away (the HTTP
 client disconnected and the page worker closed the connection) the request is cancelled: dropped if
-still queued, stopped after its current token if generating. A generation stops at `live_time_limit`.
+still queued, stopped after its current token if generating. A generation stops at `live_time_limit`; a
+strength sweep (many generations in one request) at `live_sweep_time_limit` as a whole.
 
 Wire format: each message is 4 bytes of big-endian length, then UTF-8 JSON.
-    request   {"op": "encode" | "generate" | "chat" | "status", ...arguments, "stream": true to stream}
+    request   {"op": "encode" | "generate" | "chat" | "sweep" | "status", ...arguments, "stream": true to stream}
     events    {"event": {"which": "default" | "steered" | "frozen", "text": "..."}}, streamed before the answer
     answer    {"ok": true, "result": {...}} or {"ok": false, "status": 404/422/503/500, "detail": "...", "retry_after": s}
 """
@@ -205,11 +206,12 @@ class ModelServer:
                     continue
                 if self.state == "error":
                     raise Unavailable(self.detail)
-                stop = time_limit(self.cfg.live_time_limit, job.cancelled.is_set)
+                sweep = job.request.get("op") == "sweep"  # a whole sweep is many generations: its own limit
+                stop = time_limit(self.cfg.live_sweep_time_limit if sweep else self.cfg.live_time_limit, job.cancelled.is_set)
                 emit = job.events.put if job.request.get("stream") else lambda event: None  # `call` reads one answer
                 job.answer = {"ok": True, "result": self.execute(job.request, stop, emit)}
                 result = job.answer["result"]
-                stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped")}
+                stopped = {result.get("default", {}).get("stopped"), result.get("steered", {}).get("stopped"), result.get("stopped")}
                 self._count("cancelled" if "cancelled" in stopped else "timed_out" if "time_limit" in stopped else "completed")
             except (LiveError, NotFound) as exc:
                 job.answer = {"ok": False, "status": exc.status, "detail": str(exc), "retry_after": exc.retry_after}

@@ -16,6 +16,7 @@ machine kind: greedy decoding is deterministic, and sampling seeds torch's gener
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .sweep import Progress, SweepRequest, SweepResult
 
 MAX_TOP_FEATURES = 64
+log = logging.getLogger("saescope.live")
 
 
 @dataclass
@@ -112,7 +114,6 @@ class LiveRuntime:
     thread-safe: the worker pool runs one request at a time."""
 
     DEFAULTS_CACHED = 64
-    SWEEPS_CACHED = 32
 
     def __init__(
         self,
@@ -125,7 +126,6 @@ class LiveRuntime:
         self._source = sae_source
         self._saes: dict[str, _LiveSAE] = {}
         self._defaults: OrderedDict[tuple, Continuation] = OrderedDict()
-        self._sweeps: OrderedDict[str, SweepResult] = OrderedDict()  # by SweepRequest.key(): the permalinks' results
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -334,21 +334,36 @@ class LiveRuntime:
         )  # fmt: skip
 
     def sweep(self, request: SweepRequest, progress: Progress | None = None, should_stop: ShouldStop = lambda: None) -> SweepResult:
-        """A strength sweep (sweep.run_sweep); a complete result is kept under its request's key, so a
-        permalink reopened soon is answered from memory."""
-        from .sweep import run_sweep
+        """A strength sweep (sweep.run_sweep), stored when it finishes whole, and answered from the store when
+        this request was stored on the SAE's current run (no model run then; `stored` says so).
 
-        key = request.key()
+        The write is here, in the process that computed the sweep, rather than in the app after the answer
+        arrives: one place serves the API, the page and the CLI (`saescope sweep` prints a permalink that then
+        resolves), the result is stored even when its client left after it finished, and the app keeps to
+        reading the store. Without a store (an embedded runtime) every request runs."""
+        from .sweep import SweepResult, run_sweep
+
         held = self.sae(request.sae)
-        cached = self._sweeps.get(key)
-        if cached is not None and cached.run_id == held.run.run_id:
-            self._sweeps.move_to_end(key)
-            return cached
+        if self.engine is not None:
+            from ..store.sweeps import find_sweep
+
+            with self.engine.connect() as conn:
+                found = find_sweep(conn, request.key(), held.run.run_id)
+            if found is not None:
+                return SweepResult.from_dict({**found.result, "stored": True})
         result = run_sweep(self, request, progress, should_stop)
-        if result.stopped is None:
-            self._sweeps[key] = result
-            while len(self._sweeps) > self.SWEEPS_CACHED:
-                self._sweeps.popitem(last=False)
+        if result.stopped is None and self.engine is not None:
+            from dataclasses import asdict
+            from datetime import datetime
+
+            from sqlalchemy.exc import SQLAlchemyError
+
+            from ..store.sweeps import save_sweep
+
+            try:
+                save_sweep(self.engine, asdict(result), datetime.fromisoformat(result.computed_at))
+            except SQLAlchemyError as exc:  # the answer is computed: it still goes out, only its permalink will rerun it
+                log.warning("could not store sweep %s: %s", result.key, exc)
         return result
 
     @torch.inference_mode()

@@ -18,9 +18,12 @@ continuation equals the single steering run's (LiveRuntime.generate, greedy) up 
 of the batch: in float32 token for token (tests/test_sweep.py on the tiny model; checked on the bundled
 model too), in bfloat16 rows part after a few tokens (batched GEMMs round differently; bench/RESULTS.md).
 
-Stored by a permalink of the request (sweep_permalink: the request in the query) and the request's hash
-(SweepRequest.key()), under which the runtime keeps recent results in memory: reopening a permalink
-recomputes only when the result was evicted, and greedy decoding gives the same result again. No table.
+Stored: a sweep that finishes whole (not cut short) is written to the store's `sweeps` table (sae_core/store/
+sweeps.py) by LiveRuntime.sweep, keyed by the request's digest (SweepRequest.key()) and the mining run, and the
+same request on the same run is answered from there without running the model. The permalink
+(sweep_permalink: the whole request in the query, and its key) opens the stored result on the sweep page, and
+GET /api/v1/sweeps/{key} returns it, with or without a model process. A recomputation would be greedy decoding
+again, but in bfloat16 batched rows can part after a few tokens, so the stored result is the one a permalink shows.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 from urllib.parse import quote, urlencode
 
@@ -38,7 +42,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import LiveError
 from .generation import ShouldStop
-from .interventions import Condition, ConditionReader, Intervention, SteeringHook
+from .interventions import Condition, ConditionReader, Intervention, SteeringHook, number
 
 if TYPE_CHECKING:
     from ..config import LiveConfig
@@ -157,6 +161,17 @@ class SweepResult:
     stopped: str | None = None  # cancelled / time_limit when cut short (then the points are partial)
     seconds: float = 0.0
     lift_kind: str = "feature"  # feature or token
+    computed_at: str = ""  # when it finished (UTC, ISO 8601)
+    stored: bool = False  # answered from the store (computed earlier, at computed_at), not run for this request
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SweepResult:
+        point = lambda p: SweepPoint(**p)  # noqa: E731
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{
+            **known, "baseline": point(d["baseline"]), "points": [point(p) for p in d["points"]],
+            "heldout": [point(p) for p in d["heldout"]],
+        })  # fmt: skip
 
 
 Progress = Callable[[SweepProgress], None]
@@ -374,6 +389,7 @@ def run_sweep(
     return SweepResult(
         request.sae, held.run.run_id, request.key(), request.canonical(), prompts_text, baseline, points, suggested,
         heldout_text, checked, stopped, time.monotonic() - start, "token" if target_token is not None else "feature",
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )  # fmt: skip
 
 
@@ -388,15 +404,19 @@ def suggest(baseline: SweepPoint, points: list[SweepPoint], max_cost_increase: f
 
 
 def sweep_permalink(request: SweepRequest) -> str:
-    """The sweep page's URL for this request (all of it in the query; `key` names the cached result)."""
+    """The sweep page's URL for this request: all of it in the query, each prompt verbatim, and `key` (the
+    digest the stored result is found by). Faithful: the page rebuilds the same request (the same key) from
+    it; an explicitly empty held-out set is `no_heldout=1` (no `heldout` at all means the built-in ones)."""
     r = request
     query: list[tuple[str, object]] = [("intervention", r.intervention.spec())]
-    query += [("strength", f"{s:g}") for s in r.strengths]
+    query += [("strength", number(s)) for s in r.strengths]
     query += [("prompt", p) for p in r.prompts or ()]
     query += [("heldout", p) for p in r.heldout or ()]
+    if r.heldout is not None and not r.heldout:
+        query.append(("no_heldout", 1))
     if r.target_feature is not None:
         query.append(("target_feature", r.target_feature))
     if r.target_token:
         query.append(("target_token", r.target_token))
-    query += [("max_new_tokens", r.max_new_tokens), ("max_cost_increase", f"{r.max_cost_increase:g}"), ("key", r.key())]
+    query += [("max_new_tokens", r.max_new_tokens), ("max_cost_increase", number(r.max_cost_increase)), ("key", r.key())]
     return f"/saes/{quote(r.sae, safe='')}/sweep?{urlencode(query)}"

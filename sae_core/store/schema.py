@@ -10,6 +10,7 @@
                                     ├── feature_maps ─< feature_map_points   2-D map of alive features
                                     └─< feature_relations  families across widths, matches across seeds
     attribution_graphs         pruned attribution graphs of prompts (`saescope trace`), by permalink slug
+    sweeps                     finished strength sweeps (sae_core/live/sweep.py), by their request's digest
                  └── active_run_id: the run readers see. A run becomes visible only when complete, by
                      switching this pointer in one transaction, so pages are never empty or mixed.
 
@@ -325,6 +326,27 @@ class AttributionGraphRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class SweepRecord(Base):
+    """One finished strength sweep (sae_core/live/sweep.py; sae_core/store/sweeps.py writes and reads it),
+    found by `key`: SweepRequest.key(), the digest of the canonical request, which the sweep's permalink
+    carries in its query. One row per key and mining run: a re-mine changes the SAE's weights, so the same
+    request on the new run is a new sweep; the old row stays, so an old permalink still shows what it
+    showed. `sae` is the SAE's name (not a foreign key: a stored sweep is a record of what was computed,
+    and outlives the runs). `result` is the SweepResult as zlib-compressed JSON (Python's encoder, which
+    keeps a NaN lift; PostgreSQL's json type refuses NaN)."""
+
+    __tablename__ = "sweeps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    sae: Mapped[str] = mapped_column(String(200))
+    run_id: Mapped[int] = mapped_column(Integer)  # the mining run whose SAE weights answered
+    request: Mapped[dict] = mapped_column(JSON, default=dict)  # SweepRequest.canonical()
+    result: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)  # when the sweep finished
+
+    __table_args__ = (UniqueConstraint("key", "run_id", name="uq_sweeps_key_run"),)
+
+
 __all__ = [
     "Base",
     "Model",
@@ -342,6 +364,7 @@ __all__ = [
     "FeatureRelation",
     "SAEBenchmark",
     "AttributionGraphRecord",
+    "SweepRecord",
     "pack_ids",
     "unpack_ids",
     "pack_acts",
