@@ -4,13 +4,14 @@ gateway.py  where the model is (LiveLink, Gateway) and the work the API and page
 schemas.py  the API's request and response models and error responses
 api.py      /api/v1/saes/{sae}/activations, /api/v1/steer, /api/v1/live
 pages.py    the inference and steering pages, the feature page's "try it" box, /live/status
+graphs.py   attribution graphs built by the model process: POST /api/v1/graphs, the /graphs page's form
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from . import api, pages
+from . import api, graphs, pages
 from .gateway import OFF_HERE, Gateway, LiveLink, lifespan
 
 __all__ = ["OFF_HERE", "Gateway", "LiveLink", "install", "lifespan"]
@@ -23,4 +24,5 @@ def install(app: FastAPI, db_url: str, link: LiveLink) -> None:
     app.include_router(api.limited_router(link.limits))
     app.include_router(api.router)
     app.include_router(pages.router)
+    app.include_router(graphs.router)
     api.add_error_handler(app)
