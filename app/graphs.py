@@ -9,7 +9,7 @@
 
 A graph's feature nodes link to feature pages through the SAE mined from their layer's transcoder folder, looked up
 when the graph is read (a transcoder mined after the trace links too). Graphs are built by the CLI or by the bounded
-model process (POST /api/v1/graphs and the /graphs page's form: app/live/graphs.py), never in a page handler: these
+model process (POST /api/v1/trace and the /graphs page's form: app/live/graphs.py), never in a page handler: these
 routes only read the store.
 """
 
@@ -158,7 +158,7 @@ def graph_list(conn: Connection, offset: int, limit: int) -> dict:
 
 
 class TranscoderSetInfo(BaseModel):
-    folder: str = Field(description="the `saescope train --transcoders` folder: what POST /api/v1/graphs takes as `transcoders`")
+    folder: str = Field(description="the `saescope train --transcoders` folder: what POST /api/v1/trace takes as `transcoders`")
     name: str = Field(description="the folder's last part")
     model: str
     graphs: int = Field(description="graphs stored with it")
@@ -319,7 +319,7 @@ async def graphs_api(request: Request, offset: int = Query(0, ge=0, le=10**9), l
 @api_router.get("/transcoder-sets", response_model=list[TranscoderSetInfo], summary="Transcoder sets a graph can be built with")
 async def transcoder_sets_api(request: Request) -> DictJSON:
     """The sets this store knows of (graphs were traced with them, or their layers were mined) whose folder still
-    holds a set: POST /api/v1/graphs takes one's `folder` as `transcoders`."""
+    holds a set: POST /api/v1/trace takes one's `folder` as `transcoders`."""
     return DictJSON(await read_connection(request, transcoder_sets))
 
 

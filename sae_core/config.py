@@ -319,7 +319,7 @@ class LiveConfig:
     live_time_limit: float = option(30.0, "Seconds a generation may run (it stops there and says so).", min=0.1)
     graph_time_limit: float = option(
         180.0,
-        "Seconds an attribution graph build asked of the live model (POST /api/v1/graphs, the /graphs page) may run; past it "
+        "Seconds an attribution graph build asked of the live model (POST /api/v1/trace, the /graphs page) may run; past it "
         "the build stops with an error. A 16-token graph of the bundled model takes ~20-25 s on 2 cores, 64 tokens 30-60 s.",
         min=0.01,
     )

@@ -1,6 +1,6 @@
 """Attribution graphs built on request (issue 29 items 2 and 4) on the tiny Llama with transcoders for its 4 layers:
 the model process's "trace" op builds through sae_core/circuits/trace.py (the graph equals `trace`'s own, the slug is
-the CLI's permalink), streams progress and stores it; POST /api/v1/graphs (and /stream) answers its slug and the
+the CLI's permalink), streams progress and stores it; POST /api/v1/trace (and /stream) answers its slug and the
 graph opens at /graphs/{slug}; bad input is refused with the reason (422, 404); a time limit too small stops the
 build with an error and stores nothing; with live off the page says how to build one; the /graphs page's form
 streams the build and opens the graph in chromium."""
@@ -107,7 +107,7 @@ def test_a_time_limit_too_small_stops_the_build_and_stores_nothing(tc_dir, tiny_
 
 
 def test_the_api_builds_the_graph_trace_builds(client, store, tc_dir, tiny_lm, tmp_path):
-    r = client.post("/api/v1/graphs", json={"prompt": PROMPT, "transcoders": str(tc_dir), "node_threshold": NODES})
+    r = client.post("/api/v1/trace", json={"prompt": PROMPT, "transcoders": str(tc_dir), "node_threshold": NODES})
     assert r.status_code == 200, r.text
     built = r.json()
     assert not built["reused"] and built["url"] == f"/graphs/{built['slug']}" and built["verification"] is not None
@@ -128,7 +128,7 @@ def test_the_api_builds_the_graph_trace_builds(client, store, tc_dir, tiny_lm, t
     page = client.get(built["url"])
     assert page.status_code == 200 and "/static/graph.js" in page.text
     assert built["url"] in client.get("/graphs").text
-    again = client.post("/api/v1/graphs", json={"prompt": PROMPT, "transcoders": str(tc_dir), "node_threshold": NODES})
+    again = client.post("/api/v1/trace", json={"prompt": PROMPT, "transcoders": str(tc_dir), "node_threshold": NODES})
     assert again.status_code == 200 and again.json()["reused"] and again.json()["slug"] == built["slug"]
     sets = client.get("/api/v1/transcoder-sets").json()
     assert [(s["folder"], s["graphs"], s["mined"]) for s in sets] == [(str(tc_dir.resolve()), 1, 1)]
@@ -136,7 +136,7 @@ def test_the_api_builds_the_graph_trace_builds(client, store, tc_dir, tiny_lm, t
 
 def test_the_streamed_api_sends_progress_then_the_answer(client, tc_dir):
     body = {"prompt": PROMPT, "transcoders": str(tc_dir), "node_threshold": NODES, "edge_threshold": 0.8}
-    r = client.post("/api/v1/graphs/stream", json=body)
+    r = client.post("/api/v1/trace/stream", json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
     events = sse(r.text)
     kinds = [k for k, _ in events]
@@ -148,17 +148,17 @@ def test_the_streamed_api_sends_progress_then_the_answer(client, tc_dir):
 
 def test_bad_input_is_refused_with_the_reason(client, tc_dir):
     ok = {"prompt": PROMPT, "transcoders": str(tc_dir)}
-    long = client.post("/api/v1/graphs", json={**ok, "prompt": " ".join(["the cat"] * 60)})
+    long = client.post("/api/v1/trace", json={**ok, "prompt": " ".join(["the cat"] * 60)})
     assert long.status_code == 422 and "attribution graphs take at most 64" in long.json()["detail"], long.text
-    unknown = client.post("/api/v1/graphs", json={**ok, "transcoders": "/etc"})
+    unknown = client.post("/api/v1/trace", json={**ok, "transcoders": "/etc"})
     assert unknown.status_code == 404 and "no transcoder set '/etc'" in unknown.json()["detail"] and str(tc_dir) in unknown.json()["detail"]
     for field, value in (("node_threshold", 1.5), ("node_threshold", 0), ("edge_threshold", -0.1), ("max_feature_nodes", 0)):
-        bad = client.post("/api/v1/graphs", json={**ok, field: value})
+        bad = client.post("/api/v1/trace", json={**ok, field: value})
         assert bad.status_code == 422, bad.text
         assert any(e["loc"][-1] == field for e in bad.json()["detail"]), bad.text
-    empty = client.post("/api/v1/graphs", json={**ok, "prompt": "   "})
+    empty = client.post("/api/v1/trace", json={**ok, "prompt": "   "})
     assert empty.status_code == 422 and "the prompt is empty" in empty.json()["detail"]
-    streamed = client.post("/api/v1/graphs/stream", json={**ok, "transcoders": "/nowhere"})
+    streamed = client.post("/api/v1/trace/stream", json={**ok, "transcoders": "/nowhere"})
     assert streamed.status_code == 404 and "no transcoder set" in streamed.text
     # the page's form: refusals come back as one `error` event with the reason
     form = client.post("/graphs/build/stream", data={**ok, "node_threshold": "2"})
@@ -174,7 +174,7 @@ def test_the_build_routes_are_model_routes(client):
     from app.accounts.middleware import model_routes
 
     paths = {r.path for r in model_routes(client.app)}
-    assert {"/api/v1/graphs", "/api/v1/graphs/stream", "/graphs/build/stream"} <= paths
+    assert {"/api/v1/trace", "/api/v1/trace/stream", "/graphs/build/stream"} <= paths
 
 
 def test_with_live_off_the_page_says_how_to_build_one(store, tc_dir):
@@ -182,7 +182,7 @@ def test_with_live_off_the_page_says_how_to_build_one(store, tc_dir):
         page = c.get("/graphs")
         assert page.status_code == 200 and 'id="graph-build-off"' in page.text and "saescope trace" in page.text
         assert 'id="graph-form"' not in page.text and "live_stream.js" not in page.text
-        r = c.post("/api/v1/graphs", json={"prompt": PROMPT, "transcoders": str(tc_dir)})
+        r = c.post("/api/v1/trace", json={"prompt": PROMPT, "transcoders": str(tc_dir)})
         assert r.status_code == 503 and "live features are off" in r.json()["detail"]
 
 

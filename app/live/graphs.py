@@ -1,8 +1,11 @@
 """Attribution graphs built on request (issue 29 items 2 and 4), by the model process, never in a page handler:
 
-    POST /api/v1/graphs          build a prompt's graph (or find it stored): its slug, URL, counts and scores
-    POST /api/v1/graphs/stream   the same as server-sent events: `progress` (attribution targets), then `done`
+    POST /api/v1/trace           build a prompt's graph (or find it stored): its slug, URL, counts and scores
+    POST /api/v1/trace/stream    the same as server-sent events: `progress` (attribution targets), then `done`
     POST /graphs/build/stream    the /graphs page's form, streamed (refusals as one `error` event)
+
+A verb, as /api/v1/steer and /api/v1/sweep (and `saescope trace`): under /api/v1/graphs a POST would share its paths
+with the reads (GET /api/v1/graphs, /api/v1/graphs/{slug}), and a 405's Allow could not name both routes' methods.
 
 The request is checked here first: its fields by the schema (thresholds in (0, 1], caps on the numbers: 422 with
 the field and the reason), its transcoder set against those the store knows (404 naming the known ones: a request
@@ -95,7 +98,7 @@ async def _payload(request: Request, body: GraphBuildRequest) -> dict:
 
 
 @router.post(
-    "/api/v1/graphs", response_model=GraphBuilt, tags=["live"], responses=GRAPH_ERRORS, summary="Build a prompt's attribution graph"
+    "/api/v1/trace", response_model=GraphBuilt, tags=["live"], responses=GRAPH_ERRORS, summary="Build a prompt's attribution graph"
 )
 async def build_graph_api(request: Request, body: GraphBuildRequest) -> dict | Response:
     """Build the attribution graph of `prompt` over a transcoder set in the model process (as `saescope trace` does),
@@ -105,7 +108,7 @@ async def build_graph_api(request: Request, body: GraphBuildRequest) -> dict | R
 
 
 @router.post(
-    "/api/v1/graphs/stream",
+    "/api/v1/trace/stream",
     response_class=StreamingResponse,
     tags=["live"],
     responses={**GRAPH_ERRORS, **STREAM_RESPONSE},

@@ -1,4 +1,4 @@
-"""Attribution graphs asked of the live model process (issue 29 items 2 and 4): POST /api/v1/graphs and the /graphs
+"""Attribution graphs asked of the live model process (issue 29 items 2 and 4): POST /api/v1/trace and the /graphs
 page's form send a GraphRequest (op "trace", pool.py); the model process builds the graph with
 sae_core/circuits/trace.py, the one attribution path `saescope trace` takes, stores it under its permalink and
 answers its slug. A permalink already stored is answered from the store without running the model.
