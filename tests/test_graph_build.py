@@ -214,6 +214,7 @@ def test_the_page_form_streams_the_build_and_opens_the_graph(store, tc_dir, brow
             if page.evaluate("fetch('/api/v1/live').then(r => r.json()).then(s => s.state)") == "ready":
                 break
             page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "graphs_build_form.png"), full_page=True)
         page.click("#graph-form button[type=submit]")
         page.wait_for_url(re.compile(r".*/graphs/[0-9a-f]{12}$"), timeout=120_000)
         page.wait_for_selector("#graph-svg .node.feature")
