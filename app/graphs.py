@@ -3,16 +3,19 @@
     /graphs                      the stored graphs, newest first
     /graphs/{slug}               a graph's page (templates/graph.html; static/graph.js draws it from the JSON)
     /api/v1/graphs               the list as JSON
+    /api/v1/transcoder-sets      the transcoder sets a graph can be built with
     /api/v1/graphs/{slug}        a graph: nodes (with their SAE, explanation and strongest tokens where the transcoder
                                  of their layer was mined), edges and its check by ablation (faithfulness)
 
 A graph's feature nodes link to feature pages through the SAE mined from their layer's transcoder folder, looked up
-when the graph is read (a transcoder mined after the trace links too). Graphs are built by the CLI (or, later, the
-bounded model process), never in a page handler: these routes only read the store.
+when the graph is read (a transcoder mined after the trace links too). Graphs are built by the CLI or by the bounded
+model process (POST /api/v1/trace and the /graphs page's form: app/live/graphs.py), never in a page handler: these
+routes only read the store.
 """
 
 from __future__ import annotations
 
+from pathlib import Path as FilePath
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -21,6 +24,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from sqlalchemy import Connection
 
+from sae_core.circuits.trace import TraceConfig
 from sae_core.errors import NotFound
 from sae_core.store import graphs as store_graphs
 
@@ -153,6 +157,35 @@ def graph_list(conn: Connection, offset: int, limit: int) -> dict:
     return {"total": store_graphs.count_graphs(conn), "offset": offset, "limit": limit, "graphs": [_summary(r) for r in rows]}
 
 
+class TranscoderSetInfo(BaseModel):
+    folder: str = Field(description="the `saescope train --transcoders` folder: what POST /api/v1/trace takes as `transcoders`")
+    name: str = Field(description="the folder's last part")
+    model: str
+    graphs: int = Field(description="graphs stored with it")
+    mined: int = Field(description="its layers mined into this store (their features have pages)")
+
+
+def transcoder_sets(conn: Connection) -> list[dict]:
+    """The transcoder sets a graph can be built with: those the store knows of (store_graphs.transcoder_set_folders)
+    whose folder still holds a set (its summary file), by name. Only these: a request never names a folder of its
+    own choosing."""
+    from sae_core.train_transcoders import SUMMARY
+
+    known = store_graphs.transcoder_set_folders(conn)
+    out = [{"folder": f, "name": FilePath(f).name, **info} for f, info in known.items() if (FilePath(f) / SUMMARY).is_file()]
+    return sorted(out, key=lambda s: (s["name"], s["folder"]))
+
+
+def known_transcoder_set(conn: Connection, folder: str) -> dict:
+    """The set at `folder` if the store knows it (NotFound with the known ones otherwise)."""
+    sets = transcoder_sets(conn)
+    for found in sets:
+        if found["folder"] == folder:
+            return found
+    known = ", ".join(s["folder"] for s in sets) or "none yet: `saescope trace` with a set, or mine its layers"
+    raise NotFound(f"no transcoder set {folder!r} in this store; known sets (GET /api/v1/transcoder-sets): {known}")
+
+
 def steer_url(sae: str, index: int, prompt: str) -> str:
     """The steering page on the graph's prompt with the feature ablated; it runs on opening (a transcoder's
     feature is steered at its MLP's output, sae_core/live/interventions.py)."""
@@ -230,9 +263,34 @@ def node_label(node: dict) -> str:
 
 
 @router.get("/graphs")
-async def graphs_page(request: Request, offset: int = Query(0, ge=0, le=10**9)) -> Response:
+async def graphs_page(
+    request: Request,
+    offset: int = Query(0, ge=0, le=10**9),
+    prompt: str = Query("", max_length=2000),
+    transcoders: str = Query("", max_length=4096),
+    node_threshold: float = Query(0.8, gt=0, le=1),
+    edge_threshold: float = Query(0.98, gt=0, le=1),
+) -> Response:
+    """The stored graphs, and (live features on) the form that builds one: its query is the form's fields, so a
+    link can prefill it (the build itself is a POST the page streams: app/live/graphs.py)."""
+    live_off = request.app.state.live.off
+
     def render(conn: Connection) -> Response:
-        return templates.TemplateResponse(request, "graphs.html", graph_list(conn, offset, 100))
+        form = {
+            "prompt": prompt,
+            "transcoders": transcoders,
+            "node_threshold": f"{node_threshold:g}",
+            "edge_threshold": f"{edge_threshold:g}",
+        }
+        ctx = {
+            **graph_list(conn, offset, 100),
+            "sets": transcoder_sets(conn),
+            "live_off": live_off,
+            "form": form,
+            "max_tokens": TraceConfig.max_prompt_tokens,
+            "time_limit": request.app.state.live.limits.graph_time_limit,
+        }
+        return templates.TemplateResponse(request, "graphs.html", ctx)
 
     return await read_connection(request, render)
 
@@ -256,6 +314,13 @@ async def graph_page(request: Request, slug: str = Slug) -> Response:
 @api_router.get("/graphs", response_model=GraphList, summary="Stored attribution graphs, newest first")
 async def graphs_api(request: Request, offset: int = Query(0, ge=0, le=10**9), limit: int = Query(100, ge=1, le=1000)) -> DictJSON:
     return DictJSON(await read_connection(request, graph_list, offset, limit))
+
+
+@api_router.get("/transcoder-sets", response_model=list[TranscoderSetInfo], summary="Transcoder sets a graph can be built with")
+async def transcoder_sets_api(request: Request) -> DictJSON:
+    """The sets this store knows of (graphs were traced with them, or their layers were mined) whose folder still
+    holds a set: POST /api/v1/trace takes one's `folder` as `transcoders`."""
+    return DictJSON(await read_connection(request, transcoder_sets))
 
 
 @api_router.get(

@@ -322,6 +322,12 @@ class LiveConfig:
         "Seconds a strength sweep may run as a whole (its generations together; cut short, it says so and is not stored).",
         min=0.1,
     )
+    graph_time_limit: float = option(
+        180.0,
+        "Seconds an attribution graph build asked of the live model (POST /api/v1/trace, the /graphs page) may run; past it "
+        "the build stops with an error. A 16-token graph of the bundled model takes ~20-25 s on 2 cores, 64 tokens 30-60 s.",
+        min=0.01,
+    )
     max_text_tokens: int = option(1024, "Longest text the activations endpoint reads, in tokens (a longer one is read up to there).", min=1)
     max_prompt_tokens: int = option(256, "Longest steering prompt, in tokens (a longer one is continued from its last ones).", min=1)
     max_new_tokens_limit: int = option(256, "Most new tokens a steering request may ask for.", min=1)

@@ -3,7 +3,8 @@
 // `token` event's text is appended to the column of its `which` (default, steered, frozen), `progress`
 // moves the bar, `done` shows the permalink (and the server's result fragment, `html`, where the page has a
 // .stream-html: the streamed columns, .stream-live, give way to it), `error` the reason. The address bar
-// takes the form's own GET link at the start and the answer's permalink at the end. A column marked
+// takes the form's own GET link at the start and the answer's permalink at the end (a form marked
+// data-open-result opens the answer's `url` instead: the graphs page's build). A column marked
 // data-if-field shows only when the form sends that field (the steering page's frozen column). Leaving
 // the page (or sending again) aborts the request, which stops the generation on the server.
 (function () {
@@ -43,7 +44,7 @@
     target.classList.remove("stream-error");
     target.hidden = false;
     target.setAttribute("aria-busy", "true");
-    state.textContent = "generating…";
+    state.textContent = form.dataset.busy || "generating…";
     const link = `${form.action}?${new URLSearchParams(fields)}`;
     history.replaceState(null, "", link);
     const headers = { Accept: "text/event-stream" };
@@ -75,7 +76,7 @@
           } else if (event === "progress") {
             const bar = target.querySelector(".stream-progress");
             if (bar) { bar.max = data.total; bar.value = data.done; }
-            state.textContent = `${data.stage}: ${data.done} of ${data.total} tokens`;
+            state.textContent = `${data.stage}: ${data.done} of ${data.total} ${data.unit || "tokens"}`;
           } else if (event === "done") {
             // the streamed columns keep what streamed (each `which`'s texts concatenate to its final text)
             state.textContent = "";
@@ -95,6 +96,7 @@
             if (bar) bar.value = bar.max;
             if (data.permalink) history.replaceState(null, "", data.permalink);
             target.dataset.done = "true";
+            if (form.dataset.openResult !== undefined && data.url) window.location.assign(data.url);  // the built graph's page
           } else if (event === "error" && data.status === 503 && data.retry_after) {
             // loading or busy: ask again by itself after the Retry-After, as the htmx pages do
             state.textContent = `${data.detail}; trying again in ${Math.round(data.retry_after)} s…`;

@@ -282,6 +282,16 @@ async def sweep_stream(request: Request, sweep: SweepRequest, finish: Callable[[
     return await _stream(request, {"op": "sweep", "request": sweep.canonical()}, finish)
 
 
+async def graph(request: Request, payload: dict) -> dict:
+    """An attribution graph built (or found stored) by the model process (op "trace": sae_core/live/graphs.py)."""
+    return await request.app.state.live.call(request, {"op": "trace", "request": payload})
+
+
+async def graph_stream(request: Request, payload: dict, finish: Callable[[dict], dict]) -> StreamingResponse:
+    """The graph build's progress events ({stage, done, total, unit}: attribution targets), then `done`."""
+    return await _stream(request, {"op": "trace", "request": payload}, finish)
+
+
 async def or_gone(work: Awaitable[Any]) -> Any:
     try:
         return await work

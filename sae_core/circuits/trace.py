@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -33,6 +34,9 @@ from .graph import AttributionGraph
 from .prune import Pruned, prune, pruned_graph
 from .scores import graph_scores
 from .verify import verify
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 GRAPH_FORMAT = 1  # the stored graph's layout (stored_graph); bump when it changes
 
@@ -319,10 +323,18 @@ def _result(row: Any, graph: dict[str, Any], reused: bool, layer_saes: dict[int,
     )
 
 
-def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = None) -> TraceResult:
+def trace(
+    cfg: TraceConfig,
+    lm: Any | None = None,
+    progress: Progress | None = None,
+    *,
+    engine: Engine | None = None,
+    load_lm: Callable[[str], Any] | None = None,
+) -> TraceResult:
     """Build, prune, score and store the prompt's attribution graph, or find it stored. `lm`: a loaded
-    LanguageModel of the transcoders' model (else loaded here, in float32); `progress(done, total)` per batch of
-    attribution targets."""
+    LanguageModel of the transcoders' model (else `load_lm(model name)` gives one, else it is loaded here, in
+    float32); `progress(done, total)` per batch of attribution targets. `engine`: the store, open and kept open
+    (the live model process's; else cfg.db is opened and closed here)."""
     from ..model import load_model
 
     start = time.monotonic()
@@ -330,7 +342,9 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
     settings = cfg.identity()
     slug = graph_slug(cfg.prompt, tset.identity, settings)
     attribution_cfg = _attribution_config(cfg)  # refuses an unsupported option before anything loads
-    engine = db.open_store(cfg.db, upgrade_schema=db_is_empty(cfg.db))
+    own_engine = engine is None
+    if engine is None:
+        engine = db.open_store(cfg.db, upgrade_schema=db_is_empty(cfg.db))
     try:
         folders = {str(layer): str(path) for layer, path in tset.layer_folders.items()}
         with engine.connect() as conn:
@@ -339,6 +353,8 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
         if row is not None and not cfg.force:
             return _result(row, store_graphs.unpack_graph(row.graph), True, layer_saes)
 
+        if lm is None and load_lm is not None:
+            lm = load_lm(tset.model)
         if lm is None:
             lm = load_model(tset.model, cfg.device, "float32")  # attribution in float32: bf16 edges would not add up
         missing = sorted(set(range(lm.n_layers)) - set(tset.layer_folders))
@@ -398,7 +414,8 @@ def trace(cfg: TraceConfig, lm: Any | None = None, progress: Progress | None = N
         assert row is not None
         return _result(row, stored, False, layer_saes)
     finally:
-        engine.dispose()
+        if own_engine:
+            engine.dispose()
 
 
 def db_is_empty(url: str | None) -> bool:

@@ -17,11 +17,13 @@ waiting is refused at once with 503 and a Retry-After estimated from recent requ
 queue never piles up. Each request has its own connection; when the client goes away (the HTTP
 client disconnected and the page worker closed the connection) the request is cancelled: dropped if
 still queued, stopped after its current token if generating. A generation stops at `live_time_limit`; a
-strength sweep (many generations in one request) at `live_sweep_time_limit` as a whole.
+strength sweep (many generations in one request) at `live_sweep_time_limit` as a whole, a graph build
+(op "trace", graphs.py) at `graph_time_limit`.
 
 Wire format: each message is 4 bytes of big-endian length, then UTF-8 JSON.
-    request   {"op": "encode" | "generate" | "chat" | "sweep" | "status", ...arguments, "stream": true to stream}
-    events    {"event": {"which": "default" | "steered" | "frozen", "text": "..."}}, streamed before the answer
+    request   {"op": "encode" | "generate" | "chat" | "sweep" | "trace" | "status", ...arguments, "stream": true to stream}
+    events    {"event": {"which": "default" | "steered" | "frozen", "text": "..."}}, or {"event": {"progress": {...}}}
+              (sweep, trace), streamed before the answer
     answer    {"ok": true, "result": {...}} or {"ok": false, "status": 404/422/503/500, "detail": "...", "retry_after": s}
 """
 
@@ -274,6 +276,15 @@ class ModelServer:
             except (KeyError, TypeError, ValueError) as exc:
                 raise LiveError(f"not a sweep request: {exc}") from exc
             return asdict(self.runtime.sweep(sweep, lambda p: emit({"progress": asdict(p)}), stop))
+        if op == "trace":  # {"op": "trace", "request": GraphRequest as a dict}; progress events {"progress": {stage, done, total, unit}}
+            from .graphs import GraphRequest, build_graph
+
+            try:
+                graph = GraphRequest.from_dict(request["request"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise LiveError(f"not a graph request: {exc}") from exc
+            cancelled = lambda: stop() == "cancelled"  # noqa: E731 - stop's own time limit is a generation's, not a graph's
+            return build_graph(self.runtime, graph, self.cfg.graph_time_limit, lambda p: emit({"progress": p}), cancelled)
         raise LiveError(f"unknown request {op!r}")
 
     def serve(self, path: str) -> None:

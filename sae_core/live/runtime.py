@@ -37,6 +37,8 @@ from .interventions import ConditionReader, Intervention, SteeringHook, check_in
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from ..circuits.attribution import Progress as AttributionProgress
+    from ..circuits.trace import TraceConfig, TraceResult
     from ..interchange import LoadedSAE
     from ..sae.base import DictionarySAE
     from ..store.weights import RunSAE
@@ -126,6 +128,7 @@ class LiveRuntime:
         self._source = sae_source
         self._saes: dict[str, _LiveSAE] = {}
         self._defaults: OrderedDict[tuple, Continuation] = OrderedDict()
+        self._graph_lm: LanguageModel | None = None  # a float32 copy of a bf16 live model, for graphs
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -183,6 +186,33 @@ class LiveRuntime:
         except SaescopeError as exc:
             raise Unavailable(f"the model {name} could not be loaded: {exc}") from exc
         return self.lm
+
+    def graph_model(self, name: str) -> LanguageModel:
+        """The model attribution graphs read, in float32 (bf16 edges would not add up): the live model itself when it
+        is float32, else a float32 copy of it kept beside it. One model per runtime, as `model` says."""
+        lm = self.model(name)
+        if lm.dtype == torch.float32:
+            return lm
+        if self._graph_lm is None:
+            try:
+                self._graph_lm = load_model(name, self.cfg.live_device, "float32")
+            except SaescopeError as exc:
+                raise Unavailable(f"the model {name} could not be loaded in float32 for graphs: {exc}") from exc
+        return self._graph_lm
+
+    def trace(self, cfg: TraceConfig, progress: AttributionProgress | None = None) -> TraceResult:
+        """A prompt's attribution graph, built and stored by sae_core/circuits/trace.py (as `saescope trace` does) with
+        this runtime's model and store, or found stored; its refusals as LiveError (422) with the reason."""
+        from ..circuits.trace import trace
+
+        if self.engine is None:
+            raise Unavailable("attribution graphs are stored: this live runtime has no store")
+        try:
+            return trace(cfg, progress=progress, engine=self.engine, load_lm=self.graph_model)
+        except (LiveError, NotFound):
+            raise
+        except SaescopeError as exc:  # a bad prompt, set or setting, or the attribution's own time limit
+            raise LiveError(str(exc)) from exc
 
     def preload(self) -> str | None:
         """Load the model of the store's first mined SAE now rather than on the first request; that SAE's name."""

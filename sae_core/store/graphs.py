@@ -9,13 +9,14 @@ it is. Graphs are keyed by slug (the permalink); writing a slug that exists fail
 from __future__ import annotations
 
 import zlib
+from pathlib import PurePath
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Engine, Row, delete, func, insert, select
 
 from ..errors import SaescopeError
-from .schema import SAE, AttributionGraphRecord, Explanation, Feature
+from .schema import SAE, AttributionGraphRecord, Explanation, Feature, Model
 
 LIST_COLUMNS = (
     AttributionGraphRecord.slug,
@@ -97,4 +98,24 @@ def feature_notes(conn: Connection, run_id: int, indices: list[int]) -> dict[int
     query = select(Feature.index, Feature.top_token_id, Feature.logits).where(Feature.run_id == run_id, Feature.index.in_(wanted))
     for index, top_token, logits in conn.execute(query):
         out[index] = (explained.get(index), top_token, list((logits or {}).get("top", [])))
+    return out
+
+
+def transcoder_set_folders(conn: Connection) -> dict[str, dict[str, Any]]:
+    """The transcoder sets this store knows of, by folder: those graphs were traced with, and the parents of mined
+    transcoders' folders (`saescope mine --sae DIR/layer_L`); folder -> {"model", "graphs": graphs stored with it,
+    "mined": its layers mined}. Whether a folder still holds a set is for the caller to check."""
+    out: dict[str, dict[str, Any]] = {}
+    rows = conn.execute(
+        select(AttributionGraphRecord.transcoders_path, AttributionGraphRecord.model, func.count()).group_by(
+            AttributionGraphRecord.transcoders_path, AttributionGraphRecord.model
+        )
+    )
+    for folder, model, n in rows:
+        out.setdefault(folder, {"model": model, "graphs": 0, "mined": 0})["graphs"] += int(n)
+    mined = conn.execute(
+        select(SAE.path, Model.name).join(Model, Model.id == SAE.model_id).where(SAE.architecture.in_(("transcoder", "skip_transcoder")))
+    )
+    for path, model in mined:
+        out.setdefault(str(PurePath(path).parent), {"model": model, "graphs": 0, "mined": 0})["mined"] += 1
     return out
