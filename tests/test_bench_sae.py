@@ -305,3 +305,115 @@ def test_sae_page_and_api_show_the_benchmark(tiny_sae_dir, tiny_lm, tmp_path):
     assert 'id="benchmark"' in page and "seed 1" in page and "<td>0.27</td>" in page
     assert "Absorption not measured (seed 0): the model&#39;s first-letter probe reaches mean F1 0.420" in page
     assert "absorption fraction" not in page  # no seed has it: no row of dashes
+
+
+# ---------------------------------------------------------------- sparse probing's data path
+
+
+@pytest.fixture
+def labelled_corpus(tmp_path, monkeypatch):
+    """The demo corpus in miniature (test_metrics.py's): four sources, Brown files with their tags."""
+    from test_metrics import fake_demo_corpus
+
+    root = fake_demo_corpus(tmp_path / "corpus", docs=4, sentences=24)
+    monkeypatch.setattr("sae_core.settings.corpus_dir", lambda: root)
+    return root
+
+
+def _planted_collector(tiny_lm, per_batch: int = 4, skip: int = 1):
+    """ProbingCollector fed, as evaluate_loaded feeds it, the miniature demo's windows with activations that
+    carry the labels by construction: dimension 0 is 3 on a noun's last token, dimension 1 is 2 on every
+    token of a Moby-Dick document, the rest noise. Latents 5 and 40 of a TopK SAE read those two dimensions."""
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluation.sparse_probing import ProbingCollector
+    from sae_core.metrics.labels import POS_TASKS, TokenLabeller
+    from sae_core.sae import TopKConfig, TopKSAE
+
+    corpus = corpus_mod.open_corpus("demo")
+    labeller = TokenLabeller(corpus, tiny_lm.tokenizer)
+    collector = ProbingCollector(labeller, max_tokens=10**9)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_in=16, n_latents=64, k=8))
+    with torch.no_grad():
+        sae.W_enc[5], sae.W_enc[40] = 4 * torch.eye(16)[0], 4 * torch.eye(16)[1]
+    g = torch.Generator().manual_seed(0)
+    windows = list(corpus_mod.iter_windows(corpus, tiny_lm.tokenizer, 64, seed=0))
+    for start in range(0, len(windows), per_batch):
+        batch = corpus_mod.Windows.cat(windows[start : start + per_batch])
+        labels = labeller.label(batch.doc_index[:, skip:].ravel(), batch.doc_offset[:, skip:].ravel())
+        x = 0.3 * torch.randn(len(labels.pos), 16, generator=g)
+        x[:, 0] = 3 * torch.from_numpy(labels.pos == list(POS_TASKS).index("noun")).float()
+        moby = labeller.sources.index("Moby-Dick") if "Moby-Dick" in labeller.sources else -2  # sources are met as read
+        x[:, 1] = 2 * torch.from_numpy(labels.source == moby).float()
+        with torch.no_grad():
+            z = sae.encode(x)
+            collector(batch, skip, x, z, sae(x))
+    return collector, sae, len(windows)
+
+
+def test_probing_collector_builds_tasks_split_by_window_and_finds_planted_latents(labelled_corpus, tiny_lm):
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluation.sparse_probing import MIN_SEGMENT, run_sparse_probing
+    from sae_core.metrics.labels import NO_LABEL, POS_TASKS
+
+    collector, sae, n_windows = _planted_collector(tiny_lm)
+    assert collector.windows_seen == n_windows >= 60
+    sources = collector.labeller.sources
+    assert set(sources) == set(corpus_mod.DEMO_SOURCES.values())
+    tasks, data = collector.tasks(per_class=96, seed=0)
+    names = {(t.mode, t.name) for t in tasks}
+    # per token: the parts of speech the miniature Brown has (no plural or proper nouns) and each source;
+    # mean-pooled: the sources only (a part of speech belongs to a token, not to a run of text)
+    have = ("noun", "past-tense verb", "adjective", "preposition")
+    assert names == {("token", f"pos: {p}") for p in have} | {(m, f"source: {s}") for s in sources for m in ("token", "pooled")}
+    assert not {n for m, n in names if m == "pooled" and n.startswith("pos: ")}
+
+    pos, source, window = (np.concatenate(getattr(collector, f)) for f in ("pos", "source", "window"))
+    pooled_source, pooled_window = np.array(collector.pooled_source), np.array(collector.pooled_window)
+    assert len(data["token"]) == len(pos) and len(data["pooled_x"]) == len(data["pooled_z"]) == len(pooled_source)
+    test_windows = set()
+    for t in tasks:
+        (tr, ytr), (te, yte) = t.train, t.test
+        assert ytr.mean() == yte.mean() == 0.5 and len(set(tr)) == len(tr) and len(set(te)) == len(te)  # balanced, no repeats
+        w = window if t.mode == "token" else pooled_window
+        assert not set(w[tr]) & set(w[te]), f"{t.mode} {t.name}: a window gives examples to both splits"
+        test_windows |= set(w[te])
+        label = source if t.name.startswith("source: ") else pos
+        if t.mode == "pooled":
+            label = pooled_source
+        want = sources.index(t.name[8:]) if t.name.startswith("source: ") else list(POS_TASKS).index(t.name[5:])
+        for rows, y in ((tr, ytr), (te, yte)):
+            assert (label[rows][y == 1] == want).all() and (label[rows][y == 0] != want).all()
+            assert (label[rows] != NO_LABEL).all()
+    # one split for all tasks: the test windows are the same half of the windows whatever the task
+    assert 0.3 < len(test_windows) / n_windows < 0.7
+
+    # a pooled example is the mean over one document's run in one window: Moby-Dick's dimension is exactly 2
+    # there (no separator, no other document's token mixed in) and 0 elsewhere
+    moby = pooled_source == sources.index("Moby-Dick")
+    torch.testing.assert_close(data["pooled_x"][:, 1], torch.from_numpy(2.0 * moby).float())
+    assert moby.any() and (~moby).any() and len(pooled_source) >= 2 * n_windows // 3
+    counts = np.bincount(pooled_window, minlength=n_windows)
+    assert counts.max() <= 64 // MIN_SEGMENT
+
+    metrics, details = run_sparse_probing(collector, sae, per_class=96, seed=0)
+    rows = {(r["mode"], r["name"]): r for r in details["tasks"]}
+    for key in (("token", "pos: noun"), ("token", "source: Moby-Dick"), ("pooled", "source: Moby-Dick")):
+        assert rows[key]["top1"] > 0.97 and rows[key]["llm"] > 0.97, (key, rows[key])
+    noun = next(t for t in tasks if (t.mode, t.name) == ("token", "pos: noun"))
+    with torch.no_grad():
+        z = sae.encode(data["token"][noun.train[0]]).numpy()
+    assert top_k_mean_diff(z, noun.train[1], 1).tolist() == [5]
+    assert set(metrics) == {f"sparse_probing_top{k}_accuracy" for k in KS} | {"sae_probe_accuracy", "llm_probe_accuracy"}
+    assert details["token_mean"] and details["pooled_mean"]
+
+    # the same data with the labels shuffled over the examples: nothing to find, every k at chance
+    rng = np.random.default_rng(1)
+    collector.pos, collector.source = [rng.permutation(pos)], [rng.permutation(source)]
+    collector.pooled_source = rng.permutation(pooled_source).tolist()
+    _, shuffled = run_sparse_probing(collector, sae, per_class=96, seed=0)
+    big = [r for r in shuffled["tasks"] if r["test"] >= 96]
+    assert len(big) >= 6
+    for k in KS:
+        assert abs(np.mean([r[f"top{k}"] for r in big]) - 0.5) < 0.08, k
+    assert max(r["top1"] for r in big) < 0.7
