@@ -8,9 +8,13 @@ required fields; titles and descriptions dropped), keyed by eval_type_id, so the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -417,3 +421,92 @@ def test_probing_collector_builds_tasks_split_by_window_and_finds_planted_latent
     for k in KS:
         assert abs(np.mean([r[f"top{k}"] for r in big]) - 0.5) < 0.08, k
     assert max(r["top1"] for r in big) < 0.7
+
+
+# ---------------------------------------------------------------- LLM detection (delphi-style)
+
+
+class RuleLLM(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions served over real HTTP, answering by a fixed rule the way a
+    literal-minded model would: the explanation names the token marked most often in the excerpts; detection
+    says 1 for an excerpt that holds that token; fuzzing says 1 where a marked span holds it."""
+
+    seen: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        kind = "explain" if body["messages"][0]["role"] == "system" else "detection" if "would activate" in prompt else "fuzzing"
+        RuleLLM.seen.append({"kind": kind, "auth": self.headers.get("Authorization"), "model": body["model"], "prompt": prompt})
+        if kind == "explain":
+            marked = Counter(m.strip() for m in re.findall(r"<<(.*?)>>", prompt) if m.strip())
+            answer = f'Explanation: the token "{marked.most_common(1)[0][0] if marked else "?"}" only'
+        else:
+            token = re.search(r'explained as: the token "(.*)" only', prompt).group(1)
+            excerpts = re.findall(r"^\d+\. (.*)$", prompt.split("\n\n", 2)[-1], flags=re.M)
+            if kind == "detection":
+                answer = json.dumps([int(token in e) for e in excerpts])
+            else:
+                answer = json.dumps([int(any(token in m for m in re.findall(r"<<(.*?)>>", e))) for e in excerpts])
+        usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 8}
+        data = json.dumps({"choices": [{"message": {"content": answer}}], "usage": usage})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def rule_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RuleLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    RuleLLM.seen.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_detection_runs_on_a_seeded_sample_through_an_openai_compatible_endpoint(mined_store, rule_llm, monkeypatch):
+    from sqlalchemy import func, select
+
+    from sae_core.config import BenchConfig
+    from sae_core.errors import SaescopeError
+    from sae_core.evaluation.interpretability import interpretability_metrics
+    from sae_core.store import db
+    from sae_core.store.schema import SAE, Explanation
+
+    monkeypatch.setenv("BENCH_LLM_KEY", "sk-bench-7c1")
+    cfg = BenchConfig(sae="tiny-sae", api_base=rule_llm, llm_model="rule", api_key_env="BENCH_LLM_KEY", llm_features=6, llm_examples=4)
+    engine = db.open_store(mined_store)
+    with engine.connect() as conn:
+        run_id = conn.scalar(select(SAE.active_run_id).where(SAE.name == "tiny-sae"))
+        stored_before = conn.scalar(select(func.count()).select_from(Explanation))
+
+        def run(seed: int) -> tuple[dict, dict, list[str]]:
+            RuleLLM.seen.clear()
+            m, d = interpretability_metrics(conn, run_id, 4, seed, cfg.llm_config(), cfg.llm_features)
+            return m, d, [s["prompt"] for s in RuleLLM.seen if s["kind"] == "explain"]
+
+        m, d, explained = run(0)
+        assert len(explained) == 6 and {s["kind"] for s in RuleLLM.seen} == {"explain", "detection", "fuzzing"}
+        assert all(s["auth"] == "Bearer sk-bench-7c1" and s["model"] == "rule" for s in RuleLLM.seen)
+        assert d["llm_detection_features"] == sum(s["kind"] == "detection" for s in RuleLLM.seen) >= 5
+        assert "rule explained and detection-scored 6 fired features (seed 0)" == d["llm_detection_source"]
+        assert d["llm_usage"]["requests"] == len(RuleLLM.seen) and d["llm_usage"]["total_tokens"] > 0
+        # the tiny SAE's features fire on tokens: naming the most-marked token tells its contexts from others'
+        assert 0.55 < m["llm_detection_score"] <= 1 and d["llm_detection_std"] >= 0
+        assert "n2g_f1" in m  # N2G still scores its own sample beside it
+        again = run(0)
+        assert again[0]["llm_detection_score"] == m["llm_detection_score"] and again[2] == explained  # the seed fixes the sample
+        assert run(1)[2] != explained
+        assert conn.scalar(select(func.count()).select_from(Explanation)) == stored_before  # nothing written
+    # without an endpoint: no LLM request, and the metric is absent rather than made up
+    RuleLLM.seen.clear()
+    with engine.connect() as conn:
+        m, d = interpretability_metrics(conn, run_id, 4, 0, BenchConfig(sae="tiny-sae").llm_config(), 6)
+    assert "llm_detection_score" not in m and "no LLM endpoint configured" in d["llm_detection"] and not RuleLLM.seen
+    with pytest.raises(SaescopeError, match="--llm-model"):
+        BenchConfig(sae="tiny-sae", api_base=rule_llm).llm_config()
