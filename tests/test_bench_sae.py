@@ -510,3 +510,44 @@ def test_llm_detection_runs_on_a_seeded_sample_through_an_openai_compatible_endp
     assert "llm_detection_score" not in m and "no LLM endpoint configured" in d["llm_detection"] and not RuleLLM.seen
     with pytest.raises(SaescopeError, match="--llm-model"):
         BenchConfig(sae="tiny-sae", api_base=rule_llm).llm_config()
+
+
+def test_probing_rides_on_the_evaluation_of_a_labelled_corpus(labelled_corpus, tiny_sae_dir, tiny_lm):
+    """The suite's wiring: the collector as an observer of evaluate_loaded (the tiny SAE evaluated on the
+    labelled miniature demo instead of its own corpus). Its rows are the model's activations at the hook
+    for exactly the labelled tokens, and the probing reports every task with accuracies in range."""
+    import copy
+
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluate import EvalConfig, evaluate_loaded
+    from sae_core.evaluation.sparse_probing import ProbingCollector, run_sparse_probing
+    from sae_core.interchange import load_sae
+    from sae_core.metrics.labels import NO_LABEL, TokenLabeller
+    from sae_core.model import parse_hook
+
+    loaded = load_sae(tiny_sae_dir)
+    ours = copy.deepcopy(loaded.cfg["metadata"]["saescope"])
+    ours["cache"]["corpus"], ours["cache_windows"] = "demo", 0  # read the labelled corpus from its first window
+    loaded = loaded._replace(cfg={**loaded.cfg, "metadata": {**loaded.cfg["metadata"], "saescope": ours}})
+    assert (loaded.provenance.corpus, loaded.provenance.trained_windows) == ("demo", 0)
+    corpus = corpus_mod.open_corpus("demo")
+    collector = ProbingCollector(TokenLabeller(corpus, tiny_lm.tokenizer), max_tokens=10**9)
+    cfg = EvalConfig(
+        tokens=32 * 96, batch_size=8, window_stride=1, probe_per_class=0, ablation_positions=0, device="cpu", model_dtype="float32"
+    )
+    evaluate_loaded(loaded, tiny_sae_dir, cfg, tiny_lm, progress=False, observers=[collector])
+    prov = loaded.provenance
+    assert collector.windows_seen == 96
+    windows = corpus_mod.Windows.cat(list(corpus_mod.iter_windows(corpus, tiny_lm.tokenizer, prov.context_size, prov.seed))[:96])
+    skip = prov.skip_positions
+    labels = collector.labeller.label(windows.doc_index[:, skip:].ravel(), windows.doc_offset[:, skip:].ravel())
+    keep = (labels.pos != NO_LABEL) | (labels.source != NO_LABEL)
+    with torch.inference_mode():
+        _, h = tiny_lm.logits_and_residual(torch.from_numpy(windows.tokens).long(), parse_hook(prov.hook))
+    x = h[:, skip:].float().reshape(-1, tiny_lm.d_model)[torch.from_numpy(keep)]
+    torch.testing.assert_close(torch.cat(collector.x), x, rtol=1e-4, atol=1e-4)
+    assert (np.concatenate(collector.pos) == labels.pos[keep]).all()
+    metrics, details = run_sparse_probing(collector, loaded.sae, per_class=64, seed=0)
+    modes = {r["mode"] for r in details["tasks"]}
+    assert modes == {"token", "pooled"} and all(0 <= r[key] <= 1 for r in details["tasks"] for key in ("top1", "top20", "sae", "llm"))
+    assert 0 <= metrics["sparse_probing_top1_accuracy"] <= metrics["llm_probe_accuracy"] + 0.2
