@@ -210,7 +210,7 @@ def test_unknown_sae_is_a_clear_error(mined_store):
     assert "Traceback" not in r.stdout + r.stderr
 
 
-def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
+def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path, rule_llm):
     from conftest import mine_tiny
     from sqlalchemy import select
     from sqlalchemy.orm import Session
@@ -259,12 +259,19 @@ def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
 
     args = ["bench-sae", "--sae", name, "--seed", "1", "--db", url, "--tokens", "1024", "--window-stride", "1", "--meta-sae-steps", "30"]
     args += ["--absorption-words", "200", "--n2g-features", "16", "--device", "cpu", "--model-dtype", "float32"]
+    args += ["--api-base", rule_llm, "--llm-model", "rule", "--llm-features", "4", "--llm-examples", "4"]  # and LLM detection
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "core: fvu" in r.output and "stages:" in r.output
+    assert "interpretability: llm_detection_score" in r.output and "LLM detection: rule explained and detection-scored 4" in r.output
     with Session(engine) as s:
-        assert [b.seed for b in read_benchmarks(s, name)] == [0, 1]
+        first, second = read_benchmarks(s, name)
+    assert (first.seed, second.seed) == (0, 1) and "llm_detection_score" not in first.results
+    assert 0 <= second.results["llm_detection_score"] <= 1
     assert (folder / "saebench" / "seed1" / "core_eval_results.json").is_file()
+    autointerp = json.loads((folder / "saebench" / "seed1" / "autointerp_eval_results.json").read_text())
+    validate(autointerp)
+    assert autointerp["eval_result_metrics"]["autointerp"]["autointerp_score"] == second.results["llm_detection_score"]
 
 
 def test_first_letter_activations_from_the_cached_prefix_equal_whole_prompts(tiny_lm):
