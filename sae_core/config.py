@@ -439,9 +439,35 @@ class BenchConfig:
         1500, "Absorption: vocabulary words (single tokens, a space and letters) read by the first-letter probes.", min=52
     )
     n2g_features: int = option(512, "Interpretability: features scored by N2G when the store has no N2G explanations of the SAE.", min=1)
+    api_base: str | None = option(
+        None,
+        "Interpretability: base URL of an OpenAI-compatible API (as saescope explain --api-base); with --llm-model, an LLM explains "
+        "a seeded sample of features and delphi-style detection scores them here (nothing is written to the explanations).",
+    )
+    llm_model: str | None = option(None, "Interpretability: the model name the endpoint serves (saescope explain's --model).")
+    api_key_env: str = option("OPENAI_API_KEY", "Interpretability: environment variable holding the API key (never stored or logged).")
+    requests_per_minute: float = option(600.0, "Interpretability: rate limit of requests to the endpoint.", min=0.1)
+    llm_features: int = option(32, "Interpretability: features the LLM explains and detection-scores (seeded sample of fired ones).", min=1)
+    llm_examples: int = option(10, "Interpretability: examples shown to the LLM explainer and to the detection scorer.", min=1)
     db: str | None = db_option()
     device: str = device_option()
     model_dtype: str = model_dtype_option()
+
+    def llm_config(self) -> ExplainConfig | None:
+        """saescope explain's LLM settings from these options; None where no endpoint is configured."""
+        if not self.api_base and not self.llm_model:
+            return None
+        if not self.api_base or not self.llm_model:
+            raise SaescopeError("LLM detection scoring needs both --api-base URL (an OpenAI-compatible API) and --llm-model NAME")
+        return ExplainConfig(
+            method="llm",
+            api_base=self.api_base,
+            model=self.llm_model,
+            api_key_env=self.api_key_env,
+            requests_per_minute=self.requests_per_minute,
+            llm_examples=self.llm_examples,
+            db=self.db,
+        )
 
 
 SECTIONS = [

@@ -44,6 +44,11 @@ def register(app: typer.Typer, console: Console) -> None:
                 if g == group and name in result.metrics:
                     table.add_row(f"{group}: {name}", f"{result.metrics[name]:,.4f}")
         console.print(table)
+        interp = result.details.get("interpretability", {})
+        if "llm_usage" in interp:
+            used = interp["llm_usage"]
+            source = interp.get("llm_detection_source") or interp.get("llm_detection", "")
+            console.print(f"LLM detection: {escape(source)}; {used['requests']} requests, {used['total_tokens']:,} tokens")
         ab = result.details.get("absorption", {})
         if result.absorption_valid is False:
             console.print(f"[yellow]absorption not measured:[/] {escape(ab.get('skipped', ''))}")

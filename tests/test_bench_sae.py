@@ -8,9 +8,13 @@ required fields; titles and descriptions dropped), keyed by eval_type_id, so the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -206,7 +210,7 @@ def test_unknown_sae_is_a_clear_error(mined_store):
     assert "Traceback" not in r.stdout + r.stderr
 
 
-def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
+def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path, rule_llm):
     from conftest import mine_tiny
     from sqlalchemy import select
     from sqlalchemy.orm import Session
@@ -255,12 +259,19 @@ def test_bench_sae_on_the_tiny_mined_sae(tiny_sae_dir, tiny_lm, tmp_path):
 
     args = ["bench-sae", "--sae", name, "--seed", "1", "--db", url, "--tokens", "1024", "--window-stride", "1", "--meta-sae-steps", "30"]
     args += ["--absorption-words", "200", "--n2g-features", "16", "--device", "cpu", "--model-dtype", "float32"]
+    args += ["--api-base", rule_llm, "--llm-model", "rule", "--llm-features", "4", "--llm-examples", "4"]  # and LLM detection
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "core: fvu" in r.output and "stages:" in r.output
+    assert "interpretability: llm_detection_score" in r.output and "LLM detection: rule explained and detection-scored 4" in r.output
     with Session(engine) as s:
-        assert [b.seed for b in read_benchmarks(s, name)] == [0, 1]
+        first, second = read_benchmarks(s, name)
+    assert (first.seed, second.seed) == (0, 1) and "llm_detection_score" not in first.results
+    assert 0 <= second.results["llm_detection_score"] <= 1
     assert (folder / "saebench" / "seed1" / "core_eval_results.json").is_file()
+    autointerp = json.loads((folder / "saebench" / "seed1" / "autointerp_eval_results.json").read_text())
+    validate(autointerp)
+    assert autointerp["eval_result_metrics"]["autointerp"]["autointerp_score"] == second.results["llm_detection_score"]
 
 
 def test_first_letter_activations_from_the_cached_prefix_equal_whole_prompts(tiny_lm):
@@ -305,3 +316,245 @@ def test_sae_page_and_api_show_the_benchmark(tiny_sae_dir, tiny_lm, tmp_path):
     assert 'id="benchmark"' in page and "seed 1" in page and "<td>0.27</td>" in page
     assert "Absorption not measured (seed 0): the model&#39;s first-letter probe reaches mean F1 0.420" in page
     assert "absorption fraction" not in page  # no seed has it: no row of dashes
+
+
+# ---------------------------------------------------------------- sparse probing's data path
+
+
+@pytest.fixture
+def labelled_corpus(tmp_path, monkeypatch):
+    """The demo corpus in miniature (test_metrics.py's): four sources, Brown files with their tags."""
+    from test_metrics import fake_demo_corpus
+
+    root = fake_demo_corpus(tmp_path / "corpus", docs=4, sentences=24)
+    monkeypatch.setattr("sae_core.settings.corpus_dir", lambda: root)
+    return root
+
+
+def _planted_collector(tiny_lm, per_batch: int = 4, skip: int = 1):
+    """ProbingCollector fed, as evaluate_loaded feeds it, the miniature demo's windows with activations that
+    carry the labels by construction: dimension 0 is 3 on a noun's last token, dimension 1 is 2 on every
+    token of a Moby-Dick document, the rest noise. Latents 5 and 40 of a TopK SAE read those two dimensions."""
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluation.sparse_probing import ProbingCollector
+    from sae_core.metrics.labels import POS_TASKS, TokenLabeller
+    from sae_core.sae import TopKConfig, TopKSAE
+
+    corpus = corpus_mod.open_corpus("demo")
+    labeller = TokenLabeller(corpus, tiny_lm.tokenizer)
+    collector = ProbingCollector(labeller, max_tokens=10**9)
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_in=16, n_latents=64, k=8))
+    with torch.no_grad():
+        sae.W_enc[5], sae.W_enc[40] = 4 * torch.eye(16)[0], 4 * torch.eye(16)[1]
+    g = torch.Generator().manual_seed(0)
+    windows = list(corpus_mod.iter_windows(corpus, tiny_lm.tokenizer, 64, seed=0))
+    for start in range(0, len(windows), per_batch):
+        batch = corpus_mod.Windows.cat(windows[start : start + per_batch])
+        labels = labeller.label(batch.doc_index[:, skip:].ravel(), batch.doc_offset[:, skip:].ravel())
+        x = 0.3 * torch.randn(len(labels.pos), 16, generator=g)
+        x[:, 0] = 3 * torch.from_numpy(labels.pos == list(POS_TASKS).index("noun")).float()
+        moby = labeller.sources.index("Moby-Dick") if "Moby-Dick" in labeller.sources else -2  # sources are met as read
+        x[:, 1] = 2 * torch.from_numpy(labels.source == moby).float()
+        with torch.no_grad():
+            z = sae.encode(x)
+            collector(batch, skip, x, z, sae(x))
+    return collector, sae, len(windows)
+
+
+def test_probing_collector_builds_tasks_split_by_window_and_finds_planted_latents(labelled_corpus, tiny_lm):
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluation.sparse_probing import MIN_SEGMENT, run_sparse_probing
+    from sae_core.metrics.labels import NO_LABEL, POS_TASKS
+
+    collector, sae, n_windows = _planted_collector(tiny_lm)
+    assert collector.windows_seen == n_windows >= 60
+    sources = collector.labeller.sources
+    assert set(sources) == set(corpus_mod.DEMO_SOURCES.values())
+    tasks, data = collector.tasks(per_class=96, seed=0)
+    names = {(t.mode, t.name) for t in tasks}
+    # per token: the parts of speech the miniature Brown has (no plural or proper nouns) and each source;
+    # mean-pooled: the sources only (a part of speech belongs to a token, not to a run of text)
+    have = ("noun", "past-tense verb", "adjective", "preposition")
+    assert names == {("token", f"pos: {p}") for p in have} | {(m, f"source: {s}") for s in sources for m in ("token", "pooled")}
+    assert not {n for m, n in names if m == "pooled" and n.startswith("pos: ")}
+
+    pos, source, window = (np.concatenate(getattr(collector, f)) for f in ("pos", "source", "window"))
+    pooled_source, pooled_window = np.array(collector.pooled_source), np.array(collector.pooled_window)
+    assert len(data["token"]) == len(pos) and len(data["pooled_x"]) == len(data["pooled_z"]) == len(pooled_source)
+    test_windows = set()
+    for t in tasks:
+        (tr, ytr), (te, yte) = t.train, t.test
+        assert ytr.mean() == yte.mean() == 0.5 and len(set(tr)) == len(tr) and len(set(te)) == len(te)  # balanced, no repeats
+        w = window if t.mode == "token" else pooled_window
+        assert not set(w[tr]) & set(w[te]), f"{t.mode} {t.name}: a window gives examples to both splits"
+        test_windows |= set(w[te])
+        label = source if t.name.startswith("source: ") else pos
+        if t.mode == "pooled":
+            label = pooled_source
+        want = sources.index(t.name[8:]) if t.name.startswith("source: ") else list(POS_TASKS).index(t.name[5:])
+        for rows, y in ((tr, ytr), (te, yte)):
+            assert (label[rows][y == 1] == want).all() and (label[rows][y == 0] != want).all()
+            assert (label[rows] != NO_LABEL).all()
+    # one split for all tasks: the test windows are the same half of the windows whatever the task
+    assert 0.3 < len(test_windows) / n_windows < 0.7
+
+    # a pooled example is the mean over one document's run in one window: Moby-Dick's dimension is exactly 2
+    # there (no separator, no other document's token mixed in) and 0 elsewhere
+    moby = pooled_source == sources.index("Moby-Dick")
+    torch.testing.assert_close(data["pooled_x"][:, 1], torch.from_numpy(2.0 * moby).float())
+    assert moby.any() and (~moby).any() and len(pooled_source) >= 2 * n_windows // 3
+    counts = np.bincount(pooled_window, minlength=n_windows)
+    assert counts.max() <= 64 // MIN_SEGMENT
+
+    metrics, details = run_sparse_probing(collector, sae, per_class=96, seed=0)
+    rows = {(r["mode"], r["name"]): r for r in details["tasks"]}
+    for key in (("token", "pos: noun"), ("token", "source: Moby-Dick"), ("pooled", "source: Moby-Dick")):
+        assert rows[key]["top1"] > 0.97 and rows[key]["llm"] > 0.97, (key, rows[key])
+    noun = next(t for t in tasks if (t.mode, t.name) == ("token", "pos: noun"))
+    with torch.no_grad():
+        z = sae.encode(data["token"][noun.train[0]]).numpy()
+    assert top_k_mean_diff(z, noun.train[1], 1).tolist() == [5]
+    assert set(metrics) == {f"sparse_probing_top{k}_accuracy" for k in KS} | {"sae_probe_accuracy", "llm_probe_accuracy"}
+    assert details["token_mean"] and details["pooled_mean"]
+
+    # the same data with the labels shuffled over the examples: nothing to find, every k at chance
+    rng = np.random.default_rng(1)
+    collector.pos, collector.source = [rng.permutation(pos)], [rng.permutation(source)]
+    collector.pooled_source = rng.permutation(pooled_source).tolist()
+    _, shuffled = run_sparse_probing(collector, sae, per_class=96, seed=0)
+    big = [r for r in shuffled["tasks"] if r["test"] >= 96]
+    assert len(big) >= 6
+    for k in KS:
+        assert abs(np.mean([r[f"top{k}"] for r in big]) - 0.5) < 0.08, k
+    assert max(r["top1"] for r in big) < 0.7
+
+
+# ---------------------------------------------------------------- LLM detection (delphi-style)
+
+
+class RuleLLM(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions served over real HTTP, answering by a fixed rule the way a
+    literal-minded model would: the explanation names the token marked most often in the excerpts; detection
+    says 1 for an excerpt that holds that token; fuzzing says 1 where a marked span holds it."""
+
+    seen: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        kind = "explain" if body["messages"][0]["role"] == "system" else "detection" if "would activate" in prompt else "fuzzing"
+        RuleLLM.seen.append({"kind": kind, "auth": self.headers.get("Authorization"), "model": body["model"], "prompt": prompt})
+        if kind == "explain":
+            marked = Counter(m.strip() for m in re.findall(r"<<(.*?)>>", prompt) if m.strip())
+            answer = f'Explanation: the token "{marked.most_common(1)[0][0] if marked else "?"}" only'
+        else:
+            token = re.search(r'explained as: the token "(.*)" only', prompt).group(1)
+            excerpts = re.findall(r"^\d+\. (.*)$", prompt.split("\n\n", 2)[-1], flags=re.M)
+            if kind == "detection":
+                answer = json.dumps([int(token in e) for e in excerpts])
+            else:
+                answer = json.dumps([int(any(token in m for m in re.findall(r"<<(.*?)>>", e))) for e in excerpts])
+        usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 8}
+        data = json.dumps({"choices": [{"message": {"content": answer}}], "usage": usage})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def rule_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RuleLLM)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    RuleLLM.seen.clear()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_detection_runs_on_a_seeded_sample_through_an_openai_compatible_endpoint(mined_store, rule_llm, monkeypatch):
+    from sqlalchemy import func, select
+
+    from sae_core.config import BenchConfig
+    from sae_core.errors import SaescopeError
+    from sae_core.evaluation.interpretability import interpretability_metrics
+    from sae_core.store import db
+    from sae_core.store.schema import SAE, Explanation
+
+    monkeypatch.setenv("BENCH_LLM_KEY", "sk-bench-7c1")
+    cfg = BenchConfig(sae="tiny-sae", api_base=rule_llm, llm_model="rule", api_key_env="BENCH_LLM_KEY", llm_features=6, llm_examples=4)
+    engine = db.open_store(mined_store)
+    with engine.connect() as conn:
+        run_id = conn.scalar(select(SAE.active_run_id).where(SAE.name == "tiny-sae"))
+        stored_before = conn.scalar(select(func.count()).select_from(Explanation))
+
+        def run(seed: int) -> tuple[dict, dict, list[str]]:
+            RuleLLM.seen.clear()
+            m, d = interpretability_metrics(conn, run_id, 4, seed, cfg.llm_config(), cfg.llm_features)
+            return m, d, [s["prompt"] for s in RuleLLM.seen if s["kind"] == "explain"]
+
+        m, d, explained = run(0)
+        assert len(explained) == 6 and {s["kind"] for s in RuleLLM.seen} == {"explain", "detection", "fuzzing"}
+        assert all(s["auth"] == "Bearer sk-bench-7c1" and s["model"] == "rule" for s in RuleLLM.seen)
+        assert d["llm_detection_features"] == sum(s["kind"] == "detection" for s in RuleLLM.seen) >= 5
+        assert "rule explained and detection-scored 6 fired features (seed 0)" == d["llm_detection_source"]
+        assert d["llm_usage"]["requests"] == len(RuleLLM.seen) and d["llm_usage"]["total_tokens"] > 0
+        # the tiny SAE's features fire on tokens: naming the most-marked token tells its contexts from others'
+        assert 0.55 < m["llm_detection_score"] <= 1 and d["llm_detection_std"] >= 0
+        assert "n2g_f1" in m  # N2G still scores its own sample beside it
+        again = run(0)
+        assert again[0]["llm_detection_score"] == m["llm_detection_score"] and again[2] == explained  # the seed fixes the sample
+        assert run(1)[2] != explained
+        assert conn.scalar(select(func.count()).select_from(Explanation)) == stored_before  # nothing written
+    # without an endpoint: no LLM request, and the metric is absent rather than made up
+    RuleLLM.seen.clear()
+    with engine.connect() as conn:
+        m, d = interpretability_metrics(conn, run_id, 4, 0, BenchConfig(sae="tiny-sae").llm_config(), 6)
+    assert "llm_detection_score" not in m and "no LLM endpoint configured" in d["llm_detection"] and not RuleLLM.seen
+    with pytest.raises(SaescopeError, match="--llm-model"):
+        BenchConfig(sae="tiny-sae", api_base=rule_llm).llm_config()
+
+
+def test_probing_rides_on_the_evaluation_of_a_labelled_corpus(labelled_corpus, tiny_sae_dir, tiny_lm):
+    """The suite's wiring: the collector as an observer of evaluate_loaded (the tiny SAE evaluated on the
+    labelled miniature demo instead of its own corpus). Its rows are the model's activations at the hook
+    for exactly the labelled tokens, and the probing reports every task with accuracies in range."""
+    import copy
+
+    from sae_core import corpus as corpus_mod
+    from sae_core.evaluate import EvalConfig, evaluate_loaded
+    from sae_core.evaluation.sparse_probing import ProbingCollector, run_sparse_probing
+    from sae_core.interchange import load_sae
+    from sae_core.metrics.labels import NO_LABEL, TokenLabeller
+    from sae_core.model import parse_hook
+
+    loaded = load_sae(tiny_sae_dir)
+    ours = copy.deepcopy(loaded.cfg["metadata"]["saescope"])
+    ours["cache"]["corpus"], ours["cache_windows"] = "demo", 0  # read the labelled corpus from its first window
+    loaded = loaded._replace(cfg={**loaded.cfg, "metadata": {**loaded.cfg["metadata"], "saescope": ours}})
+    assert (loaded.provenance.corpus, loaded.provenance.trained_windows) == ("demo", 0)
+    corpus = corpus_mod.open_corpus("demo")
+    collector = ProbingCollector(TokenLabeller(corpus, tiny_lm.tokenizer), max_tokens=10**9)
+    cfg = EvalConfig(
+        tokens=32 * 96, batch_size=8, window_stride=1, probe_per_class=0, ablation_positions=0, device="cpu", model_dtype="float32"
+    )
+    evaluate_loaded(loaded, tiny_sae_dir, cfg, tiny_lm, progress=False, observers=[collector])
+    prov = loaded.provenance
+    assert collector.windows_seen == 96
+    windows = corpus_mod.Windows.cat(list(corpus_mod.iter_windows(corpus, tiny_lm.tokenizer, prov.context_size, prov.seed))[:96])
+    skip = prov.skip_positions
+    labels = collector.labeller.label(windows.doc_index[:, skip:].ravel(), windows.doc_offset[:, skip:].ravel())
+    keep = (labels.pos != NO_LABEL) | (labels.source != NO_LABEL)
+    with torch.inference_mode():
+        _, h = tiny_lm.logits_and_residual(torch.from_numpy(windows.tokens).long(), parse_hook(prov.hook))
+    x = h[:, skip:].float().reshape(-1, tiny_lm.d_model)[torch.from_numpy(keep)]
+    torch.testing.assert_close(torch.cat(collector.x), x, rtol=1e-4, atol=1e-4)
+    assert (np.concatenate(collector.pos) == labels.pos[keep]).all()
+    metrics, details = run_sparse_probing(collector, loaded.sae, per_class=64, seed=0)
+    modes = {r["mode"] for r in details["tasks"]}
+    assert modes == {"token", "pooled"} and all(0 <= r[key] <= 1 for r in details["tasks"] for key in ("top1", "top20", "sae", "llm"))
+    assert 0 <= metrics["sparse_probing_top1_accuracy"] <= metrics["llm_probe_accuracy"] + 0.2

@@ -164,3 +164,26 @@ def test_explain_llm_against_llama_cpp(llama_server, mined_store, tmp_path):
     assert metrics["llm_features"] == 2
     again = subprocess.run([*cmd, "--api-key-env", "SAESCOPE_LLM_KEY"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "explained 0 features" in again.stderr and "2 already were" in again.stderr
+
+
+def test_bench_sae_detection_against_llama_cpp(llama_server, mined_store, monkeypatch):
+    """bench-sae's LLM detection (sae_core/evaluation/interpretability.py) through the same server: the
+    sample is explained and judged, the key goes only into the header, nothing is written."""
+    from sae_core.config import BenchConfig
+    from sae_core.evaluation.interpretability import interpretability_metrics
+
+    monkeypatch.setenv("SAESCOPE_LLM_KEY", KEY)
+    cfg = BenchConfig(sae="tiny-sae", api_base=llama_server, llm_model="smollm2", api_key_env="SAESCOPE_LLM_KEY", llm_features=2,
+                      llm_examples=4)
+    engine = create_engine(mined_store)
+    with engine.connect() as conn:
+        run_id = conn.scalar(select(SAE.active_run_id).where(SAE.name == "tiny-sae"))
+        before = conn.execute(select(Explanation.id)).all()
+        metrics, details = interpretability_metrics(conn, run_id, 4, 0, cfg.llm_config(), cfg.llm_features)
+        assert conn.execute(select(Explanation.id)).all() == before
+    assert details["llm_usage"]["requests"] >= 2 and details["llm_usage"]["total_tokens"] > 0
+    assert KEY not in json.dumps(details)
+    if "llm_detection_score" in metrics:  # a 135M model may answer no label list at all: then it is absent, never made up
+        assert 0 <= metrics["llm_detection_score"] <= 1 and 1 <= details["llm_detection_features"] <= 2
+    else:
+        assert "judged none" in details["llm_detection"]

@@ -70,7 +70,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "n2g_features": ("interpretability", "features that mean is over"),
     "llm_detection_score": (
         "interpretability",
-        "mean detection score of the LLM explanations (delphi-style), where an LLM endpoint explained the SAE",
+        "mean detection score (delphi-style) of LLM explanations: a seeded sample scored here where an endpoint is configured "
+        "(--api-base, --llm-model), else those saescope explain --method llm stored",
     ),
     # absorption (absorption.py)
     "absorption_first_letter_probe_f1": (

@@ -220,14 +220,16 @@ def eval_outputs(result: BenchResult, sae_cfg: dict, per_latent: bool = False) -
         extra = {"first_letter_probe_f1": m["absorption_first_letter_probe_f1"]}
         out.append(_base("absorption_first_letter", result, sae_cfg, ab_cfg, metrics, details, extra))
     if "llm_detection_score" in m:
-        ai_cfg = {"model_name": model, "random_seed": result.seed, "scoring": True}
+        interp = d.get("interpretability", {})
+        ai_cfg = {"model_name": model, "random_seed": result.seed, "scoring": True, "n_latents": interp.get("llm_detection_features")}
         metrics = {
             "autointerp": {
                 "autointerp_score": m["llm_detection_score"],
-                "autointerp_std_dev": d.get("interpretability", {}).get("llm_detection_std", 0.0),
+                "autointerp_std_dev": interp.get("llm_detection_std", 0.0),
             }
         }
-        out.append(_base("autointerp", result, sae_cfg, ai_cfg, metrics, [], {"method": "saescope explain --method llm: detection"}))
+        method = "delphi-style detection: " + interp.get("llm_detection_source", "saescope explain --method llm")
+        out.append(_base("autointerp", result, sae_cfg, ai_cfg, metrics, [], {"method": method}))
     return out
 
 

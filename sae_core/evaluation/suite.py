@@ -2,10 +2,10 @@
 
 One pass of `saescope eval`'s evaluation over held-out windows (evaluate.evaluate_loaded) gives the core
 metrics, with CoreMeter and the sparse-probing collector riding on it as observers; then the sparse
-probes are fitted, the meta-SAE trained on the decoder rows, the interpretability scores read (or N2G
-run on a sample), and the first-letter probe measured (absorption only where it is accurate). The SAE is
-the one the store serves (its visible mining run's weights), so the results describe the pages they
-are shown on.
+probes are fitted, the meta-SAE trained on the decoder rows, the interpretability scores read (or N2G,
+and the LLM's detection where an endpoint is configured, run on a sample), and the first-letter probe
+measured (absorption only where it is accurate). The SAE is the one the store serves (its visible
+mining run's weights), so the results describe the pages they are shown on.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def run_suite(
 
     if not cfg.sae:
         raise SaescopeError("name the SAE to benchmark: --sae NAME (saescope mine stored it)")
+    cfg.llm_config()  # both or neither of --api-base and --llm-model: said before minutes of evaluation
     engine = engine or db.open_store(cfg.db)
     with engine.connect() as conn:
         sae_id_of(conn, cfg.sae)  # a clear error naming the store's SAEs
@@ -94,7 +95,9 @@ def run_suite(
         metrics.update(m)
     with stage(STAGES[3]):
         with engine.connect() as conn:
-            m, details["interpretability"] = interpretability.interpretability_metrics(conn, run.run_id, cfg.n2g_features, cfg.seed)
+            m, details["interpretability"] = interpretability.interpretability_metrics(
+                conn, run.run_id, cfg.n2g_features, cfg.seed, cfg.llm_config(), cfg.llm_features
+            )
         metrics.update(m)
     with stage(STAGES[4]):
         m, valid, details["absorption"] = absorption.absorption_metrics(

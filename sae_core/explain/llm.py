@@ -178,11 +178,11 @@ class LLMExplainer:
         return self.client.usage.as_dict()
 
     @classmethod
-    def from_config(cls, cfg: ExplainConfig, vocab: list[str]) -> LLMExplainer:
+    def from_config(cls, cfg: ExplainConfig, vocab: list[str], seed: int = 0) -> LLMExplainer:
         if not cfg.api_base or not cfg.model:
             raise SaescopeError("--method llm needs --api-base URL (an OpenAI-compatible API) and --model NAME")
         client = ChatClient(cfg.api_base, cfg.model, os.environ.get(cfg.api_key_env) or None, cfg.requests_per_minute)
-        return cls(client, vocab, cfg.llm_examples, cfg.fire_fraction)
+        return cls(client, vocab, cfg.llm_examples, cfg.fire_fraction, seed)
 
     def prepare(self, batch: list[FeatureContexts]) -> None:
         """Non-activating candidates for detection: the top contexts of the batch's features."""

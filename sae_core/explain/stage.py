@@ -82,7 +82,8 @@ def embedding_text(method: str, text: str, search: str, max_words: int = 24) -> 
     return " ".join(list(distinct)[:max_words]) or text
 
 
-def _vocab(conn: Connection, model_id: int) -> list[str]:
+def read_vocab(conn: Connection, model_id: int) -> list[str]:
+    """The model's token texts by token id, as mining stored them."""
     rows = conn.execute(select(Vocab.token_id, Vocab.text).where(Vocab.model_id == model_id).order_by(Vocab.token_id)).all()
     texts = [""] * (rows[-1][0] + 1 if rows else 0)
     for tid, txt in rows:
@@ -186,7 +187,7 @@ def explain(sae_name: str, cfg: ExplainConfig, progress: bool = True) -> Explain
         sae_id, run_id, model_id, _ = row
         if run_id is None:
             raise SaescopeError(f"{sae_name} has not been mined yet: run `saescope mine` first")
-        vocab = _vocab(conn, model_id)
+        vocab = read_vocab(conn, model_id)
     if cfg.force:
         with engine.begin() as conn:
             conn.execute(delete(Explanation).where(Explanation.run_id == run_id, Explanation.method == cfg.method))
