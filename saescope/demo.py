@@ -150,7 +150,9 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
     for width, name in names.items():
         if width == cfg.n_latents:
             continue
-        console.print(f"[bold cyan][family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; mined and explained")
+        console.print(
+            f"[bold cyan][family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; evaluated, mined and explained"
+        )
         folder = run_dir / name
         if not ((folder / CFG).exists() and (folder / WEIGHTS).exists()):
             # another seed than the demo's SAE: one seed gives a wider SAE the narrower one's random init as its first
@@ -161,6 +163,10 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
                 folder,
                 resume=(folder / "checkpoint.pt").exists(),
             )
+        if not (folder / EVAL_RESULT).exists():  # before mining, which stores eval.json's metrics: /compare shows all three widths
+            lm = lm or load_model(DEFAULT_MODEL, cfg.device, cfg.model_dtype)
+            ev = evaluate(folder, EvalConfig(tokens=cfg.eval_tokens, device=cfg.device, model_dtype=cfg.model_dtype), lm=lm)
+            console.print(f"      L0 {ev.l0:.1f}, FVU {ev.fvu:.3f}, CE loss recovered {ev.ce_score:.1%}, delta CE {ev.delta_ce:.3f}")
         mine(
             folder,
             MineConfig(tokens=cfg.mine_tokens, name=name, db=cfg.db, stats=StatsConfig(), device=cfg.device, model_dtype=cfg.model_dtype),
