@@ -184,6 +184,18 @@ def tiny_sae_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory) -> Path:
     return root / "tiny-sae"
 
 
+@pytest.fixture(scope="session")
+def tc_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory) -> Path:
+    """A transcoder for every layer of the tiny model, trained once for the graph tests (test_trace, test_graph_build),
+    which only read it (test_live_transcoder trains its own single layer)."""
+    from sae_core.config import CacheConfig, TrainConfig
+    from sae_core.train_transcoders import train_transcoders
+
+    stream = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.0.hook_resid_post", context_size=32, tokens=32 * 48)
+    cfg = TrainConfig(n_latents=64, k=4, batch_size=128, lr=3e-3, checkpoint_every=100, device="cpu")
+    return train_transcoders(cfg, stream, "all", tmp_path_factory.mktemp("tc") / "tc", progress=False, lm=tiny_lm).out
+
+
 def mine_tiny(sae_dir, lm, url: str, windows: int = 96):
     from sae_core.feature_stats import StatsConfig
     from sae_core.mine import MineConfig, mine

@@ -20,24 +20,16 @@ from test_live_api import LIMITS, wait_ready
 
 from app.main import create_app
 from sae_core.circuits.trace import TraceConfig, trace
-from sae_core.config import CacheConfig, LiveConfig, TrainConfig
+from sae_core.config import LiveConfig
 from sae_core.live.errors import LiveError
 from sae_core.live.pool import ModelServer
 from sae_core.live.runtime import LiveRuntime
 from sae_core.store import db
 from sae_core.store.schema import AttributionGraphRecord
-from sae_core.train_transcoders import train_transcoders
 
 PROMPT = "The cat sat on the mat and the dog"
 NODES = 0.95  # as tests/test_trace.py: at the default 0.8 the tiny model's graphs keep no feature
 GRAPH_LIMITS = replace(LIMITS, graph_time_limit=120.0)
-
-
-@pytest.fixture(scope="module")
-def tc_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory):
-    stream = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.0.hook_resid_post", context_size=32, tokens=32 * 48)
-    cfg = TrainConfig(n_latents=64, k=4, batch_size=128, lr=3e-3, checkpoint_every=100, device="cpu")
-    return train_transcoders(cfg, stream, "all", tmp_path_factory.mktemp("tc") / "tc", progress=False, lm=tiny_lm).out
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,14 @@ from sqlalchemy import func, select
 from sae_core.circuits.attribution import AttributionConfig, attribute
 from sae_core.circuits.prune import prune
 from sae_core.circuits.trace import TraceConfig, top_path, trace
-from sae_core.config import CacheConfig, TrainConfig
 from sae_core.errors import SaescopeError
 from sae_core.store import db
 from sae_core.store.schema import AttributionGraphRecord
-from sae_core.train_transcoders import train_transcoders
 
 PROMPT = "The cat sat on the mat and the dog"
 # The tiny random model's direct token-to-logit paths carry most of the influence: at the default 0.8 no feature is
 # kept, so the tests keep 95 % of it (the bundled model's defaults are circuit-tracer's).
 NODES = 0.95
-
-
-@pytest.fixture(scope="module")
-def tc_dir(tiny_lm, tiny_model, tiny_corpus, tmp_path_factory):
-    stream = CacheConfig(model=str(tiny_model), corpus=str(tiny_corpus), hook="blocks.0.hook_resid_post", context_size=32, tokens=32 * 48)
-    cfg = TrainConfig(n_latents=64, k=4, batch_size=128, lr=3e-3, checkpoint_every=100, device="cpu")
-    return train_transcoders(cfg, stream, "all", tmp_path_factory.mktemp("tc") / "tc", progress=False, lm=tiny_lm).out
 
 
 @pytest.fixture(scope="module")
