@@ -167,3 +167,16 @@ def test_frozen_attention_returns_both_runs_and_replays_the_unsteered_patterns(r
     assert result.steered.token_ids != result.default.token_ids
     assert result.frozen.token_ids != result.default.token_ids and result.frozen_diverges_at is not None
     assert runtime.lm.model.config._attn_implementation == impl  # the attention implementation is back to what it was
+
+
+def test_a_threshold_past_the_float_range_holds_as_the_largest_finite_one_and_reads_back():
+    """The API's pattern admits any digits ('-4812.e88538' overflows to -inf): such a condition is the one at
+    the largest finite threshold (activations are finite, so it holds in the same places), and its spec parses
+    back to it; a threshold of inf would neither read back nor go out as JSON. Found by the contract test."""
+    import sys
+
+    low = Condition.parse("85911 \f\n> \x0b-4812.e88538")
+    high = Condition.parse("3>1e999")
+    assert (low.threshold, high.threshold) == (-sys.float_info.max, sys.float_info.max)
+    for c in (low, high, Condition.parse("3>0.5")):
+        assert Condition.parse(c.spec()) == c

@@ -34,6 +34,7 @@ without @ is the old unconditional one.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urlencode
@@ -83,7 +84,10 @@ class Condition:
             raise LiveError(f"condition {text!r} is not gen, prompt, FEATURE>THRESHOLD or SAE:FEATURE>THRESHOLD")
         if m.group(1):
             return cls("generated" if m.group(1) == "gen" else "prompt")
-        return cls("feature", int(m.group(3)), float(m.group(4)), m.group(2) or None)
+        # a threshold past the float range ("1e999") holds as the largest finite one: activations are finite, so where
+        # it holds is the same, and the condition's spec reads back and stays valid JSON (inf is neither)
+        threshold = max(-sys.float_info.max, min(sys.float_info.max, float(m.group(4))))
+        return cls("feature", int(m.group(3)), threshold, m.group(2) or None)
 
     def spec(self) -> str:
         if self.kind == "generated":
