@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_circuits import PROMPT, tiny_llama, trained_transcoders
-from test_trace import NODES, store, tc_dir  # noqa: F401 (fixtures: the tiny trained transcoder set, a mined store)
+from test_trace import NODES, store  # noqa: F401 (fixture: a mined store; the tiny transcoder set tc_dir is conftest's)
 from test_trace import PROMPT as TRACE_PROMPT
 
 from sae_core.circuits.attribution import AttributionConfig, attribute_with_model

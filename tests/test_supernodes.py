@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_trace import NODES, PROMPT, store, tc_dir, traced  # noqa: F401 - module fixtures reused
+from test_trace import NODES, PROMPT, store, traced  # noqa: F401 - module fixtures reused (tc_dir: conftest)
 
 from sae_core.circuits.supernodes import FeatureNode, SupernodeConfig, normalise, suggest, text_jaccard
 from sae_core.errors import SaescopeError
