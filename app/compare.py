@@ -15,7 +15,6 @@ plain dicts, so bench/arch_sweep.py prints the same table the page shows.
 from __future__ import annotations
 
 import math
-import re
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -63,7 +62,20 @@ NEUTRAL = {
     "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "ce_loss_without_sae",
     "ce_loss_with_ablation", "kl_div_with_ablation", "frequency_mean_log10", "freq_over_1_percent", "llm_probe_accuracy",
     "sae_probe_accuracy", "meta_sae_fvu", "meta_sae_decomposed_fraction", "meta_sae_latents", "meta_sae_k", "n2g_features",
-    "absorption_first_letter_probe_f1",
+    "absorption_first_letter_probe_f1", "normalized_freq_over_1_percent", "normalized_freq_over_10_percent", "tokens",
+    "average_max_encoder_cosine_sim", "absorption_num_split_features",
+}  # fmt: skip
+# Which end of each other benchmark metric is better, said once per metric (not read from its meaning's wording:
+# that put "higher is better" on CE with the SAE and on absorption); tests/test_compare.py checks every metric is
+# in exactly one of these or NEUTRAL.
+BENCH_HIGHER = {
+    "explained_variance", "explained_variance_legacy", "cossim", "ce_loss_recovered", "kl_div_score", "frac_alive",
+    "sparse_probing_top1_accuracy", "sparse_probing_top2_accuracy", "sparse_probing_top5_accuracy",
+    "sparse_probing_top20_accuracy", "n2g_f1", "llm_detection_score", "absorption_main_latent_f1",
+}  # fmt: skip
+BENCH_LOWER = {
+    "fvu", "mse", "ce_loss_with_sae", "delta_ce", "kl_div_with_sae", "dead_fraction", "freq_over_10_percent",
+    "average_max_decoder_cosine_sim", "absorption_fraction", "absorption_full_fraction",
 }  # fmt: skip
 PERCENT = {"ce_score", "dead_fraction", "rare_fraction", "ablation_sparsity", "ce_loss_recovered", "frac_alive", "explained_variance"}
 
@@ -200,10 +212,7 @@ def _summary(values: list[float]) -> dict:
 
 
 def _bench_better(key: str) -> str | None:
-    if key in NEUTRAL:
-        return None
-    meaning = BENCH_METRICS.get(key, ("", ""))[1]
-    return "lower" if re.search(r"lower is better|lower: less", meaning) else "higher"
+    return "higher" if key in BENCH_HIGHER else "lower" if key in BENCH_LOWER else None
 
 
 def _value(entry: dict, metric: tuple[str, str, str]) -> dict | None:

@@ -212,3 +212,16 @@ def test_api_on_postgresql(pg_url):
         d = c.get("/api/v1/compare", params={"saes": "topk-16,topk-32"}).json()
         assert d["saes"][0]["bench"]["fvu"]["n"] == 2 and d["saes"][1]["eval"]["fvu"] == 0.22
         assert c.get("/api/v1/compare", params={"saes": "topk-16,other-model"}).status_code == 400
+
+
+def test_every_benchmark_metric_says_which_end_is_better_once():
+    """Each benchmark metric is in exactly one of higher-is-better, lower-is-better or neutral, so a new metric
+    cannot be marked by guesswork (the wording of its meaning once put 'higher is better' on absorption)."""
+    from app.compare import BENCH_HIGHER, BENCH_LOWER, NEUTRAL, _bench_better
+    from sae_core.evaluation.result import METRICS
+
+    for key in METRICS:
+        assert (key in BENCH_HIGHER) + (key in BENCH_LOWER) + (key in NEUTRAL) == 1, key
+    assert {k: _bench_better(k) for k in ("absorption_fraction", "ce_loss_with_sae", "n2g_f1", "tokens")} == {
+        "absorption_fraction": "lower", "ce_loss_with_sae": "lower", "n2g_f1": "higher", "tokens": None,
+    }  # fmt: skip
