@@ -285,6 +285,18 @@ class DemoConfig:
     family: bool = option(
         False, "Also train a 4x narrower and a 4x wider SAE on the same cache, mine and explain them, and build the family relations."
     )
+    circuits: bool = option(
+        False,
+        "Also train a transcoder for every layer, trace the attribution graph of --circuits-prompt, and mine and explain "
+        "the layers its features sit on, so the graph's nodes open feature pages.",
+    )
+    circuits_tokens: int = option(512_000, "--circuits: tokens the transcoders train on (one model pass for all layers).", min=1024)
+    circuits_prompt: str = option(
+        # two steps: Madrid -> Spain -> Spanish (the bundled model answers ' Spanish', p 0.28)
+        "The official language of the country whose capital is Madrid is",
+        "--circuits: the prompt whose next-token prediction the demo's graph explains.",
+    )
+    circuits_mine_tokens: int = option(32_768, "--circuits: tokens to mine each graph layer's transcoder features from.", min=128)
     db: str | None = db_option()
     device: str = device_option()
     model_dtype: str = model_dtype_option()

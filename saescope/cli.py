@@ -284,6 +284,8 @@ def demo(serve_after: bool, host: str, port: int, **values: Any) -> None:
     cfg = from_options(DemoConfig, values)
     result = run_demo(cfg, console)
     console.print(f"[bold green]atlas ready[/]: {result.sae_name} in {result.db_url}")
+    if result.graph_url:
+        console.print(f"[bold green]attribution graph[/]: http://{host}:{port}{result.graph_url}", highlight=False)
     if serve_after:
         from app.serving import serve as run_serve
 

@@ -33,6 +33,7 @@ class DemoResult:
     sae_dir: Path
     sae_name: str
     db_url: str
+    graph_url: str | None = None  # --circuits: the two-step prompt's attribution graph
 
 
 def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
@@ -112,7 +113,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
     if cfg.family:
         _family(cfg, console, cache_dir, run_dir, lm)
     _steering_example(console, store_db.make_engine(cfg.db), cfg.name, lm)
-    return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db))
+    graph_url = None
+    if cfg.circuits:
+        from .demo_circuits import run_circuits
+
+        graph_url = run_circuits(cfg, console, run_dir).graph_url
+    return DemoResult(run_dir, sae_dir, cfg.name, store_db.database_url(cfg.db), graph_url)
 
 
 # The demo's training run is short (1M tokens on a CPU), and at the paper's settings for long runs (4,096
@@ -151,7 +157,7 @@ def _family(cfg: DemoConfig, console: Console, cache_dir: Path, run_dir: Path, l
         if width == cfg.n_latents:
             continue
         console.print(
-            f"[bold cyan][family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; evaluated, mined and explained"
+            f"[bold cyan]\\[family][/] {name}: TopK SAE, {width:,} latents, k={cfg.k}, on the same cache; evaluated, mined and explained"
         )
         folder = run_dir / name
         if not ((folder / CFG).exists() and (folder / WEIGHTS).exists()):
