@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--n-latents", type=int, default=4096)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--model-dtype", default="float32", help="the model's dtype (bfloat16: its forward in bf16)")
+    ap.add_argument("--bf16", action="store_true", help="the transcoders' encoder GEMMs in bf16 numerics (TrainConfig.bf16)")
     args = ap.parse_args()
-    lm = load_model("smollm2-135m", device="cpu", dtype="float32")
+    lm = load_model("smollm2-135m", device="cpu", dtype=args.model_dtype)
     layers = parse_layers(args.layers, lm.n_layers)
-    stream_cfg = CacheConfig(context_size=128, tokens=args.tokens, device="cpu", model_dtype="float32")
-    print(f"load {os.getloadavg()}, threads {torch.get_num_threads()}, layers {len(layers)}, n_latents {args.n_latents}, k {args.k}")
+    stream_cfg = CacheConfig(context_size=128, tokens=args.tokens, device="cpu", model_dtype=args.model_dtype)
+    print(f"model {args.model_dtype}, bf16 steps {args.bf16}, load {os.getloadavg()}, threads {torch.get_num_threads()}, layers {len(layers)}, n_latents {args.n_latents}, k {args.k}")
 
     # the peer: the forward capturing every layer's pairs over the same windows, rows as the trainer gets them
     stream = MLPStream(stream_cfg, layers, lm)
@@ -45,7 +47,7 @@ def main() -> None:
     fwd_wall, fwd_cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"forward + capture only: {rows} rows in {fwd_wall:.1f} s wall ({fwd_cpu:.1f} s CPU): {rows / fwd_wall:,.0f} tok/s")
 
-    cfg = TrainConfig(n_latents=args.n_latents, k=args.k, batch_size=args.batch_size, device="cpu", checkpoint_every=10**9)
+    cfg = TrainConfig(n_latents=args.n_latents, k=args.k, batch_size=args.batch_size, device="cpu", checkpoint_every=10**9, bf16=args.bf16)
     with tempfile.TemporaryDirectory() as tmp:
         t0, c0 = time.perf_counter(), time.process_time()
         result = train_transcoders(cfg, stream_cfg, layers, Path(tmp) / "tc", progress=False, lm=lm)

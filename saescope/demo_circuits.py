@@ -9,6 +9,7 @@ graph, a mined and explained layer), so a re-run or a run after a crash picks up
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,10 @@ def run_circuits(
     )
 
     step(3, f"attribution graph of {cfg.circuits_prompt!r}")
-    thresholds = {} if node_threshold is None else {"node_threshold": node_threshold}
-    result = trace(TraceConfig(prompt=cfg.circuits_prompt, transcoders=folder, db=cfg.db, device=cfg.device, **thresholds))
+    trace_cfg = TraceConfig(prompt=cfg.circuits_prompt, transcoders=folder, db=cfg.db, device=cfg.device)
+    if node_threshold is not None:
+        trace_cfg = dataclasses.replace(trace_cfg, node_threshold=node_threshold)
+    result = trace(trace_cfg)
     done = "stored graph: skipped" if result.reused else f"built in {result.seconds:.1f} s"
     console.print(
         f"      {done}: nodes {result.nodes_before:,} -> {result.nodes_after:,}, edges {result.edges_before:,} -> "
