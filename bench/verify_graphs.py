@@ -3,6 +3,8 @@ of prompts on one loaded model and report, per graph, how many of its strongest 
 ablation in the real model, and whether ablating its strongest feature node moves the top logit as the graph predicts.
 
     nice .venv/bin/python bench/verify_graphs.py --transcoders DIR --db sqlite:///COPY.db [--prompt P ...]
+
+Default: ten prompts, five of them ones the bundled model answers with confidence.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ PROMPTS = [
     "One, two, three, four,",
     "The cat sat on the",
     "Paris is the capital of",
+    # prompts the bundled model answers with confidence (its top token and probability, float32)
+    "The official language of the country whose capital is Madrid is",  # ' Spanish' 0.28: the demo's two-step prompt
+    "The Colosseum is in Rome, the capital of",  # ' Italy' 0.82
+    "The mother tongue of people born in Berlin is",  # ' German' 0.30
+    "The Eiffel Tower is in the city of",  # ' Paris' 0.66
+    "The capital of the country whose currency is the yen is",  # ' Japan' 0.60 (a wrong first hop: Tokyo)
 ]
 
 
@@ -77,7 +85,7 @@ def main() -> None:
     nodes = [r for r in rows if r["node_match"] is not None]
     direction = sum(r["node_sign_agrees"] for r in nodes)
     direct_sign = sum((r["node_predicted_direct"] > 0) == (r["node_measured"] > 0) for r in nodes)
-    print(f"edges: {matched} of {checked} match (sign and within 3x), per graph {[r['matched'] for r in rows]} of 20")
+    print(f"edges: {matched} of {checked} match (sign and within 3x), per graph {[r['matched'] for r in rows]} of {args.verify_edges}")
     signs = [sum((p > 0) == (m > 0) for p, m, _ in r["edges"]) for r in rows]
     print(f"edges: {sum(signs)} of {checked} with the predicted sign, per graph {signs}")
     for adj in (True, False):
