@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .. import corpus as corpus_mod
 from ..errors import SaescopeError
@@ -53,6 +54,7 @@ def evaluate_transcoders(
     device: str = "auto",
     lm: LanguageModel | None = None,
     window_stride: int = 16,
+    progress: bool = True,
 ) -> dict:
     """The report described in the module docstring, over about `tokens` held-out tokens."""
     loaded = load_transcoders(out)
@@ -89,6 +91,7 @@ def evaluate_transcoders(
         return hook
 
     done = 0
+    bar = tqdm(total=n_windows * context, unit="tok", unit_scale=True, desc="evaluating transcoders", disable=not progress)
     while done < n_windows:
         parts = list(itertools.islice(windows, min(batch_size, n_windows - done)))
         if not parts:
@@ -115,6 +118,8 @@ def evaluate_transcoders(
         n += targets.shape[0] * (context - skip)
         n_pred += targets.numel()
         done += len(parts)
+        bar.update(len(parts) * context)
+    bar.close()
     if n == 0:
         raise SaescopeError("the corpus has no held-out windows left after the trained ones; evaluate on a longer corpus")
     fvu = {layer: sq_err[layer] / max(sum_sq[layer] - float(sum_y[layer].pow(2).sum()) / n, 1e-12) for layer in layers}
