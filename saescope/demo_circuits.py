@@ -22,7 +22,7 @@ from sae_core.config import DemoConfig, ExplainConfig, TrainConfig
 from sae_core.explain.stage import explain
 from sae_core.feature_stats import StatsConfig
 from sae_core.mine import MineConfig, mine
-from sae_core.model import DEFAULT_MODEL
+from sae_core.model import DEFAULT_MODEL, load_model
 
 from .trace import path_in_words, verification_lines
 
@@ -124,6 +124,7 @@ def run_circuits(
     step(4, f"mining and explaining the {len(layers)} layers with features in the graph ({cfg.circuits_mine_tokens:,} tokens each)")
     folders = layer_folders(folder)
     mined: dict[int, str] = {}
+    lm = load_model(model, cfg.device, cfg.model_dtype) if layers else None  # once for every layer's mining
     for layer in layers:
         name = layer_name(layer, model)
         run = mine(
@@ -136,6 +137,7 @@ def run_circuits(
                 device=cfg.device,
                 model_dtype=cfg.model_dtype,
             ),
+            lm=lm,
         )
         explained = explain(name, ExplainConfig(db=cfg.db))
         what = "already mined" if run.skipped else f"{run.alive:,} of {run.n_latents:,} features fired"
