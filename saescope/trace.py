@@ -59,6 +59,12 @@ def register(app: typer.Typer, console: Console) -> None:
         max_n_logits: int = typer.Option(10, help="At most this many top output tokens as the graph's targets ..."),
         desired_logit_prob: float = typer.Option(0.95, help="... fewer once their probabilities add up to this."),
         max_feature_nodes: int = typer.Option(1024, help="Feature nodes chosen by influence during attribution; 0: every active feature."),
+        attribute_position_0: bool = typer.Option(
+            False,
+            "--attribute-position-0/--no-attribute-position-0",
+            help="Make the first position's features and errors nodes too (circuit-tracer leaves that position out: "
+            "the model parks attention there and its features swamp the graph).",
+        ),
         time_limit: float = typer.Option(600.0, help="Stop the build with an error after this many seconds."),
         device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
         force: bool = typer.Option(False, "--force", help="Build and store the graph again even if this permalink is stored."),
@@ -82,6 +88,7 @@ def register(app: typer.Typer, console: Console) -> None:
             max_n_logits=max_n_logits,
             desired_logit_prob=desired_logit_prob,
             max_feature_nodes=max_feature_nodes or None,
+            attribute_position_0=attribute_position_0,
             time_limit_s=time_limit,
             device=device,
             force=force,

@@ -237,6 +237,26 @@ def test_cap_at_or_above_the_active_features_is_the_full_graph(setup):
         assert np.array_equal(g.activations, full.activations) and g.logit_tokens == full.logit_tokens
 
 
+def test_position_0_left_out_keeps_every_other_edge(setup):
+    """attribute_position_0=False (`saescope trace`'s default, as circuit-tracer): no feature node at position 0, its
+    error nodes without edges, and every edge between the remaining nodes as in the complete graph."""
+    model, tcs = setup
+    full = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=None))
+    part = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=None, attribute_position_0=False))
+    assert part.meta["attribute_position_0"] is False and full.meta["attribute_position_0"] is True
+    assert (full.features[:, 1] == 0).any() and not (part.features[:, 1] == 0).any()
+    kept = np.nonzero(full.features[:, 1] > 0)[0]
+    assert np.array_equal(full.features[kept], part.features)
+    F, T = full.n_features, full.n_pos
+    # the full graph's nodes that the partial one has: its features past position 0, then errors, tokens, logits
+    common = np.concatenate([kept, np.arange(F, full.adjacency.shape[0])])
+    A = full.adjacency[np.ix_(common, common)].copy()
+    pos0_errors = part.n_features + np.arange(full.n_layers) * T  # error node (layer, position 0)
+    assert not part.adjacency[:, pos0_errors].any()
+    A[:, pos0_errors] = 0
+    np.testing.assert_allclose(part.adjacency, A, rtol=1e-5, atol=1e-7 * np.abs(A).max())
+
+
 def test_capped_graph_keeps_the_most_influential_features(setup):
     model, tcs = setup
     full = attribute(model, tcs, PROMPT, AttributionConfig(max_feature_nodes=None))

@@ -70,7 +70,16 @@ def test_unrelated_nodes_and_bad_settings():
         suggest([FeatureNode(1, 0, 0, 1), FeatureNode(1, 0, 0, 2)])
 
 
-def test_endpoint_on_a_traced_graph(traced, store, tc_dir):  # noqa: F811
+@pytest.fixture(scope="module")
+def traced_complete(tc_dir, store, tiny_lm):  # noqa: F811
+    """The graph with position 0 attributed too: the tiny graph then holds a feature firing at two neighbouring
+    positions, which the endpoint's "same feature" grouping needs to be seen."""
+    from sae_core.circuits.trace import TraceConfig, trace
+
+    return trace(TraceConfig(PROMPT, tc_dir, db=store, node_threshold=NODES, attribute_position_0=True), lm=tiny_lm), None
+
+
+def test_endpoint_on_a_traced_graph(traced_complete, store, tc_dir):  # noqa: F811
     from fastapi.testclient import TestClient
     from sqlalchemy import create_engine, select
 
@@ -78,7 +87,7 @@ def test_endpoint_on_a_traced_graph(traced, store, tc_dir):  # noqa: F811
     from sae_core.interchange import load_sae
     from sae_core.store.schema import SAE, Feature
 
-    result, _ = traced
+    result, _ = traced_complete
     nodes = {n["id"]: n for n in result.graph["nodes"]}
     layers = {n["layer"] for n in nodes.values() if n["kind"] == "feature"}
     engine = create_engine(store)
@@ -124,12 +133,12 @@ def test_endpoint_on_a_traced_graph(traced, store, tc_dir):  # noqa: F811
             assert client.get(f"/api/v1/graphs/{result.slug}/supernodes", params=bad).status_code == 422
 
 
-def test_merge_and_accept_in_a_browser(traced, store, browser):  # noqa: F811
+def test_merge_and_accept_in_a_browser(traced_complete, store, browser):  # noqa: F811
     from conftest import ARTIFACTS, LiveServer
 
     from app.main import create_app
 
-    result, _ = traced
+    result, _ = traced_complete
     server = LiveServer(create_app(store))
     try:
         page = browser.new_page(viewport={"width": 1300, "height": 900})

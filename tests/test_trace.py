@@ -71,7 +71,7 @@ def test_stored_edges_are_the_attributions(traced, tiny_lm, tc_dir):
     result, _ = traced
     ids = tiny_lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     tcs = {layer: item.sae.eval() for layer, item in load_transcoders(tc_dir).items()}
-    graph = attribute(tiny_lm.model, tcs, ids, AttributionConfig())  # type: ignore[arg-type]
+    graph = attribute(tiny_lm.model, tcs, ids, AttributionConfig(attribute_position_0=False))  # type: ignore[arg-type]  # trace's default
     pruned = prune(graph, NODES, 0.98)
     kept = np.nonzero(pruned.node_mask)[0]
     targets, sources = np.nonzero(pruned.edge_mask)

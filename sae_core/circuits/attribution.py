@@ -48,6 +48,11 @@ class AttributionConfig:
     # (15,360 active features) to ~1,000 transposed passes, seconds on 2 cores; circuit-tracer's users pick ~7,500 on GPUs
     max_feature_nodes: int | None = 1024
     update_interval: int = 2  # batches between two re-rankings of the features by influence (256 targets)
+    # False: position 0's features and error vectors are no sources or targets (their writes stay in the frozen model,
+    # unattributed, like biases), as circuit-tracer leaves out its BOS position. The first position is where models
+    # park attention: its features have outsized activations that swamp the graph, and its residual depends on that
+    # one token only. True: the complete graph (every edge checkable against the frozen model).
+    attribute_position_0: bool = True
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:
@@ -145,7 +150,10 @@ class _Builder:
         # nodes: active features (activation > 0), layer-major then position then slot
         feats, acts, enc_rows, self.flat_slots, self.scaled_dec = [], [], [], [], []
         for L, s in enumerate(rm.states):
-            pos, slot = (s.values > 0).nonzero(as_tuple=True)
+            active = s.values > 0
+            if not cfg.attribute_position_0:
+                active[0] = False
+            pos, slot = active.nonzero(as_tuple=True)
             idx = s.indices[pos, slot]
             feats.append(torch.stack([torch.full_like(pos, L), pos, idx], 1))
             acts.append(s.values[pos, slot])
@@ -167,6 +175,8 @@ class _Builder:
         self.logit_start = self.emb_start + T
         self.n_all = self.logit_start + self.n_logits
         self.errors = torch.stack([s.error for s in rm.states])  # [n_layers, T, d]
+        if not cfg.attribute_position_0:
+            self.errors[:, 0] = 0  # position 0's error nodes stay, with no edges: the node layout does not change
         cap = self.n_feat if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, self.n_feat)
         self.cap = cap
         self.rows = torch.zeros(self.n_logits + cap, self.n_all, dtype=torch.float32)
@@ -252,6 +262,7 @@ class _Builder:
             "targets": self.total,
             "active_features": self.n_feat,
             "max_feature_nodes": self.cfg.max_feature_nodes,
+            "attribute_position_0": self.cfg.attribute_position_0,
         }
         rows, row_nodes = self.rows[: self.n_rows], self.row_nodes[: self.n_rows]
         if n_kept < self.n_feat:

@@ -53,6 +53,8 @@ class TraceConfig:
     desired_logit_prob: float = 0.95  # ... fewer once their probabilities add up to this
     # feature nodes chosen by influence during attribution (None: every active feature); attribution's default
     max_feature_nodes: int | None = AttributionConfig.max_feature_nodes
+    # position 0's features and errors attributed (AttributionConfig.attribute_position_0); off as in circuit-tracer
+    attribute_position_0: bool = False
     time_limit_s: float | None = 600.0  # the build stops with an error past this
     device: str = "auto"
     force: bool = False  # build again even when the permalink is stored
@@ -87,6 +89,7 @@ class TraceConfig:
             "max_n_logits": self.max_n_logits,
             "desired_logit_prob": self.desired_logit_prob,
             "max_feature_nodes": self.max_feature_nodes,
+            "attribute_position_0": self.attribute_position_0,
         }
 
 
@@ -298,6 +301,7 @@ def _attribution_config(cfg: TraceConfig) -> AttributionConfig:
         desired_logit_prob=cfg.desired_logit_prob,
         time_limit_s=cfg.time_limit_s,
         max_feature_nodes=cfg.max_feature_nodes,
+        attribute_position_0=cfg.attribute_position_0,
     )
 
 
