@@ -46,6 +46,12 @@ def main() -> None:
         default=0.5,
         help="fail unless the strongest node's ablation moves the top logit the predicted way on more than this share",
     )
+    ap.add_argument(
+        "--min-match-rate",
+        type=float,
+        default=0.5,
+        help="fail unless the strongest node's ablation matches the graph (direction and within 3x) on more than this share",
+    )
     args = ap.parse_args()
     lm = load_model(transcoder_set(args.transcoders).model, args.device, "float32")
     rows = []
@@ -99,7 +105,13 @@ def main() -> None:
         f"strongest node, direct edge only: {direct_sign} of {len(nodes)} in the predicted direction, "
         f"{sum(r['node_match_direct'] for r in nodes)} of {len(nodes)} within 3x too"
     )
-    if not nodes or direction / len(nodes) <= args.min_direction_rate:
+    matched_nodes = sum(r["node_match"] for r in nodes)
+    if not nodes or matched_nodes / len(nodes) <= args.min_match_rate:
+        raise SystemExit(
+            f"the strongest node's ablation matched the graph (direction and within 3x) on {matched_nodes} of {len(nodes)} "
+            f"prompts, not more than {args.min_match_rate:.0%}"
+        )
+    if direction / len(nodes) <= args.min_direction_rate:
         raise SystemExit(
             f"the strongest node moved the top logit the predicted way on {direction} of {len(nodes)} prompts, "
             f"not more than {args.min_direction_rate:.0%}"

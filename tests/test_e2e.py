@@ -4,6 +4,7 @@ pages and the API answer with real contexts of the real corpus (~2 min on 2 CPU 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +62,22 @@ def test_demo_stages_then_pages_and_api(tmp_path):
         assert client.get("/api/v1/search", params={"q": "whaling"}).json()["features"]  # by meaning
         hits = client.get("/api/v1/search", params={"q": "the"}).json()["hits"]
         assert hits and all("the" in h["token"].lower() for h in hits)
+
+    # `demo --circuits` on the same home (issue 29 item 6): the atlas's stages skip, then transcoders for all 30 layers
+    # on a few thousand tokens, their evaluation, the two-step prompt's graph and its layers mined; the link answers
+    circuits = subprocess.run(
+        [*cmd, "--circuits", "--circuits-tokens", "4096", "--circuits-mine-tokens", "2048"], env=env, capture_output=True, text=True,
+        timeout=1200,
+    )
+    assert circuits.returncode == 0, circuits.stderr[-3000:]
+    for step in ("[circuits 1/4]", "[circuits 2/4]", "[circuits 3/4]", "[circuits 4/4]", "CE score", "faithfulness"):
+        assert step in circuits.stderr
+    found = re.search(r"attribution graph: http://\S+?(/graphs/[0-9a-f]+)", circuits.stderr)
+    assert found, circuits.stderr[-3000:]
+    with TestClient(create_app()) as client:
+        graph = client.get(f"/api/v1{found.group(1)}").json()
+        kinds = [n["kind"] for n in graph["nodes"]]
+        assert kinds.count("embedding") == 11 and "logit" in kinds  # the Madrid prompt's 11 tokens, its top logits
+        assert client.get(found.group(1)).status_code == 200
+        for node in (n for n in graph["nodes"] if n["kind"] == "feature"):  # every feature's layer was mined
+            assert node["sae"] and client.get(node["url"]).status_code == 200
