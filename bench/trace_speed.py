@@ -15,7 +15,7 @@ kept features hold, against the best possible (the uncapped graph's top features
 
 Transcoders: randomly initialised TopK transcoders of the trained ones' shape (n_latents, k), which cost about the same
 to trace: a TopK code has up to k active latents per position whichever weights it has (the counts printed say how
-many were active). Loading trained ones is the next step, once K1's per-layer set is saved. --architecture
+many were active); --transcoders DIR loads a trained set instead. --architecture
 skip_transcoder (the default, as `saescope train --transcoders all` trains) adds the linear skip term, one more d x d
 matrix per layer in every transposed pass.
 A build past --time-limit stops; its rate (targets per
@@ -78,16 +78,25 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", action="append", help="feature-node caps (an int or 'all'; default 1024)")
     ap.add_argument("--time-limit", type=float, default=900.0)
     ap.add_argument("--selection-check", action="store_true", help="compare each cap's features with the uncapped graph's")
+    ap.add_argument("--transcoders", help="a trained set (`saescope train --transcoders all --out DIR`) instead of random ones")
+    ap.add_argument("--attribute-position-0", action="store_true", help="attribute the first position too (`saescope trace` leaves it out)")
     args = ap.parse_args()
     lengths = args.tokens or [16]
     print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
     lm = load_model(device="cpu", dtype="float32")
     model = lm.model.eval().requires_grad_(False)
-    tcs = transcoders(lm, args.n_latents, args.k, skip=args.architecture == "skip_transcoder")
+    if args.transcoders:
+        from sae_core.evaluation.transcoders import load_transcoders
+
+        tcs = {L: item.sae.eval().requires_grad_(False) for L, item in load_transcoders(args.transcoders).items()}  # type: ignore[misc]
+        what = f"trained set {args.transcoders}"
+    else:
+        tcs = transcoders(lm, args.n_latents, args.k, skip=args.architecture == "skip_transcoder")
+        what = f"{args.architecture}s n_latents {args.n_latents} k {args.k} (random init)"
     ids_all = lm.tokenizer(TEXT, return_tensors="pt").input_ids[0]
     print(
-        f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; {args.architecture}s n_latents {args.n_latents} k {args.k}"
-        f" (random init); peak RSS after load {peak_rss_mib():.0f} MiB"
+        f"model {lm.name}: {lm.n_layers} layers, d_model {lm.d_model}; {what}; position 0 "
+        f"{'attributed' if args.attribute_position_0 else 'left out'}; peak RSS after load {peak_rss_mib():.0f} MiB"
     )
     caps = [None if c == "all" else int(c) for c in (args.max_feature_nodes or [str(AttributionConfig.max_feature_nodes)])]
     for n in lengths:
@@ -144,7 +153,13 @@ def run_one(model, tcs: dict[int, TranscoderSAE], ids_all: torch.Tensor, n: int,
             bar = "#" * tenth + "." * (10 - tenth)
             print(f"  {label}: [{bar}] {done}/{total} targets, {seen[-1][0]:.1f} s", flush=True)
 
-    cfg = AttributionConfig(max_prompt_tokens=max(64, n), batch_size=args.batch_size, time_limit_s=args.time_limit, max_feature_nodes=cap)
+    cfg = AttributionConfig(
+        max_prompt_tokens=max(64, n),
+        batch_size=args.batch_size,
+        time_limit_s=args.time_limit,
+        max_feature_nodes=cap,
+        attribute_position_0=args.attribute_position_0,
+    )
     try:
         graph = attribute(model, tcs, ids, cfg, progress)
     except GraphTimeLimit as e:
