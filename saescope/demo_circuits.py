@@ -141,7 +141,7 @@ def run_circuits(
         )
         explained = explain(name, ExplainConfig(db=cfg.db))
         what = "already mined" if run.skipped else f"{run.alive:,} of {run.n_latents:,} features fired"
-        console.print(f"      layer {layer}: {name}, {what}, {explained.explained:,} explained")
+        console.print(f"      layer {layer}: {name}, {what}, {explained.explained:,} explained ({explained.skipped:,} already were)")
         mined[layer] = name
     path = path_in_words(cfg.db, result.slug)
     if path:
