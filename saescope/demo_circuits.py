@@ -24,7 +24,7 @@ from sae_core.feature_stats import StatsConfig
 from sae_core.mine import MineConfig, mine
 from sae_core.model import DEFAULT_MODEL, load_model
 
-from .trace import path_in_words, verification_lines
+from .trace import path_in_words, trace_with_progress, verification_lines
 
 # Transcoders learn their MLP's output slower than an SAE its input: on layer 5 over 192k tokens the batch FVU
 # was 0.74 at the width's default rate (4e-4 for 4,096 latents), 0.59 at 4x and 0.56 at 8x (bench/RESULTS.md).
@@ -73,7 +73,7 @@ def run_circuits(
 ) -> CircuitsResult:
     """The four steps on `model` and `corpus` (the demo's bundled ones; tests pass a tiny model), the graph pruned
     at `node_threshold` (None: `saescope trace`'s default)."""
-    from sae_core.circuits.trace import TraceConfig, trace
+    from sae_core.circuits.trace import TraceConfig
     from sae_core.evaluation.transcoders import evaluate_transcoders
     from sae_core.train_transcoders import SUMMARY, layer_folders, train_transcoders
 
@@ -110,7 +110,7 @@ def run_circuits(
     trace_cfg = TraceConfig(prompt=cfg.circuits_prompt, transcoders=folder, db=cfg.db, device=cfg.device)
     if node_threshold is not None:
         trace_cfg = dataclasses.replace(trace_cfg, node_threshold=node_threshold)
-    result = trace(trace_cfg)
+    result = trace_with_progress(trace_cfg, console)
     done = "stored graph: skipped" if result.reused else f"built in {result.seconds:.1f} s"
     console.print(
         f"      {done}: nodes {result.nodes_before:,} -> {result.nodes_after:,}, edges {result.edges_before:,} -> "

@@ -4,11 +4,15 @@ permalink: sae_core/circuits/trace.py) and `saescope graphs` (the stored ones). 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from sae_core.circuits.trace import TraceConfig, TraceResult
 
 
 def path_in_words(db: str | None, slug: str) -> list[str]:
@@ -23,6 +27,20 @@ def path_in_words(db: str | None, slug: str) -> list[str]:
     finally:
         engine.dispose()
     return [node_label(detail["nodes"][i]) for i in detail["top_path"]]
+
+
+def trace_with_progress(cfg: TraceConfig, console: Console) -> TraceResult:
+    """sae_core's trace with a progress bar of the attribution targets on `console` (the CLI's and the demo's)."""
+    from sae_core.circuits.trace import trace
+
+    columns = (TextColumn("attributing"), BarColumn(), MofNCompleteColumn(), TextColumn("targets"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("attribution", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return trace(cfg, progress=progress)
 
 
 def verification_lines(checked: dict | None) -> list[str]:
@@ -76,7 +94,7 @@ def register(app: typer.Typer, console: Console) -> None:
         Ameisen et al. 2025), prune it, score it and store it; prints the node and edge counts before and after
         pruning, the replacement and completeness scores, the strongest path and the page's URL. Tracing the same
         prompt with the same transcoders and settings again returns the stored graph."""
-        from sae_core.circuits.trace import TraceConfig, trace
+        from sae_core.circuits.trace import TraceConfig
 
         cfg = TraceConfig(
             prompt=prompt,
@@ -94,14 +112,7 @@ def register(app: typer.Typer, console: Console) -> None:
             force=force,
             verify_edges=verify_edges,
         )
-        columns = (TextColumn("attributing"), BarColumn(), MofNCompleteColumn(), TextColumn("targets"), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("attribution", total=None)
-
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            result = trace(cfg, progress=progress)
+        result = trace_with_progress(cfg, console)
         what = "stored graph (traced before; --force builds it again)" if result.reused else f"graph built in {result.seconds:.1f} s"
         console.print(f"{what}: {result.n_tokens} tokens of {escape(result.model)}")
         console.print(
