@@ -337,7 +337,7 @@ class LiveConfig:
     graph_time_limit: float = option(
         180.0,
         "Seconds an attribution graph build asked of the live model (POST /api/v1/trace, the /graphs page) may run; past it "
-        "the build stops with an error. A 16-token graph of the bundled model takes ~20-25 s on 2 cores, 64 tokens 30-60 s.",
+        "the build stops with an error. A 16-token graph of the bundled model takes 4-25 s on 2 cores, 64 tokens 14-60 s.",
         min=0.01,
     )
     max_text_tokens: int = option(1024, "Longest text the activations endpoint reads, in tokens (a longer one is read up to there).", min=1)
