@@ -24,6 +24,7 @@ from sae_core.feature_stats import StatsConfig
 from sae_core.interchange import CFG, WEIGHTS
 from sae_core.mine import MineConfig, mine
 from sae_core.model import DEFAULT_MODEL, LanguageModel, load_model
+from sae_core.sae.base import paper_lr
 from sae_core.train import TrainConfig, train
 
 
@@ -134,7 +135,7 @@ DEMO_LR_SCALE = 4.0
 
 def demo_train_config(cfg: DemoConfig, width: int, seed: int = 0) -> TrainConfig:
     """The demo's recipe for its TopK SAE of `width` latents (the atlas's and the family's alike)."""
-    lr = 2e-4 / (width / 2**14) ** 0.5 * DEMO_LR_SCALE  # DictionarySAE.lr_default, scaled for a short run
+    lr = paper_lr(width) * DEMO_LR_SCALE  # scaled for a short run
     return TrainConfig(n_latents=width, k=cfg.k, tokens=cfg.train_tokens, device=cfg.device, seed=seed, batch_size=DEMO_BATCH_SIZE, lr=lr)
 
 

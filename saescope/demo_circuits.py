@@ -23,6 +23,7 @@ from sae_core.explain.stage import explain
 from sae_core.feature_stats import StatsConfig
 from sae_core.mine import MineConfig, mine
 from sae_core.model import DEFAULT_MODEL, load_model
+from sae_core.sae.base import paper_lr
 
 from .trace import path_in_words, trace_with_progress, verification_lines
 
@@ -44,7 +45,7 @@ class CircuitsResult:
 def transcoder_train_config(cfg: DemoConfig) -> TrainConfig:
     """The demo's recipe for its transcoders: skip transcoders of CIRCUITS_LATENTS latents, k as the demo's SAE,
     1,024 tokens a step at 8x the width's default rate, encoder GEMMs in bf16 numerics (fast on bf16 hardware)."""
-    lr = 2e-4 / (CIRCUITS_LATENTS / 2**14) ** 0.5 * CIRCUITS_LR_SCALE
+    lr = paper_lr(CIRCUITS_LATENTS) * CIRCUITS_LR_SCALE
     return TrainConfig(
         n_latents=CIRCUITS_LATENTS,
         k=cfg.k,

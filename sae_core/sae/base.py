@@ -126,8 +126,7 @@ class DictionaryParameters(nn.Module):
         L0 warm-up reads it); most architectures ignore it."""
 
     def lr_default(self) -> float:
-        """The paper's width-scaled learning rate: 2e-4 / sqrt(n_latents / 2^14)."""
-        return 2e-4 / math.sqrt(self.cfg.n_latents / 2**14)
+        return paper_lr(self.cfg.n_latents)
 
     def loss_and_grads(
         self, x: torch.Tensor, dead: torch.Tensor, autocast_bf16: bool = False, group_sum: GroupSum | None = None
@@ -143,6 +142,11 @@ class DictionaryParameters(nn.Module):
         """The whole SAE this module trains, for saving: itself, or a latent-parallel slice's group gathered
         (a collective call: every rank of the group makes it)."""
         raise NotImplementedError(f"{type(self).__name__} does not say which SAE it trains")
+
+
+def paper_lr(n_latents: int) -> float:
+    """The paper's width-scaled learning rate (Gao et al. 2024): 2e-4 / sqrt(n_latents / 2^14)."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 class DictionarySAE(DictionaryParameters, metaclass=ABCMeta):
