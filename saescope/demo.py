@@ -48,6 +48,10 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
         console.print(f"[bold cyan][{n}/6][/] {text}")
 
     store_db.make_engine(cfg.db)  # an unreachable database fails now, not after twenty minutes
+    if cfg.circuits:
+        from .demo_circuits import check_prompt
+
+        check_prompt(cfg)  # likewise a prompt the graph step would refuse
     stage(1, "demo corpus")
     fetch_demo()
     lm = None

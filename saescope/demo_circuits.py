@@ -24,6 +24,7 @@ from sae_core.feature_stats import StatsConfig
 from sae_core.mine import MineConfig, mine
 from sae_core.model import DEFAULT_MODEL, load_model
 from sae_core.sae.base import paper_lr
+from sae_core.shard_writer import write_json
 
 from .trace import path_in_words, trace_with_progress, verification_lines
 
@@ -56,6 +57,17 @@ def transcoder_train_config(cfg: DemoConfig) -> TrainConfig:
         device=cfg.device,
         transcoders="all",
     )
+
+
+def check_prompt(cfg: DemoConfig) -> None:
+    """Refuse a prompt the trace step would refuse, before the demo spends its time on the atlas and the transcoders:
+    an empty one, or one with more words than the trace takes tokens (a word is at least one token)."""
+    from sae_core.circuits.trace import TraceConfig
+    from sae_core.errors import SaescopeError
+
+    limit = TraceConfig(prompt=cfg.circuits_prompt, transcoders=".").max_prompt_tokens  # raises for an empty prompt
+    if len(cfg.circuits_prompt.split()) > limit:
+        raise SaescopeError(f"--circuits-prompt has more than {limit} words; attribution graphs take at most {limit} tokens")
 
 
 def layer_name(layer: int, model: str = DEFAULT_MODEL) -> str:
@@ -100,7 +112,7 @@ def run_circuits(
         console.print(f"      {EVAL_FILE} present: skipped")
     else:
         report = evaluate_transcoders(folder, tokens=cfg.eval_tokens, device=cfg.device)
-        (folder / EVAL_FILE).write_text(json.dumps(report, indent=2))
+        write_json(folder / EVAL_FILE, report)  # atomic: a killed run never leaves half a file that the re-run skips on
     fvu = list(report["fvu"].values())
     console.print(
         f"      FVU of the MLP outputs mean {sum(fvu) / len(fvu):.3f}, worst {max(fvu):.3f}; CE clean {report['ce_clean']:.3f}, "

@@ -54,3 +54,16 @@ def test_demo_circuits_builds_links_and_resumes(tiny_model, tiny_corpus, tmp_pat
     rerun = (tmp_path / "log.txt").read_text()[len(log) :]
     assert "transcoders trained: skipped" in rerun and f"{EVAL_FILE} present: skipped" in rerun and "stored graph: skipped" in rerun
     assert "already mined" in rerun
+
+
+def test_demo_refuses_a_bad_circuits_prompt_before_any_work(tmp_path):
+    import pytest
+
+    from sae_core.errors import SaescopeError
+    from saescope.demo import run_demo
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    for prompt, reason in (("   ", "empty"), ("word " * 65, "more than 64 words")):
+        with pytest.raises(SaescopeError, match=reason):
+            run_demo(DemoConfig(circuits=True, circuits_prompt=prompt, db=url), Console(file=open(tmp_path / "x.txt", "w")))  # noqa: SIM115
+    assert not (tmp_path / "home" / "runs" / "demo").exists()  # nothing fetched, cached or trained
